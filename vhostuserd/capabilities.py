@@ -1,0 +1,171 @@
+"""Asking backends what they can do: ``BINARY --print-capabilities``, bounded and cached.
+
+Owns the probe (timeout, 64 KiB stdout cap, stdin /dev/null, no inherited fds, minimal
+environment, the whole process group killed on timeout or when it leaves processes behind,
+no zombies), a limit on concurrent probes, and the cache per binary identity
+(path, device, inode, size, mtime): a changed binary is probed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+
+from . import procs
+from .descriptors import ProbeError, ProbeResult, parse_capabilities
+
+STDOUT_CAP = 64 * 1024
+STDERR_KEEP = 4 * 1024
+DEFAULT_TIMEOUT = 5.0
+DEFAULT_CONCURRENCY = 4
+
+BinaryIdentity = tuple[str, int, int, int, int]
+
+
+def binary_identity(path: str) -> BinaryIdentity | ProbeError:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return ProbeError("missing-binary", f"{path}: {e.strerror}")
+    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class _Pipe:
+    """The read end of a pipe, drained on the event loop into a capped buffer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, cap: int) -> None:
+        self.loop, self.fd, self.cap = loop, fd, cap
+        self.data = bytearray()
+        self.overflow = False
+        self.eof: asyncio.Future[None] = loop.create_future()
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            chunk = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.close()
+            return
+        self.data += chunk
+        if len(self.data) > self.cap:
+            self.overflow = True
+            del self.data[self.cap :]
+            self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+        if not self.eof.done():
+            self.eof.set_result(None)
+
+
+async def run_probe(
+    binary: str, expected_type: str, reaper: procs.Reaper, timeout: float = DEFAULT_TIMEOUT
+) -> ProbeResult:
+    """Run one probe now. Never raises for anything the binary does."""
+    loop = asyncio.get_running_loop()
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    null = procs.open_devnull()
+    try:
+        pid = procs.spawn([binary, "--print-capabilities"], fds={0: null, 1: out_w, 2: err_w})
+    except OSError as e:
+        for fd in (out_r, err_r):
+            os.close(fd)
+        return ProbeError("exec-failed", f"cannot run {binary}: {e.strerror}")
+    finally:
+        for fd in (out_w, err_w, null):
+            os.close(fd)
+    exited = reaper.watch(pid)
+    out = _Pipe(loop, out_r, STDOUT_CAP)
+    err = _Pipe(loop, err_r, STDERR_KEEP)
+    error: ProbeError | None = None
+    deadline = loop.time() + timeout
+    try:
+        await asyncio.wait({exited, out.eof}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not out.overflow and not exited.done():
+            # Output closed first: give the process the rest of the time to exit.
+            await asyncio.wait({exited}, timeout=max(0.0, deadline - loop.time()))
+        if out.overflow:
+            error = ProbeError("output-too-large", f"printed more than {STDOUT_CAP} bytes")
+        elif not exited.done():
+            error = ProbeError("timeout", f"no answer within {timeout:g} s (killed)")
+        elif procs.group_alive(pid):
+            error = ProbeError(
+                "lingering-process", "left processes running after it exited (killed)"
+            )
+    finally:
+        procs.kill_group(pid)
+    if not exited.done():
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), 2.0)
+        except TimeoutError:
+            pass
+    for pipe in (out, err):
+        if not pipe.eof.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(pipe.eof), 0.5)
+            except TimeoutError:
+                pipe.close()
+    if error is not None:
+        return error
+    status = exited.result()
+    if status != 0:
+        tail = bytes(err.data).decode("utf-8", "replace").strip().splitlines()[-1:]
+        why = f": {tail[0][:200]}" if tail else ""
+        return ProbeError("exit-status", f"--print-capabilities {procs.status_text(status)}{why}")
+    return parse_capabilities(bytes(out.data), expected_type)
+
+
+@dataclass
+class ProbeCache:
+    """Probe results per binary identity, with in-flight de-duplication and a concurrency cap."""
+
+    reaper: procs.Reaper
+    timeout: float = DEFAULT_TIMEOUT
+    concurrency: int = DEFAULT_CONCURRENCY
+
+    def __post_init__(self) -> None:
+        self._results: dict[tuple[BinaryIdentity, str], asyncio.Future[ProbeResult]] = {}
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self.probes_run = 0
+
+    def cached(self, binary: str, expected_type: str) -> ProbeResult | None:
+        ident = binary_identity(binary)
+        if isinstance(ident, ProbeError):
+            return ident
+        fut = self._results.get((ident, expected_type))
+        if fut is not None and fut.done():
+            return fut.result()
+        return None
+
+    async def get(self, binary: str, expected_type: str) -> ProbeResult:
+        ident = binary_identity(binary)
+        if isinstance(ident, ProbeError):
+            return ident
+        key = (ident, expected_type)
+        fut = self._results.get(key)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._results[key] = fut
+            # Drop results of earlier versions of this binary.
+            for old in [k for k in self._results if k[0][0] == binary and k[0] != ident]:
+                del self._results[old]
+            try:
+                async with self._slots:
+                    self.probes_run += 1
+                    result = await run_probe(binary, expected_type, self.reaper, self.timeout)
+            except BaseException:
+                del self._results[key]
+                fut.cancel()
+                raise
+            fut.set_result(result)
+        return await asyncio.shield(fut)

@@ -1,0 +1,72 @@
+"""The lookup without a daemon: what ``vhostuserctl --offline`` and ``check`` run in-process.
+
+Wires the edges (`scan`, `capabilities`) to the core (`lookup`, `resolve`) once, for one
+command, the same way the live index does continuously.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import procs, scan
+from .capabilities import ProbeCache
+from .descriptors import Capabilities, Descriptor, ProbeError, ProbeResult
+from .lookup import Directory, LookupResult, merge, search_path
+from .resolve import Resolution, resolve
+
+
+def default_search_path(*, system: bool, sysconfdir: str = "/etc") -> tuple[Directory, ...]:
+    env = os.environ
+    return search_path(
+        system=system,
+        sysconfdir=sysconfdir,
+        xdg_data_dirs=env.get("XDG_DATA_DIRS"),
+        xdg_config_home=env.get("XDG_CONFIG_HOME"),
+        home=env.get("HOME"),
+    )
+
+
+def descriptor_dict(d: Descriptor, caps: ProbeResult | None) -> dict[str, Any]:
+    """The keys of CONTRACT section 3's ListDescriptors dicts (less ``object``)."""
+    out = d.as_dict()
+    if isinstance(caps, Capabilities):
+        out["features"] = list(caps.features)
+    elif isinstance(caps, ProbeError):
+        out["probe_error"] = str(caps)
+    return out
+
+
+@dataclass
+class OfflineLookup:
+    """One resolution of the search path, with probing on demand."""
+
+    dirs: tuple[Directory, ...]
+    probe_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        self.listings = scan.list_all(self.dirs)
+        self.result: LookupResult = merge(self.listings)
+
+    async def _probe_all(self, descriptors: Sequence[Descriptor]) -> dict[str, ProbeResult]:
+        reaper = procs.Reaper(asyncio.get_running_loop())
+        reaper.install()
+        try:
+            cache = ProbeCache(reaper, self.probe_timeout)
+            results = await asyncio.gather(*(cache.get(d.binary, d.type) for d in descriptors))
+        finally:
+            reaper.uninstall()
+        return {d.name: r for d, r in zip(descriptors, results, strict=True)}
+
+    def probe(self, descriptors: Sequence[Descriptor]) -> dict[str, ProbeResult]:
+        if not descriptors:
+            return {}
+        return asyncio.run(self._probe_all(descriptors))
+
+    def resolve(self, btype: str, features: Sequence[str]) -> tuple[Resolution, dict[str, ProbeResult]]:
+        candidates = [d for d in self.result.descriptors if d.type == btype] if features else []
+        probed = self.probe(candidates)
+        return resolve(self.result.descriptors, btype, features, lambda d: probed.get(d.name)), probed
