@@ -240,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("capabilities", "print a backend's --print-capabilities JSON")
     p.add_argument("name", metavar="NAME")
     _offline_options(p)
+    command("monitor", "print index and backend events as they happen, until Ctrl-C")
     p = command("check", "validate descriptor files (the whole search path if none given)")
     p.add_argument("paths", nargs="*", metavar="PATH")
     p.add_argument("--probe", action="store_true", help="also run each backend's --print-capabilities")

@@ -173,11 +173,33 @@ def _decode(data: bytes) -> tuple[Any, str | None]:
     except UnicodeDecodeError as e:
         return None, f"not valid UTF-8 (byte {e.start})"
     try:
-        return json.loads(text), None
+        document = json.loads(text)
     except json.JSONDecodeError as e:
         return None, f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
     except RecursionError:
         return None, "not valid JSON: nested too deeply"
+    # json accepts "\ud800" escapes; such a lone surrogate is no character, cannot be
+    # encoded again, and would crash whatever prints, stats or marshals the string.
+    if "\\u" in text and _has_lone_surrogate(document):
+        return None, "not valid JSON: a \\u escape encodes a lone surrogate, not a character"
+    return document, None
+
+
+def _has_lone_surrogate(document: Any) -> bool:
+    stack = [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
 
 
 def parse_descriptor(data: bytes, *, path: str, name: str, tier: str) -> Parsed:

@@ -72,10 +72,14 @@ def _read(path: str, st: os.stat_result) -> bytes | str:
 
 
 def read_candidate(path: str, name: str, tier: str) -> tuple[Parsed | None, Identity | None]:
-    """Read one candidate. ``(None, _)`` means it is not a candidate (a directory, rule 1)."""
+    """Read one candidate. ``(None, _)`` means it is not a candidate: gone, or a directory."""
     try:
         st = os.stat(path)
     except OSError as e:
+        try:
+            os.lstat(path)
+        except OSError:
+            return None, None  # not there at all (deleted since it was listed)
         return broken(path, _stat_error(path, e)), None
     if stat.S_ISDIR(st.st_mode):
         return None, None

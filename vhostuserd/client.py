@@ -1,0 +1,344 @@
+"""A typed asyncio client for vhostuserd, for VM managers and for ``vhostuserctl``.
+
+    async with await BrokerClient.connect("user") as broker:
+        gpu = await broker.resolve("gpu", ["virgl"])
+        print(gpu.name, gpu.binary, gpu.features)
+        async for event in broker.events():
+            print(event)
+
+Owns the wire details (bus addressing, activation, message signatures, ObjectManager
+signals on the manager path) and turns D-Bus errors into `BrokerError` subclasses named
+after the service's errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+from dbus_fast.errors import DBusError
+
+BUS_NAME = "org.vhostuserd.Broker1"
+MANAGER_PATH = "/org/vhostuserd/Broker1"
+MANAGER_IFACE = "org.vhostuserd.Broker1.Manager"
+DESCRIPTOR_IFACE = "org.vhostuserd.Broker1.Descriptor"
+BACKEND_IFACE = "org.vhostuserd.Broker1.Backend"
+ERROR_PREFIX = "org.vhostuserd.Broker1.Error."
+
+
+class BrokerError(Exception):
+    """A failed request. ``name`` is the D-Bus error name, ``str(e)`` its message."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+class NotFound(BrokerError): ...
+
+
+class InvalidOption(BrokerError): ...
+
+
+class InvalidSocket(BrokerError): ...
+
+
+class SpawnFailed(BrokerError): ...
+
+
+class ProbeFailed(BrokerError): ...
+
+
+class QuotaExceeded(BrokerError): ...
+
+
+class NotAuthorized(BrokerError): ...
+
+
+class Unavailable(BrokerError):
+    """The daemon is not on the bus and could not be activated, or the bus is unreachable."""
+
+
+_ERRORS: dict[str, type[BrokerError]] = {
+    ERROR_PREFIX + c.__name__: c
+    for c in (NotFound, InvalidOption, InvalidSocket, SpawnFailed, ProbeFailed, QuotaExceeded, NotAuthorized)
+}
+_UNAVAILABLE = {
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "org.freedesktop.DBus.Error.Spawn.ChildExited",
+    "org.freedesktop.DBus.Error.Spawn.ExecFailed",
+    "org.freedesktop.DBus.Error.Spawn.ServiceNotFound",
+    "org.freedesktop.DBus.Error.Spawn.ChildSignaled",
+    "org.freedesktop.DBus.Error.TimedOut",
+    "org.freedesktop.DBus.Error.NoReply",
+}
+
+
+def _unwrap(value: Any) -> Any:
+    if isinstance(value, Variant):
+        return _unwrap(value.value)
+    if isinstance(value, dict):
+        return {k: _unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unwrap(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class DescriptorInfo:
+    """One effective descriptor as the daemon reports it (the ListDescriptors dict)."""
+
+    name: str
+    path: str
+    tier: str
+    type: str
+    description: str
+    binary: str
+    tags: tuple[str, ...]
+    features: tuple[str, ...] | None
+    probe_error: str | None
+    object: str
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DescriptorInfo:
+        d = _unwrap(d)
+        return cls(
+            name=d["name"], path=d["path"], tier=d["tier"], type=d["type"],
+            description=d["description"], binary=d["binary"], tags=tuple(d.get("tags", ())),
+            features=tuple(d["features"]) if "features" in d else None,
+            probe_error=d.get("probe_error"), object=d.get("object", ""),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name, "path": self.path, "tier": self.tier, "type": self.type,
+            "description": self.description, "binary": self.binary, "tags": list(self.tags),
+            "object": self.object,
+        }
+        if self.features is not None:
+            out["features"] = list(self.features)
+        if self.probe_error is not None:
+            out["probe_error"] = self.probe_error
+        return out
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened in the broker.
+
+    ``kind`` is one of ``index-changed`` (``generation``), ``descriptor-added``
+    (``object``, ``properties``), ``descriptor-removed`` (``object``, ``name``),
+    ``backend-added``, ``backend-removed``, ``backend-changed`` and ``backend-exited``.
+    """
+
+    kind: str
+    object: str = ""
+    generation: int | None = None
+    properties: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"event": self.kind}
+        if self.object:
+            out["object"] = self.object
+        if self.generation is not None:
+            out["generation"] = self.generation
+        if self.properties:
+            out.update(self.properties)
+        return out
+
+
+def _name_from_path(path: str) -> str:
+    label = path.rsplit("/", 1)[-1]
+    if label == "_":
+        return ""
+    out = bytearray()
+    i = 0
+    while i < len(label):
+        if label[i] == "_":
+            out.append(int(label[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(ord(label[i]))
+            i += 1
+    return out.decode("utf-8", "surrogateescape")
+
+
+class BrokerClient:
+    """A connection to vhostuserd on one bus."""
+
+    def __init__(self, bus: MessageBus, where: str) -> None:
+        self.bus = bus
+        self.where = where
+
+    @classmethod
+    async def connect(cls, bus: str = "user", address: str | None = None) -> BrokerClient:
+        """``bus`` is "user" (session bus), "system", or "address" with ``address``."""
+        where = {"system": "the system bus", "user": "the session bus"}.get(bus, f"bus {address}")
+        try:
+            if bus == "address" or address:
+                conn = MessageBus(bus_address=address, negotiate_unix_fd=True)
+            else:
+                conn = MessageBus(
+                    bus_type=BusType.SYSTEM if bus == "system" else BusType.SESSION,
+                    negotiate_unix_fd=True,
+                )
+            await conn.connect()
+        except Exception as e:  # noqa: BLE001 - every way of not connecting means the same
+            raise Unavailable("connect", f"cannot connect to {where}: {e or type(e).__name__}") from None
+        return cls(conn, where)
+
+    async def __aenter__(self) -> BrokerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self.bus.disconnect()
+        try:
+            await asyncio.wait_for(self.bus.wait_for_disconnect(), 1)
+        except Exception:  # noqa: BLE001 - already gone is fine
+            pass
+
+    async def call(
+        self, member: str, signature: str = "", body: Sequence[Any] = (), *,
+        path: str = MANAGER_PATH, interface: str = MANAGER_IFACE, unix_fds: Sequence[int] = (),
+        interactive: bool = False,
+    ) -> list[Any]:
+        """Call a method of the broker; the reply body, or a `BrokerError`."""
+        from dbus_fast import MessageFlag
+
+        msg = Message(
+            destination=BUS_NAME, path=path, interface=interface, member=member,
+            signature=signature, body=list(body), unix_fds=list(unix_fds),
+            flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if interactive else MessageFlag.NONE,
+        )
+        reply = await self.bus.call(msg)
+        assert reply is not None
+        if reply.message_type is MessageType.ERROR:
+            name = reply.error_name or "org.freedesktop.DBus.Error.Failed"
+            text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else name
+            if name in _UNAVAILABLE:
+                raise Unavailable(name, f"vhostuserd is not running on {self.where} and could not be "
+                                  f"activated ({name}: {text})")
+            raise _ERRORS.get(name, BrokerError)(name, text)
+        return list(reply.body)
+
+    async def get_property(self, name: str, path: str = MANAGER_PATH, interface: str = MANAGER_IFACE) -> Any:
+        body = await self.call("Get", "ss", [interface, name], path=path,
+                               interface="org.freedesktop.DBus.Properties")
+        return _unwrap(body[0])
+
+    # ---- the index
+
+    async def list_descriptors(self, type: str = "") -> list[DescriptorInfo]:
+        (items,) = await self.call("ListDescriptors", "s", [type])
+        return [DescriptorInfo.from_dict(d) for d in items]
+
+    async def show(self, name: str) -> DescriptorInfo:
+        """One descriptor with its capabilities probed (waits for the probe)."""
+        try:
+            await self.capabilities(name)
+        except ProbeFailed:
+            pass
+        for d in await self.list_descriptors():
+            if d.name == name:
+                return d
+        raise NotFound(ERROR_PREFIX + "NotFound", f"{name}: no such descriptor in the effective index")
+
+    async def resolve(self, type: str, features: Sequence[str] = ()) -> DescriptorInfo:
+        _path, d = await self.call("Resolve", "sas", [type, list(features)])
+        return DescriptorInfo.from_dict(d)
+
+    async def capabilities(self, name: str) -> dict[str, Any]:
+        import json
+
+        (text,) = await self.call("GetCapabilities", "s", [name])
+        caps: dict[str, Any] = json.loads(text)
+        return caps
+
+    async def reload(self) -> int:
+        (generation,) = await self.call("Reload")
+        return int(generation)
+
+    async def generation(self) -> int:
+        return int(await self.get_property("Generation"))
+
+    async def search_path(self) -> list[str]:
+        return list(await self.get_property("SearchPath"))
+
+    async def diagnostics(self) -> list[tuple[str, str, str]]:
+        return [tuple(d) for d in await self.get_property("Diagnostics")]  # type: ignore[misc]
+
+    async def version(self) -> str:
+        return str(await self.get_property("Version"))
+
+    # ---- events
+
+    async def _add_match(self, rule: str) -> None:
+        await self.bus.call(Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus", member="AddMatch", signature="s", body=[rule]))
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Index and object events, as they happen, until the connection closes.
+
+        Listens only on the manager's path, as GDBus-style ObjectManager clients do.
+        """
+        queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        names: dict[str, str] = {}
+
+        def handler(msg: Message) -> bool:
+            if msg.message_type is not MessageType.SIGNAL or msg.path is None:
+                return False
+            if msg.path == MANAGER_PATH and msg.member == "IndexChanged" and msg.interface == MANAGER_IFACE:
+                queue.put_nowait(Event("index-changed", generation=int(msg.body[0])))
+            elif msg.path == MANAGER_PATH and msg.member == "InterfacesAdded":
+                path, ifaces = msg.body
+                for iface, props in ifaces.items():
+                    kind = "descriptor" if iface == DESCRIPTOR_IFACE else "backend"
+                    p = _unwrap(props)
+                    if kind == "descriptor":
+                        names[path] = p.get("Name", "")
+                    queue.put_nowait(Event(f"{kind}-added", object=path, properties=p))
+            elif msg.path == MANAGER_PATH and msg.member == "InterfacesRemoved":
+                path, ifaces = msg.body
+                for iface in ifaces:
+                    if iface == DESCRIPTOR_IFACE:
+                        name = names.pop(path, None) or _name_from_path(path)
+                        queue.put_nowait(Event("descriptor-removed", object=path, properties={"Name": name}))
+                    else:
+                        queue.put_nowait(Event("backend-removed", object=path))
+            elif msg.interface == BACKEND_IFACE and msg.member == "Exited":
+                status, sig = msg.body
+                queue.put_nowait(Event("backend-exited", object=msg.path,
+                                       properties={"ExitStatus": status, "ExitSignal": sig}))
+            elif (msg.member == "PropertiesChanged" and msg.path.startswith(MANAGER_PATH + "/backend/")
+                  and msg.body and msg.body[0] == BACKEND_IFACE):
+                queue.put_nowait(Event("backend-changed", object=msg.path, properties=_unwrap(msg.body[1])))
+            return False
+
+        self.bus.add_message_handler(handler)
+        owner = f"sender='{BUS_NAME}',"
+        for rule in (
+            f"type='signal',{owner}path='{MANAGER_PATH}',interface='{MANAGER_IFACE}'",
+            f"type='signal',{owner}path='{MANAGER_PATH}',interface='org.freedesktop.DBus.ObjectManager'",
+            f"type='signal',{owner}path_namespace='{MANAGER_PATH}/backend'",
+        ):
+            await self._add_match(rule)
+        disconnected = asyncio.ensure_future(self.bus.wait_for_disconnect())
+        disconnected.add_done_callback(lambda _f: queue.put_nowait(None))
+        try:
+            while True:
+                event = await queue.get()
+                if event is None:
+                    return
+                yield event
+        finally:
+            disconnected.cancel()
+            self.bus.remove_message_handler(handler)

@@ -1,0 +1,315 @@
+"""``vhostuserd``: the daemon's entry point and life cycle (CONTRACT section 2).
+
+Owns the command line, logging, connecting and owning the bus name, SIGTERM, and idle exit
+done the systemd way (STOPPING=1, release the name, serve what was already queued until our
+own NameOwnerChanged arrives, then exit), so a call racing with the exit is never lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from . import __version__
+
+log = logging.getLogger("vhostuserd")
+
+_JOURNAL_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message is its one-line reason."""
+
+
+@dataclass
+class Options:
+    bus: str  # "system", "user" or "address"
+    address: str | None
+    system_tiers: bool
+    sysconfdir: str
+    idle_timeout: float
+    grace_period: float
+    probe_timeout: float
+    state_dir: str | None
+    log_level: str
+
+
+def _nonnegative(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if f < 0 or f != f or f == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {value!r}")
+    return f
+
+
+def _positive(value: str) -> float:
+    f = _nonnegative(value)
+    if f == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return f
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vhostuserd",
+        description="The vhost-user backend broker: a D-Bus service that resolves QEMU "
+        "vhost-user backend descriptors and spawns and supervises backends for its clients.",
+    )
+    p.add_argument("--version", action="version", version=f"vhostuserd {__version__}")
+    bus = p.add_mutually_exclusive_group()
+    bus.add_argument("--user", action="store_true",
+                     help="serve on the session bus; search the data, sysconf and user tiers (default)")
+    bus.add_argument("--address", metavar="ADDR",
+                     help="serve on this bus address (tiers as --user unless --system is also given)")
+    p.add_argument("--system", action="store_true",
+                   help="serve on the system bus; search only the data and sysconf tiers")
+    p.add_argument("--sysconfdir", default="/etc", metavar="DIR",
+                   help="root of the sysconf tier: DIR/qemu/vhost-user (default /etc)")
+    p.add_argument("--idle-timeout", type=_nonnegative, default=0.0, metavar="SEC",
+                   help="exit after SEC seconds with no backend and no call; 0 never (default 0)")
+    p.add_argument("--grace-period", type=_positive, default=5.0, metavar="SEC",
+                   help="time between SIGTERM and SIGKILL when stopping a backend (default 5)")
+    p.add_argument("--probe-timeout", type=_positive, default=5.0, metavar="SEC",
+                   help="time limit for BINARY --print-capabilities (default 5)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="where running backends are recorded (default $XDG_RUNTIME_DIR/vhostuserd, "
+                   "/run/vhostuserd with --system)")
+    p.add_argument("--log-level", default="info", type=str.lower,
+                   choices=["debug", "info", "warning", "error"], help="default info")
+    return p
+
+
+def parse_options(argv: Sequence[str] | None) -> Options:
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.system and a.user:
+        p.error("--system and --user cannot be combined")
+    bus = "address" if a.address else ("system" if a.system else "user")
+    return Options(
+        bus=bus,
+        address=a.address,
+        system_tiers=bool(a.system),
+        sysconfdir=a.sysconfdir,
+        idle_timeout=a.idle_timeout,
+        grace_period=a.grace_period,
+        probe_timeout=a.probe_timeout,
+        state_dir=a.state_dir,
+        log_level=a.log_level,
+    )
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, journal: bool) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        if self.journal:
+            return f"<{_JOURNAL_PRIORITY.get(record.levelname, 6)}>{msg}"
+        return f"vhostuserd[{os.getpid()}]: {record.levelname.lower()}: {msg}"
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(journal=bool(os.environ.get("JOURNAL_STREAM"))))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # dbus-fast logs handler exceptions itself; keep its debug noise out of ours.
+    logging.getLogger("dbus_fast").setLevel(max(logging.INFO, root.level))
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd about our state when it started us with a notify socket."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(state.encode(), path)
+    except OSError as e:
+        log.debug("sd_notify(%s) failed: %s", state, e)
+
+
+class Daemon:
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.loop = asyncio.get_running_loop()
+        self.stop_event = asyncio.Event()
+        self.last_activity = self.loop.time()
+
+    def _dirs(self):  # type: ignore[no-untyped-def]
+        from .lookup import search_path
+
+        env = os.environ
+        return search_path(
+            system=self.opts.system_tiers,
+            sysconfdir=self.opts.sysconfdir,
+            xdg_data_dirs=env.get("XDG_DATA_DIRS"),
+            xdg_config_home=env.get("XDG_CONFIG_HOME"),
+            home=env.get("HOME"),
+        )
+
+    async def _connect(self):  # type: ignore[no-untyped-def]
+        from dbus_fast import BusType
+
+        from .service import Bus
+
+        where = {"system": "the system bus", "user": "the session bus"}.get(
+            self.opts.bus, f"bus address {self.opts.address}"
+        )
+        try:
+            if self.opts.bus == "address":
+                bus = Bus(bus_address=self.opts.address)
+            else:
+                bus = Bus(bus_type=BusType.SYSTEM if self.opts.bus == "system" else BusType.SESSION)
+            return await asyncio.wait_for(bus.connect(), 30)
+        except Exception as e:  # noqa: BLE001 - any failure here is a start-up failure
+            raise StartupError(f"cannot connect to {where}: {e or type(e).__name__}") from None
+
+    async def _own_name(self, bus) -> None:  # type: ignore[no-untyped-def]
+        from dbus_fast import Message, NameFlag, RequestNameReply
+
+        from .service import BUS_NAME
+
+        reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            return
+        owner = "another process"
+        try:
+            r = await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                       interface="org.freedesktop.DBus", member="GetNameOwner",
+                                       signature="s", body=[BUS_NAME]))
+            unique = r.body[0]
+            r = await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                       interface="org.freedesktop.DBus",
+                                       member="GetConnectionUnixProcessID", signature="s", body=[unique]))
+            owner = f"{unique} (pid {r.body[0]})"
+        except Exception:  # noqa: BLE001 - only used to improve the message
+            pass
+        raise StartupError(f"{BUS_NAME} is already owned on this bus by {owner}: is another vhostuserd running?")
+
+    def _touch(self, _msg: object) -> None:
+        self.last_activity = self.loop.time()
+
+    async def run(self) -> int:
+        from . import procs
+        from .capabilities import ProbeCache
+        from .index import Index, Watcher
+        from .service import Broker
+
+        reaper = procs.Reaper(self.loop)
+        reaper.install()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.stop_event.set)
+        index = Index(self._dirs())
+        index.rescan()
+        bus = await self._connect()
+        probes = ProbeCache(reaper, timeout=self.opts.probe_timeout)
+        broker = Broker(bus, index, probes)
+        bus.on_call = self._touch
+        broker.export()
+        await self._own_name(bus)
+        log.info(
+            "vhostuserd %s serving %s on %s: %d descriptors, search path %s",
+            __version__, "org.vhostuserd.Broker1", self.opts.bus, len(index.descriptors),
+            ":".join(d.path for d in index.dirs),
+        )
+        for diag in index.diagnostics:
+            log.warning("%s", diag)
+        sd_notify("READY=1")
+        watcher = Watcher(index, broker.on_change)
+        watch_stop = asyncio.Event()
+        watch_task = asyncio.ensure_future(watcher.run(watch_stop))
+        idle_task = asyncio.ensure_future(self._idle(bus, broker)) if self.opts.idle_timeout else None
+        stop_task = asyncio.ensure_future(self.stop_event.wait())
+        waiting = {stop_task, watch_task} | ({idle_task} if idle_task else set())
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if watch_task in done and watch_task.exception() is not None:
+            log.error("directory watcher failed: %s", watch_task.exception())
+        reason = "idle" if idle_task in done else "signal"
+        log.info("stopping (%s)", reason)
+        sd_notify("STOPPING=1")
+        watch_stop.set()
+        for task in (idle_task, stop_task):
+            if task is not None:
+                task.cancel()
+        try:
+            await asyncio.wait_for(watch_task, 2)
+        except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
+            pass
+        bus.disconnect()
+        reaper.uninstall()
+        return 0
+
+    async def _idle(self, bus, broker) -> None:  # type: ignore[no-untyped-def]
+        """Return once idle and our name is released with every queued call answered."""
+        from dbus_fast import Message, MessageType
+
+        from .service import BUS_NAME
+
+        timeout = self.opts.idle_timeout
+        while True:
+            await asyncio.sleep(max(0.05, timeout - (self.loop.time() - self.last_activity)))
+            if self.loop.time() - self.last_activity >= timeout and not broker.busy:
+                break
+        log.info("idle for %gs: releasing %s", timeout, BUS_NAME)
+        sd_notify("STOPPING=1")
+        released = self.loop.create_future()
+
+        def on_signal(msg: Message) -> bool:
+            if (msg.message_type is MessageType.SIGNAL and msg.member == "NameOwnerChanged"
+                    and msg.sender == "org.freedesktop.DBus" and msg.body[0] == BUS_NAME
+                    and msg.body[1] == bus.unique_name and not released.done()):
+                released.set_result(None)
+            return False
+
+        bus.add_message_handler(on_signal)
+        await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                               interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+                               body=[f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{BUS_NAME}'"]))
+        await bus.release_name(BUS_NAME)
+        # Calls routed to us before the release precede this signal on our socket.
+        try:
+            await asyncio.wait_for(released, 10)
+        except asyncio.TimeoutError:
+            log.warning("no NameOwnerChanged after releasing %s; exiting anyway", BUS_NAME)
+        pending = getattr(bus, "_pending_futures", set())
+        deadline = self.loop.time() + 30
+        while (pending or broker.busy) and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+
+
+async def _amain(opts: Options) -> int:
+    return await Daemon(opts).run()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    opts = parse_options(argv)
+    setup_logging(opts.log_level)
+    os.chdir("/")
+    try:
+        code = asyncio.run(_amain(opts))
+    except StartupError as e:
+        print(f"vhostuserd: {e}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""The D-Bus face of the broker: the Manager and Descriptor objects of CONTRACT section 3.
+
+Owns what is exported (paths, interfaces, properties, signals, error names) and the bus
+connection's fixes: ObjectManager signals sent from the manager's path (dbus-fast sends
+them from the object's own), the calling message made available to handlers, and received
+fds closed for every call that does not take them. Lookup and spawning logic live in the
+modules it wires together (`index`, `capabilities`, `resolve`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+from dbus_fast.errors import DBusError
+from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
+
+from . import __version__
+from .capabilities import ProbeCache
+from .descriptors import Capabilities, Descriptor, ProbeError, ProbeResult
+from .index import Change, Index
+from .resolve import resolve
+
+log = logging.getLogger("vhostuserd.service")
+
+BUS_NAME = "org.vhostuserd.Broker1"
+MANAGER_PATH = "/org/vhostuserd/Broker1"
+DESCRIPTOR_PREFIX = MANAGER_PATH + "/descriptor/"
+BACKEND_PREFIX = MANAGER_PATH + "/backend/"
+MANAGER_IFACE = "org.vhostuserd.Broker1.Manager"
+DESCRIPTOR_IFACE = "org.vhostuserd.Broker1.Descriptor"
+BACKEND_IFACE = "org.vhostuserd.Broker1.Backend"
+OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
+ERROR_PREFIX = "org.vhostuserd.Broker1.Error."
+
+# Calls that may carry fds: (path prefix, interface, member, signature).
+FD_TAKING_CALLS = {(MANAGER_PATH, MANAGER_IFACE, "Spawn", "sa{sv}h")}
+
+current_message: contextvars.ContextVar[Message] = contextvars.ContextVar("current_message")
+
+
+def error(name: str, message: str) -> DBusError:
+    return DBusError(ERROR_PREFIX + name, message)
+
+
+def escape_label(name: str) -> str:
+    """systemd's bus_label_escape: keep [A-Za-z] (and digits after the first), hex the rest."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if not raw:
+        return "_"
+    out = []
+    for i, b in enumerate(raw):
+        c = chr(b)
+        if c.isascii() and (c.isalpha() or (i > 0 and c.isdigit())):
+            out.append(c)
+        else:
+            out.append(f"_{b:02x}")
+    return "".join(out)
+
+
+def unescape_label(label: str) -> str:
+    if label == "_":
+        return ""
+    out = bytearray()
+    i = 0
+    while i < len(label):
+        if label[i] == "_":
+            out.append(int(label[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(ord(label[i]))
+            i += 1
+    return out.decode("utf-8", "surrogateescape")
+
+
+def descriptor_path(name: str) -> str:
+    return DESCRIPTOR_PREFIX + escape_label(name)
+
+
+class Bus(MessageBus):
+    """A dbus-fast bus with the fixes this service needs (see the module docstring)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(negotiate_unix_fd=True, **kwargs)
+        self.on_call: Callable[[Message], None] | None = None
+        self.add_message_handler(self._intercept)
+
+    def _intercept(self, msg: Message) -> bool:
+        if msg.message_type is not MessageType.METHOD_CALL:
+            return False
+        if msg.unix_fds and not any(
+            msg.path == p and msg.interface == i and msg.member == m and msg.signature == s
+            for p, i, m, s in FD_TAKING_CALLS
+        ):
+            # dbus-fast hands fds only to handlers that take them: close the rest here.
+            for fd in msg.unix_fds:
+                os.close(fd)
+            msg.unix_fds = []
+        current_message.set(msg)
+        if self.on_call is not None:
+            self.on_call(msg)
+        return False
+
+    def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
+        if self._disconnected:
+            return
+        variants = getattr(interface, "variants", None)
+        if variants is None:
+            super()._emit_interface_added(path, interface)
+            return
+        self.send(
+            Message.new_signal(
+                path=_manager_for(path),
+                interface=OBJECT_MANAGER_IFACE,
+                member="InterfacesAdded",
+                signature="oa{sa{sv}}",
+                body=[path, {interface.name: variants()}],
+            )
+        )
+
+    def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
+        if self._disconnected:
+            return
+        self.send(
+            Message.new_signal(
+                path=_manager_for(path),
+                interface=OBJECT_MANAGER_IFACE,
+                member="InterfacesRemoved",
+                signature="oas",
+                body=[path, removed_interfaces],
+            )
+        )
+
+
+def _manager_for(path: str) -> str:
+    return MANAGER_PATH if path.startswith(MANAGER_PATH + "/") else path
+
+
+def descriptor_variants(d: Descriptor, caps: ProbeResult | None, path: str | None) -> dict[str, Variant]:
+    """The ListDescriptors/Resolve dict of CONTRACT section 3."""
+    out = {
+        "name": Variant("s", d.name),
+        "path": Variant("s", d.path),
+        "tier": Variant("s", d.tier),
+        "type": Variant("s", d.type),
+        "description": Variant("s", d.description),
+        "binary": Variant("s", d.binary),
+        "tags": Variant("as", list(d.tags)),
+    }
+    if isinstance(caps, Capabilities):
+        out["features"] = Variant("as", list(caps.features))
+    elif isinstance(caps, ProbeError):
+        out["probe_error"] = Variant("s", str(caps))
+    if path is not None:
+        out["object"] = Variant("o", path)
+    return out
+
+
+class DescriptorObject(ServiceInterface):
+    """One effective descriptor, at /org/vhostuserd/Broker1/descriptor/<escaped name>."""
+
+    def __init__(self, descriptor: Descriptor) -> None:
+        super().__init__(DESCRIPTOR_IFACE)
+        self.descriptor = descriptor
+        self.path = descriptor_path(descriptor.name)
+        self.caps: ProbeResult | None = None
+        self._dict: dict[str, Variant] | None = None
+
+    def as_dict(self) -> dict[str, Variant]:
+        if self._dict is None:
+            self._dict = descriptor_variants(self.descriptor, self.caps, self.path)
+        return self._dict
+
+    def variants(self) -> dict[str, Variant]:
+        d = self.descriptor
+        caps = self.caps
+        return {
+            "Name": Variant("s", d.name),
+            "Path": Variant("s", d.path),
+            "Tier": Variant("s", d.tier),
+            "Type": Variant("s", d.type),
+            "Description": Variant("s", d.description),
+            "Binary": Variant("s", d.binary),
+            "Tags": Variant("as", list(d.tags)),
+            "Probed": Variant("b", caps is not None),
+            "Features": Variant("as", list(caps.features) if isinstance(caps, Capabilities) else []),
+            "ProbeError": Variant("s", str(caps) if isinstance(caps, ProbeError) else ""),
+        }
+
+    def update(self, descriptor: Descriptor | None = None, caps: ProbeResult | None = None) -> None:
+        before = self.variants()
+        if descriptor is not None:
+            self.descriptor = descriptor
+        self.caps = caps
+        self._dict = None
+        after = self.variants()
+        changed = {k: v.value for k, v in after.items() if before[k] != v}
+        if changed:
+            self.emit_properties_changed(changed)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+        return self.descriptor.name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Path(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+        return self.descriptor.path
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Tier(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+        return self.descriptor.tier
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Type(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+        return self.descriptor.type
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Description(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+        return self.descriptor.description
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Binary(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+        return self.descriptor.binary
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Tags(self) -> "as":  # type: ignore[name-defined]  # noqa: F821
+        return list(self.descriptor.tags)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Probed(self) -> "b":  # type: ignore[name-defined]  # noqa: F821
+        return self.caps is not None
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Features(self) -> "as":  # type: ignore[name-defined]  # noqa: F821
+        return list(self.caps.features) if isinstance(self.caps, Capabilities) else []
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ProbeError(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+        return str(self.caps) if isinstance(self.caps, ProbeError) else ""
+
+
+class Manager(ServiceInterface):
+    """org.vhostuserd.Broker1.Manager at /org/vhostuserd/Broker1."""
+
+    def __init__(self, broker: Broker) -> None:
+        super().__init__(MANAGER_IFACE)
+        self.broker = broker
+
+    @method()
+    def ListDescriptors(self, type: "s") -> "aa{sv}":  # type: ignore[name-defined]  # noqa: F821
+        objs = self.broker.objects
+        return [objs[d.name].as_dict() for d in self.broker.index.descriptors if type in ("", d.type)]
+
+    @method()
+    async def Resolve(self, type: "s", features: "as") -> "oa{sv}":  # type: ignore[name-defined]  # noqa: F821
+        d = await self.broker.resolve(type, features)
+        obj = self.broker.objects[d.name]
+        return [obj.path, obj.as_dict()]
+
+    @method()
+    async def GetCapabilities(self, name: "s") -> "s":  # type: ignore[name-defined]  # noqa: F821
+        return await self.broker.capabilities(name)
+
+    @method()
+    def Reload(self) -> "t":  # type: ignore[name-defined]  # noqa: F821
+        self.broker.reload()
+        return self.broker.index.generation
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Generation(self) -> "t":  # type: ignore[name-defined]  # noqa: F821
+        return self.broker.index.generation
+
+    @dbus_property(access=PropertyAccess.READ)
+    def SearchPath(self) -> "as":  # type: ignore[name-defined]  # noqa: F821
+        return [d.path for d in self.broker.index.dirs]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Diagnostics(self) -> "a(sss)":  # type: ignore[name-defined]  # noqa: F821
+        return [list(d.as_tuple()) for d in self.broker.index.diagnostics]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Version(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+        return __version__
+
+    @signal()
+    def IndexChanged(self, generation: int) -> "t":  # type: ignore[name-defined]  # noqa: F821
+        return generation
+
+
+class Broker:
+    """Wires the index and the probe cache to the exported objects."""
+
+    def __init__(self, bus: Bus, index: Index, probes: ProbeCache) -> None:
+        self.bus = bus
+        self.index = index
+        self.probes = probes
+        self.manager = Manager(self)
+        self.objects: dict[str, DescriptorObject] = {}
+        self._probe_tasks: set[asyncio.Task[None]] = set()
+
+    def export(self) -> None:
+        self.bus.export(MANAGER_PATH, self.manager)
+        for d in self.index.descriptors:
+            self._add(d)
+
+    # ---- index changes
+
+    def _add(self, d: Descriptor) -> None:
+        obj = DescriptorObject(d)
+        obj.caps = self.probes.cached(d.binary, d.type)
+        self.objects[d.name] = obj
+        self.bus.export(obj.path, obj)
+        if obj.caps is None:
+            self._probe_later(d)
+
+    def _probe_later(self, d: Descriptor) -> None:
+        task = asyncio.ensure_future(self._probe(d))
+        self._probe_tasks.add(task)
+        task.add_done_callback(self._probe_tasks.discard)
+
+    async def _probe(self, d: Descriptor) -> None:
+        result = await self.probes.get(d.binary, d.type)
+        obj = self.objects.get(d.name)
+        if obj is not None and obj.descriptor == d:
+            obj.update(caps=result)
+            if isinstance(result, ProbeError):
+                log.warning("%s: probe of %s failed: %s", d.path, d.binary, result)
+
+    def on_change(self, change: Change) -> None:
+        for d in change.removed:
+            obj = self.objects.pop(d.name)
+            self.bus.unexport(obj.path, obj)
+            log.info("descriptor removed: %s", d.path)
+        for d in change.added:
+            self._add(d)
+            log.info("descriptor added: %s (%s, %s)", d.path, d.type, d.binary)
+        for d in change.changed:
+            obj = self.objects[d.name]
+            caps = self.probes.cached(d.binary, d.type)
+            obj.update(descriptor=d, caps=caps)
+            if caps is None:
+                self._probe_later(d)
+            log.info("descriptor changed: %s", d.path)
+        if change.diagnostics_changed:
+            diags = self.index.diagnostics
+            self.manager.emit_properties_changed({"Diagnostics": [list(x.as_tuple()) for x in diags]})
+            for diag in diags:
+                log.debug("diagnostic: %s", diag)
+        if change.effective:
+            self.manager.emit_properties_changed({"Generation": self.index.generation})
+            self.manager.IndexChanged(self.index.generation)
+
+    def reload(self) -> None:
+        self.on_change(self.index.rescan())
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._probe_tasks)
+
+    # ---- queries
+
+    def _named(self, name: str) -> Descriptor:
+        d = self.index.get(name)
+        if d is None:
+            raise error("NotFound", f"{name}: no such descriptor in the effective index")
+        return d
+
+    async def caps_for(self, d: Descriptor) -> ProbeResult:
+        result = await self.probes.get(d.binary, d.type)
+        obj = self.objects.get(d.name)
+        if obj is not None and obj.descriptor == d and obj.caps != result:
+            obj.update(caps=result)
+        return result
+
+    async def resolve(self, btype: str, features: list[str]) -> Descriptor:
+        descriptors = self.index.descriptors
+        probed: dict[str, ProbeResult] = {}
+        if features:
+            candidates = [d for d in descriptors if d.type == btype]
+            results = await asyncio.gather(*(self.caps_for(d) for d in candidates))
+            probed = {d.name: r for d, r in zip(candidates, results, strict=True)}
+            descriptors = self.index.descriptors  # the index may have moved on meanwhile
+        resolution = resolve(descriptors, btype, features, lambda d: probed.get(d.name))
+        if resolution.chosen is None or resolution.chosen.name not in self.objects:
+            raise error("NotFound", resolution.explain(btype, features))
+        return resolution.chosen
+
+    async def capabilities(self, name: str) -> str:
+        d = self._named(name)
+        result = await self.caps_for(d)
+        if isinstance(result, ProbeError):
+            raise error("ProbeFailed", f"{name}: {d.binary} --print-capabilities failed: {result}")
+        return result.json
