@@ -174,8 +174,13 @@ class Daemon:
             self.opts.bus, f"bus address {self.opts.address}"
         )
         try:
+            starter = os.environ.get("DBUS_STARTER_ADDRESS")
+            starter_type = os.environ.get("DBUS_STARTER_BUS_TYPE")
             if self.opts.bus == "address":
                 bus = Bus(bus_address=self.opts.address)
+            elif starter and starter_type == {"system": "system", "user": "session"}[self.opts.bus]:
+                # Activated: serve the bus that started us, whatever the environment says.
+                bus = Bus(bus_address=starter)
             else:
                 bus = Bus(bus_type=BusType.SYSTEM if self.opts.bus == "system" else BusType.SESSION)
             return await asyncio.wait_for(bus.connect(), 30)
