@@ -67,6 +67,25 @@ class _Pipe:
             self.eof.set_result(None)
 
 
+async def _group_reaped(pgid: int, limit: float) -> None:
+    """Wait until no process of group ``pgid`` is left, zombies included.
+
+    Members killed with the group are re-parented to us (subreaper) and reaped by the
+    Reaper's SIGCHLD sweep, which runs on this loop: yield to it, so a probe does not
+    return while its zombies are still waiting (a zombie still counts for kill(2)).
+    """
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    while loop.time() < end:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass
+        await asyncio.sleep(0.005)
+
+
 async def run_probe(
     binary: str, expected_type: str, reaper: procs.Reaper, timeout: float = DEFAULT_TIMEOUT
 ) -> ProbeResult:
@@ -115,6 +134,7 @@ async def run_probe(
                 await asyncio.wait_for(asyncio.shield(pipe.eof), 0.5)
             except TimeoutError:
                 pipe.close()
+    await _group_reaped(pid, 2.0)
     if error is not None:
         return error
     status = exited.result()

@@ -34,6 +34,21 @@ def cloexec_dup(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _FIRST_SAFE_FD)
 
 
+def _no_inheritance() -> None:
+    """Make every fd above 2 close-on-exec.
+
+    PEP 446 covers the fds Python opens, not the ones this process inherited when it
+    started (a shell's or a test harness's stray pipes): without this a child would get them.
+    """
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass  # the fd listdir used, already closed
+
+
 def spawn(
     argv: Sequence[str],
     *,
@@ -45,6 +60,7 @@ def spawn(
     Every other fd of ours is close-on-exec (PEP 446; received fds are made so on arrival),
     so the child inherits nothing else. Raises OSError when the exec itself fails.
     """
+    _no_inheritance()
     # dup2(fd, fd) would keep close-on-exec set: move every source above the targets first.
     moved = {target: cloexec_dup(source) for target, source in fds.items()}
     try:
