@@ -218,7 +218,9 @@ def parse_descriptor(data: bytes, *, path: str, name: str, tier: str) -> Parsed:
     if isinstance(binary, str) and "\0" in binary:
         errors.append("/binary: must not contain a NUL character")
     if errors:
-        return Parsed(None, tuple(Diagnostic(path, ERROR, m) for m in errors))
+        # Rule 4: one diagnostic per broken file, with every reason (each once: an empty
+        # binary breaks both the pattern and the minimum length with the same sentence).
+        return broken(path, "; ".join(dict.fromkeys(errors)))
     warnings: list[Diagnostic] = []
     btype: str = document["type"]
     if btype not in KNOWN_TYPES:
