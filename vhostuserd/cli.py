@@ -137,7 +137,9 @@ def check(args: argparse.Namespace) -> int:
         for path in args.paths:
             parsed, _ = scan.read_candidate(path, os.path.basename(path), "check")
             if parsed is None:
-                extra.append(Diagnostic(path, ERROR, "is a directory, not a descriptor file"))
+                # read_candidate says None both for a directory and for no file at all.
+                why = "is a directory, not a descriptor file" if os.path.isdir(path) else "does not exist"
+                extra.append(Diagnostic(path, ERROR, why))
             else:
                 files.append((path, parsed))
     else:
