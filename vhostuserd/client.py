@@ -187,7 +187,7 @@ class BrokerClient:
                     bus_type=BusType.SYSTEM if bus == "system" else BusType.SESSION,
                     negotiate_unix_fd=True,
                 )
-            await conn.connect()
+            await asyncio.wait_for(conn.connect(), 10)
         except Exception as e:  # noqa: BLE001 - every way of not connecting means the same
             raise Unavailable("connect", f"cannot connect to {where}: {e or type(e).__name__}") from None
         return cls(conn, where)
