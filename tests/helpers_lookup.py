@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vhostuserd import lookup, scan
-from vhostuserd.descriptors import ERROR, WARNING, Diagnostic
+from vhostuserd.descriptors import ERROR, Diagnostic
 
 SUBDIR = Path("qemu/vhost-user")
 NOBODY = 65534
@@ -118,10 +118,6 @@ def names(result: lookup.LookupResult) -> list[str]:
 
 def errors(diagnostics: Sequence[Diagnostic]) -> list[Diagnostic]:
     return [d for d in diagnostics if d.level == ERROR]
-
-
-def warnings(diagnostics: Sequence[Diagnostic]) -> list[Diagnostic]:
-    return [d for d in diagnostics if d.level == WARNING]
 
 
 # ---------------------------------------------------------------- fake backends
@@ -235,11 +231,14 @@ def run_ctl(args: Sequence[str], env: Mapping[str, str], *, timeout: float = 30.
     )
 
 
-def run_as_nobody(code: str, *, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """Run a Python snippet as uid/gid 65534 (setpriv), for what root cannot be denied."""
+def run_unprivileged(code: str, *, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run a Python snippet where file modes are enforced: as uid/gid 65534 when we are root
+    (setpriv), else as ourselves."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
     return subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         sys.executable, "-c", code],
+        [*prefix, sys.executable, "-c", code],
         capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
         env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"},
     )

@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-import pytest
 from helpers_lookup import (
     Backend,
     capabilities_backend,
