@@ -827,3 +827,19 @@ def test_capabilities_cache_identity_changes_with_the_binary(tmp_path: Path) -> 
     second = binary_identity(str(binary))
     assert second != first and not isinstance(second, ProbeError)
     assert isinstance(binary_identity(str(tmp_path / "gone")), ProbeError)
+
+
+def test_rule3_symlink_to_dev_null_masks_like_an_empty_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """systemd-style masking: a symlink to /dev/null hides the name, with no error."""
+    from vhostuserd import scan
+    from vhostuserd.lookup import Directory, merge
+
+    data = tmp_path / "data"
+    etc = tmp_path / "etc"
+    data.mkdir()
+    etc.mkdir()
+    (data / "50-gpu.json").write_text('{"type": "gpu", "binary": "/usr/bin/true", "description": "d"}')
+    (etc / "50-gpu.json").symlink_to("/dev/null")
+    result = merge(scan.list_all([Directory("sysconf", str(etc)), Directory("data", str(data))]))
+    assert result.descriptors == ()
+    assert result.diagnostics == ()

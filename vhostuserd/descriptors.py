@@ -160,7 +160,33 @@ def _explain(error: Any) -> str:
     return f"{where}: {error.message}"
 
 
+def _is_str_list(value: Any) -> bool:
+    return type(value) is list and all(type(v) is str for v in value)
+
+
+def _surely_valid(definition: str, document: dict[str, Any]) -> bool:
+    """The common case, decided without jsonschema (~60 us a file and ~180 ms to import).
+
+    True only for documents the schema's lenient definition accepts; anything else goes to
+    jsonschema, which decides and explains. tests/test_descriptor_fastpath.py checks the two
+    agree on random documents.
+    """
+    btype = document.get("type")
+    if type(btype) is not str or not btype:
+        return False
+    if definition == "capabilities":
+        return "features" not in document or _is_str_list(document["features"])
+    binary = document.get("binary")
+    if type(binary) is not str or len(binary) < 2 or not binary.startswith("/"):
+        return False
+    if "description" in document and type(document["description"]) is not str:
+        return False
+    return "tags" not in document or _is_str_list(document["tags"])
+
+
 def _schema_errors(definition: str, document: Any) -> list[str]:
+    if isinstance(document, dict) and _surely_valid(definition, document):
+        return []
     errors = sorted(
         _validator(definition).iter_errors(document), key=lambda e: list(map(str, e.absolute_path))
     )

@@ -14,11 +14,12 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .descriptors import ERROR, MAX_DESCRIPTOR_SIZE, WARNING, Diagnostic, Parsed, broken
+from .descriptors import ERROR, MASKED, MAX_DESCRIPTOR_SIZE, WARNING, Diagnostic, Parsed, broken
 from .descriptors import parse_descriptor
 from .lookup import Directory, Listing
 
 Identity = tuple[int, int, int, int, int]
+_DEV_NULL = os.makedev(1, 3)
 
 
 def is_candidate_name(name: str) -> bool:
@@ -83,6 +84,9 @@ def read_candidate(path: str, name: str, tier: str) -> tuple[Parsed | None, Iden
         return broken(path, _stat_error(path, e)), None
     if stat.S_ISDIR(st.st_mode):
         return None, None
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == _DEV_NULL:
+        # A symlink to /dev/null masks, as it does for systemd units: it is empty.
+        return MASKED, _identity(st)
     data = _read(path, st)
     if isinstance(data, str):
         return broken(path, data), _identity(st)
