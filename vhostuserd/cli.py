@@ -243,6 +243,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME")
     _offline_options(p)
     command("monitor", "print index and backend events as they happen, until Ctrl-C")
+    p = command("spawn", "start a backend on a socket: --listen PATH, or --exec -- CMD (e.g. QEMU)")
+    p.add_argument("name", metavar="NAME", help="descriptor name, e.g. 50-qemu-gpu.json")
+    p.add_argument("-o", "--option", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="a Spawn option, e.g. -o virgl, -o render-node=/dev/dri/renderD128, -o shared-dir=/srv")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--listen", metavar="PATH",
+                     help="bind a listening socket at PATH and pass it (virtiofsd, vhost-user-blk)")
+    how.add_argument("--exec", dest="exec_", action="store_true",
+                     help="make a socketpair, pass one end, and run CMD with the other as fd 3 "
+                     "({fd} in its arguments becomes 3); stop the backend when CMD exits")
+    p.add_argument("--detach", action="store_true",
+                   help="with --listen: keep the backend after this command exits; print its id")
+    p.epilog = "With --exec, the command and its arguments follow a '--'."
+    command("backends", "list running backends")
+    p = command("stop", "stop a backend (SIGTERM, then SIGKILL after the grace period)")
+    p.add_argument("id", metavar="ID")
+    p = command("log", "print a backend's last 64 KiB of output")
+    p.add_argument("id", metavar="ID")
     p = command("check", "validate descriptor files (the whole search path if none given)")
     p.add_argument("paths", nargs="*", metavar="PATH")
     p.add_argument("--probe", action="store_true", help="also run each backend's --print-capabilities")
@@ -260,9 +278,24 @@ OFFLINE = {
 
 def run(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd: list[str] = []
+    if "--" in argv:  # spawn --exec -- CMD ARG...: CMD's arguments are not ours to parse
+        cut = argv.index("--")
+        argv, cmd = argv[:cut], argv[cut + 1 :]
     args = parser.parse_args(argv)
+    args.cmd = cmd
     if args.bus is None:
         args.bus = "user"
+    if cmd and args.command != "spawn":
+        parser.error(f"unexpected arguments after '--': {' '.join(cmd)}")
+    if args.command == "spawn":
+        if args.exec_ and not args.cmd:
+            parser.error("spawn --exec needs a command after --")
+        if not args.exec_ and args.cmd:
+            parser.error(f"unexpected arguments: {' '.join(args.cmd)}")
+        if args.detach and args.exec_:
+            parser.error("--detach goes with --listen (with --exec the backend lives as long as CMD)")
     try:
         if args.command == "check":
             return check(args)

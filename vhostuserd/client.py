@@ -152,6 +152,22 @@ class Event:
         return out
 
 
+_BOOL_OPTIONS = {"virgl", "no-grab", "read-only", "detach"}
+
+
+def option_variant(key: str, value: Any) -> Variant:
+    """The D-Bus type CONTRACT section 3 gives each Spawn option."""
+    if key == "settle-ms":
+        return Variant("u", int(value))
+    if key in _BOOL_OPTIONS or isinstance(value, bool):
+        return Variant("b", bool(value))
+    return Variant("s", str(value))
+
+
+def backend_path(backend: str) -> str:
+    return backend if backend.startswith("/") else f"{MANAGER_PATH}/backend/{backend}"
+
+
 def _name_from_path(path: str) -> str:
     label = path.rsplit("/", 1)[-1]
     if label == "_":
@@ -202,7 +218,7 @@ class BrokerClient:
         self.bus.disconnect()
         try:
             await asyncio.wait_for(self.bus.wait_for_disconnect(), 1)
-        except Exception:  # noqa: BLE001 - already gone is fine
+        except (Exception, asyncio.CancelledError):  # noqa: BLE001 - already gone is fine
             pass
 
     async def call(
@@ -277,6 +293,35 @@ class BrokerClient:
 
     async def version(self) -> str:
         return str(await self.get_property("Version"))
+
+    # ---- backends
+
+    async def spawn(self, name: str, socket_fd: int, options: dict[str, Any] | None = None) -> str:
+        """Start the backend of descriptor ``name`` on ``socket_fd``; returns its object path.
+
+        ``options`` values may be `Variant`s or plain bool/int/str (typed as CONTRACT section 3
+        says: settle-ms is 'u', the boolean options 'b', the rest 's').
+        """
+        typed = {k: v if isinstance(v, Variant) else option_variant(k, v) for k, v in (options or {}).items()}
+        (path,) = await self.call("Spawn", "sa{sv}h", [name, typed, 0], unix_fds=[socket_fd])
+        return str(path)
+
+    async def list_backends(self) -> list[dict[str, Any]]:
+        (items,) = await self.call("ListBackends")
+        return [_unwrap(b) for b in items]
+
+    async def stop(self, backend: str) -> None:
+        """Stop a backend (its id or object path); returns when the process is gone."""
+        await self.call("Stop", path=backend_path(backend), interface=BACKEND_IFACE)
+
+    async def get_log(self, backend: str) -> str:
+        (text,) = await self.call("GetLog", path=backend_path(backend), interface=BACKEND_IFACE)
+        return str(text)
+
+    async def backend(self, backend: str) -> dict[str, Any]:
+        body = await self.call("GetAll", "s", [BACKEND_IFACE], path=backend_path(backend),
+                               interface="org.freedesktop.DBus.Properties")
+        return dict(_unwrap(body[0]))
 
     # ---- events
 

@@ -39,6 +39,8 @@ class Options:
     probe_timeout: float
     state_dir: str | None
     log_level: str
+    max_backends: int = 1024
+    max_backends_per_user: int = 64
 
 
 def _nonnegative(value: str) -> float:
@@ -80,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time between SIGTERM and SIGKILL when stopping a backend (default 5)")
     p.add_argument("--probe-timeout", type=_positive, default=5.0, metavar="SEC",
                    help="time limit for BINARY --print-capabilities (default 5)")
+    p.add_argument("--max-backends", type=int, default=1024, metavar="N",
+                   help="at most N backends at once (default 1024)")
+    p.add_argument("--max-backends-per-user", type=int, default=64, metavar="N",
+                   help="at most N backends at once per uid (default 64)")
     p.add_argument("--state-dir", metavar="DIR",
                    help="where running backends are recorded (default $XDG_RUNTIME_DIR/vhostuserd, "
                    "/run/vhostuserd with --system)")
@@ -104,6 +110,8 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         probe_timeout=a.probe_timeout,
         state_dir=a.state_dir,
         log_level=a.log_level,
+        max_backends=a.max_backends,
+        max_backends_per_user=a.max_backends_per_user,
     )
 
 
@@ -209,6 +217,15 @@ class Daemon:
             pass
         raise StartupError(f"{BUS_NAME} is already owned on this bus by {owner}: is another vhostuserd running?")
 
+    def _state_dir(self) -> str:
+        if self.opts.state_dir:
+            return self.opts.state_dir
+        if self.opts.system_tiers:
+            return "/run/vhostuserd"
+        from platformdirs import user_runtime_dir
+
+        return os.path.join(user_runtime_dir(), "vhostuserd")
+
     def _touch(self, _msg: object) -> None:
         self.last_activity = self.loop.time()
 
@@ -216,7 +233,9 @@ class Daemon:
         from . import procs
         from .capabilities import ProbeCache
         from .index import Index, Watcher
+        from .backends import Spawner
         from .service import Broker
+        from .supervisor import Supervisor
 
         reaper = procs.Reaper(self.loop)
         reaper.install()
@@ -227,8 +246,13 @@ class Daemon:
         bus = await self._connect()
         probes = ProbeCache(reaper, timeout=self.opts.probe_timeout)
         broker = Broker(bus, index, probes)
+        supervisor = Supervisor(reaper, self._state_dir(), self.opts.grace_period,
+                                on_change=lambda b, what: broker.spawner.on_change(b, what))
+        broker.spawner = Spawner(broker, supervisor, system=self.opts.system_tiers,
+                                 max_per_uid=self.opts.max_backends_per_user, max_total=self.opts.max_backends)
         bus.on_call = self._touch
         broker.export()
+        await broker.spawner.readopt()
         await self._own_name(bus)
         log.info(
             "vhostuserd %s serving %s on %s: %d descriptors, search path %s",

@@ -54,11 +54,16 @@ def spawn(
     *,
     fds: Mapping[int, int],
     env: Mapping[str, str] | None = None,
+    keep_sigpipe_ignored: bool = False,
+    new_session: bool = True,
 ) -> int:
     """Start ``argv`` in a new session with exactly the fds ``{child number: our fd}``.
 
     Every other fd of ours is close-on-exec (PEP 446; received fds are made so on arrival),
     so the child inherits nothing else. Raises OSError when the exec itself fails.
+
+    ``keep_sigpipe_ignored``: backends keep SIGPIPE ignored (as Python has it), so that
+    writing their log while the daemon restarts fails with EPIPE instead of killing them.
     """
     _no_inheritance()
     # dup2(fd, fd) would keep close-on-exec set: move every source above the targets first.
@@ -70,9 +75,9 @@ def spawn(
             list(argv),
             dict(env if env is not None else MINIMAL_ENV),
             file_actions=actions,
-            setsid=True,
+            setsid=new_session,
             setsigmask=(),
-            setsigdef=_DEFAULT_SIGNALS,
+            setsigdef=_DEFAULT_SIGNALS - {signal.SIGPIPE} if keep_sigpipe_ignored else _DEFAULT_SIGNALS,
         )
     finally:
         for fd in moved.values():

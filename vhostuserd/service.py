@@ -14,7 +14,7 @@ import contextvars
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
@@ -26,6 +26,9 @@ from .capabilities import ProbeCache
 from .descriptors import Capabilities, Descriptor, ProbeError, ProbeResult
 from .index import Change, Index
 from .resolve import resolve
+
+if TYPE_CHECKING:
+    from .backends import Spawner
 
 log = logging.getLogger("vhostuserd.service")
 
@@ -92,20 +95,34 @@ class Bus(MessageBus):
         self.add_message_handler(self._intercept)
 
     def _intercept(self, msg: Message) -> bool:
+        if msg.message_type is MessageType.SIGNAL and msg.unix_fds:
+            # Anyone may send us a unicast signal carrying fds; nothing here takes them.
+            self._close_fds(msg)
         if msg.message_type is not MessageType.METHOD_CALL:
             return False
-        if msg.unix_fds and not any(
-            msg.path == p and msg.interface == i and msg.member == m and msg.signature == s
-            for p, i, m, s in FD_TAKING_CALLS
-        ):
+        if msg.unix_fds and not self._takes_fds(msg):
             # dbus-fast hands fds only to handlers that take them: close the rest here.
-            for fd in msg.unix_fds:
-                os.close(fd)
-            msg.unix_fds = []
+            self._close_fds(msg)
         current_message.set(msg)
         if self.on_call is not None:
             self.on_call(msg)
         return False
+
+    @staticmethod
+    def _close_fds(msg: Message) -> None:
+        for fd in msg.unix_fds:
+            os.close(fd)
+        msg.unix_fds = []
+
+    def _takes_fds(self, msg: Message) -> bool:
+        """Listed in FD_TAKING_CALLS and exported: else no handler would own the fds."""
+        if (msg.path, msg.interface, msg.member, msg.signature) not in FD_TAKING_CALLS:
+            return False
+        interface = self._path_exports.get(msg.path, {}).get(msg.interface)
+        return interface is not None and any(
+            m.name == msg.member and m.in_signature == msg.signature and not m.disabled
+            for m in ServiceInterface._get_methods(interface)
+        )
 
     def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
         if self._disconnected:
@@ -268,6 +285,14 @@ class Manager(ServiceInterface):
         return await self.broker.capabilities(name)
 
     @method()
+    async def Spawn(self, name: "s", options: "a{sv}", socket: "h") -> "o":  # type: ignore[name-defined]  # noqa: F821
+        return await self.broker.spawner.spawn(name, options, socket)
+
+    @method()
+    async def ListBackends(self) -> "aa{sv}":  # type: ignore[name-defined]  # noqa: F821
+        return await self.broker.spawner.list_backends()
+
+    @method()
     def Reload(self) -> "t":  # type: ignore[name-defined]  # noqa: F821
         self.broker.reload()
         return self.broker.index.generation
@@ -303,6 +328,7 @@ class Broker:
         self.manager = Manager(self)
         self.objects: dict[str, DescriptorObject] = {}
         self._probe_tasks: set[asyncio.Task[None]] = set()
+        self.spawner: Spawner  # set by the daemon once the supervisor exists
 
     def export(self) -> None:
         self.bus.export(MANAGER_PATH, self.manager)
@@ -361,7 +387,7 @@ class Broker:
 
     @property
     def busy(self) -> bool:
-        return bool(self._probe_tasks)
+        return bool(self._probe_tasks) or self.spawner.busy
 
     # ---- queries
 

@@ -1,0 +1,368 @@
+"""The backend half of the service: Spawn, Backend objects, and whose backend is whose.
+
+Owns what happens between a Spawn call and a supervised process: the received socket is
+checked (a connected or listening AF_UNIX stream socket, as the backend needs) and closed
+on every path, the caller is identified by the bus alone, quotas are applied, and the
+backend is tied to the caller's unique name (stopped when it leaves the bus, unless
+detached). Process work is `supervisor`'s; option checking is `options`'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
+
+from .descriptors import Capabilities
+from .options import OptionError, SpawnPlan, plan, socket_kind_error
+from .supervisor import EXITED, Backend, SpawnError, Supervisor
+
+if TYPE_CHECKING:
+    from .service import Broker
+
+log = logging.getLogger("vhostuserd.backends")
+
+BACKEND_IFACE = "org.vhostuserd.Broker1.Backend"
+BACKEND_PREFIX = "/org/vhostuserd/Broker1/backend/"
+LINGER_S = 3.0
+DBUS = dict(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus")
+_O_PATH = getattr(os, "O_PATH", 0o10000000)
+
+
+def _error(name: str, message: str) -> Exception:
+    from .service import error
+
+    return error(name, message)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, from the bus's own records: never from the call's arguments."""
+
+    name: str
+    uid: int
+    pid: int
+
+
+def check_socket(fd: int) -> bool:
+    """Validate a received socket fd; returns whether it is listening. Raises InvalidSocket."""
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        st = os.fstat(fd)
+    except OSError as e:
+        raise _error("InvalidSocket", f"the socket argument is not a usable fd: {e.strerror}") from None
+    if flags & _O_PATH:
+        raise _error("InvalidSocket", "the socket argument is an O_PATH fd; pass the socket itself")
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = "a pipe" if stat.S_ISFIFO(st.st_mode) else "not a socket"
+        raise _error("InvalidSocket", f"the socket argument is {kind}; an AF_UNIX SOCK_STREAM socket is needed")
+    try:
+        domain = socket.socket(fileno=os.dup(fd))
+    except OSError as e:
+        raise _error("InvalidSocket", f"the socket argument cannot be inspected: {e.strerror}") from None
+    try:
+        family = domain.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        stype = domain.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        listening = bool(domain.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    finally:
+        domain.close()
+    if family != socket.AF_UNIX:
+        raise _error("InvalidSocket", f"the socket argument is of family {family}; AF_UNIX is needed")
+    if stype != socket.SOCK_STREAM:
+        name = {socket.SOCK_DGRAM: "SOCK_DGRAM", socket.SOCK_SEQPACKET: "SOCK_SEQPACKET"}.get(stype, str(stype))
+        raise _error("InvalidSocket", f"the socket argument is {name}; vhost-user needs SOCK_STREAM")
+    return listening
+
+
+class BackendObject(ServiceInterface):
+    """One backend, at /org/vhostuserd/Broker1/backend/<id>."""
+
+    def __init__(self, spawner: Spawner, backend: Backend) -> None:
+        super().__init__(BACKEND_IFACE)
+        self.spawner = spawner
+        self.b = backend
+        self.path = BACKEND_PREFIX + backend.id
+
+    def as_dict(self) -> dict[str, Variant]:
+        b = self.b
+        return {
+            "id": Variant("s", b.id), "descriptor": Variant("s", b.descriptor),
+            "binary": Variant("s", b.binary), "argv": Variant("as", list(b.argv)),
+            "pid": Variant("u", b.pid), "owner_uid": Variant("u", b.owner_uid),
+            "owner": Variant("s", b.owner), "state": Variant("s", b.state),
+            "exit_status": Variant("i", b.exit_status), "exit_signal": Variant("i", b.exit_signal),
+            "started_at": Variant("t", b.started_at), "detached": Variant("b", b.detached),
+            "object": Variant("o", self.path),
+        }
+
+    def variants(self) -> dict[str, Variant]:
+        d = self.as_dict()
+        names = {"id": "Id", "descriptor": "Descriptor", "binary": "Binary", "argv": "Argv", "pid": "Pid",
+                 "owner_uid": "OwnerUid", "owner": "Owner", "state": "State", "exit_status": "ExitStatus",
+                 "exit_signal": "ExitSignal", "started_at": "StartedAt", "detached": "Detached"}
+        return {names[k]: v for k, v in d.items() if k in names}
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+        return self.b.id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Descriptor(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+        return self.b.descriptor
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Binary(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+        return self.b.binary
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Argv(self) -> "as":  # type: ignore[name-defined]  # noqa: F821
+        return list(self.b.argv)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Pid(self) -> "u":  # type: ignore[name-defined]  # noqa: F821
+        return self.b.pid
+
+    @dbus_property(access=PropertyAccess.READ)
+    def OwnerUid(self) -> "u":  # type: ignore[name-defined]  # noqa: F821
+        return self.b.owner_uid
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Owner(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+        return self.b.owner
+
+    @dbus_property(access=PropertyAccess.READ)
+    def State(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+        return self.b.state
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ExitStatus(self) -> "i":  # type: ignore[name-defined]  # noqa: F821
+        return self.b.exit_status
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ExitSignal(self) -> "i":  # type: ignore[name-defined]  # noqa: F821
+        return self.b.exit_signal
+
+    @dbus_property(access=PropertyAccess.READ)
+    def StartedAt(self) -> "t":  # type: ignore[name-defined]  # noqa: F821
+        return self.b.started_at
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Detached(self) -> "b":  # type: ignore[name-defined]  # noqa: F821
+        return self.b.detached
+
+    @method()
+    async def Stop(self) -> "":  # type: ignore[name-defined]  # noqa: F722
+        await self.spawner.stop_call(self)
+
+    @method()
+    async def GetLog(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+        await self.spawner.authorize_owner(self.b, read_only=True)
+        return bytes(self.b.log).decode("utf-8", "replace")
+
+    @signal()
+    def Exited(self, status: int, sig: int) -> "ii":  # type: ignore[name-defined]  # noqa: F821
+        return [status, sig]
+
+
+class Spawner:
+    """Spawn, ListBackends and Stop for the Manager, with client lifetime tracking."""
+
+    def __init__(self, broker: Broker, supervisor: Supervisor, *, system: bool,
+                 max_per_uid: int, max_total: int) -> None:
+        self.broker = broker
+        self.bus = broker.bus
+        self.supervisor = supervisor
+        self.system = system
+        self.max_per_uid = max_per_uid
+        self.max_total = max_total
+        self.objects: dict[str, BackendObject] = {}
+        self._owners: dict[str, set[str]] = {}
+        self._exited_emitted: set[str] = set()
+        self.bus.add_message_handler(self._on_signal)
+
+    # ---- bus helpers
+
+    async def _dbus(self, member: str, signature: str = "", body: list[Any] | None = None) -> list[Any]:
+        reply = await self.bus.call(Message(member=member, signature=signature, body=body or [], **DBUS))
+        assert reply is not None
+        if reply.message_type is MessageType.ERROR:
+            raise LookupError(f"{reply.error_name}: {reply.body[0] if reply.body else ''}")
+        return list(reply.body)
+
+    async def caller(self, sender: str) -> Caller:
+        try:
+            (creds,) = await self._dbus("GetConnectionCredentials", "s", [sender])
+        except LookupError as e:
+            raise _error("NotAuthorized", f"cannot identify the caller {sender}: {e}") from None
+        return Caller(sender, int(creds["UnixUserID"].value), int(creds.get("ProcessID", Variant("u", 0)).value))
+
+    async def name_has_owner(self, name: str) -> bool:
+        (has,) = await self._dbus("NameHasOwner", "s", [name])
+        return bool(has)
+
+    def _match(self, name: str) -> str:
+        return (f"type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+                f"member='NameOwnerChanged',arg0='{name}'")
+
+    async def _track(self, b: Backend) -> None:
+        ids = self._owners.setdefault(b.owner, set())
+        ids.add(b.id)
+        if len(ids) == 1:
+            await self._dbus("AddMatch", "s", [self._match(b.owner)])
+
+    def _untrack(self, b: Backend) -> None:
+        ids = self._owners.get(b.owner)
+        if ids is None:
+            return
+        ids.discard(b.id)
+        if not ids:
+            del self._owners[b.owner]
+            if self.bus.connected:
+                self.bus.send(Message(member="RemoveMatch", signature="s", body=[self._match(b.owner)], **DBUS))
+
+    def _on_signal(self, msg: Message) -> bool:
+        if (msg.message_type is MessageType.SIGNAL and msg.member == "NameOwnerChanged"
+                and msg.sender == "org.freedesktop.DBus" and len(msg.body) == 3 and msg.body[2] == ""
+                and msg.body[0] in self._owners):
+            self.owner_gone(msg.body[0])
+        return False
+
+    def owner_gone(self, name: str) -> None:
+        for backend_id in list(self._owners.get(name, ())):
+            obj = self.objects.get(backend_id)
+            if obj is not None and not obj.b.detached and obj.b.state != EXITED:
+                log.info("backend %s: its owner %s left the bus; stopping it", backend_id, name)
+                self.supervisor.stop(obj.b)
+
+    # ---- authorization (the system-mode polkit checks hook in here)
+
+    async def authorize_owner(self, b: Backend, read_only: bool = False) -> None:
+        from .service import current_message
+
+        msg = current_message.get()
+        caller = await self.caller(msg.sender)
+        if caller.uid in (0, b.owner_uid):
+            return
+        raise _error("NotAuthorized", f"backend {b.id} belongs to uid {b.owner_uid}; uid {caller.uid} may not "
+                     + ("read its log" if read_only else "stop it"))
+
+    async def authorize_spawn(self, caller: Caller, d: Any, p: SpawnPlan) -> None:
+        if not self.system:
+            if caller.uid != os.getuid():
+                raise _error("NotAuthorized", f"this session daemon serves uid {os.getuid()} only, not uid {caller.uid}")
+            return
+        if caller.uid != 0:
+            raise _error("NotAuthorized", "org.vhostuserd.spawn: only root may spawn backends on the system "
+                         "service until polkit authorization is configured")
+
+    # ---- methods
+
+    async def spawn(self, name: str, options: dict[str, Variant], fd: int) -> str:
+        from .service import current_message
+
+        try:
+            msg = current_message.get()
+            listening = check_socket(fd)
+            d = self.broker.index.get(name)
+            if d is None:
+                raise _error("NotFound", f"{name}: no such descriptor in the effective index")
+            raw = {k: (v.signature, v.value) for k, v in options.items()}
+            caps = None
+            if any(k not in ("detach", "settle-ms") for k in raw) or d.type == "fs":
+                result = await self.broker.caps_for(d)
+                caps = result if isinstance(result, Capabilities) else None
+            try:
+                p = plan(d, caps, raw)
+            except OptionError as e:
+                raise _error(e.kind, str(e)) from None
+            why = socket_kind_error(d, listening)
+            if why is not None:
+                raise _error("InvalidSocket", why)
+            caller = await self.caller(msg.sender)
+            await self.authorize_spawn(caller, d, p)
+            if self.supervisor.count() >= self.max_total:
+                raise _error("QuotaExceeded", f"{self.max_total} backends are running, the most this daemon runs")
+            if self.supervisor.count(caller.uid) >= self.max_per_uid:
+                raise _error("QuotaExceeded", f"uid {caller.uid} already runs {self.max_per_uid} backends, its quota")
+            # Track the owner before checking it is still there: no window to miss its exit.
+            placeholder = Backend(id=f"pending-{id(msg)}", descriptor="", binary="", argv=(), pid=0,
+                                  owner=caller.name, owner_uid=caller.uid, detached=False, started_at=0,
+                                  start_time=0, exe="")
+            await self._track(placeholder)
+            try:
+                if not await self.name_has_owner(caller.name):
+                    raise _error("SpawnFailed", f"the caller {caller.name} left the bus; nothing was started")
+                try:
+                    b = self.supervisor.spawn(descriptor=d.name, argv=p.argv, socket_fd=fd, owner=caller.name,
+                                              owner_uid=caller.uid, detached=p.detach)
+                except SpawnError as e:
+                    raise _error("SpawnFailed", f"{d.name}: {e}") from None
+                await self._track(b)
+            finally:
+                self._untrack(placeholder)
+        finally:
+            os.close(fd)
+        obj = BackendObject(self, b)
+        self.objects[b.id] = obj
+        self.bus.export(obj.path, obj)
+        try:
+            await self.supervisor.settle(b, p.settle_ms)
+        except SpawnError as e:
+            self._drop(obj)
+            raise _error("SpawnFailed", f"{d.name}: {e}") from None
+        return obj.path
+
+    async def stop_call(self, obj: BackendObject) -> None:
+        await self.authorize_owner(obj.b)
+        await self.supervisor.stop(obj.b)
+
+    async def list_backends(self) -> list[dict[str, Variant]]:
+        from .service import current_message
+
+        caller = await self.caller(current_message.get().sender)
+        return [o.as_dict() for o in self.objects.values() if caller.uid in (0, o.b.owner_uid)]
+
+    # ---- supervisor events
+
+    def on_change(self, b: Backend, what: str) -> None:
+        obj = self.objects.get(b.id)
+        if obj is None:
+            return
+        obj.emit_properties_changed({"State": b.state, "ExitStatus": b.exit_status, "ExitSignal": b.exit_signal})
+        if what == "exited":
+            if b.id not in self._exited_emitted:
+                self._exited_emitted.add(b.id)
+                obj.Exited(b.exit_status, b.exit_signal)
+            self._untrack(b)
+            asyncio.get_running_loop().call_later(LINGER_S, self._drop, obj)
+
+    def _drop(self, obj: BackendObject) -> None:
+        if self.objects.pop(obj.b.id, None) is not None:
+            self.bus.unexport(obj.path, obj)
+        self._untrack(obj.b)
+        self.supervisor.remove(obj.b)
+        self._exited_emitted.discard(obj.b.id)
+
+    async def readopt(self) -> None:
+        for b in self.supervisor.readopt():
+            obj = BackendObject(self, b)
+            self.objects[b.id] = obj
+            self.bus.export(obj.path, obj)
+            if b.exited is not None and b.exited.done():
+                continue
+            await self._track(b)
+            if not b.detached and not await self.name_has_owner(b.owner):
+                log.info("backend %s: its owner %s left the bus while we were away; stopping it", b.id, b.owner)
+                self.supervisor.stop(b)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.objects)

@@ -1,0 +1,163 @@
+"""From a Spawn request to a backend's command line (CONTRACT section 3, Spawn options).
+
+Owns which options exist, their D-Bus types, which backend type and capability each needs,
+how values are checked (types, absolute paths, no NUL or newline, length caps), how each
+maps to argv (virtiofsd: ``--shared-dir=DIR`` with ``separate-options``, else
+``-o source=DIR``, as libvirt does), and which kind of socket each backend type takes.
+Pure: values in, a plan or an `OptionError` out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .descriptors import Capabilities, Descriptor
+
+MAX_OPTIONS = 16
+MAX_STRING = 4096
+MAX_SETTLE_MS = 10_000
+DEFAULT_SETTLE_MS = 250
+SOCKET_FD = 3
+
+CONNECTED, LISTENING = "connected", "listening"
+# Connected: the backend serves the socket it is given (vhost-user-gpu, -input: no accept).
+# Listening: it accepts one front-end on it (vhost-user-blk, -scsi, virtiofsd).
+SOCKET_KIND = {"gpu": CONNECTED, "input": CONNECTED, "block": LISTENING, "scsi": LISTENING, "fs": LISTENING}
+
+DEVICE_OPTIONS = {"render-node": "/dev/dri/", "evdev-path": "/dev/input/"}
+
+
+@dataclass(frozen=True, slots=True)
+class OptionSpec:
+    signature: str
+    btype: str | None  # None: any backend type
+    needs_feature: bool
+
+
+OPTIONS: dict[str, OptionSpec] = {
+    "render-node": OptionSpec("s", "gpu", True),
+    "virgl": OptionSpec("b", "gpu", True),
+    "evdev-path": OptionSpec("s", "input", True),
+    "no-grab": OptionSpec("b", "input", True),
+    "blk-file": OptionSpec("s", "block", True),
+    "read-only": OptionSpec("b", "block", True),
+    "shared-dir": OptionSpec("s", "fs", False),
+    "detach": OptionSpec("b", None, False),
+    "settle-ms": OptionSpec("u", None, False),
+}
+PATH_OPTIONS = {"render-node", "evdev-path", "blk-file", "shared-dir"}
+
+
+class OptionError(Exception):
+    """A Spawn request the options make impossible; ``kind`` is the D-Bus error's short name."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnPlan:
+    argv: tuple[str, ...]
+    detach: bool
+    settle_ms: int
+    socket_kind: str | None
+    values: Mapping[str, Any]  # the validated options, for authorization details
+
+    @property
+    def device_paths(self) -> dict[str, str]:
+        return {k: v for k, v in self.values.items() if k in DEVICE_OPTIONS}
+
+
+def allowed_options(d: Descriptor, caps: Capabilities | None) -> list[str]:
+    features = set(caps.features) if caps is not None else set()
+    return sorted(
+        name for name, spec in OPTIONS.items()
+        if spec.btype in (None, d.type) and (not spec.needs_feature or name in features)
+    )
+
+
+def _check_path(name: str, value: str) -> str:
+    if not value.startswith("/"):
+        raise OptionError("InvalidOption", f"option '{name}': must be an absolute path, not {value[:100]!r}")
+    if "\0" in value or "\n" in value or "\r" in value:
+        raise OptionError("InvalidOption", f"option '{name}': must not contain NUL or line breaks")
+    if len(value) > MAX_STRING:
+        raise OptionError("InvalidOption", f"option '{name}': longer than {MAX_STRING} characters")
+    return value
+
+
+def plan(
+    d: Descriptor, caps: Capabilities | None, options: Mapping[str, tuple[str, Any]]
+) -> SpawnPlan:
+    """Check ``options`` ({key: (D-Bus signature, value)}) for backend ``d`` and build argv.
+
+    ``caps`` is None when the backend could not be probed: then only options that need no
+    capability are accepted.
+    """
+    if len(options) > MAX_OPTIONS:
+        raise OptionError("InvalidOption", f"too many options ({len(options)} > {MAX_OPTIONS})")
+    allowed = allowed_options(d, caps)
+    values: dict[str, Any] = {}
+    for name, (signature, value) in options.items():
+        spec = OPTIONS.get(name)
+        if spec is None or name not in allowed:
+            why = "unknown option" if spec is None else (
+                f"only for {spec.btype} backends" if spec.btype != d.type
+                else f"{d.name} does not list the '{name}' feature"
+            )
+            shown = name if len(name) <= 64 and name.isprintable() else repr(name[:64])
+            raise OptionError(
+                "InvalidOption",
+                f"option '{shown}': {why}; {d.name} ({d.type}) accepts: {', '.join(allowed)}",
+            )
+        if signature != spec.signature:
+            raise OptionError(
+                "InvalidOption", f"option '{name}': must have D-Bus type '{spec.signature}', not '{signature}'"
+            )
+        if name in PATH_OPTIONS:
+            value = _check_path(name, value)
+        if name == "settle-ms" and value > MAX_SETTLE_MS:
+            raise OptionError("InvalidOption", f"option 'settle-ms': at most {MAX_SETTLE_MS}")
+        values[name] = value
+    argv = [d.binary, f"--fd={SOCKET_FD}"]
+    for name in ("render-node", "evdev-path", "blk-file"):
+        if name in values:
+            argv.append(f"--{name}={values[name]}")
+    for name in ("virgl", "no-grab", "read-only"):
+        if values.get(name):
+            argv.append(f"--{name}")
+    if "shared-dir" in values:
+        directory = values["shared-dir"]
+        if caps is not None and "separate-options" in caps.features:
+            argv.append(f"--shared-dir={directory}")
+        else:
+            if "," in directory:
+                # The -o list is comma-separated: a comma would smuggle in another option.
+                raise OptionError(
+                    "InvalidOption",
+                    f"option 'shared-dir': {d.name} takes it as '-o source=DIR', where a comma "
+                    "would start another option; choose a directory without ','",
+                )
+            argv += ["-o", f"source={directory}"]
+    return SpawnPlan(
+        argv=tuple(argv),
+        detach=bool(values.get("detach", False)),
+        settle_ms=int(values.get("settle-ms", DEFAULT_SETTLE_MS)),
+        socket_kind=SOCKET_KIND.get(d.type),
+        values=values,
+    )
+
+
+def socket_kind_error(d: Descriptor, listening: bool) -> str | None:
+    """Why this socket is the wrong kind for ``d``, or None when it fits."""
+    kind = SOCKET_KIND.get(d.type)
+    if kind == CONNECTED and listening:
+        return (f"{d.name} is a {d.type} backend: it serves the socket it is given, so it needs a "
+                "connected socket (one end of a socketpair), not a listening one")
+    if kind == LISTENING and not listening:
+        return (f"{d.name} is a {d.type} backend: it accepts its front-end on the socket, so it "
+                "needs a listening socket (bind + listen), not a connected one")
+    return None
