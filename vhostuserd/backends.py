@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
+from .authority import MANAGE, SPAWN, SPAWN_DEVICE, Authority, RunAs, check_device, flatpak_app_id, run_as
+from .authority import untrusted_reason
 from .descriptors import Capabilities
 from .options import OptionError, SpawnPlan, plan, socket_kind_error
 from .supervisor import EXITED, Backend, SpawnError, Supervisor
@@ -164,7 +166,7 @@ class BackendObject(ServiceInterface):
 
     @method()
     async def GetLog(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
-        await self.spawner.authorize_owner(self.b, read_only=True)
+        await self.spawner.may_manage(self.b, "read its log")
         return bytes(self.b.log).decode("utf-8", "replace")
 
     @signal()
@@ -175,9 +177,10 @@ class BackendObject(ServiceInterface):
 class Spawner:
     """Spawn, ListBackends and Stop for the Manager, with client lifetime tracking."""
 
-    def __init__(self, broker: Broker, supervisor: Supervisor, *, system: bool,
+    def __init__(self, broker: Broker, supervisor: Supervisor, authority: Authority, *, system: bool,
                  max_per_uid: int, max_total: int) -> None:
         self.broker = broker
+        self.authority = authority
         self.bus = broker.bus
         self.supervisor = supervisor
         self.system = system
@@ -242,26 +245,39 @@ class Spawner:
                 log.info("backend %s: its owner %s left the bus; stopping it", backend_id, name)
                 self.supervisor.stop(obj.b)
 
-    # ---- authorization (the system-mode polkit checks hook in here)
+    # ---- authorization
 
-    async def authorize_owner(self, b: Backend, read_only: bool = False) -> None:
+    async def may_manage(self, b: Backend, verb: str) -> None:
+        """The owner uid and root may act on a backend; others need org.vhostuserd.manage."""
         from .service import current_message
 
         msg = current_message.get()
         caller = await self.caller(msg.sender)
         if caller.uid in (0, b.owner_uid):
             return
-        raise _error("NotAuthorized", f"backend {b.id} belongs to uid {b.owner_uid}; uid {caller.uid} may not "
-                     + ("read its log" if read_only else "stop it"))
+        details = {"descriptor": b.descriptor, "binary": b.binary, "backend": b.id, "owner-uid": str(b.owner_uid)}
+        if not await self.authority.allowed(msg, caller.uid, MANAGE, details):
+            raise _error("NotAuthorized", f"{MANAGE}: backend {b.id} belongs to uid {b.owner_uid}; "
+                         f"uid {caller.uid} may not {verb}")
 
-    async def authorize_spawn(self, caller: Caller, d: Any, p: SpawnPlan) -> None:
-        if not self.system:
-            if caller.uid != os.getuid():
-                raise _error("NotAuthorized", f"this session daemon serves uid {os.getuid()} only, not uid {caller.uid}")
-            return
-        if caller.uid != 0:
-            raise _error("NotAuthorized", "org.vhostuserd.spawn: only root may spawn backends on the system "
-                         "service until polkit authorization is configured")
+    async def authorize_spawn(self, msg: Message, caller: Caller, d: Any, p: SpawnPlan) -> RunAs:
+        """polkit for the system service; returns the identity the backend will run as."""
+        if self.system and (why := untrusted_reason(d.binary)) is not None:
+            raise _error("NotAuthorized", f"{d.name}: its binary cannot be trusted by the system service: {why}")
+        device_gids: list[int] = []
+        for option, value in p.device_paths.items():
+            device_gids.append(check_device(option, value).st_gid)
+        details = {"descriptor": d.name, "type": d.type, "binary": d.binary}
+        for key in ("render-node", "evdev-path", "shared-dir", "blk-file"):
+            if key in p.values:
+                details[key] = str(p.values[key])
+        app = flatpak_app_id(caller.pid)
+        if app:
+            details["flatpak-app-id"] = app
+        await self.authority.check(msg, caller.uid, SPAWN, details)
+        if device_gids:
+            await self.authority.check(msg, caller.uid, SPAWN_DEVICE, details)
+        return run_as(caller.uid, tuple(device_gids), system=self.system)
 
     # ---- methods
 
@@ -287,7 +303,7 @@ class Spawner:
             if why is not None:
                 raise _error("InvalidSocket", why)
             caller = await self.caller(msg.sender)
-            await self.authorize_spawn(caller, d, p)
+            identity = await self.authorize_spawn(msg, caller, d, p)
             if self.supervisor.count() >= self.max_total:
                 raise _error("QuotaExceeded", f"{self.max_total} backends are running, the most this daemon runs")
             if self.supervisor.count(caller.uid) >= self.max_per_uid:
@@ -302,7 +318,8 @@ class Spawner:
                     raise _error("SpawnFailed", f"the caller {caller.name} left the bus; nothing was started")
                 try:
                     b = self.supervisor.spawn(descriptor=d.name, argv=p.argv, socket_fd=fd, owner=caller.name,
-                                              owner_uid=caller.uid, detached=p.detach)
+                                              owner_uid=caller.uid, detached=p.detach,
+                                              exec_prefix=identity.exec_prefix())
                 except SpawnError as e:
                     raise _error("SpawnFailed", f"{d.name}: {e}") from None
                 await self._track(b)
@@ -321,14 +338,21 @@ class Spawner:
         return obj.path
 
     async def stop_call(self, obj: BackendObject) -> None:
-        await self.authorize_owner(obj.b)
+        await self.may_manage(obj.b, "stop it")
         await self.supervisor.stop(obj.b)
 
     async def list_backends(self) -> list[dict[str, Variant]]:
+        """The caller's own backends; everyone's for root and for holders of manage."""
         from .service import current_message
 
-        caller = await self.caller(current_message.get().sender)
-        return [o.as_dict() for o in self.objects.values() if caller.uid in (0, o.b.owner_uid)]
+        msg = current_message.get()
+        caller = await self.caller(msg.sender)
+        if caller.uid == 0 or (
+            any(o.b.owner_uid != caller.uid for o in self.objects.values())
+            and await self.authority.allowed(msg, caller.uid, MANAGE, {"list": "all"})
+        ):
+            return [o.as_dict() for o in self.objects.values()]
+        return [o.as_dict() for o in self.objects.values() if o.b.owner_uid == caller.uid]
 
     # ---- supervisor events
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import procs
@@ -152,13 +153,21 @@ class ProbeCache:
     reaper: procs.Reaper
     timeout: float = DEFAULT_TIMEOUT
     concurrency: int = DEFAULT_CONCURRENCY
+    # System service: why a binary must not run at all (see authority.untrusted_reason).
+    untrusted: Callable[[str], str | None] | None = None
 
     def __post_init__(self) -> None:
         self._results: dict[tuple[BinaryIdentity, str], asyncio.Future[ProbeResult]] = {}
         self._slots = asyncio.Semaphore(self.concurrency)
         self.probes_run = 0
 
+    def _refused(self, binary: str) -> ProbeError | None:
+        why = self.untrusted(binary) if self.untrusted is not None else None
+        return ProbeError("untrusted-binary", why) if why else None
+
     def cached(self, binary: str, expected_type: str) -> ProbeResult | None:
+        if (refused := self._refused(binary)) is not None:
+            return refused
         ident = binary_identity(binary)
         if isinstance(ident, ProbeError):
             return ident
@@ -168,6 +177,8 @@ class ProbeCache:
         return None
 
     async def get(self, binary: str, expected_type: str) -> ProbeResult:
+        if (refused := self._refused(binary)) is not None:
+            return refused
         ident = binary_identity(binary)
         if isinstance(ident, ProbeError):
             return ident

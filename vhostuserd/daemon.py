@@ -233,6 +233,7 @@ class Daemon:
         from . import procs
         from .capabilities import ProbeCache
         from .index import Index, Watcher
+        from .authority import Authority, untrusted_reason
         from .backends import Spawner
         from .service import Broker
         from .supervisor import Supervisor
@@ -244,11 +245,13 @@ class Daemon:
         index = Index(self._dirs())
         index.rescan()
         bus = await self._connect()
-        probes = ProbeCache(reaper, timeout=self.opts.probe_timeout)
+        probes = ProbeCache(reaper, timeout=self.opts.probe_timeout,
+                            untrusted=untrusted_reason if self.opts.system_tiers else None)
         broker = Broker(bus, index, probes)
         supervisor = Supervisor(reaper, self._state_dir(), self.opts.grace_period,
                                 on_change=lambda b, what: broker.spawner.on_change(b, what))
-        broker.spawner = Spawner(broker, supervisor, system=self.opts.system_tiers,
+        broker.spawner = Spawner(broker, supervisor, Authority(bus, system=self.opts.system_tiers),
+                                 system=self.opts.system_tiers,
                                  max_per_uid=self.opts.max_backends_per_user, max_total=self.opts.max_backends)
         bus.on_call = self._touch
         broker.export()

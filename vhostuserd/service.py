@@ -23,7 +23,7 @@ from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, m
 
 from . import __version__
 from .capabilities import ProbeCache
-from .descriptors import Capabilities, Descriptor, ProbeError, ProbeResult
+from .descriptors import Capabilities, Descriptor, Diagnostic, ProbeError, ProbeResult
 from .index import Change, Index
 from .resolve import resolve
 
@@ -293,7 +293,10 @@ class Manager(ServiceInterface):
         return await self.broker.spawner.list_backends()
 
     @method()
-    def Reload(self) -> "t":  # type: ignore[name-defined]  # noqa: F821
+    async def Reload(self) -> "t":  # type: ignore[name-defined]  # noqa: F821
+        msg = current_message.get()
+        caller = await self.broker.spawner.caller(msg.sender)
+        await self.broker.spawner.authority.check(msg, caller.uid, "org.vhostuserd.manage", {"request": "reload"})
         self.broker.reload()
         return self.broker.index.generation
 
@@ -307,7 +310,7 @@ class Manager(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Diagnostics(self) -> "a(sss)":  # type: ignore[name-defined]  # noqa: F821
-        return [list(d.as_tuple()) for d in self.broker.index.diagnostics]
+        return [list(d.as_tuple()) for d in self.broker.diagnostics]
 
     @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
@@ -374,7 +377,7 @@ class Broker:
                 self._probe_later(d)
             log.info("descriptor changed: %s", d.path)
         if change.diagnostics_changed:
-            diags = self.index.diagnostics
+            diags = self.diagnostics
             self.manager.emit_properties_changed({"Diagnostics": [list(x.as_tuple()) for x in diags]})
             for diag in diags:
                 log.debug("diagnostic: %s", diag)
@@ -384,6 +387,19 @@ class Broker:
 
     def reload(self) -> None:
         self.on_change(self.index.rescan())
+
+    @property
+    def diagnostics(self) -> tuple[Diagnostic, ...]:
+        """The index's, plus (system service) descriptors whose binary it will not run."""
+        untrusted = self.probes.untrusted
+        if untrusted is None:
+            return self.index.diagnostics
+        extra = []
+        for d in self.index.descriptors:
+            why = untrusted(d.binary)
+            if why is not None:
+                extra.append(Diagnostic(d.path, "error", f"/binary: not run by the system service: {why}"))
+        return self.index.diagnostics + tuple(extra)
 
     @property
     def busy(self) -> bool:

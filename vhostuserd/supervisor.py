@@ -180,6 +180,9 @@ class Supervisor:
         self._read_output(b, out_r)
         exited.add_done_callback(lambda f: self._on_exit(b, f.result()))
         self._save(b)
+        # Through setpriv or a wrapper script, the program running is final only after
+        # another exec: record what runs once that is done, for re-adoption.
+        self.loop.call_later(1.0, self._refresh_exe, b)
         log.info("backend %s started: pid %d, %s, owner %s (uid %d)%s", b.id, pid, " ".join(argv),
                  owner, owner_uid, ", detached" if detached else "")
         return b
@@ -198,8 +201,13 @@ class Supervisor:
             tail = bytes(b.log[-2048:]).decode("utf-8", "replace").strip()
             raise SpawnError(f"{b.binary} {procs.status_text(b.exited.result())} at once"
                              + (f"; its output ends with:\n{tail}" if tail else " (no output)"))
+        self._refresh_exe(b)
+
+    def _refresh_exe(self, b: Backend) -> None:
+        if b.state == EXITED:
+            return
         exe = _proc_exe(b.pid)
-        if exe and exe != b.exe:  # a wrapper that exec'd the real program
+        if exe and exe != b.exe:
             b.exe = exe
             self._save(b)
 
@@ -293,14 +301,16 @@ class Supervisor:
                 log.warning("%s: unreadable state record, removed", path)
                 os.unlink(path)
                 continue
-            if _proc_start_time(pid) != start_time or _proc_exe(pid) != exe:
+            current = _proc_exe(pid)
+            expected = {exe, os.path.realpath(str(rec.get("binary", "")))}
+            if _proc_start_time(pid) != start_time or current not in expected:
                 log.info("backend %s (pid %d) is gone; record removed", rec.get("id"), pid)
                 os.unlink(path)
                 continue
             b = Backend(
                 id=str(rec["id"]), descriptor=rec["descriptor"], binary=rec["binary"], argv=tuple(rec["argv"]),
                 pid=pid, owner=rec["owner"], owner_uid=int(rec["owner_uid"]), detached=bool(rec["detached"]),
-                started_at=int(rec["started_at"]), start_time=start_time, exe=exe,
+                started_at=int(rec["started_at"]), start_time=start_time, exe=current or exe,
                 log_pipe=rec.get("log_pipe", ""), adopted=True,
             )
             b.exited = self.reaper.watch(pid)

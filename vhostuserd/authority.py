@@ -1,0 +1,191 @@
+"""Who may do what: polkit checks, trusted binaries, and the identity a backend runs as.
+
+Owns the privilege boundary of the system service (CONTRACT section 3, polkit actions):
+`CheckAuthorization` with the caller's unique bus name as subject, interaction only when
+the call's header allows it, the details admins match in rules (descriptor, type, binary,
+device paths, shared dir, the caller's Flatpak app id). uid 0 needs no check. In session
+mode there is no polkit: only the daemon's own uid may change anything.
+
+Also owns two checks the system service makes before running anything: a descriptor's
+binary must be root-owned with no group- or world-writable directory above it, and device
+options must name a character device under /dev/dri/ or /dev/input/; and the identity a
+backend runs as (the caller's uid, primary gid and groups, plus the device's group when
+spawn-device was granted), applied through util-linux's setpriv with no_new_privs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import configparser
+import grp
+import logging
+import os
+import pwd
+import stat
+from dataclasses import dataclass
+from typing import Any
+
+from dbus_fast import Message, MessageFlag, MessageType, Variant
+from dbus_fast.errors import DBusError
+
+log = logging.getLogger("vhostuserd.authority")
+
+SPAWN = "org.vhostuserd.spawn"
+SPAWN_DEVICE = "org.vhostuserd.spawn-device"
+MANAGE = "org.vhostuserd.manage"
+POLKIT = dict(destination="org.freedesktop.PolicyKit1", path="/org/freedesktop/PolicyKit1/Authority",
+              interface="org.freedesktop.PolicyKit1.Authority")
+INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
+CHECK_ALLOW_INTERACTION = 1
+# A password prompt can take a while; a polkit that never answers must not hold a call forever.
+CHECK_TIMEOUT_S = 300.0
+SETPRIV = "/usr/bin/setpriv"
+DEVICE_DIRS = {"render-node": "/dev/dri/", "evdev-path": "/dev/input/"}
+
+
+def _error(name: str, message: str) -> DBusError:
+    return DBusError("org.vhostuserd.Broker1.Error." + name, message)
+
+
+def flatpak_app_id(pid: int) -> str | None:
+    """The Flatpak application id of process ``pid``, from its /.flatpak-info."""
+    if pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/root/.flatpak-info", encoding="utf-8", errors="replace") as f:
+            text = f.read(65536)
+    except OSError:
+        return None
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(text)
+    except configparser.Error:
+        return None
+    name = parser.get("Application", "name", fallback=None)
+    return name if name and len(name) <= 255 and name.isprintable() else None
+
+
+def untrusted_reason(binary: str) -> str | None:
+    """Why a system-mode descriptor's binary must not run, or None when it may."""
+    try:
+        real = os.path.realpath(binary, strict=True)
+    except OSError as e:
+        return f"{binary}: {e.strerror}"
+    path = real
+    while True:
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            return f"{path}: {e.strerror}"
+        if st.st_uid != 0:
+            return f"{path} (on the way to {binary}) is owned by uid {st.st_uid}, not root"
+        if st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and path != real):
+            return f"{path} (on the way to {binary}) is group- or world-writable"
+        if path == "/":
+            return None
+        path = os.path.dirname(path)
+
+
+def check_device(option: str, value: str) -> os.stat_result:
+    """A device option must resolve to a character device in its directory."""
+    real = os.path.realpath(value)
+    prefix = DEVICE_DIRS[option]
+    if not real.startswith(prefix):
+        raise _error("InvalidOption", f"option '{option}': {value} is not under {prefix}")
+    try:
+        st = os.stat(real)
+    except OSError as e:
+        raise _error("InvalidOption", f"option '{option}': {value}: {e.strerror}") from None
+    if not stat.S_ISCHR(st.st_mode):
+        raise _error("InvalidOption", f"option '{option}': {value} is not a character device")
+    return st
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The identity a backend runs as; empty prefix: as the daemon itself."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    no_new_privs: bool
+
+    def exec_prefix(self) -> tuple[str, ...]:
+        if self.uid == os.getuid() and not self.no_new_privs:
+            return ()
+        prefix = [SETPRIV]
+        if self.uid != os.getuid():
+            groups = ",".join(str(g) for g in self.groups) or str(self.gid)
+            prefix += [f"--reuid={self.uid}", f"--regid={self.gid}", f"--groups={groups}"]
+        if self.no_new_privs:
+            prefix.append("--no-new-privs")
+        return (*prefix, "--")
+
+
+def run_as(uid: int, extra_gids: tuple[int, ...] = (), *, system: bool) -> RunAs:
+    """The caller's uid, primary gid and supplementary groups from the user database."""
+    if not system:
+        return RunAs(os.getuid(), os.getgid(), (), False)
+    try:
+        pw = pwd.getpwuid(uid)
+        gid = pw.pw_gid
+        groups = os.getgrouplist(pw.pw_name, gid)
+    except KeyError:
+        # A uid with no passwd entry (a container's, say): its own group only.
+        gid, groups = uid, [uid]
+    all_groups = tuple(dict.fromkeys([*groups, *extra_gids]))
+    return RunAs(uid, gid, all_groups, True)
+
+
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+class Authority:
+    """polkit on the system service; the daemon's own uid only on a session service."""
+
+    def __init__(self, bus: Any, *, system: bool) -> None:
+        self.bus = bus
+        self.system = system
+
+    async def check(self, msg: Message, uid: int, action: str, details: dict[str, str]) -> None:
+        """Return when the caller may perform ``action``; raise a D-Bus error otherwise."""
+        if not self.system:
+            if uid != os.getuid():
+                raise _error("NotAuthorized", f"{action}: this session service acts for uid {os.getuid()} only, "
+                             f"not uid {uid}")
+            return
+        if uid == 0:
+            return
+        interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
+        subject = ["system-bus-name", {"name": Variant("s", msg.sender)}]
+        query = Message(member="CheckAuthorization", signature="(sa{sv})sa{ss}us",
+                        body=[subject, action, details, CHECK_ALLOW_INTERACTION if interactive else 0, ""],
+                        **POLKIT)
+        try:
+            reply = await asyncio.wait_for(self.bus.call(query), CHECK_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise _error("NotAuthorized", f"{action}: polkit did not answer in {CHECK_TIMEOUT_S:g} s") from None
+        if reply.message_type is MessageType.ERROR:
+            log.warning("polkit check of %s for %s failed: %s %s", action, msg.sender, reply.error_name, reply.body)
+            raise _error("NotAuthorized", f"{action}: authorization could not be checked "
+                         f"({reply.error_name}: {reply.body[0] if reply.body else ''})")
+        authorized, challenge, _details = reply.body[0]
+        if authorized:
+            log.info("polkit: %s (uid %d) may %s", msg.sender, uid, action)
+            return
+        if challenge:
+            raise DBusError(INTERACTIVE_REQUIRED, f"{action}: authentication is required; call again with "
+                            "interactive authorization allowed (e.g. busctl --allow-interactive-authorization)")
+        raise _error("NotAuthorized", f"{action}: not authorized for uid {uid}")
+
+    async def allowed(self, msg: Message, uid: int, action: str, details: dict[str, str]) -> bool:
+        """Like `check`, for calls that do less instead of failing."""
+        try:
+            await self.check(msg, uid, action, details)
+        except DBusError:
+            return False
+        return True
