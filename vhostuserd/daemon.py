@@ -222,9 +222,12 @@ class Daemon:
             return self.opts.state_dir
         if self.opts.system_tiers:
             return "/run/vhostuserd"
-        from platformdirs import user_runtime_dir
+        runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+        if not runtime.startswith("/"):
+            from platformdirs import user_runtime_dir
 
-        return os.path.join(user_runtime_dir(), "vhostuserd")
+            runtime = user_runtime_dir()
+        return os.path.join(runtime, "vhostuserd")
 
     def _touch(self, _msg: object) -> None:
         self.last_activity = self.loop.time()
@@ -267,7 +270,13 @@ class Daemon:
         sd_notify("READY=1")
         watcher = Watcher(index, broker.on_change)
         watch_stop = asyncio.Event()
-        watch_task = asyncio.ensure_future(watcher.run(watch_stop))
+        # Start watching once the first calls had their chance: importing and arming the
+        # watcher takes ~100 ms, and arming rescans, so nothing that changes meanwhile is lost.
+        async def watch_later() -> None:
+            await asyncio.sleep(0.1)
+            await watcher.run(watch_stop)
+
+        watch_task = asyncio.ensure_future(watch_later())
         idle_task = asyncio.ensure_future(self._idle(bus, broker)) if self.opts.idle_timeout else None
         stop_task = asyncio.ensure_future(self.stop_event.wait())
         waiting = {stop_task, watch_task} | ({idle_task} if idle_task else set())
