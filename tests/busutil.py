@@ -193,7 +193,8 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vhostuserd exited with {self.proc.returncode}:\n{self.log()}")
-            if self.bus.name_has_owner():
+            # Owning the name, and watching the directories (the watcher arms just after).
+            if self.bus.name_has_owner() and "watching " in self.log():
                 return
             time.sleep(0.02)
         raise RuntimeError(f"vhostuserd did not take its name in {timeout}s:\n{self.log()}")

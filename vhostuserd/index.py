@@ -207,6 +207,7 @@ class Watcher:
             nxt: asyncio.Future[set[tuple[object, str]]] = asyncio.ensure_future(watch.__anext__())
             try:
                 await asyncio.sleep(0)  # the watcher's inotify watches now exist
+                log.debug("watching %s", " ".join(sorted(roots)))
                 # Anything that happened before they existed: resync whole directories.
                 self._apply(self.index.rescan())
                 rearm = self._roots() != roots
