@@ -38,6 +38,8 @@ SYSTEM_UNIT = "lib/systemd/system/vhostuserd.service"
 ALIAS = "lib/systemd/system/dbus-org.vhostuserd.Broker1.service"
 USER_UNIT = "lib/systemd/user/vhostuserd.service"
 POLKIT_ACTIONS = "share/polkit-1/actions/org.vhostuserd.policy"
+MAN_PAGES = ("share/man/man8/vhostuserd.8", "share/man/man1/vhostuserctl.1")
+COMPLETION = "share/bash-completion/completions/vhostuserctl"
 EXAMPLE_RULE = REPO / "polkit/examples/50-vhostuserd-kvm-gpu.rules"
 
 INTERFACES = {
@@ -192,9 +194,11 @@ def test_install_creates_exactly_the_documented_files(installed: Installed) -> N
         f"usr/{ALIAS}": "link -> vhostuserd.service",
         f"usr/{USER_UNIT}": "file",
         f"usr/{POLKIT_ACTIONS}": "file",
+        **{f"usr/{m}": "file" for m in MAN_PAGES},
+        f"usr/{COMPLETION}": "file",
     }
     for rel in (POLICY, SYSTEM_ACTIVATION, SESSION_ACTIVATION, SYSTEM_UNIT, USER_UNIT,
-                POLKIT_ACTIONS):
+                POLKIT_ACTIONS, *MAN_PAGES, COMPLETION):
         assert installed.path(rel).stat().st_mode & 0o777 == 0o644, rel
         assert str(installed.path(rel)) in installed.output, f"install did not report {rel}"
 
