@@ -31,6 +31,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
 
 from busutil import BUS_NAME, MANAGER_PATH, VHOSTUSERD, Daemon, PrivateBus, Tree, descriptor  # noqa: E402
 from dbus_fast import Message, MessageType  # noqa: E402
@@ -54,13 +55,16 @@ def getid_msg() -> Message:
                    interface="org.freedesktop.DBus", member="GetId")
 
 
-async def sequential_rate(address: str, make: Any, n: int) -> float:
+async def sequential_rate(address: str, make: Any, n: int, latencies: list[float] | None = None) -> float:
     bus = await MessageBus(bus_address=address).connect()
     for _ in range(50):
         await bus.call(make())
     t0 = time.perf_counter()
     for _ in range(n):
+        t1 = time.perf_counter()
         r = await bus.call(make())
+        if latencies is not None:
+            latencies.append((time.perf_counter() - t1) * 1000)
         assert r.message_type is MessageType.METHOD_RETURN, r.body
     rate = n / (time.perf_counter() - t0)
     bus.disconnect()
@@ -175,13 +179,10 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="fewer samples")
-    ap.add_argument("--json", default=str(HERE / "out" / "broker.json"))
-    args = ap.parse_args()
-    n = 1000 if args.quick else 3000
+def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
+    n = 1000 if quick else 3000
     rows: list[dict[str, Any]] = []
+    samples: dict[str, list[float]] = {}
 
     def row(name: str, goal: str, measured: float, floor: float | None, unit: str, ratio: float | None,
             ok: bool | None, note: str = "") -> None:
@@ -205,8 +206,12 @@ def main() -> None:
             rss = rss_kb(daemon.proc.pid)
             ours = lambda: resolve_msg(BUS_NAME, MANAGER_PATH, "org.vhostuserd.Broker1.Manager")  # noqa: E731
             floor = lambda: resolve_msg(BENCH_NAME, "/org/vhostuserd/Bench", "org.vhostuserd.Bench.Noop")  # noqa: E731
-            r_floor = asyncio.run(sequential_rate(bus.address, floor, n))
-            r_ours = asyncio.run(sequential_rate(bus.address, ours, n))
+            lat_floor: list[float] = []
+            lat_ours: list[float] = []
+            r_floor = asyncio.run(sequential_rate(bus.address, floor, n, lat_floor))
+            r_ours = asyncio.run(sequential_rate(bus.address, ours, n, lat_ours))
+            samples["P1 Resolve round trip (ms)"] = lat_ours
+            samples["P1 floor: no-op method round trip (ms)"] = lat_floor
             r_getid = asyncio.run(sequential_rate(bus.address, getid_msg, n))
             row("P1 resolve", ">= 0.85x no-op", r_ours, r_floor, "calls/s", r_ours / r_floor, r_ours / r_floor >= 0.85,
                 f"bus GetId {r_getid:.0f}/s (ratio {r_ours / r_getid:.2f})")
@@ -214,7 +219,8 @@ def main() -> None:
             c_floor, _ = asyncio.run(concurrent_rate(bus.address, floor, 50, 200))
             row("P7 concurrent", "0 errors, >= 0.8x P1", c_ours, c_floor, "calls/s", c_ours / r_ours,
                 e_ours == 0 and c_ours / r_ours >= 0.8, f"{e_ours} errors; 50x200 on the no-op: {c_floor:.0f}/s")
-            lat = asyncio.run(change_latency(bus.address, tree, 40 if args.quick else 100))
+            lat = asyncio.run(change_latency(bus.address, tree, 40 if quick else 100))
+            samples["P2 change -> IndexChanged (ms)"] = lat
             row("P2 change->signal p95", "<= 50 ms", pct(lat, 95), None, "ms", None, pct(lat, 95) <= 50,
                 f"p50 {pct(lat, 50):.1f} ms, max {max(lat):.1f} ms, {len(lat)} samples")
             row("P6 rss idle", "<= 40 MB", rss / 1024, None, "MB", None, rss / 1024 <= 40, "demo set + Debian descriptors")
@@ -223,24 +229,29 @@ def main() -> None:
             noop.wait()
         finally:
             bus.close()
-        small, _ = one_file_cost(100, 50 if args.quick else 200)
-        big, cold = one_file_cost(10_000, 50 if args.quick else 200)
+        small, _ = one_file_cost(100, 50 if quick else 200)
+        big, cold = one_file_cost(10_000, 50 if quick else 200)
         row("P3 one-file change", "<= 2x (10k vs 100)", big * 1e3, small * 1e3, "ms", big / small, big / small <= 2,
             "Index.update_files, median")
         row("P3 cold scan 10k", "<= 1 s", cold, None, "s", None, cold <= 1.0, "Index.rescan from nothing")
-        act, fl = cold_activation(tree, 3 if args.quick else 5)
+        act, fl = cold_activation(tree, 3 if quick else 5)
         a, f = statistics.median(act), statistics.median(fl)
         row("P5 cold activation", "<= 3x import asyncio", a, f, "ms", a / f, a / f <= 3, "median first call -> reply")
 
-    print(f"{'row':24} {'goal':22} {'measured':>10} {'floor':>10} {'unit':8} {'ratio':>7}  at goal  note")
-    for r in rows:
-        fl = "" if r["floor"] is None else f"{r['floor']:.3f}"
-        ra = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        print(f"{r['row']:24} {r['goal']:22} {r['measured']:10.3f} {fl:>10} {r['unit']:8} {ra:>7}  "
-              f"{'yes' if r['at_goal'] else 'NO ':7}  {r['note']}")
+    return rows, samples
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer samples")
+    ap.add_argument("--json", default=str(HERE / "out" / "broker.json"))
+    args = ap.parse_args()
+    rows, samples = run(args.quick)
+    from report import print_table
+
+    print_table(rows)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": rows, "cpu_count": os.cpu_count()}, indent=2))
-    print(f"\nwritten {args.json}")
+    Path(args.json).write_text(json.dumps({"rows": rows, "samples": samples}, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+from collections import OrderedDict
 import logging
 import os
 import socket
@@ -35,6 +36,8 @@ log = logging.getLogger("vhostuserd.backends")
 BACKEND_IFACE = "org.vhostuserd.Broker1.Backend"
 BACKEND_PREFIX = "/org/vhostuserd/Broker1/backend/"
 LINGER_S = 3.0
+DEPARTURES = ("type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+              "member='NameOwnerChanged',arg2=''")
 DBUS = dict(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus")
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
 
@@ -188,6 +191,8 @@ class Spawner:
         self.max_total = max_total
         self.objects: dict[str, BackendObject] = {}
         self._owners: dict[str, set[str]] = {}
+        self._callers: dict[str, Caller] = {}
+        self._departed: OrderedDict[str, None] = OrderedDict()
         self._exited_emitted: set[str] = set()
         self.bus.add_message_handler(self._on_signal)
 
@@ -200,42 +205,52 @@ class Spawner:
             raise LookupError(f"{reply.error_name}: {reply.body[0] if reply.body else ''}")
         return list(reply.body)
 
+    async def start(self) -> None:
+        """Hear about every connection that leaves the bus: one match for the daemon's life,
+        instead of a match (and a round trip) per owner and per Spawn."""
+        await self._dbus("AddMatch", "s", [DEPARTURES])
+
     async def caller(self, sender: str) -> Caller:
+        """uid and pid of a connection, from the bus; cached, since unique names are never reused."""
+        known = self._callers.get(sender)
+        if known is not None:
+            return known
         try:
             (creds,) = await self._dbus("GetConnectionCredentials", "s", [sender])
         except LookupError as e:
             raise _error("NotAuthorized", f"cannot identify the caller {sender}: {e}") from None
-        return Caller(sender, int(creds["UnixUserID"].value), int(creds.get("ProcessID", Variant("u", 0)).value))
+        caller = Caller(sender, int(creds["UnixUserID"].value), int(creds.get("ProcessID", Variant("u", 0)).value))
+        if sender not in self._departed:
+            self._callers[sender] = caller
+            if len(self._callers) > 4096:
+                self._callers.pop(next(iter(self._callers)))
+        return caller
 
     async def name_has_owner(self, name: str) -> bool:
         (has,) = await self._dbus("NameHasOwner", "s", [name])
         return bool(has)
 
-    def _match(self, name: str) -> str:
-        return (f"type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
-                f"member='NameOwnerChanged',arg0='{name}'")
-
-    async def _track(self, b: Backend) -> None:
-        ids = self._owners.setdefault(b.owner, set())
-        ids.add(b.id)
-        if len(ids) == 1:
-            await self._dbus("AddMatch", "s", [self._match(b.owner)])
+    def _track(self, b: Backend) -> None:
+        self._owners.setdefault(b.owner, set()).add(b.id)
 
     def _untrack(self, b: Backend) -> None:
         ids = self._owners.get(b.owner)
-        if ids is None:
-            return
-        ids.discard(b.id)
-        if not ids:
-            del self._owners[b.owner]
-            if self.bus.connected:
-                self.bus.send(Message(member="RemoveMatch", signature="s", body=[self._match(b.owner)], **DBUS))
+        if ids is not None:
+            ids.discard(b.id)
+            if not ids:
+                del self._owners[b.owner]
 
     def _on_signal(self, msg: Message) -> bool:
         if (msg.message_type is MessageType.SIGNAL and msg.member == "NameOwnerChanged"
                 and msg.sender == "org.freedesktop.DBus" and len(msg.body) == 3 and msg.body[2] == ""
-                and msg.body[0] in self._owners):
-            self.owner_gone(msg.body[0])
+                and msg.body[0].startswith(":")):
+            name = msg.body[0]
+            self._callers.pop(name, None)
+            self._departed[name] = None
+            if len(self._departed) > 8192:
+                self._departed.popitem(last=False)
+            if name in self._owners:
+                self.owner_gone(name)
         return False
 
     def owner_gone(self, name: str) -> None:
@@ -308,23 +323,18 @@ class Spawner:
                 raise _error("QuotaExceeded", f"{self.max_total} backends are running, the most this daemon runs")
             if self.supervisor.count(caller.uid) >= self.max_per_uid:
                 raise _error("QuotaExceeded", f"uid {caller.uid} already runs {self.max_per_uid} backends, its quota")
-            # Track the owner before checking it is still there: no window to miss its exit.
-            placeholder = Backend(id=f"pending-{id(msg)}", descriptor="", binary="", argv=(), pid=0,
-                                  owner=caller.name, owner_uid=caller.uid, detached=False, started_at=0,
-                                  start_time=0, exe="")
-            await self._track(placeholder)
+            # The caller may have left while we waited (for polkit, say): then nothing starts
+            # (the CVE-2021-3560 class of bug). From here to tracking there is no await, so a
+            # departure not seen yet is handled after, by stopping the backend.
+            if caller.name in self._departed:
+                raise _error("SpawnFailed", f"the caller {caller.name} left the bus; nothing was started")
             try:
-                if not await self.name_has_owner(caller.name):
-                    raise _error("SpawnFailed", f"the caller {caller.name} left the bus; nothing was started")
-                try:
-                    b = self.supervisor.spawn(descriptor=d.name, argv=p.argv, socket_fd=fd, owner=caller.name,
-                                              owner_uid=caller.uid, detached=p.detach,
-                                              exec_prefix=identity.exec_prefix())
-                except SpawnError as e:
-                    raise _error("SpawnFailed", f"{d.name}: {e}") from None
-                await self._track(b)
-            finally:
-                self._untrack(placeholder)
+                b = self.supervisor.spawn(descriptor=d.name, argv=p.argv, socket_fd=fd, owner=caller.name,
+                                          owner_uid=caller.uid, detached=p.detach,
+                                          exec_prefix=identity.exec_prefix())
+            except SpawnError as e:
+                raise _error("SpawnFailed", f"{d.name}: {e}") from None
+            self._track(b)
         finally:
             os.close(fd)
         obj = BackendObject(self, b)
@@ -382,7 +392,7 @@ class Spawner:
             self.bus.export(obj.path, obj)
             if b.exited is not None and b.exited.done():
                 continue
-            await self._track(b)
+            self._track(b)
             if not b.detached and not await self.name_has_owner(b.owner):
                 log.info("backend %s: its owner %s left the bus while we were away; stopping it", b.id, b.owner)
                 self.supervisor.stop(b)

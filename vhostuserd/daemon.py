@@ -258,6 +258,7 @@ class Daemon:
                                  max_per_uid=self.opts.max_backends_per_user, max_total=self.opts.max_backends)
         bus.on_call = self._touch
         broker.export()
+        await broker.spawner.start()
         await broker.spawner.readopt()
         await self._own_name(bus)
         log.info(

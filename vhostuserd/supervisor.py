@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import procs
+from .authority import SETPRIV
 
 log = logging.getLogger("vhostuserd.supervisor")
 
 LOG_KEEP = 64 * 1024
 LINE_MAX = 1024
 RUNNING, STOPPING, EXITED = "running", "stopping", "exited"
+ID_BLOCK = 64
 
 
 class SpawnError(Exception):
@@ -41,6 +43,19 @@ def _proc_start_time(pid: int) -> int | None:
     except OSError:
         return None
     return int(fields[19])  # field 22, starttime, counted after "pid (comm)"
+
+
+def _proc_start_epoch(pid: int) -> float | None:
+    """When ``pid`` started, in seconds since the epoch (boot time + its start ticks)."""
+    ticks = _proc_start_time(pid)
+    if ticks is None:
+        return None
+    try:
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _proc_exe(pid: int) -> str | None:
@@ -106,20 +121,28 @@ class Supervisor:
         self.grace_period = grace_period
         self.on_change = on_change
         self.backends: dict[str, Backend] = {}
+        self._id_next = 0
+        self._id_reserved = 0
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
 
     # ---- ids and records
 
     def _next_id(self) -> str:
-        """Ids are never reused, across restarts too: the counter lives in the state dir."""
-        path = os.path.join(self.state_dir, "next-id")
-        try:
-            with open(path) as f:
-                n = int(f.read().strip() or "1")
-        except (OSError, ValueError):
-            n = 1
-        n = max(n, *(int(i) + 1 for i in self.backends if i.isdigit()), 1)
-        self._write_atomic(path, f"{n + 1}\n")
+        """Ids are never reused, across restarts too: the state dir holds a bound that the
+        daemon reserves ids below, a block at a time (so a spawn rarely writes it)."""
+        if self._id_next >= self._id_reserved:
+            path = os.path.join(self.state_dir, "next-id")
+            if self._id_reserved == 0:
+                try:
+                    with open(path) as f:
+                        self._id_next = max(1, int(f.read().strip() or "1"))
+                except (OSError, ValueError):
+                    self._id_next = 1
+                self._id_next = max(self._id_next, *(int(i) + 1 for i in self.backends if i.isdigit()), 1)
+            self._id_reserved = self._id_next + ID_BLOCK
+            self._write_atomic(path, f"{self._id_reserved}\n")
+        n = self._id_next
+        self._id_next += 1
         return str(n)
 
     def _write_atomic(self, path: str, text: str) -> None:
@@ -173,16 +196,17 @@ class Supervisor:
         b = Backend(
             id=self._next_id(), descriptor=descriptor, binary=argv[0], argv=argv, pid=pid, owner=owner,
             owner_uid=owner_uid, detached=detached, started_at=time.time_ns() // 1000,
-            start_time=_proc_start_time(pid) or 0, exe=_proc_exe(pid) or "",
-            log_pipe=_fd_target(pid, 1) or "", exited=exited,
+            start_time=0, exe="", exited=exited,
         )
         self.backends[b.id] = b
         self._read_output(b, out_r)
         exited.add_done_callback(lambda f: self._on_exit(b, f.result()))
         self._save(b)
-        # Through setpriv or a wrapper script, the program running is final only after
-        # another exec: record what runs once that is done, for re-adoption.
-        self.loop.call_later(1.0, self._refresh_exe, b)
+        # Reading /proc/PID/* while the child is still inside exec blocks until the exec is
+        # done (~0.5 ms): identify it a moment later. Through setpriv or a wrapper script the
+        # program is final only after another exec: look again after a second.
+        self.loop.call_later(0.05, self._identify, b)
+        self.loop.call_later(1.0, self._identify, b)
         log.info("backend %s started: pid %d, %s, owner %s (uid %d)%s", b.id, pid, " ".join(argv),
                  owner, owner_uid, ", detached" if detached else "")
         return b
@@ -201,14 +225,17 @@ class Supervisor:
             tail = bytes(b.log[-2048:]).decode("utf-8", "replace").strip()
             raise SpawnError(f"{b.binary} {procs.status_text(b.exited.result())} at once"
                              + (f"; its output ends with:\n{tail}" if tail else " (no output)"))
-        self._refresh_exe(b)
+        self._identify(b)
 
-    def _refresh_exe(self, b: Backend) -> None:
+    def _identify(self, b: Backend) -> None:
+        """Record what re-adoption checks: start time, executable, output pipe."""
         if b.state == EXITED:
             return
-        exe = _proc_exe(b.pid)
-        if exe and exe != b.exe:
-            b.exe = exe
+        start_time = b.start_time or _proc_start_time(b.pid) or 0
+        exe = _proc_exe(b.pid) or b.exe
+        log_pipe = b.log_pipe or _fd_target(b.pid, 1) or ""
+        if (start_time, exe, log_pipe) != (b.start_time, b.exe, b.log_pipe):
+            b.start_time, b.exe, b.log_pipe = start_time, exe, log_pipe
             self._save(b)
 
     # ---- output
@@ -302,8 +329,13 @@ class Supervisor:
                 os.unlink(path)
                 continue
             current = _proc_exe(pid)
-            expected = {exe, os.path.realpath(str(rec.get("binary", "")))}
-            if _proc_start_time(pid) != start_time or current not in expected:
+            expected = {exe, os.path.realpath(str(rec.get("binary", ""))), SETPRIV}
+            if start_time:
+                same = _proc_start_time(pid) == start_time
+            else:  # recorded before it could be identified: its start must match the spawn's
+                began = _proc_start_epoch(pid)
+                same = began is not None and abs(began - int(rec["started_at"]) / 1e6) < 2.0
+            if not same or current not in expected:
                 log.info("backend %s (pid %d) is gone; record removed", rec.get("id"), pid)
                 os.unlink(path)
                 continue
