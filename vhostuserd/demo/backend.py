@@ -16,6 +16,9 @@ import sys
 from . import DEMO_TYPES
 
 LISTENING_TYPES = {"block", "fs", "scsi"}
+# The command-line options of QEMU's contrib backends and virtiofsd, per type.
+FLAGS = {"gpu": ("--virgl",), "input": ("--no-grab",), "block": ("--read-only",)}
+VALUED = {"gpu": ("--render-node",), "input": ("--evdev-path",), "block": ("--blk-file",), "fs": ("--shared-dir",)}
 
 
 def main(btype: str, argv: list[str] | None = None) -> int:
@@ -23,12 +26,11 @@ def main(btype: str, argv: list[str] | None = None) -> int:
     parser.add_argument("--print-capabilities", action="store_true")
     parser.add_argument("--fd", type=int)
     parser.add_argument("--socket-path")
-    for feature in DEMO_TYPES.get(btype, []):
-        if feature in ("virgl", "no-grab", "read-only"):
-            parser.add_argument(f"--{feature}", action="store_true")
-        else:
-            parser.add_argument(f"--{feature}")
-    parser.add_argument("-o", action="append", default=[])
+    for flag in FLAGS.get(btype, ()):
+        parser.add_argument(flag, action="store_true")
+    for option in VALUED.get(btype, ()):
+        parser.add_argument(option)
+    parser.add_argument("-o", action="append", default=[], help="virtiofsd-style -o source=DIR")
     args = parser.parse_args(argv)
     if args.print_capabilities:
         print(json.dumps({"type": btype, "features": DEMO_TYPES.get(btype, [])}))
