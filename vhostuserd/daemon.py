@@ -154,6 +154,22 @@ def sd_notify(state: str) -> None:
         log.debug("sd_notify(%s) failed: %s", state, e)
 
 
+def _raise_fd_limit(wanted: int) -> None:
+    """Each backend costs two fds (its pidfd and its output pipe): make room for the quota."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit to %d: %s", target, e)
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < wanted:
+        log.warning("the open-file limit (%d) is below what %s needs (%d): lower --max-backends",
+                    resource.getrlimit(resource.RLIMIT_NOFILE)[0], "the backend quota", wanted)
+
+
 class Daemon:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
@@ -243,6 +259,7 @@ class Daemon:
 
         reaper = procs.Reaper(self.loop)
         reaper.install()
+        _raise_fd_limit(2 * self.opts.max_backends + 256)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stop_event.set)
         index = Index(self._dirs())
@@ -251,8 +268,11 @@ class Daemon:
         probes = ProbeCache(reaper, timeout=self.opts.probe_timeout,
                             untrusted=untrusted_reason if self.opts.system_tiers else None)
         broker = Broker(bus, index, probes)
-        supervisor = Supervisor(reaper, self._state_dir(), self.opts.grace_period,
-                                on_change=lambda b, what: broker.spawner.on_change(b, what))
+        try:
+            supervisor = Supervisor(reaper, self._state_dir(), self.opts.grace_period,
+                                    on_change=lambda b, what: broker.spawner.on_change(b, what))
+        except OSError as e:
+            raise StartupError(f"cannot use the state directory {self._state_dir()}: {e.strerror}") from None
         broker.spawner = Spawner(broker, supervisor, Authority(bus, system=self.opts.system_tiers),
                                  system=self.opts.system_tiers,
                                  max_per_uid=self.opts.max_backends_per_user, max_total=self.opts.max_backends)
