@@ -77,6 +77,10 @@ def check_socket(fd: int) -> bool:
         family = domain.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
         stype = domain.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
         listening = bool(domain.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        try:
+            connected = not listening and domain.getpeername() is not None
+        except OSError:
+            connected = False
     finally:
         domain.close()
     if family != socket.AF_UNIX:
@@ -84,6 +88,9 @@ def check_socket(fd: int) -> bool:
     if stype != socket.SOCK_STREAM:
         name = {socket.SOCK_DGRAM: "SOCK_DGRAM", socket.SOCK_SEQPACKET: "SOCK_SEQPACKET"}.get(stype, str(stype))
         raise _error("InvalidSocket", f"the socket argument is {name}; vhost-user needs SOCK_STREAM")
+    if not listening and not connected:
+        raise _error("InvalidSocket", "the socket argument is neither connected nor listening; pass one "
+                     "end of a socketpair or a bound, listening socket, as the backend needs")
     return listening
 
 

@@ -294,7 +294,21 @@ class Manager(ServiceInterface):
 
     @method()
     async def Spawn(self, name: "s", options: "a{sv}", socket: "h") -> "o":  # type: ignore[name-defined]  # noqa: F821
-        return await self.broker.spawner.spawn(name, options, socket)
+        # 'h' is an index into the fds the call carries. dbus-fast passes the bare index on
+        # when the call carries none (it would name one of OUR fds, to be checked, handed to
+        # a backend and closed), None when it is out of range, and leaves unnamed fds to us.
+        msg = current_message.get()
+        received = list(msg.unix_fds)
+        index = msg.body[2]
+        fd = received[index] if 0 <= index < len(received) else None
+        for other in received:
+            if other != fd:
+                os.close(other)
+        msg.unix_fds = []
+        if fd is None:
+            raise error("InvalidSocket", f"the socket argument is fd #{index} of the call, "
+                        f"which carries {len(received)} fd(s)")
+        return await self.broker.spawner.spawn(name, options, fd)
 
     @method()
     async def ListBackends(self) -> "aa{sv}":  # type: ignore[name-defined]  # noqa: F821
