@@ -1,0 +1,281 @@
+"""``vhostuserctl`` against the running daemon (CONTRACT section 4), as real subprocesses.
+
+Human output is aligned tables; ``--json`` has the keys of the D-Bus dicts (section 3);
+a failed request exits 1 with its reason on stderr; ``monitor --json`` streams one
+object per line; without a daemon the CLI says in one line to try ``--offline``.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from busutil import (
+    MANAGER_PATH,
+    VHOSTUSERCTL,
+    Daemon,
+    PrivateBus,
+    Tree,
+    ctl,
+    descriptor,
+    fake_backend,
+    run,
+)
+from helpers_live import Listener, MatchWatcher, await_for, listen
+
+from vhostuserd.service import descriptor_path
+
+StartDaemon = Callable[..., Daemon]
+
+DICT_KEYS = {"name", "path", "tier", "type", "description", "binary", "tags", "object"}
+
+
+def setup(tree: Tree) -> dict[str, str]:
+    """Three descriptors: a gpu with features, an input, a gpu whose probe fails."""
+    gpu = fake_backend(tree.root / "gpu-backend", "gpu", ["virgl", "render-node"])
+    inp = fake_backend(tree.root / "input-backend", "input", [])
+    tree.write("data", "50-gpu.json", {**descriptor("gpu", gpu, "a gpu"), "tags": ["fast"]})
+    tree.write("sysconf", "60-input.json", descriptor("input", inp, "keyboard"))
+    tree.write("data", "70-nobinary.json", descriptor("gpu", "/nonexistent/gpu", "gone"), i=1)
+    return {"gpu": gpu, "input": inp}
+
+
+async def probed(L: Listener) -> list[dict[str, Any]]:
+    last: list[dict[str, Any]] = []
+
+    async def done() -> bool:
+        nonlocal last
+        last = await L.descriptors()
+        return len(last) == 3 and all("features" in d or "probe_error" in d for d in last)
+
+    await await_for(done, lambda: f"three probed descriptors; have {last}")
+    return last
+
+
+def daemon_view(bus: PrivateBus) -> list[dict[str, Any]]:
+    async def main() -> list[dict[str, Any]]:
+        async with await listen(bus.address) as L:
+            return await probed(L)
+
+    return run(main())
+
+
+def ok(r: subprocess.CompletedProcess[str]) -> str:
+    assert r.returncode == 0, (r.args, r.returncode, r.stdout, r.stderr)
+    assert r.stderr == "", r.stderr
+    return r.stdout
+
+
+def failed(r: subprocess.CompletedProcess[str]) -> str:
+    """Exit 1, nothing on stdout, one line on stderr; that line."""
+    assert r.returncode == 1, (r.args, r.returncode, r.stdout, r.stderr)
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("vhostuserctl: "), lines
+    return lines[0]
+
+
+def assert_aligned(text: str, header: list[str], rows: list[list[str]]) -> None:
+    """``text`` is a table with ``header`` and ``rows``: every cell starts at its column."""
+    lines = text.rstrip("\n").split("\n")
+    assert len(lines) == 1 + len(rows), text
+    cols = [lines[0].index(h) for h in header]
+    assert cols == sorted(cols) and cols[0] == 0
+    for line, cells in zip(lines, [header, *rows], strict=True):
+        for i, (col, cell) in enumerate(zip(cols, cells, strict=True)):
+            assert line[col:].startswith(cell), (line, cell)
+            end = cols[i + 1] if i + 1 < len(cols) else len(line)
+            assert line[col + len(cell):end].strip() == "", (line, cell)
+
+
+def test_list_table_and_json(bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bins = setup(tree)
+    d = start_daemon()
+    view = daemon_view(bus)
+    with ThreadPoolExecutor(4) as pool:
+        table, as_json, gpus, none = pool.map(lambda args: ctl(bus, tree, *args), [
+            ["list"], ["--json", "list"], ["list", "--type", "gpu", "--json"],
+            ["list", "--type", "nosuch"]])
+    assert_aligned(ok(table), ["NAME", "TYPE", "TIER", "BINARY", "FEATURES"], [
+        ["50-gpu.json", "gpu", "data", bins["gpu"], "virgl,render-node"],
+        ["60-input.json", "input", "sysconf", bins["input"], "(none)"],
+        ["70-nobinary.json", "gpu", "data", "/nonexistent/gpu", "probe failed"],
+    ])
+    items = json.loads(ok(as_json))
+    assert items == view
+    assert [set(i) for i in items] == [DICT_KEYS | {"features"}, DICT_KEYS | {"features"},
+                                       DICT_KEYS | {"probe_error"}]
+    assert items[0]["object"] == descriptor_path("50-gpu.json")
+    assert items[0]["tags"] == ["fast"] and items[0]["features"] == ["virgl", "render-node"]
+    assert json.loads(ok(gpus)) == [items[0], items[2]]
+    assert ok(none).strip() == "NAME  TYPE  TIER  BINARY  FEATURES"
+    d.assert_clean_log()
+
+
+def test_show(bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bins = setup(tree)
+    d = start_daemon()
+    with ThreadPoolExecutor(4) as pool:
+        human, as_json, broken, missing = pool.map(lambda args: ctl(bus, tree, *args), [
+            ["show", "50-gpu.json"], ["show", "50-gpu.json", "--json"],
+            ["--json", "show", "70-nobinary.json"], ["show", "nosuch.json"]])
+    lines = ok(human).splitlines()
+    fields = dict(line.split(":", 1) for line in lines)
+    assert {k: v.strip() for k, v in fields.items()} == {
+        "name": "50-gpu.json", "path": str(tree.dir("data") / "50-gpu.json"), "tier": "data",
+        "type": "gpu", "description": "a gpu", "binary": bins["gpu"], "tags": "fast",
+        "features": "virgl, render-node",
+    }
+    # Values are aligned in one column.
+    assert len({line.index(v.strip()) for line, v in zip(lines, fields.values(), strict=True)}) == 1
+    shown = json.loads(ok(as_json))
+    assert set(shown) == DICT_KEYS | {"features"} and shown["features"] == ["virgl", "render-node"]
+    assert shown == daemon_view(bus)[0]
+    b = json.loads(ok(broken))
+    assert set(b) == DICT_KEYS | {"probe_error"} and "/nonexistent/gpu" in b["probe_error"]
+    line = failed(missing)
+    assert "nosuch.json" in line and "NotFound" in line, line
+    d.assert_clean_log()
+
+
+def test_resolve(bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    setup(tree)
+    d = start_daemon()
+    view = daemon_view(bus)
+    with ThreadPoolExecutor(4) as pool:
+        name, as_json, feature, no_feature, no_type = pool.map(lambda args: ctl(bus, tree, *args), [
+            ["resolve", "input"], ["--json", "resolve", "gpu"], ["resolve", "gpu", "-f", "virgl"],
+            ["resolve", "gpu", "--feature", "virgl", "--feature", "nosuch"], ["resolve", "nosuch"]])
+    assert ok(name) == "60-input.json\n"
+    assert json.loads(ok(as_json)) == view[0]
+    assert ok(feature) == "50-gpu.json\n"
+    line = failed(no_feature)
+    assert "NotFound" in line
+    assert "50-gpu.json: feature missing: nosuch" in line, line
+    assert "70-nobinary.json: probe failed" in line, line
+    line = failed(no_type)
+    assert "'nosuch'" in line and "3 descriptor(s) of other types" in line, line
+    d.assert_clean_log()
+
+
+def test_capabilities(bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    setup(tree)
+    d = start_daemon()
+    with ThreadPoolExecutor(4) as pool:
+        pretty, compact, broken, missing = pool.map(lambda args: ctl(bus, tree, *args), [
+            ["capabilities", "50-gpu.json"], ["--json", "capabilities", "50-gpu.json"],
+            ["capabilities", "70-nobinary.json"], ["capabilities", "nosuch.json"]])
+    caps = {"type": "gpu", "features": ["virgl", "render-node"]}
+    assert json.loads(ok(pretty)) == caps and len(ok(pretty).splitlines()) > 1
+    assert ok(compact).count("\n") == 1 and json.loads(ok(compact)) == caps
+    line = failed(broken)
+    assert "70-nobinary.json" in line and "/nonexistent/gpu" in line, line
+    line = failed(missing)
+    assert "nosuch.json" in line and "NotFound" in line, line
+    d.assert_clean_log()
+
+
+def test_monitor_json_streams_one_object_per_line(bus: PrivateBus, tree: Tree,
+                                                  start_daemon: StartDaemon) -> None:
+    tree.write("data", "50-gpu.json", descriptor("gpu"))
+    d = start_daemon()
+    lines: queue.Queue[str] = queue.Queue()
+
+    async def main() -> None:
+        watcher = await MatchWatcher.open(bus.address)
+        async with await listen(bus.address) as L:
+            proc = subprocess.Popen([VHOSTUSERCTL, "--address", bus.address, "monitor", "--json"],
+                                    env=tree.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+            reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout or ()],
+                                      daemon=True)
+            reader.start()
+            try:
+                # Wait until the monitor listens on the manager path, for index and object events.
+                await watcher.wait_rules(
+                    f"path='{MANAGER_PATH}',interface='org.vhostuserd.Broker1.Manager'",
+                    f"path='{MANAGER_PATH}',interface='org.freedesktop.DBus.ObjectManager'",
+                    exclude=[L.bus.unique_name or ""])
+                g0 = await L.generation()
+                got: list[dict[str, Any]] = []
+
+                def read_until(n: int) -> bool:
+                    while len(got) < n:
+                        try:
+                            line = lines.get_nowait()
+                        except queue.Empty:
+                            return False
+                        obj = json.loads(line)
+                        assert isinstance(obj, dict), line
+                        assert line.endswith("\n") and "\n" not in line[:-1], line
+                        got.append(obj)
+                    return True
+
+                path = tree.write("sysconf", "40-new.json", descriptor("input", description="new"))
+                await await_for(lambda: read_until(2), lambda: f"two lines; have {got}")
+                obj = descriptor_path("40-new.json")
+                added = next(e for e in got if e["event"] == "descriptor-added")
+                assert added == {
+                    "event": "descriptor-added", "object": obj, "Name": "40-new.json",
+                    "Path": str(path), "Tier": "sysconf", "Type": "input", "Description": "new",
+                    "Binary": "/usr/bin/true", "Tags": [], "Probed": False, "Features": [],
+                    "ProbeError": "",
+                }
+                assert {"event": "index-changed", "generation": g0 + 1} in got
+                path.unlink()
+                await await_for(lambda: read_until(4), lambda: f"four lines; have {got}")
+                assert sorted(got[2:], key=lambda e: e["event"]) == [
+                    {"event": "descriptor-removed", "object": obj, "Name": "40-new.json"},
+                    {"event": "index-changed", "generation": g0 + 2},
+                ]
+                await L.settle(tree.dir("sysconf"))
+                await L.generation()
+            finally:
+                proc.send_signal(signal.SIGINT)
+                rc = proc.wait(10)
+                stderr = proc.stderr.read() if proc.stderr else ""
+                reader.join(5)
+                await watcher.close()
+            assert rc == 130, (rc, stderr)
+            assert "Traceback" not in stderr, stderr
+            # Nothing else was printed: the barrier changed no index and no object.
+            assert lines.empty(), list(lines.queue)
+
+    run(main())
+    d.assert_clean_log()
+
+
+def test_without_a_daemon_the_cli_says_try_offline(tree: Tree) -> None:
+    tree.write("sysconf", "50-gpu.json", descriptor("gpu"))
+    empty = PrivateBus()  # its own bus: no daemon, no service file to activate one
+    try:
+        nowhere = f"unix:path={tree.root / 'no-such-bus.sock'}"
+        commands = [["list"], ["show", "50-gpu.json"], ["resolve", "gpu"],
+                    ["capabilities", "50-gpu.json"], ["--json", "list"]]
+        runs = [(address, args) for address in (empty.address, nowhere) for args in commands]
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(
+                lambda a: subprocess.run([VHOSTUSERCTL, "--address", a[0], *a[1]], env=tree.env(),
+                                         capture_output=True, text=True, timeout=30), runs))
+            monitor = subprocess.run([VHOSTUSERCTL, "--address", empty.address, "monitor"],
+                                     env=tree.env(), capture_output=True, text=True, timeout=30)
+        for (address, args), r in zip(runs, results, strict=True):
+            line = failed(r)
+            assert "--offline" in line, (address, args, line)
+            assert "Traceback" not in r.stderr
+        first = failed(results[0])
+        assert "not running" in first and "could not be activated" in first, first
+        failed(monitor)
+        assert not empty.name_has_owner()
+    finally:
+        empty.close()
+    # And the advice works.
+    r = ctl(None, tree, "list", "--offline", "--sysconfdir", str(tree.sysconfdir), "--json")
+    assert [i["name"] for i in json.loads(ok(r))] == ["50-gpu.json"]
