@@ -186,7 +186,11 @@ class Daemon:
             env=tree.env(), stdout=self._log, stderr=subprocess.STDOUT,
         )
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.stop(signal.SIGKILL)  # never leave a half-started daemon behind
+                raise
 
     def wait_ready(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
