@@ -335,7 +335,8 @@ class Supervisor:
             else:  # recorded before it could be identified: its start must match the spawn's
                 began = _proc_start_epoch(pid)
                 same = began is not None and abs(began - int(rec["started_at"]) / 1e6) < 2.0
-            if not same or current not in expected:
+            # Not identified yet (killed within 50 ms of the spawn): the start time decides.
+            if not same or (exe and current not in expected):
                 log.info("backend %s (pid %d) is gone; record removed", rec.get("id"), pid)
                 os.unlink(path)
                 continue
