@@ -1,0 +1,299 @@
+"""Whose backend is whose (CONTRACT section 3: Spawn's `detach`, Stop, ListBackends).
+
+A backend belongs to the connection that spawned it: when that connection leaves the bus
+(it disconnects, or its process is SIGKILLed) its backends are stopped, unless detached.
+Only the owner's uid (or root) may stop a backend or read its log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from busutil import Daemon, PrivateBus, Tree, run
+from helpers_spawn import (
+    Client,
+    alive,
+    Timer,
+    await_for,
+    gone,
+    install,
+    kill_marked,
+    marked,
+    proc_stat,
+    spawn,
+    wait_for,
+    wait_none_marked,
+)
+
+StartDaemon = Callable[..., Daemon]
+GRACE = 1.0
+NOBODY = 65534
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(tree: Tree) -> Iterator[None]:
+    yield
+    kill_marked(tree)
+
+
+def test_a_disconnecting_client_loses_its_backends_but_not_the_detached_one(
+        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    polite = install(tree, "honours_sigterm", "gpu", [], short="polite")
+    stubborn = install(tree, "ignores_sigterm", "gpu", [], short="stubborn")
+    start_daemon("--grace-period", str(GRACE))
+
+    async def main() -> None:
+        owner = await Client.open(bus.address, record=False)
+        other = await Client.open(bus.address)
+        owner_name = owner.unique_name
+        _p1, a = await spawn(owner, polite, tree.root)
+        _p2, b = await spawn(owner, stubborn, tree.root)
+        kept_path, kept = await spawn(owner, polite, tree.root, {"detach": True})
+        for fake, props in ((polite, a), (stubborn, b), (polite, kept)):
+            fake.report(props["Pid"])
+
+        t = Timer()
+        await owner.close()
+        for props in (a, b):
+            await await_for(lambda p=props["Pid"]: gone(p), f"backend {props['Id']} to be gone", GRACE + 1)
+        elapsed = t.elapsed
+        assert elapsed <= GRACE + 1, elapsed
+        # The stubborn one took the grace period to die; had the detached one (which honours
+        # SIGTERM) been stopped too, it would be gone by now. It lives on, listed, still
+        # showing who started it.
+        assert elapsed >= GRACE
+        assert alive(kept["Pid"]), proc_stat(kept["Pid"])
+        listed = {x["id"]: x for x in await other.list_backends()}
+        assert listed[kept["Id"]]["state"] == "running"
+        assert listed[kept["Id"]]["owner_uid"] == os.getuid()
+        assert listed[kept["Id"]]["owner"] == owner_name
+        assert listed[kept["Id"]]["detached"] is True
+        for props in (a, b):
+            assert listed.get(props["Id"], {"state": "exited"})["state"] == "exited"
+        # Another connection of the same uid may stop it, and read its log first.
+        assert "fake backend report:" in await other.get_log(kept_path)
+        await other.stop(kept_path)
+        assert gone(kept["Pid"])
+        await other.close()
+
+    run(main())
+    wait_none_marked(tree, 2.0)
+
+
+CLIENT = textwrap.dedent("""
+    import asyncio, json, socket, sys
+    from vhostuserd.client import BrokerClient
+
+    async def main():
+        c = await BrokerClient.connect("address", sys.argv[1])
+        out = {"unique": c.bus.unique_name}
+        keep = []
+        for key, name, detach in (("polite", sys.argv[2], False), ("stubborn", sys.argv[3], False),
+                                  ("detached", sys.argv[2], True)):
+            ours, theirs = socket.socketpair()
+            keep.append(ours)
+            out[key] = await c.spawn(name, theirs.fileno(), {"detach": detach})
+            theirs.close()
+        print(json.dumps(out), flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+""")
+
+
+def test_a_sigkilled_client_loses_its_backends_but_not_the_detached_one(
+        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    polite = install(tree, "honours_sigterm", "gpu", [], short="polite")
+    stubborn = install(tree, "ignores_sigterm", "gpu", [], short="stubborn")
+    start_daemon("--grace-period", str(GRACE))
+    script = tree.root / "client.py"
+    script.write_text(CLIENT)
+    client = subprocess.Popen([sys.executable, str(script), bus.address, polite.name, stubborn.name],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tree.env())
+    try:
+        assert client.stdout is not None
+        ready, _, _ = select.select([client.stdout], [], [], 20)
+        line = client.stdout.readline() if ready else b""
+        if not line:
+            client.kill()
+            raise AssertionError(f"the client printed nothing: {client.communicate()[1]!r}")
+        paths = json.loads(line)
+
+        async def props() -> dict[str, dict[str, object]]:
+            c = await Client.open(bus.address, record=False)
+            out = {k: await c.backend(paths[k]) for k in ("polite", "stubborn", "detached")}
+            await c.close()
+            return out
+
+        before = run(props())
+        polite.report(int(before["polite"]["Pid"]))  # type: ignore[arg-type]
+        stubborn.report(int(before["stubborn"]["Pid"]))  # type: ignore[arg-type]
+        assert {p["Owner"] for p in before.values()} == {paths["unique"]}
+
+        t = Timer()
+        client.kill()
+        client.wait()
+        for key in ("polite", "stubborn"):
+            pid = int(before[key]["Pid"])  # type: ignore[arg-type]
+            wait_for(lambda p=pid: gone(p), f"the {key} backend to be gone", GRACE + 1)
+        assert t.elapsed <= GRACE + 1, t.elapsed
+
+        async def after() -> None:
+            c = await Client.open(bus.address, record=False)
+            listed = {x["object"]: x for x in await c.list_backends()}
+            kept = listed[paths["detached"]]
+            assert (kept["state"], kept["owner_uid"], kept["detached"]) == ("running", os.getuid(), True)
+            assert not gone(kept["pid"])
+            await c.stop(paths["detached"])
+            assert gone(kept["pid"])
+            await c.close()
+
+        run(after())
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        for f in (client.stdout, client.stderr):
+            if f:
+                f.close()
+    wait_none_marked(tree, 2.0)
+
+
+def test_a_second_connection_of_the_same_uid_may_stop_a_backend(
+        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    fake = install(tree, "honours_sigterm", "gpu", [], short="polite")
+    start_daemon()
+
+    async def main() -> None:
+        first = await Client.open(bus.address, record=False)
+        second = await Client.open(bus.address, record=False)
+        path, props = await spawn(first, fake, tree.root)
+        assert path in [x["object"] for x in await second.list_backends()]
+        await second.stop(path)
+        assert gone(props["Pid"])
+        # The owner's connection is still there; its backend is gone all the same.
+        assert (await first.backend(path))["State"] == "exited"
+        await first.close()
+        await second.close()
+
+    run(main())
+
+
+# ---------------------------------------------------------------- another uid
+
+
+@pytest.fixture
+def open_bus() -> Iterator[PrivateBus]:
+    """A private bus that other uids can reach (the shared one's directory is 0700)."""
+    b = PrivateBus()
+    os.chmod(b.dir, 0o711)
+    yield b
+    b.close()
+
+
+def as_nobody(bus: PrivateBus, *args: str) -> subprocess.CompletedProcess[str]:
+    """busctl ARGS, run as uid nobody."""
+    return nobody("busctl", f"--address={bus.address}", *args)
+
+
+def nobody(*cmd: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([shutil.which("setpriv") or "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                           "--clear-groups", *cmd], capture_output=True, text=True, timeout=30, env=env)
+
+
+def require_nobody(bus: PrivateBus) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a client as another uid")
+    if shutil.which("setpriv") is None or shutil.which("busctl") is None:
+        pytest.skip("needs setpriv (util-linux) and busctl (systemd) to act as another uid")
+    probe = as_nobody(bus, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                      "GetId")
+    if probe.returncode != 0:
+        pytest.skip(f"uid {NOBODY} cannot reach the private bus here: {probe.stderr.strip()}")
+
+
+def test_another_uid_may_not_stop_a_backend_read_its_log_or_see_it(
+        open_bus: PrivateBus, tree: Tree) -> None:
+    bus = open_bus
+    require_nobody(bus)
+    fake = install(tree, "honours_sigterm", "gpu", [], short="polite")
+    d = Daemon(bus, tree)
+    try:
+        async def start() -> tuple[str, dict[str, object]]:
+            c = await Client.open(bus.address, record=False)
+            out = await spawn(c, fake, tree.root, {"detach": True})
+            await c.close()
+            return out
+
+        path, props = run(start())
+        obj = ("org.vhostuserd.Broker1", path, "org.vhostuserd.Broker1.Backend")
+        stop = as_nobody(bus, "call", *obj, "Stop")
+        assert stop.returncode != 0 and "may not stop it" in stop.stderr, stop
+        log = as_nobody(bus, "call", *obj, "GetLog")
+        assert log.returncode != 0 and "may not read its log" in log.stderr, log
+        listed = as_nobody(bus, "call", "org.vhostuserd.Broker1", "/org/vhostuserd/Broker1",
+                           "org.vhostuserd.Broker1.Manager", "ListBackends")
+        assert listed.returncode == 0 and listed.stdout.strip() == "aa{sv} 0", listed
+        assert [p for p, *_ in marked(tree)] == [props["Pid"]], "only root's backend runs"
+
+        async def stop_as_root() -> None:
+            c = await Client.open(bus.address, record=False)
+            await c.stop(path)
+            await c.close()
+
+        run(stop_as_root())
+        assert gone(int(props["Pid"]))  # type: ignore[arg-type]
+    finally:
+        d.stop()
+
+
+NOBODY_SPAWN = textwrap.dedent("""
+    import asyncio, socket, sys
+    from vhostuserd.client import BrokerClient, BrokerError
+
+    async def main():
+        c = await BrokerClient.connect("address", sys.argv[1])
+        ours, theirs = socket.socketpair()
+        try:
+            await c.spawn(sys.argv[2], theirs.fileno())
+        except BrokerError as e:
+            print(e.name, e)
+        else:
+            print("spawned")
+
+    asyncio.run(main())
+""")
+
+
+def test_a_session_daemon_spawns_for_its_own_uid_only(open_bus: PrivateBus, tree: Tree) -> None:
+    bus = open_bus
+    require_nobody(bus)
+    # The test's interpreter lives under /root (0700): run the client with the system one,
+    # on this virtualenv's packages, when they match.
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    site = Path(sys.executable).parent.parent / "lib" / f"python{version}" / "site-packages"
+    system_python = f"/usr/bin/python{version}"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{site}:{Path(__file__).resolve().parent.parent}"}
+    check = nobody(system_python, "-c", "import dbus_fast, vhostuserd.client", env=env)
+    if check.returncode != 0:
+        pytest.skip(f"uid {NOBODY} cannot run a dbus-fast client here ({system_python}): "
+                    f"{check.stderr.strip()[-200:]}")
+    fake = install(tree, "honours_sigterm", "gpu", [], short="polite")
+    d = Daemon(bus, tree)
+    try:
+        r = nobody(system_python, "-c", NOBODY_SPAWN, bus.address, fake.name, env=env)
+        assert r.returncode == 0, r
+        assert r.stdout.startswith("org.vhostuserd.Broker1.Error.NotAuthorized "), r
+        assert f"uid {NOBODY}" in r.stdout, r
+        assert marked(tree) == []
+    finally:
+        d.stop()

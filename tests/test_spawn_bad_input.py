@@ -1,0 +1,428 @@
+"""Spawn with bad input (CONTRACT section 3: Spawn, its options, its socket, Errors).
+
+Each bad request fails with the named error and a message saying what is wrong, starts no
+process, and costs the daemon nothing: one daemon serves every test of this module, and
+after each of them its open-fd count is back at the baseline taken after a warm-up
+Spawn/Stop cycle (so that fds opened lazily, once, are not counted).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from busutil import Daemon, PrivateBus, Tree, run
+from dbus_fast import Variant
+from helpers_spawn import (
+    ERROR,
+    Client,
+    Fake,
+    connected_pair,
+    error_of,
+    fds_of,
+    install,
+    kill_marked,
+    listening,
+    marked,
+    settle_fd_count,
+    spawn,
+    wait_for,
+)
+
+from vhostuserd import options as spawn_options
+from vhostuserd.client import QuotaExceeded
+from vhostuserd.descriptors import Capabilities, Descriptor
+
+@dataclass
+class Env:
+    daemon: Daemon
+    tree: Tree
+    fakes: dict[str, Fake]
+    baseline: int
+
+
+@pytest.fixture(scope="module")
+def module_env(bus: PrivateBus, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    tree = Tree.make(tmp_path_factory.mktemp("bad-input"))
+    fakes = {
+        "gpu": install(tree, "honours_sigterm", "gpu", ["virgl", "vendor-thing"], short="gpu"),
+        "fs": install(tree, "honours_sigterm", "fs", [], short="fs"),
+        "input": install(tree, "honours_sigterm", "input", ["evdev-path", "no-grab"], short="input"),
+    }
+    d = Daemon(bus, tree, "--grace-period", "1")
+    wait_for(lambda: "watching " in d.log(), "the daemon to watch its directories")
+
+    async def warm_up() -> None:
+        c = await Client.open(bus.address, record=False)
+        for fake in fakes.values():
+            await c.capabilities(fake.name)
+        path, _props = await spawn(c, fakes["gpu"], tree.root, {"virgl": True})
+        await c.stop(path)
+        await c.close()
+
+    run(warm_up())
+    # Stable: the same count twice, 200 ms apart.
+    counts = [d.fd_count()]
+
+    def stable() -> bool:
+        time.sleep(0.2)
+        counts.append(d.fd_count())
+        return counts[-1] == counts[-2]
+
+    wait_for(stable, "a stable fd count after the warm-up")
+    yield Env(d, tree, fakes, counts[-1])
+    kill_marked(tree)
+    d.stop()
+
+
+@pytest.fixture
+def env(module_env: Env) -> Iterator[Env]:
+    """The module's daemon. After the test: no process started, the daemon alive with its
+    fd count unchanged. A failure resets the baseline, so that one leak is reported once,
+    by its own test."""
+    env = module_env
+    yield env
+    assert env.daemon.proc.poll() is None, env.daemon.log()[-4000:]
+    try:
+        assert marked(env.tree) == [], "a bad Spawn must start nothing"
+        settle_fd_count(env.daemon, env.baseline, timeout=2.0)
+    finally:
+        kill_marked(env.tree)
+        env.baseline = env.daemon.fd_count()
+
+
+def bad_spawn(address: str, name: str, options: dict[str, Variant], fds: list[int],
+              index: int = 0) -> tuple[str, str]:
+    """(error name, message) of a Spawn that must fail."""
+
+    async def main() -> tuple[str, str]:
+        c = await Client.open(address, record=False)
+        try:
+            return error_of(await c.raw_spawn(name, options, fds, index))
+        finally:
+            await c.close()
+
+    return run(main())
+
+
+def with_pair(env: Env, bus: PrivateBus, name: str, options: dict[str, Variant]) -> tuple[str, str]:
+    ours, theirs = connected_pair()
+    try:
+        return bad_spawn(bus.address, name, options, [theirs.fileno()])
+    finally:
+        ours.close()
+        theirs.close()
+
+
+# ---------------------------------------------------------------- the socket
+
+
+def test_a_pipe_is_invalid_socket(env: Env, bus: PrivateBus) -> None:
+    r, w = os.pipe()
+    try:
+        for fd in (r, w):
+            name, message = bad_spawn(bus.address, env.fakes["gpu"].name, {}, [fd])
+            assert name == ERROR + "InvalidSocket"
+            assert "pipe" in message and "AF_UNIX SOCK_STREAM" in message, message
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_an_af_unix_datagram_socket_is_invalid_socket(env: Env, bus: PrivateBus) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        name, message = bad_spawn(bus.address, env.fakes["gpu"].name, {}, [a.fileno()])
+    assert name == ERROR + "InvalidSocket"
+    assert "SOCK_DGRAM" in message and "SOCK_STREAM" in message, message
+
+
+def test_a_seqpacket_socket_is_invalid_socket(env: Env, bus: PrivateBus) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        name, message = bad_spawn(bus.address, env.fakes["gpu"].name, {}, [a.fileno()])
+    assert name == ERROR + "InvalidSocket"
+    assert "SOCK_SEQPACKET" in message, message
+
+
+def test_an_inet_udp_socket_is_invalid_socket(env: Env, bus: PrivateBus) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        name, message = bad_spawn(bus.address, env.fakes["gpu"].name, {}, [s.fileno()])
+    assert name == ERROR + "InvalidSocket"
+    assert "AF_UNIX" in message, message
+
+
+def test_an_inet_tcp_listener_is_invalid_socket_even_for_an_fs_backend(env: Env, bus: PrivateBus) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        name, message = bad_spawn(bus.address, env.fakes["fs"].name, {}, [s.fileno()])
+    assert name == ERROR + "InvalidSocket"
+    assert "AF_UNIX" in message, message
+
+
+def test_an_o_path_fd_is_invalid_socket(env: Env, bus: PrivateBus, tmp_path: Path) -> None:
+    # Even an O_PATH fd of a real socket: it cannot be used as one.
+    with listening(tmp_path / "s.sock"):
+        fd = os.open(tmp_path / "s.sock", os.O_PATH)
+        try:
+            name, message = bad_spawn(bus.address, env.fakes["fs"].name, {}, [fd])
+        finally:
+            os.close(fd)
+    assert name == ERROR + "InvalidSocket"
+    assert "O_PATH" in message, message
+
+
+def test_a_regular_file_is_invalid_socket(env: Env, bus: PrivateBus, tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_text("not a socket")
+    with open(path) as f:
+        name, message = bad_spawn(bus.address, env.fakes["gpu"].name, {}, [f.fileno()])
+    assert name == ERROR + "InvalidSocket"
+    assert "not a socket" in message, message
+
+
+def test_an_fd_index_beyond_the_fds_sent_is_invalid_socket(env: Env, bus: PrivateBus) -> None:
+    ours, theirs = connected_pair()
+    with ours, theirs:
+        for index in (1, 2**31 - 1, 2**32 - 1):
+            name, message = bad_spawn(bus.address, env.fakes["gpu"].name, {}, [theirs.fileno()], index)
+            assert name == ERROR + "InvalidSocket", (index, name, message)
+
+
+def test_an_fd_index_with_no_fd_sent_never_touches_the_daemons_own_fds(env: Env, bus: PrivateBus) -> None:
+    """Spawn's 'h' is an index into the fds the call carries. Without any, the daemon must
+    not read the index as an fd number of its own: each of its fds (its bus connection, a
+    connected AF_UNIX socket, included) would be checked, handed to the backend and closed."""
+    own = fds_of(env.daemon.proc.pid)
+    for index in sorted(own):
+        name, message = bad_spawn(bus.address, env.fakes["gpu"].name, {}, [], index)
+        assert name == ERROR + "InvalidSocket", (index, own[index], name, message)
+        assert fds_of(env.daemon.proc.pid) == own, f"index {index} ({own[index]}) touched the daemon's fds"
+
+
+def test_extra_fds_beyond_the_one_named_are_closed(env: Env, bus: PrivateBus) -> None:
+    # Valid call, with two more fds than it names: the backend runs, the extras are not kept.
+    ours, theirs = connected_pair()
+    x, y = socket.socketpair()
+    with ours, theirs, x, y:
+        async def main() -> None:
+            c = await Client.open(bus.address, record=False)
+            reply = await c.raw_spawn(env.fakes["gpu"].name, {}, [x.fileno(), theirs.fileno(), y.fileno()], 1)
+            assert reply.error_name is None, reply.body
+            path = reply.body[0]
+            props = await c.backend(path)
+            assert os.readlink(f"/proc/{props['Pid']}/fd/3") == f"socket:[{os.fstat(theirs.fileno()).st_ino}]"
+            await c.stop(path)
+            await c.close()
+
+        run(main())
+
+
+def test_a_listening_socket_for_a_gpu_backend_says_it_needs_a_connected_one(
+        env: Env, bus: PrivateBus, tmp_path: Path) -> None:
+    with listening(tmp_path / "gpu.sock") as s:
+        name, message = bad_spawn(bus.address, env.fakes["gpu"].name, {}, [s.fileno()])
+    assert name == ERROR + "InvalidSocket"
+    assert "needs a connected socket" in message and env.fakes["gpu"].name in message, message
+
+
+def test_a_connected_socket_for_an_fs_backend_says_it_needs_a_listening_one(
+        env: Env, bus: PrivateBus) -> None:
+    name, message = with_pair(env, bus, env.fakes["fs"].name, {})
+    assert name == ERROR + "InvalidSocket"
+    assert "needs a listening socket" in message and env.fakes["fs"].name in message, message
+
+
+def test_an_unconnected_unbound_stream_socket_for_a_gpu_backend_is_invalid(env: Env, bus: PrivateBus) -> None:
+    # Neither listening nor connected: nothing for a gpu backend to serve.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        name, message = bad_spawn(bus.address, env.fakes["gpu"].name, {}, [s.fileno()])
+    assert name == ERROR + "InvalidSocket", (name, message)
+
+
+# ---------------------------------------------------------------- the options
+
+
+def test_an_unknown_option_is_invalid_option_naming_it(env: Env, bus: PrivateBus) -> None:
+    name, message = with_pair(env, bus, env.fakes["gpu"].name, {"turbo": Variant("b", True)})
+    assert name == ERROR + "InvalidOption"
+    assert "'turbo'" in message and "unknown option" in message, message
+    # It says what this backend accepts.
+    assert "virgl" in message and "detach" in message, message
+
+
+def test_a_feature_the_probe_lists_is_not_an_option_unless_the_contract_names_it(
+        env: Env, bus: PrivateBus) -> None:
+    name, message = with_pair(env, bus, env.fakes["gpu"].name, {"vendor-thing": Variant("b", True)})
+    assert name == ERROR + "InvalidOption"
+    assert "'vendor-thing'" in message, message
+
+
+def test_an_option_for_another_backend_type_is_invalid_option(env: Env, bus: PrivateBus) -> None:
+    name, message = with_pair(env, bus, env.fakes["gpu"].name,
+                              {"evdev-path": Variant("s", "/dev/input/event0")})
+    assert name == ERROR + "InvalidOption"
+    assert "'evdev-path'" in message and "only for input backends" in message, message
+
+
+def test_an_option_whose_feature_the_probe_does_not_list_is_invalid_option(env: Env, bus: PrivateBus) -> None:
+    name, message = with_pair(env, bus, env.fakes["gpu"].name,
+                              {"render-node": Variant("s", "/dev/dri/renderD128")})
+    assert name == ERROR + "InvalidOption"
+    assert "'render-node'" in message and "does not list" in message, message
+
+
+@pytest.mark.parametrize("value, why", [
+    ("dev/input/event0", "absolute path"),
+    ("./event0", "absolute path"),
+    ("", "absolute path"),
+    ("/dev/input/event0\n--grab", "NUL or line breaks"),
+    ("/dev/input/event0\r", "NUL or line breaks"),
+    ("/dev/input/" + "e" * (64 * 1024), "longer than"),
+], ids=["relative", "dot-relative", "empty", "newline", "carriage-return", "64KiB"])
+def test_a_bad_evdev_path_is_invalid_option_naming_it(
+        env: Env, bus: PrivateBus, value: str, why: str) -> None:
+    name, message = with_pair(env, bus, env.fakes["input"].name, {"evdev-path": Variant("s", value)})
+    assert name == ERROR + "InvalidOption", (name, message)
+    assert "'evdev-path'" in message and why in message, message
+    assert len(message) < 1024, "the message must not echo a huge value back"
+
+
+def test_an_evdev_path_outside_dev_input_or_not_a_device_is_invalid_option(env: Env, bus: PrivateBus) -> None:
+    for value in ("/dev/input/../../etc/passwd", "/etc/passwd", "/dev/input/event9999"):
+        name, message = with_pair(env, bus, env.fakes["input"].name, {"evdev-path": Variant("s", value)})
+        assert name == ERROR + "InvalidOption", (value, name, message)
+        assert "'evdev-path'" in message, message
+
+
+def test_a_nul_in_a_path_option_is_refused_by_the_option_rules() -> None:
+    # The D-Bus wire format cannot carry NUL inside a string (the bus drops such a message
+    # before the daemon sees it), so the rule is checked on options.plan directly.
+    d = Descriptor("50-input.json", "/x/50-input.json", "data", "input", "x", "/usr/libexec/x")
+    caps = Capabilities("input", ("evdev-path",), "{}")
+    with pytest.raises(spawn_options.OptionError) as e:
+        spawn_options.plan(d, caps, {"evdev-path": ("s", "/dev/input/event0\0--grab")})
+    assert e.value.kind == "InvalidOption" and "'evdev-path'" in str(e.value) and "NUL" in str(e.value)
+
+
+def test_a_64_kib_option_name_is_invalid_option_without_echoing_it(env: Env, bus: PrivateBus) -> None:
+    name, message = with_pair(env, bus, env.fakes["gpu"].name, {"x" * 65536: Variant("b", True)})
+    assert name == ERROR + "InvalidOption"
+    assert "unknown option" in message and len(message) < 1024, message[:200]
+
+
+@pytest.mark.parametrize("option, variant, want", [
+    ("virgl", Variant("s", "true"), "'b'"),
+    ("virgl", Variant("u", 1), "'b'"),
+    ("detach", Variant("s", "yes"), "'b'"),
+    ("settle-ms", Variant("i", 100), "'u'"),
+    ("settle-ms", Variant("s", "100"), "'u'"),
+])
+def test_a_wrongly_typed_option_is_invalid_option(env: Env, bus: PrivateBus, option: str, variant: Variant,
+                                                   want: str) -> None:
+    name, message = with_pair(env, bus, env.fakes["gpu"].name, {option: variant})
+    assert name == ERROR + "InvalidOption"
+    assert f"'{option}'" in message and want in message, message
+
+
+def test_a_settle_time_over_the_limit_is_invalid_option(env: Env, bus: PrivateBus) -> None:
+    name, message = with_pair(env, bus, env.fakes["gpu"].name, {"settle-ms": Variant("u", 2**32 - 1)})
+    assert name == ERROR + "InvalidOption"
+    assert "'settle-ms'" in message, message
+
+
+def test_too_many_options_is_invalid_option(env: Env, bus: PrivateBus) -> None:
+    options = {f"opt{i}": Variant("b", True) for i in range(1000)}
+    name, message = with_pair(env, bus, env.fakes["gpu"].name, options)
+    assert name == ERROR + "InvalidOption"
+    assert len(message) < 1024, message[:200]
+
+
+# ---------------------------------------------------------------- the descriptor
+
+
+@pytest.mark.parametrize("descriptor", ["50-nosuch.json", "", "../50-gpu.json", "/etc/passwd", "n" * 4096])
+def test_an_unknown_descriptor_is_not_found(env: Env, bus: PrivateBus, descriptor: str) -> None:
+    name, message = with_pair(env, bus, descriptor, {})
+    assert name == ERROR + "NotFound"
+    assert "no such descriptor" in message and len(message) < 8192, message[:200]
+
+
+def test_bad_calls_leave_the_fd_count_at_the_baseline(env: Env, bus: PrivateBus) -> None:
+    """The sum of all of them, run here once more, in a burst."""
+    for _ in range(20):
+        test_a_pipe_is_invalid_socket(env, bus)
+        test_an_unknown_option_is_invalid_option_naming_it(env, bus)
+        test_a_connected_socket_for_an_fs_backend_says_it_needs_a_listening_one(env, bus)
+        test_an_fd_index_beyond_the_fds_sent_is_invalid_socket(env, bus)
+    settle_fd_count(env.daemon, env.baseline)
+
+
+# ---------------------------------------------------------------- quotas (their own daemons)
+
+
+@pytest.fixture
+def own_bus() -> Iterator[PrivateBus]:
+    """A bus of its own: the module's daemon owns the name on the shared one."""
+    b = PrivateBus()
+    yield b
+    b.close()
+
+
+def test_quota_per_user(own_bus: PrivateBus, tree: Tree) -> None:
+    bus = own_bus
+    fake = install(tree, "honours_sigterm", "gpu", [], short="gpu")
+    d = Daemon(bus, tree, "--max-backends-per-user", "3")
+
+    async def main() -> None:
+        c = await Client.open(bus.address, record=False)
+        paths = [(await spawn(c, fake, tree.root))[0] for _ in range(3)]
+        baseline = d.fd_count()
+        for _ in range(3):
+            with pytest.raises(QuotaExceeded) as e:
+                await spawn(c, fake, tree.root)
+            assert f"uid {os.getuid()}" in str(e.value) and "3" in str(e.value), str(e.value)
+        settle_fd_count(d, baseline)
+        assert len(marked(tree)) == 3
+        # A stopped backend frees its place.
+        await c.stop(paths[0])
+        paths[0] = (await spawn(c, fake, tree.root))[0]
+        for p in paths:
+            await c.stop(p)
+        await c.close()
+
+    try:
+        run(main())
+    finally:
+        kill_marked(tree)
+        d.stop()
+
+
+def test_quota_of_the_daemon(own_bus: PrivateBus, tree: Tree) -> None:
+    bus = own_bus
+    fake = install(tree, "honours_sigterm", "gpu", [], short="gpu")
+    d = Daemon(bus, tree, "--max-backends", "2")
+
+    async def main() -> None:
+        c = await Client.open(bus.address, record=False)
+        paths = [(await spawn(c, fake, tree.root))[0] for _ in range(2)]
+        with pytest.raises(QuotaExceeded) as e:
+            await spawn(c, fake, tree.root)
+        assert "2 backends" in str(e.value), str(e.value)
+        assert len(marked(tree)) == 2
+        for p in paths:
+            await c.stop(p)
+        await c.close()
+
+    try:
+        run(main())
+    finally:
+        kill_marked(tree)
+        d.stop()
