@@ -22,6 +22,7 @@ import logging
 import os
 import pwd
 import stat
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,14 +49,29 @@ def _error(name: str, message: str) -> DBusError:
 
 
 def flatpak_app_id(pid: int) -> str | None:
-    """The Flatpak application id of process ``pid``, from its /.flatpak-info."""
+    """The Flatpak application id of process ``pid``, from its /.flatpak-info.
+
+    /proc/PID/root is the caller's own view of the file system, which any user can shape
+    with a user namespace and chroot: the file may be a FIFO (open would wait for a writer),
+    a symlink, a device, or on a FUSE mount that never answers. Only a regular file counts,
+    opened without blocking and without following a symlink; `caller_app_id` runs this off
+    the event loop, so that not even a hanging file system can stop the daemon.
+    """
     if pid <= 0:
         return None
     try:
-        with open(f"/proc/{pid}/root/.flatpak-info", encoding="utf-8", errors="replace") as f:
-            text = f.read(65536)
+        fd = os.open(f"/proc/{pid}/root/.flatpak-info",
+                     os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        text = os.read(fd, 65536).decode("utf-8", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     parser = configparser.ConfigParser(interpolation=None)
     try:
         parser.read_string(text)
@@ -65,25 +81,104 @@ def flatpak_app_id(pid: int) -> str | None:
     return name if name and len(name) <= 255 and name.isprintable() else None
 
 
-def untrusted_reason(binary: str) -> str | None:
-    """Why a system-mode descriptor's binary must not run, or None when it may."""
+APP_ID_TIMEOUT_S = 2.0
+# Lookups stuck in a hanging file system keep their thread; at most this many at once.
+_app_id_slots = threading.BoundedSemaphore(8)
+
+
+async def caller_app_id(pid: int, timeout: float = APP_ID_TIMEOUT_S) -> str | None:
+    """`flatpak_app_id` in a thread of its own; NotAuthorized when it cannot finish in time."""
+    if not _app_id_slots.acquire(blocking=False):
+        raise _error("NotAuthorized", "cannot tell whether the caller is a Flatpak app: "
+                     "too many lookups of /.flatpak-info are hanging")
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[str | None] = loop.create_future()
+
+    def deliver(result: str | None) -> None:
+        if not done.done():
+            done.set_result(result)
+
+    def work() -> None:
+        try:
+            result = flatpak_app_id(pid)
+        finally:
+            _app_id_slots.release()
+        try:
+            loop.call_soon_threadsafe(deliver, result)
+        except RuntimeError:  # the loop is gone: nobody is waiting any more
+            pass
+
+    threading.Thread(target=work, name=f"flatpak-info-{pid}", daemon=True).start()
     try:
-        real = os.path.realpath(binary, strict=True)
-    except OSError as e:
-        return f"{binary}: {e.strerror}"
-    path = real
-    while True:
+        return await asyncio.wait_for(done, timeout)
+    except asyncio.TimeoutError:
+        raise _error("NotAuthorized", f"cannot tell whether the caller is a Flatpak app: reading "
+                     f"/proc/{pid}/root/.flatpak-info did not finish in {timeout:g} s") from None
+
+
+def untrusted_reason(binary: str) -> str | None:
+    """Why a system-mode descriptor's binary must not run, or None when it may.
+
+    Everything the kernel walks through to reach the binary must be root's: every
+    directory (root-owned, not group- or world-writable, except a sticky directory such as
+    /tmp before the last step) and every symlink on the way (root-owned, and checked where
+    it lies, not only where it points), else whoever controls that step can swap the
+    program between this check and the exec (the probe runs as root).
+    """
+    if not binary.startswith("/"):
+        return f"{binary}: not an absolute path"
+    pending = [p for p in reversed(binary.split("/")) if p]  # a stack: next component last
+    current = "/"
+    links = 0
+    reason = _untrusted_step("/", binary, last=not pending)
+    while reason is None and pending:
+        name = pending.pop()
+        if name == ".":
+            continue
+        if name == "..":
+            current = os.path.dirname(current)  # already checked on the way down
+            continue
+        path = os.path.join(current, name)
         try:
             st = os.lstat(path)
         except OSError as e:
             return f"{path}: {e.strerror}"
-        if st.st_uid != 0:
-            return f"{path} (on the way to {binary}) is owned by uid {st.st_uid}, not root"
-        if st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and path != real):
-            return f"{path} (on the way to {binary}) is group- or world-writable"
-        if path == "/":
-            return None
-        path = os.path.dirname(path)
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid != 0:
+                return (f"{path} (on the way to {binary}) is a symlink owned by uid {st.st_uid}, "
+                        "not root")
+            links += 1
+            if links > 40:
+                return f"{binary}: too many levels of symbolic links"
+            target = os.readlink(path)
+            if target.startswith("/"):
+                current = "/"
+            pending.extend(p for p in reversed(target.split("/")) if p)
+            continue
+        reason = _untrusted_step(path, binary, last=not pending, st=st)
+        current = path
+    if reason is None:
+        try:
+            if not stat.S_ISREG(os.stat(current).st_mode):
+                return f"{current} (on the way to {binary}) is not a regular file"
+        except OSError as e:
+            return f"{current}: {e.strerror}"
+    return reason
+
+
+def _untrusted_step(path: str, binary: str, *, last: bool,
+                    st: os.stat_result | None = None) -> str | None:
+    if st is None:
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            return f"{path}: {e.strerror}"
+    if st.st_uid != 0:
+        return f"{path} (on the way to {binary}) is owned by uid {st.st_uid}, not root"
+    sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+    if st.st_mode & 0o022 and not (sticky_dir and not last):
+        return f"{path} (on the way to {binary}) is group- or world-writable"
+    return None
 
 
 def check_device(option: str, value: str) -> os.stat_result:
@@ -177,6 +272,10 @@ class Authority:
         if authorized:
             log.info("polkit: %s (uid %d) may %s", msg.sender, uid, action)
             return
+        if challenge and interactive:
+            # polkit could not ask: no authentication agent for the caller's session.
+            raise DBusError(INTERACTIVE_REQUIRED, f"{action}: authentication is required, and no polkit "
+                            "authentication agent was there to ask for it")
         if challenge:
             raise DBusError(INTERACTIVE_REQUIRED, f"{action}: authentication is required; call again with "
                             "interactive authorization allowed (e.g. busctl --allow-interactive-authorization)")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
-from .authority import MANAGE, SPAWN, SPAWN_DEVICE, Authority, RunAs, check_device, flatpak_app_id, run_as
+from .authority import MANAGE, SPAWN, SPAWN_DEVICE, Authority, RunAs, caller_app_id, check_device, run_as
 from .authority import untrusted_reason
 from .descriptors import Capabilities
 from .options import OptionError, SpawnPlan, plan, socket_kind_error
@@ -293,7 +293,7 @@ class Spawner:
         for key in ("render-node", "evdev-path", "shared-dir", "blk-file"):
             if key in p.values:
                 details[key] = str(p.values[key])
-        app = flatpak_app_id(caller.pid)
+        app = await caller_app_id(caller.pid)
         if app:
             details["flatpak-app-id"] = app
         await self.authority.check(msg, caller.uid, SPAWN, details)

@@ -5,7 +5,8 @@ re-decides that one name, so its cost does not grow with the number of descripto
 the generation counter, and the watcher that feeds it: exactly the tier directories,
 non-recursively, or the nearest existing ancestor of one that is missing, re-armed when
 directories appear or disappear. The full merge in `lookup` stays the reference: after
-any sequence of changes the index equals ``lookup.merge`` of a fresh scan.
+any sequence of changes the index equals ``lookup.merge`` of a fresh scan, but for names
+that are not UTF-8, which D-Bus cannot carry: the index diagnoses those instead.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from . import scan
-from .descriptors import Descriptor, Diagnostic, Parsed
-from .lookup import Directory, sort_key
+from .descriptors import ERROR, Descriptor, Diagnostic, Parsed
+from .lookup import Directory, Listing, sort_key
 
 log = logging.getLogger("vhostuserd.index")
 
@@ -124,12 +125,12 @@ class Index:
         change = Change()
         names: set[str] = set()
         for i in range(len(self.dirs)) if which is None else which:
-            listing = scan.list_directory(self.dirs[i], self.cache)
+            entries, diagnostics = _sendable_listing(scan.list_directory(self.dirs[i], self.cache))
             names.update(self._entries[i])
-            names.update(listing.entries)
-            self._entries[i] = dict(listing.entries)
-            if listing.diagnostics != self._dir_diags[i]:
-                self._dir_diags[i] = listing.diagnostics
+            names.update(entries)
+            self._entries[i] = entries
+            if diagnostics != self._dir_diags[i]:
+                self._dir_diags[i] = diagnostics
                 change.diagnostics_changed = True
         for name in names:
             self._decide(name, change)
@@ -144,8 +145,8 @@ class Index:
         for path in paths:
             directory, name = os.path.split(path)
             i = self._dir_of.get(directory)
-            if i is None or not scan.is_candidate_name(name):
-                continue
+            if i is None or not scan.is_candidate_name(name) or not _sendable(path):
+                continue  # (a name D-Bus cannot carry is diagnosed by the next rescan)
             parsed = self.cache.get(path, name, self.dirs[i].tier)
             if parsed is None:
                 self._entries[i].pop(name, None)
@@ -166,6 +167,39 @@ class Index:
                 if os.path.islink(path):
                     out.append(path)
         return out
+
+
+def _sendable(text: str) -> bool:
+    """Whether D-Bus can carry ``text``: its strings are UTF-8. os.listdir keeps bytes that
+    are not as lone surrogates, which the daemon could neither list nor export."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    if _sendable(text):
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _sendable_listing(listing: Listing) -> tuple[dict[str, Parsed], tuple[Diagnostic, ...]]:
+    """A directory's entries and diagnostics as the daemon can serve them: a candidate whose
+    path is not UTF-8 is left out with an error instead (lookup itself, which sorts such
+    names by their bytes, keeps them: this is the one way the index differs from it)."""
+    entries: dict[str, Parsed] = {}
+    diagnostics = [Diagnostic(_printable(d.path), d.level, _printable(d.message))
+                   for d in listing.diagnostics]
+    for name, parsed in listing.entries.items():
+        path = f"{listing.directory.path}/{name}"
+        if _sendable(path):
+            entries[name] = parsed
+        else:
+            diagnostics.append(Diagnostic(_printable(path), ERROR, "file name is not valid "
+                                          "UTF-8, which D-Bus cannot carry; ignored"))
+    return entries, tuple(diagnostics)
 
 
 def _nearest_existing(path: str) -> str:
@@ -221,6 +255,13 @@ class Watcher:
                         rearm = True
                         break
                     except FileNotFoundError:
+                        rearm = True
+                        break
+                    except Exception as e:  # noqa: BLE001 - the watch is broken, the daemon is not
+                        # watchfiles gives up on a name that is not UTF-8, say; a fresh watch
+                        # and a full rescan (which diagnoses such a file) carry on.
+                        log.warning("directory watch failed (%s); watching again", e)
+                        await asyncio.sleep(0.1)
                         rearm = True
                         break
                     self.batches += 1
