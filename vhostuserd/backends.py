@@ -392,15 +392,21 @@ class Spawner:
         self.supervisor.remove(obj.b)
         self._exited_emitted.discard(obj.b.id)
 
-    async def readopt(self) -> None:
+    def readopt(self) -> None:
+        """Take back the recorded backends (before we own our name, so none is missing)."""
         for b in self.supervisor.readopt():
             obj = BackendObject(self, b)
             self.objects[b.id] = obj
             self.bus.export(obj.path, obj)
-            if b.exited is not None and b.exited.done():
-                continue
-            self._track(b)
-            if not b.detached and not await self.name_has_owner(b.owner):
+            if b.exited is None or not b.exited.done():
+                self._track(b)
+
+    async def stop_orphans(self) -> None:
+        """Stop re-adopted backends whose owner left while we were away. Called once we own
+        our name, so that clients matching signals on it see their Exited."""
+        for obj in list(self.objects.values()):
+            b = obj.b
+            if b.adopted and not b.detached and b.state != EXITED and not await self.name_has_owner(b.owner):
                 log.info("backend %s: its owner %s left the bus while we were away; stopping it", b.id, b.owner)
                 self.supervisor.stop(b)
 

@@ -279,8 +279,9 @@ class Daemon:
         bus.on_call = self._touch
         broker.export()
         await broker.spawner.start()
-        await broker.spawner.readopt()
+        broker.spawner.readopt()
         await self._own_name(bus)
+        await broker.spawner.stop_orphans()
         log.info(
             "vhostuserd %s serving %s on %s: %d descriptors, search path %s",
             __version__, "org.vhostuserd.Broker1", self.opts.bus, len(index.descriptors),
