@@ -181,8 +181,10 @@ def _untrusted_step(path: str, binary: str, *, last: bool,
     return None
 
 
-def check_device(option: str, value: str) -> os.stat_result:
-    """A device option must resolve to a character device in its directory."""
+def check_device(option: str, value: str) -> tuple[str, os.stat_result]:
+    """A device option must resolve to a character device in its directory. Returns the
+    resolved path, which is what the backend is given: a symlink the caller controls could
+    point elsewhere by the time the backend opens it."""
     real = os.path.realpath(value)
     prefix = DEVICE_DIRS[option]
     if not real.startswith(prefix):
@@ -193,7 +195,7 @@ def check_device(option: str, value: str) -> os.stat_result:
         raise _error("InvalidOption", f"option '{option}': {value}: {e.strerror}") from None
     if not stat.S_ISCHR(st.st_mode):
         raise _error("InvalidOption", f"option '{option}': {value} is not a character device")
-    return st
+    return real, st
 
 
 @dataclass(frozen=True)

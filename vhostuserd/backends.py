@@ -288,7 +288,7 @@ class Spawner:
             raise _error("NotAuthorized", f"{d.name}: its binary cannot be trusted by the system service: {why}")
         device_gids: list[int] = []
         for option, value in p.device_paths.items():
-            device_gids.append(check_device(option, value).st_gid)
+            device_gids.append(check_device(option, value)[1].st_gid)
         details = {"descriptor": d.name, "type": d.type, "binary": d.binary}
         for key in ("render-node", "evdev-path", "shared-dir", "blk-file"):
             if key in p.values:
@@ -319,6 +319,8 @@ class Spawner:
                 caps = result if isinstance(result, Capabilities) else None
             try:
                 p = plan(d, caps, raw)
+                if p.device_paths:  # checked, then resolved: polkit and the backend see the device
+                    p = plan(d, caps, {**raw, **{k: ("s", check_device(k, v)[0]) for k, v in p.device_paths.items()}})
             except OptionError as e:
                 raise _error(e.kind, str(e)) from None
             why = socket_kind_error(d, listening)

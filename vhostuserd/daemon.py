@@ -258,7 +258,7 @@ class Daemon:
         from .supervisor import Supervisor
 
         reaper = procs.Reaper(self.loop)
-        reaper.install()
+        reaper.install(subreaper=True)
         _raise_fd_limit(2 * self.opts.max_backends + 256)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stop_event.set)

@@ -101,8 +101,13 @@ class Reaper:
         self._pidfds: dict[int, int] = {}
         self.subreaper = False
 
-    def install(self) -> None:
-        self.subreaper = become_subreaper()
+    def install(self, subreaper: bool = False) -> None:
+        """Watch SIGCHLD; with ``subreaper`` (the daemon), also adopt what children orphan.
+
+        A short-lived process (vhostuserctl, a test) must not become a subreaper: orphans of
+        other programs it started would become its zombies instead of init's."""
+        if subreaper:
+            self.subreaper = become_subreaper()
         self._loop.add_signal_handler(signal.SIGCHLD, self._sweep)
 
     def uninstall(self) -> None:
