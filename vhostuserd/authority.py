@@ -24,18 +24,28 @@ import pwd
 import stat
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.errors import DBusError
 
 log = logging.getLogger("vhostuserd.authority")
 
+
+class CallTarget(TypedDict):
+    """Where a method call goes: spread into ``Message(**target, member=...)``."""
+
+    destination: str
+    path: str
+    interface: str
+
+
 SPAWN = "org.vhostuserd.spawn"
 SPAWN_DEVICE = "org.vhostuserd.spawn-device"
 MANAGE = "org.vhostuserd.manage"
-POLKIT = dict(destination="org.freedesktop.PolicyKit1", path="/org/freedesktop/PolicyKit1/Authority",
-              interface="org.freedesktop.PolicyKit1.Authority")
+POLKIT: CallTarget = {"destination": "org.freedesktop.PolicyKit1",
+                      "path": "/org/freedesktop/PolicyKit1/Authority",
+                      "interface": "org.freedesktop.PolicyKit1.Authority"}
 INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 CHECK_ALLOW_INTERACTION = 1
 # A password prompt can take a while; a polkit that never answers must not hold a call forever.
@@ -111,7 +121,7 @@ async def caller_app_id(pid: int, timeout: float = APP_ID_TIMEOUT_S) -> str | No
     threading.Thread(target=work, name=f"flatpak-info-{pid}", daemon=True).start()
     try:
         return await asyncio.wait_for(done, timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise _error("NotAuthorized", f"cannot tell whether the caller is a Flatpak app: reading "
                      f"/proc/{pid}/root/.flatpak-info did not finish in {timeout:g} s") from None
 
@@ -264,7 +274,7 @@ class Authority:
                         **POLKIT)
         try:
             reply = await asyncio.wait_for(self.bus.call(query), CHECK_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise _error("NotAuthorized", f"{action}: polkit did not answer in {CHECK_TIMEOUT_S:g} s") from None
         if reply.message_type is MessageType.ERROR:
             log.warning("polkit check of %s for %s failed: %s %s", action, msg.sender, reply.error_name, reply.body)

@@ -11,19 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-from collections import OrderedDict
 import logging
 import os
 import socket
 import stat
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dbus_fast import Message, MessageType, Variant
-from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
+from dbus_fast import Message, MessageType, PropertyAccess, Variant
+from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
-from .authority import MANAGE, SPAWN, SPAWN_DEVICE, Authority, RunAs, caller_app_id, check_device, run_as
-from .authority import untrusted_reason
+from .authority import (
+    MANAGE,
+    SPAWN,
+    SPAWN_DEVICE,
+    Authority,
+    CallTarget,
+    RunAs,
+    caller_app_id,
+    check_device,
+    run_as,
+    untrusted_reason,
+)
 from .descriptors import Capabilities
 from .options import OptionError, SpawnPlan, plan, socket_kind_error
 from .supervisor import EXITED, Backend, SpawnError, Supervisor
@@ -38,7 +48,8 @@ BACKEND_PREFIX = "/org/vhostuserd/Broker1/backend/"
 LINGER_S = 3.0
 DEPARTURES = ("type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
               "member='NameOwnerChanged',arg2=''")
-DBUS = dict(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus")
+DBUS: CallTarget = {"destination": "org.freedesktop.DBus", "path": "/org/freedesktop/DBus",
+                    "interface": "org.freedesktop.DBus"}
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
 
 
@@ -86,7 +97,9 @@ def check_socket(fd: int) -> bool:
     if family != socket.AF_UNIX:
         raise _error("InvalidSocket", f"the socket argument is of family {family}; AF_UNIX is needed")
     if stype != socket.SOCK_STREAM:
-        name = {socket.SOCK_DGRAM: "SOCK_DGRAM", socket.SOCK_SEQPACKET: "SOCK_SEQPACKET"}.get(stype, str(stype))
+        kinds: dict[int, str] = {socket.SOCK_DGRAM: "SOCK_DGRAM",
+                                 socket.SOCK_SEQPACKET: "SOCK_SEQPACKET"}
+        name = kinds.get(stype, str(stype))
         raise _error("InvalidSocket", f"the socket argument is {name}; vhost-user needs SOCK_STREAM")
     if not listening and not connected:
         raise _error("InvalidSocket", "the socket argument is neither connected nor listening; pass one "
@@ -123,64 +136,64 @@ class BackendObject(ServiceInterface):
         return {names[k]: v for k, v in d.items() if k in names}
 
     @dbus_property(access=PropertyAccess.READ)
-    def Id(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+    def Id(self) -> "s":
         return self.b.id
 
     @dbus_property(access=PropertyAccess.READ)
-    def Descriptor(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+    def Descriptor(self) -> "s":
         return self.b.descriptor
 
     @dbus_property(access=PropertyAccess.READ)
-    def Binary(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+    def Binary(self) -> "s":
         return self.b.binary
 
     @dbus_property(access=PropertyAccess.READ)
-    def Argv(self) -> "as":  # type: ignore[name-defined]  # noqa: F821
+    def Argv(self) -> "as":
         return list(self.b.argv)
 
     @dbus_property(access=PropertyAccess.READ)
-    def Pid(self) -> "u":  # type: ignore[name-defined]  # noqa: F821
+    def Pid(self) -> "u":
         return self.b.pid
 
     @dbus_property(access=PropertyAccess.READ)
-    def OwnerUid(self) -> "u":  # type: ignore[name-defined]  # noqa: F821
+    def OwnerUid(self) -> "u":
         return self.b.owner_uid
 
     @dbus_property(access=PropertyAccess.READ)
-    def Owner(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+    def Owner(self) -> "s":
         return self.b.owner
 
     @dbus_property(access=PropertyAccess.READ)
-    def State(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+    def State(self) -> "s":
         return self.b.state
 
     @dbus_property(access=PropertyAccess.READ)
-    def ExitStatus(self) -> "i":  # type: ignore[name-defined]  # noqa: F821
+    def ExitStatus(self) -> "i":
         return self.b.exit_status
 
     @dbus_property(access=PropertyAccess.READ)
-    def ExitSignal(self) -> "i":  # type: ignore[name-defined]  # noqa: F821
+    def ExitSignal(self) -> "i":
         return self.b.exit_signal
 
     @dbus_property(access=PropertyAccess.READ)
-    def StartedAt(self) -> "t":  # type: ignore[name-defined]  # noqa: F821
+    def StartedAt(self) -> "t":
         return self.b.started_at
 
     @dbus_property(access=PropertyAccess.READ)
-    def Detached(self) -> "b":  # type: ignore[name-defined]  # noqa: F821
+    def Detached(self) -> "b":
         return self.b.detached
 
     @method()
-    async def Stop(self) -> "":  # type: ignore[name-defined]  # noqa: F722
+    async def Stop(self) -> "":
         await self.spawner.stop_call(self)
 
     @method()
-    async def GetLog(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+    async def GetLog(self) -> "s":
         await self.spawner.may_manage(self.b, "read its log")
         return bytes(self.b.log).decode("utf-8", "replace")
 
     @signal()
-    def Exited(self, status: int, sig: int) -> "ii":  # type: ignore[name-defined]  # noqa: F821
+    def Exited(self, status: int, sig: int) -> "ii":
         return [status, sig]
 
 

@@ -12,6 +12,7 @@ import asyncio
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import procs
 from .descriptors import ProbeError, ProbeResult, parse_capabilities
@@ -110,7 +111,8 @@ async def run_probe(
     error: ProbeError | None = None
     deadline = loop.time() + timeout
     try:
-        await asyncio.wait({exited, out.eof}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        first: set[asyncio.Future[Any]] = {exited, out.eof}
+        await asyncio.wait(first, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if not out.overflow and not exited.done():
             # Output closed first: give the process the rest of the time to exit.
             await asyncio.wait({exited}, timeout=max(0.0, deadline - loop.time()))

@@ -14,13 +14,13 @@ after the service's errors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from dbus_fast.errors import DBusError
 
 BUS_NAME = "org.vhostuserd.Broker1"
 MANAGER_PATH = "/org/vhostuserd/Broker1"
@@ -208,7 +208,7 @@ class BrokerClient:
             raise Unavailable("connect", f"cannot connect to {where}: {e or type(e).__name__}") from None
         return cls(conn, where)
 
-    async def __aenter__(self) -> BrokerClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -216,10 +216,8 @@ class BrokerClient:
 
     async def close(self) -> None:
         self.bus.disconnect()
-        try:
+        with contextlib.suppress(Exception, asyncio.CancelledError):  # already gone is fine
             await asyncio.wait_for(self.bus.wait_for_disconnect(), 1)
-        except (Exception, asyncio.CancelledError):  # noqa: BLE001 - already gone is fine
-            pass
 
     async def call(
         self, member: str, signature: str = "", body: Sequence[Any] = (), *,
@@ -289,7 +287,7 @@ class BrokerClient:
         return list(await self.get_property("SearchPath"))
 
     async def diagnostics(self) -> list[tuple[str, str, str]]:
-        return [tuple(d) for d in await self.get_property("Diagnostics")]  # type: ignore[misc]
+        return [tuple(d) for d in await self.get_property("Diagnostics")]
 
     async def version(self) -> str:
         return str(await self.get_property("Version"))

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import math
 import os
 import signal
 import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .lookup import Directory
+    from .service import Broker, Bus
 
 log = logging.getLogger("vhostuserd")
 
@@ -48,7 +55,7 @@ def _nonnegative(value: str) -> float:
         f = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if f < 0 or f != f or f == float("inf"):
+    if f < 0 or not math.isfinite(f):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {value!r}")
     return f
 
@@ -177,7 +184,7 @@ class Daemon:
         self.stop_event = asyncio.Event()
         self.last_activity = self.loop.time()
 
-    def _dirs(self):  # type: ignore[no-untyped-def]
+    def _dirs(self) -> tuple[Directory, ...]:
         from .lookup import search_path
 
         env = os.environ
@@ -189,7 +196,7 @@ class Daemon:
             home=env.get("HOME"),
         )
 
-    async def _connect(self):  # type: ignore[no-untyped-def]
+    async def _connect(self) -> Bus:
         from dbus_fast import BusType
 
         from .service import Bus
@@ -207,11 +214,12 @@ class Daemon:
                 bus = Bus(bus_address=starter)
             else:
                 bus = Bus(bus_type=BusType.SYSTEM if self.opts.bus == "system" else BusType.SESSION)
-            return await asyncio.wait_for(bus.connect(), 30)
+            await asyncio.wait_for(bus.connect(), 30)  # returns the bus itself
+            return bus
         except Exception as e:  # noqa: BLE001 - any failure here is a start-up failure
             raise StartupError(f"cannot connect to {where}: {e or type(e).__name__}") from None
 
-    async def _own_name(self, bus) -> None:  # type: ignore[no-untyped-def]
+    async def _own_name(self, bus: Bus) -> None:
         from dbus_fast import Message, NameFlag, RequestNameReply
 
         from .service import BUS_NAME
@@ -220,7 +228,7 @@ class Daemon:
         if reply in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             return
         owner = "another process"
-        try:
+        with contextlib.suppress(Exception):  # only used to improve the message
             r = await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
                                        interface="org.freedesktop.DBus", member="GetNameOwner",
                                        signature="s", body=[BUS_NAME]))
@@ -229,8 +237,6 @@ class Daemon:
                                        interface="org.freedesktop.DBus",
                                        member="GetConnectionUnixProcessID", signature="s", body=[unique]))
             owner = f"{unique} (pid {r.body[0]})"
-        except Exception:  # noqa: BLE001 - only used to improve the message
-            pass
         raise StartupError(f"{BUS_NAME} is already owned on this bus by {owner}: is another vhostuserd running?")
 
     def _state_dir(self) -> str:
@@ -250,10 +256,10 @@ class Daemon:
 
     async def run(self) -> int:
         from . import procs
-        from .capabilities import ProbeCache
-        from .index import Index, Watcher
         from .authority import Authority, untrusted_reason
         from .backends import Spawner
+        from .capabilities import ProbeCache
+        from .index import Index, Watcher
         from .service import Broker
         from .supervisor import Supervisor
 
@@ -312,15 +318,13 @@ class Daemon:
         for task in (idle_task, stop_task):
             if task is not None:
                 task.cancel()
-        try:
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
             await asyncio.wait_for(watch_task, 2)
-        except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
-            pass
         bus.disconnect()
         reaper.uninstall()
         return 0
 
-    async def _idle(self, bus, broker) -> None:  # type: ignore[no-untyped-def]
+    async def _idle(self, bus: Bus, broker: Broker) -> None:
         """Return once idle and our name is released with every queued call answered."""
         from dbus_fast import Message, MessageType
 
@@ -350,9 +354,9 @@ class Daemon:
         # Calls routed to us before the release precede this signal on our socket.
         try:
             await asyncio.wait_for(released, 10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("no NameOwnerChanged after releasing %s; exiting anyway", BUS_NAME)
-        pending = getattr(bus, "_pending_futures", set())
+        pending: set[asyncio.Future[Any]] = getattr(bus, "_pending_futures", set())
         deadline = self.loop.time() + 30
         while (pending or broker.busy) and self.loop.time() < deadline:
             await asyncio.sleep(0.01)

@@ -21,7 +21,10 @@ MAX_DESCRIPTOR_SIZE = 1024 * 1024
 """Descriptor files larger than this are rejected (rule 6), as libvirt does."""
 
 KNOWN_TYPES = frozenset(
-    "9p balloon block caif console crypto gpu input net rng rpmsg rproc-serial scsi vsock fs".split()
+    [
+        "9p", "balloon", "block", "caif", "console", "crypto", "gpu", "input", "net", "rng",
+        "rpmsg", "rproc-serial", "scsi", "vsock", "fs",
+    ]
 )
 
 ERROR = "error"

@@ -17,10 +17,14 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from . import scan
 from .descriptors import ERROR, Descriptor, Diagnostic, Parsed
 from .lookup import Directory, Listing, sort_key
+
+if TYPE_CHECKING:
+    from watchfiles.main import FileChange
 
 log = logging.getLogger("vhostuserd.index")
 
@@ -236,9 +240,9 @@ class Watcher:
                 step=STEP_MS,
                 stop_event=arm_stop,
                 watch_filter=None,
-            ).__aiter__()
+            )
             stopper = asyncio.ensure_future(stop.wait())
-            nxt: asyncio.Future[set[tuple[object, str]]] = asyncio.ensure_future(watch.__anext__())
+            nxt: asyncio.Future[set[FileChange]] = asyncio.ensure_future(watch.__anext__())
             try:
                 await asyncio.sleep(0)  # the watcher's inotify watches now exist
                 log.debug("watching %s", " ".join(sorted(roots)))
@@ -246,7 +250,8 @@ class Watcher:
                 self._apply(self.index.rescan())
                 rearm = self._roots() != roots
                 while not rearm and not stop.is_set():
-                    done, _ = await asyncio.wait({nxt, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    either: set[asyncio.Future[Any]] = {nxt, stopper}
+                    done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
                     if nxt not in done:
                         break
                     try:
@@ -284,6 +289,6 @@ class Watcher:
                         pass
                     except Exception:
                         log.exception("watcher ended with an error")
-                await watch.aclose()  # type: ignore[attr-defined]
+                await watch.aclose()
             if rearm:
                 log.debug("watched directories changed; re-arming on %s", sorted(self._roots()))

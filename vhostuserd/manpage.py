@@ -24,7 +24,7 @@ def _esc(text: str) -> str:
 
 def _invocation(action: argparse.Action) -> str:
     if not action.option_strings:
-        return f"\\fI{_esc(action.metavar or action.dest)}\\fR"
+        return f"\\fI{_esc(str(action.metavar or action.dest))}\\fR"
     names = ", ".join(f"\\fB{_esc(o)}\\fR" for o in action.option_strings)
     if action.nargs == 0:
         return names
@@ -84,17 +84,18 @@ def vhostuserd_page() -> str:
         "[\\fIOPTION\\fR]...",
         p.description or "",
         [".PP",
-         "It owns \\fBorg.vhostuserd.Broker1\\fR, keeps a live index of the QEMU vhost\\-user backend "
-         "descriptors, answers which backend serves a device type with given features, and starts "
-         "backends for its clients with the socket they pass, supervising them (SIGTERM, then SIGKILL "
-         "after the grace period). On the system bus, requests are authorized by polkit and backends run "
-         "as the calling user. It is normally started by D\\-Bus activation.",
+         ("It owns \\fBorg.vhostuserd.Broker1\\fR, keeps a live index of the QEMU vhost\\-user "
+          "backend descriptors, answers which backend serves a device type with given features, "
+          "and starts backends for its clients with the socket they pass, supervising them "
+          "(SIGTERM, then SIGKILL after the grace period). On the system bus, requests are "
+          "authorized by polkit and backends run as the calling user. It is normally started by "
+          "D\\-Bus activation."),
          ".SH OPTIONS", *_options(p)],
         [("FILES", FILES),
-         ("SIGNALS", ".TP\n\\fBSIGTERM\\fR, \\fBSIGINT\\fR\nstop cleanly; running backends are left "
-          "running and recorded, and are re\\-adopted by the next instance."),
-         ("EXIT STATUS", "0 after a clean stop; 1 with a one\\-line reason when it cannot start "
-          "(no bus, the name already owned); 2 for bad usage."),
+         ("SIGNALS", (".TP\n\\fBSIGTERM\\fR, \\fBSIGINT\\fR\nstop cleanly; running backends are "
+                      "left running and recorded, and are re\\-adopted by the next instance.")),
+         ("EXIT STATUS", ("0 after a clean stop; 1 with a one\\-line reason when it cannot start "
+                          "(no bus, the name already owned); 2 for bad usage.")),
          ("SEE ALSO", SEE_ALSO)],
     )
 
@@ -124,13 +125,16 @@ def vhostuserctl_page() -> str:
         "[\\fB\\-\\-json\\fR] \\fICOMMAND\\fR ...",
         p.description or "",
         body,
-        [("EXAMPLES", ".nf\nvhostuserctl list\nvhostuserctl resolve gpu \\-\\-feature virgl\n"
-          "vhostuserctl spawn 50\\-qemu\\-virtiofsd.json \\-o shared\\-dir=/srv/share \\-\\-listen /run/vm1/fs.sock\n"
-          "vhostuserctl spawn 50\\-qemu\\-gpu.json \\-\\-exec \\-\\- qemu\\-system\\-x86_64 ... "
-          "\\-chardev socket,id=gpu,fd={fd} \\-device vhost\\-user\\-gpu\\-pci,chardev=gpu\n"
-          "vhostuserctl list \\-\\-offline\nvhostuserctl check \\-\\-probe\n.fi"),
-         ("EXIT STATUS", "0 when the request was done; 1 when it failed (the reason is printed on one "
-          "line); 2 for bad usage. \\fBspawn \\-\\-exec\\fR exits with the command's status."),
+        [("EXAMPLES", (
+            ".nf\nvhostuserctl list\nvhostuserctl resolve gpu \\-\\-feature virgl\n"
+            "vhostuserctl spawn 50\\-qemu\\-virtiofsd.json \\-o shared\\-dir=/srv/share "
+            "\\-\\-listen /run/vm1/fs.sock\n"
+            "vhostuserctl spawn 50\\-qemu\\-gpu.json \\-\\-exec \\-\\- qemu\\-system\\-x86_64 ... "
+            "\\-chardev socket,id=gpu,fd={fd} \\-device vhost\\-user\\-gpu\\-pci,chardev=gpu\n"
+            "vhostuserctl list \\-\\-offline\nvhostuserctl check \\-\\-probe\n.fi")),
+         ("EXIT STATUS", (
+             "0 when the request was done; 1 when it failed (the reason is printed on one line); "
+             "2 for bad usage. \\fBspawn \\-\\-exec\\fR exits with the command's status.")),
          ("FILES", FILES),
          ("SEE ALSO", SEE_ALSO)],
     )

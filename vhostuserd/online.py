@@ -142,8 +142,12 @@ async def _spawn(c: BrokerClient, a: argparse.Namespace) -> int:
             return EXIT_OK
         print(f"backend {backend_id} serving {a.listen}; Ctrl-C stops it", file=sys.stderr, flush=True)
         interrupted: asyncio.Future[None] = loop.create_future()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(sig, lambda: interrupted.done() or interrupted.set_result(None))
+        def interrupt() -> None:
+            if not interrupted.done():
+                interrupted.set_result(None)
+
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(signum, interrupt)
         props = await _follow_until(c, path, interrupted)
         if props is None:
             await c.stop(backend_id)
@@ -183,8 +187,8 @@ async def _spawn(c: BrokerClient, a: argparse.Namespace) -> int:
     print(f"backend {backend_id} started; running {' '.join(argv)} (pid {pid})", file=sys.stderr, flush=True)
     # Ctrl-C reaches CMD from the terminal itself; forward what the terminal does not send.
     loop.add_signal_handler(signal.SIGINT, lambda: None)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, lambda s=sig: os.kill(pid, s))
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, os.kill, pid, signum)
     await _follow_until(c, path, exited)
     status = await exited
     try:

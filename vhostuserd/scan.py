@@ -14,8 +14,16 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .descriptors import ERROR, MASKED, MAX_DESCRIPTOR_SIZE, WARNING, Diagnostic, Parsed, broken
-from .descriptors import parse_descriptor
+from .descriptors import (
+    ERROR,
+    MASKED,
+    MAX_DESCRIPTOR_SIZE,
+    WARNING,
+    Diagnostic,
+    Parsed,
+    broken,
+    parse_descriptor,
+)
 from .lookup import Directory, Listing
 
 Identity = tuple[int, int, int, int, int]

@@ -16,10 +16,10 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import Message, MessageType, PropertyAccess, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.errors import DBusError
-from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
+from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
 from . import __version__
 from .capabilities import ProbeCache
@@ -42,8 +42,12 @@ BACKEND_IFACE = "org.vhostuserd.Broker1.Backend"
 OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
 ERROR_PREFIX = "org.vhostuserd.Broker1.Error."
 
+# A method call's (path, interface, member, signature), as its message has them (None for a
+# header field it lacks: a call need not name an interface).
+_CallKey = tuple[str | None, str | None, str | None, str]
+
 # Calls that may carry fds: (path prefix, interface, member, signature).
-FD_TAKING_CALLS = {(MANAGER_PATH, MANAGER_IFACE, "Spawn", "sa{sv}h")}
+FD_TAKING_CALLS: set[_CallKey] = {(MANAGER_PATH, MANAGER_IFACE, "Spawn", "sa{sv}h")}
 
 current_message: contextvars.ContextVar[Message] = contextvars.ContextVar("current_message")
 
@@ -94,10 +98,10 @@ class Bus(MessageBus):
         self.on_call: Callable[[Message], None] | None = None
         # Calls answered straight from the message handler when no waiting is needed
         # (saves dbus-fast's per-call dispatch and a task); None falls back to the method.
-        self.fast_paths: dict[tuple[str, str, str, str], Callable[[Message], Message | None]] = {}
+        self.fast_paths: dict[_CallKey, Callable[[Message], Message | None]] = {}
         self.add_message_handler(self._intercept)
 
-    def _intercept(self, msg: Message) -> bool:
+    def _intercept(self, msg: Message) -> Message | bool:
         if msg.message_type is MessageType.SIGNAL and msg.unix_fds:
             # Anyone may send us a unicast signal carrying fds; nothing here takes them.
             self._close_fds(msg)
@@ -113,7 +117,7 @@ class Bus(MessageBus):
         if fast is not None:
             reply = fast(msg)
             if reply is not None:
-                return reply  # type: ignore[return-value]  # dbus-fast sends a returned Message
+                return reply  # dbus-fast sends a returned Message as the reply
         return False
 
     @staticmethod
@@ -124,9 +128,11 @@ class Bus(MessageBus):
 
     def _takes_fds(self, msg: Message) -> bool:
         """Listed in FD_TAKING_CALLS and exported: else no handler would own the fds."""
-        if (msg.path, msg.interface, msg.member, msg.signature) not in FD_TAKING_CALLS:
+        path, name = msg.path, msg.interface
+        if (path is None or name is None
+                or (path, name, msg.member, msg.signature) not in FD_TAKING_CALLS):
             return False
-        interface = self._path_exports.get(msg.path, {}).get(msg.interface)
+        interface = self._path_exports.get(path, {}).get(name)
         return interface is not None and any(
             m.name == msg.member and m.in_signature == msg.signature and not m.disabled
             for m in ServiceInterface._get_methods(interface)
@@ -230,43 +236,43 @@ class DescriptorObject(ServiceInterface):
             self.emit_properties_changed(changed)
 
     @dbus_property(access=PropertyAccess.READ)
-    def Name(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+    def Name(self) -> "s":
         return self.descriptor.name
 
     @dbus_property(access=PropertyAccess.READ)
-    def Path(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+    def Path(self) -> "s":
         return self.descriptor.path
 
     @dbus_property(access=PropertyAccess.READ)
-    def Tier(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+    def Tier(self) -> "s":
         return self.descriptor.tier
 
     @dbus_property(access=PropertyAccess.READ)
-    def Type(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+    def Type(self) -> "s":
         return self.descriptor.type
 
     @dbus_property(access=PropertyAccess.READ)
-    def Description(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+    def Description(self) -> "s":
         return self.descriptor.description
 
     @dbus_property(access=PropertyAccess.READ)
-    def Binary(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+    def Binary(self) -> "s":
         return self.descriptor.binary
 
     @dbus_property(access=PropertyAccess.READ)
-    def Tags(self) -> "as":  # type: ignore[name-defined]  # noqa: F821
+    def Tags(self) -> "as":
         return list(self.descriptor.tags)
 
     @dbus_property(access=PropertyAccess.READ)
-    def Probed(self) -> "b":  # type: ignore[name-defined]  # noqa: F821
+    def Probed(self) -> "b":
         return self.caps is not None
 
     @dbus_property(access=PropertyAccess.READ)
-    def Features(self) -> "as":  # type: ignore[name-defined]  # noqa: F821
+    def Features(self) -> "as":
         return list(self.caps.features) if isinstance(self.caps, Capabilities) else []
 
     @dbus_property(access=PropertyAccess.READ)
-    def ProbeError(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+    def ProbeError(self) -> "s":
         return str(self.caps) if isinstance(self.caps, ProbeError) else ""
 
 
@@ -278,22 +284,22 @@ class Manager(ServiceInterface):
         self.broker = broker
 
     @method()
-    def ListDescriptors(self, type: "s") -> "aa{sv}":  # type: ignore[name-defined]  # noqa: F821
+    def ListDescriptors(self, type: "s") -> "aa{sv}":
         objs = self.broker.objects
         return [objs[d.name].as_dict() for d in self.broker.index.descriptors if type in ("", d.type)]
 
     @method()
-    async def Resolve(self, type: "s", features: "as") -> "oa{sv}":  # type: ignore[name-defined]  # noqa: F821
+    async def Resolve(self, type: "s", features: "as") -> "oa{sv}":
         d = await self.broker.resolve(type, features)
         obj = self.broker.objects[d.name]
         return [obj.path, obj.as_dict()]
 
     @method()
-    async def GetCapabilities(self, name: "s") -> "s":  # type: ignore[name-defined]  # noqa: F821
+    async def GetCapabilities(self, name: "s") -> "s":
         return await self.broker.capabilities(name)
 
     @method()
-    async def Spawn(self, name: "s", options: "a{sv}", socket: "h") -> "o":  # type: ignore[name-defined]  # noqa: F821
+    async def Spawn(self, name: "s", options: "a{sv}", socket: "h") -> "o":
         # 'h' is an index into the fds the call carries. dbus-fast passes the bare index on
         # when the call carries none (it would name one of OUR fds, to be checked, handed to
         # a backend and closed), None when it is out of range, and leaves unnamed fds to us.
@@ -311,11 +317,11 @@ class Manager(ServiceInterface):
         return await self.broker.spawner.spawn(name, options, fd)
 
     @method()
-    async def ListBackends(self) -> "aa{sv}":  # type: ignore[name-defined]  # noqa: F821
+    async def ListBackends(self) -> "aa{sv}":
         return await self.broker.spawner.list_backends()
 
     @method()
-    async def Reload(self) -> "t":  # type: ignore[name-defined]  # noqa: F821
+    async def Reload(self) -> "t":
         msg = current_message.get()
         caller = await self.broker.spawner.caller(msg.sender)
         await self.broker.spawner.authority.check(msg, caller.uid, "org.vhostuserd.manage", {"request": "reload"})
@@ -323,23 +329,23 @@ class Manager(ServiceInterface):
         return self.broker.index.generation
 
     @dbus_property(access=PropertyAccess.READ)
-    def Generation(self) -> "t":  # type: ignore[name-defined]  # noqa: F821
+    def Generation(self) -> "t":
         return self.broker.index.generation
 
     @dbus_property(access=PropertyAccess.READ)
-    def SearchPath(self) -> "as":  # type: ignore[name-defined]  # noqa: F821
+    def SearchPath(self) -> "as":
         return [d.path for d in self.broker.index.dirs]
 
     @dbus_property(access=PropertyAccess.READ)
-    def Diagnostics(self) -> "a(sss)":  # type: ignore[name-defined]  # noqa: F821
+    def Diagnostics(self) -> "a(sss)":
         return [list(d.as_tuple()) for d in self.broker.diagnostics]
 
     @dbus_property(access=PropertyAccess.READ)
-    def Version(self) -> "s":  # type: ignore[name-defined]  # noqa: F821
+    def Version(self) -> "s":
         return __version__
 
     @signal()
-    def IndexChanged(self, generation: int) -> "t":  # type: ignore[name-defined]  # noqa: F821
+    def IndexChanged(self, generation: int) -> "t":
         return generation
 
 

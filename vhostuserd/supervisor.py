@@ -217,7 +217,7 @@ class Supervisor:
         if ms > 0:
             try:
                 await asyncio.wait_for(asyncio.shield(b.exited), ms / 1000)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         if b.exited.done():
             await asyncio.sleep(0)  # let the output reader drain what is already there
@@ -303,7 +303,7 @@ class Supervisor:
         procs.kill_group(b.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(b.exited), self.grace_period)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("backend %s (pid %d) ignored SIGTERM for %gs: SIGKILL", b.id, b.pid, self.grace_period)
             procs.kill_group(b.pid, signal.SIGKILL)
             await asyncio.shield(b.exited)
@@ -354,7 +354,11 @@ class Supervisor:
                     self._read_output(b, os.open(f"/proc/{pid}/fd/1", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK))
                 except OSError as e:
                     log.debug("backend %s: cannot reopen its output: %s", b.id, e)
-            b.exited.add_done_callback(lambda f, b=b: self._on_exit(b, f.result()))
+
+            def on_exit(f: asyncio.Future[int], b: Backend = b) -> None:
+                self._on_exit(b, f.result())
+
+            b.exited.add_done_callback(on_exit)
             adopted.append(b)
             log.info("backend %s (pid %d, %s) re-adopted", b.id, pid, b.descriptor)
         return adopted
