@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,16 +32,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
-from busutil import BUS_NAME, MANAGER_PATH, VHOSTUSERD, Daemon, PrivateBus, Tree, descriptor  # noqa: E402
-from dbus_fast import Message, MessageType  # noqa: E402
-from dbus_fast.aio import MessageBus  # noqa: E402
+from busutil import BUS_NAME, MANAGER_PATH, VHOSTUSERD, Daemon, PrivateBus, Tree, descriptor
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
 
 BENCH_NAME = "org.vhostuserd.Bench"
 
 
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 def resolve_msg(dest: str, path: str, iface: str) -> Message:
@@ -151,8 +150,8 @@ def cold_activation(tree: Tree, runs: int) -> tuple[list[float], list[float]]:
             f"--sysconfdir {tree.sysconfdir}\n")
         b.reload()
 
-        async def first() -> float:
-            bus = await MessageBus(bus_address=b.address).connect()
+        async def first(address: str) -> float:
+            bus = await MessageBus(bus_address=address).connect()
             t0 = time.perf_counter()
             r = await bus.call(Message(destination=BUS_NAME, path=MANAGER_PATH, member="ListDescriptors",
                                        interface="org.vhostuserd.Broker1.Manager", signature="s", body=[""]))
@@ -161,7 +160,7 @@ def cold_activation(tree: Tree, runs: int) -> tuple[list[float], list[float]]:
             bus.disconnect()
             return dt
 
-        act.append(asyncio.run(first()) * 1000)
+        act.append(asyncio.run(first(b.address)) * 1000)
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import asyncio"], check=True)
         floor.append((time.perf_counter() - t0) * 1000)
@@ -186,8 +185,10 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
 
     def row(name: str, goal: str, measured: float, floor: float | None, unit: str, ratio: float | None,
             ok: bool | None, note: str = "") -> None:
-        rows.append(dict(row=name, goal=goal, measured=round(measured, 3), floor=None if floor is None else round(floor, 3),
-                         unit=unit, ratio=None if ratio is None else round(ratio, 3), at_goal=ok, note=note))
+        rows.append({"row": name, "goal": goal, "measured": round(measured, 3),
+                     "floor": None if floor is None else round(floor, 3), "unit": unit,
+                     "ratio": None if ratio is None else round(ratio, 3), "at_goal": ok,
+                     "note": note})
 
     with tempfile.TemporaryDirectory() as tmp:
         tree = Tree.make(Path(tmp))
@@ -204,8 +205,8 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
             asyncio.run(sequential_rate(bus.address, lambda: resolve_msg(BUS_NAME, MANAGER_PATH, "org.vhostuserd.Broker1.Manager"), 10))
             time.sleep(0.5)
             rss = rss_kb(daemon.proc.pid)
-            ours = lambda: resolve_msg(BUS_NAME, MANAGER_PATH, "org.vhostuserd.Broker1.Manager")  # noqa: E731
-            floor = lambda: resolve_msg(BENCH_NAME, "/org/vhostuserd/Bench", "org.vhostuserd.Bench.Noop")  # noqa: E731
+            ours = lambda: resolve_msg(BUS_NAME, MANAGER_PATH, "org.vhostuserd.Broker1.Manager")
+            floor = lambda: resolve_msg(BENCH_NAME, "/org/vhostuserd/Bench", "org.vhostuserd.Bench.Noop")
             lat_floor: list[float] = []
             lat_ours: list[float] = []
             r_floor = asyncio.run(sequential_rate(bus.address, floor, n, lat_floor))

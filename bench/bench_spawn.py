@@ -30,12 +30,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
-from busutil import Daemon, PrivateBus, Tree, descriptor  # noqa: E402
-from dbus_fast import Message, MessageType  # noqa: E402
-from dbus_fast.aio import MessageBus  # noqa: E402
+from busutil import Daemon, PrivateBus, Tree, descriptor
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
 
-from vhostuserd import procs  # noqa: E402
-from vhostuserd.client import BrokerClient  # noqa: E402
+from vhostuserd import procs
+from vhostuserd.client import BrokerClient
 
 GRACE = 0.5
 
@@ -144,9 +144,10 @@ def run(quick: bool, n_backends: int) -> tuple[list[dict[str, Any]], dict[str, l
 
     def row(name: str, goal: str, measured: float, floor: float | None, unit: str, ratio: float | None,
             ok: bool, note: str = "") -> None:
-        rows.append(dict(row=name, goal=goal, measured=round(measured, 3),
-                         floor=None if floor is None else round(floor, 3), unit=unit,
-                         ratio=None if ratio is None else round(ratio, 3), at_goal=ok, note=note))
+        rows.append({"row": name, "goal": goal, "measured": round(measured, 3),
+                     "floor": None if floor is None else round(floor, 3), "unit": unit,
+                     "ratio": None if ratio is None else round(ratio, 3), "at_goal": ok,
+                     "note": note})
 
     n = 30 if quick else 100
     with tempfile.TemporaryDirectory() as tmp:

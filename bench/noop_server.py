@@ -34,11 +34,11 @@ class Noop(ServiceInterface):
         super().__init__("org.vhostuserd.Bench.Noop")
 
     @method()
-    def Resolve(self, type: "s", features: "as") -> "oa{sv}":  # type: ignore[name-defined]  # noqa: F821
+    def Resolve(self, type: "s", features: "as") -> "oa{sv}":  # type: ignore[name-defined]
         return REPLY
 
     @method()
-    def Ping(self) -> "":  # type: ignore[name-defined]  # noqa: F722
+    def Ping(self) -> "":  # type: ignore[name-defined]
         return None
 
 

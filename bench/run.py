@@ -20,10 +20,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import bench_broker  # noqa: E402
-import bench_spawn  # noqa: E402
-from report import plot, print_table  # noqa: E402
-from soak import run_soak  # noqa: E402
+import bench_broker
+import bench_spawn
+from report import plot, print_table
+from soak import run_soak
 
 ORDER = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "soak"]
 
@@ -41,8 +41,9 @@ def main() -> None:
     samples.update(spawn_samples)
     n = 200 if a.quick else 1000
     soak = run_soak(n)
-    rows.append(dict(row=f"soak {n} backends", goal="no zombie/orphan/fd leak", measured=soak.seconds,
-                     floor=None, unit="s", ratio=None, at_goal=soak.ok, note=soak.summary()))
+    rows.append({"row": f"soak {n} backends", "goal": "no zombie/orphan/fd leak",
+                 "measured": soak.seconds, "floor": None, "unit": "s", "ratio": None,
+                 "at_goal": soak.ok, "note": soak.summary()})
     rows.sort(key=lambda r: next((i for i, p in enumerate(ORDER) if r["row"].startswith(p)), 99))
     print()
     print_table(rows)

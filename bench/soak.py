@@ -32,11 +32,11 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from busutil import Daemon, PrivateBus, Tree, descriptor  # noqa: E402
-from dbus_fast import Message, MessageType  # noqa: E402
-from dbus_fast.aio import MessageBus  # noqa: E402
+from busutil import Daemon, PrivateBus, Tree, descriptor
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
 
-from vhostuserd.client import BrokerClient  # noqa: E402
+from vhostuserd.client import BrokerClient
 
 
 @dataclass

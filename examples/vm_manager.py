@@ -59,7 +59,7 @@ async def main() -> int:
         #    itself if this program dies: it belongs to our bus connection).
         try:
             await asyncio.wait_for(qemu.wait(), a.seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             qemu.send_signal(signal.SIGTERM)
             await qemu.wait()
         await broker.stop(backend)

@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from busutil import Daemon, PrivateBus, Tree
 
 

@@ -372,7 +372,7 @@ class Caller:
             if gid is None:
                 gid = pwd.getpwuid(uid).pw_gid if uid in (NOBODY, OTHER_UID) else uid
             cmd = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *cmd]
-        self.stderr = tempfile.TemporaryFile()
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the child
         base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent", "LANG": "C.UTF-8"}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True, cwd=str(script.parent),
@@ -522,13 +522,14 @@ class DbusmockPolkit:
 
     def __init__(self, bus: PrivateBus) -> None:
         if not os.access(DEBIAN_PYTHON, os.X_OK) or subprocess.run(
-                [DEBIAN_PYTHON, "-c", "import dbusmock"], capture_output=True).returncode != 0:
+                [DEBIAN_PYTHON, "-c", "import dbusmock"], capture_output=True, check=False
+        ).returncode != 0:
             raise RuntimeError("python3-dbusmock is not installed for /usr/bin/python3 "
                                "(scripts/setup installs it)")
         self.bus = bus
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DBUS_", "PYTHON", "VIRTUAL_ENV"))}
         env["DBUS_SYSTEM_BUS_ADDRESS"] = bus.address
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - the mock's output, until close()
         self.proc = subprocess.Popen([DEBIAN_PYTHON, "-m", "dbusmock", "--system", "--template", "polkitd"],
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT)
         wait_for(lambda: self.proc.poll() is not None or bus.name_has_owner(POLKIT_NAME),

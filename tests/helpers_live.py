@@ -14,13 +14,14 @@ file event that happened before, and every signal those events caused is in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from busutil import BUS_NAME, MANAGER_PATH, Tree
 from dbus_fast import Message, MessageType, Variant
@@ -170,12 +171,10 @@ class Listener:
 
     async def close(self) -> None:
         self.bus.disconnect()
-        try:
+        with contextlib.suppress(Exception):  # already gone is fine
             await asyncio.wait_for(self.bus.wait_for_disconnect(), 2)
-        except Exception:  # noqa: BLE001 - already gone is fine
-            pass
 
-    async def __aenter__(self) -> Listener:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -228,6 +228,7 @@ def run_ctl(args: Sequence[str], env: Mapping[str, str], *, timeout: float = 30.
         errors="surrogateescape",
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        check=False,
     )
 
 
@@ -240,5 +241,5 @@ def run_unprivileged(code: str, *, timeout: float = 30.0) -> subprocess.Complete
     return subprocess.run(
         [*prefix, sys.executable, "-c", code],
         capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-        env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"},
+        env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}, check=False,
     )

@@ -15,10 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from busutil import BUS_NAME, MANAGER_PATH, VHOSTUSERD, PrivateBus, Tree, descriptor, run
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
-
-from busutil import BUS_NAME, MANAGER_PATH, VHOSTUSERD, PrivateBus, Tree, descriptor, run
 
 IDLE = 0.4
 

@@ -21,8 +21,8 @@ import pytest
 from busutil import Daemon, PrivateBus, Tree, run
 from helpers_spawn import (
     Client,
-    alive,
     Timer,
+    alive,
     await_for,
     gone,
     install,
@@ -207,7 +207,8 @@ def as_nobody(bus: PrivateBus, *args: str) -> subprocess.CompletedProcess[str]:
 
 def nobody(*cmd: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([shutil.which("setpriv") or "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
-                           "--clear-groups", *cmd], capture_output=True, text=True, timeout=30, env=env)
+                           "--clear-groups", *cmd], capture_output=True, text=True, timeout=30,
+                          env=env, check=False)
 
 
 def require_nobody(bus: PrivateBus) -> None:

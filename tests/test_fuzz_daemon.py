@@ -25,9 +25,6 @@ from typing import Any
 
 import pytest
 from busutil import Tree
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from helpers_auth import (
     NOBODY,
     Caller,
@@ -38,10 +35,12 @@ from helpers_auth import (
     system_bus,
     wait_for,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vhostuserd import lookup, scan
-from vhostuserd.index import Index
 from vhostuserd.descriptors import ERROR, MAX_DESCRIPTOR_SIZE
+from vhostuserd.index import Index
 from vhostuserd.options import OPTIONS
 
 MIN_CASES = 250

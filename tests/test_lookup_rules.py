@@ -375,8 +375,8 @@ def test_rule2_shadowed_names_the_losers_and_their_winner(tmp_path: Path) -> Non
 
 def test_rule2_search_path_order_and_xdg_defaults(tmp_path: Path) -> None:
     def tiers(**kw: object) -> list[tuple[str, str]]:
-        args: dict[str, object] = dict(system=False, sysconfdir="/etc", xdg_data_dirs=None,
-                                       xdg_config_home=None, home="/home/u")
+        args: dict[str, object] = {"system": False, "sysconfdir": "/etc", "xdg_data_dirs": None,
+                                   "xdg_config_home": None, "home": "/home/u"}
         args.update(kw)
         return [(d.tier, d.path) for d in lookup.search_path(**args)]  # type: ignore[arg-type]
 

@@ -215,7 +215,7 @@ def test_properties_changed_when_a_probe_completes(
                 added = await L.wait_signal(lambda s, o=obj: s.member == "InterfacesAdded"
                                             and s.body[0] == o, f"InterfacesAdded for {name}", m)
                 assert unwrap(added.body[1])[DESCRIPTOR_IFACE]["Probed"] is False
-                await await_for(lambda o=obj: props_changed(L, m, o), f"the probe of {name}")
+                await await_for(lambda o=obj, m=m: props_changed(L, m, o), f"the probe of {name}")
                 (changed,) = props_changed(L, m, obj)
                 if want is not None:
                     assert changed == want

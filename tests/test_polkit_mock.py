@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from busutil import PrivateBus, Tree
-
 from helpers_auth import (
     BACKEND_IFACE,
     MANAGE,

@@ -21,8 +21,6 @@ from typing import Any
 
 import pytest
 from busutil import PrivateBus, Tree
-
-import vhostuserd.authority as authority
 from helpers_auth import (
     BACKEND_IFACE,
     MANAGE,
@@ -36,6 +34,8 @@ from helpers_auth import (
     setup,
     system_bus,
 )
+
+from vhostuserd import authority
 
 INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 

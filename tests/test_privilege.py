@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 from busutil import PrivateBus, Tree
-
 from helpers_auth import (
     BACKEND_IFACE,
     MANAGE,
@@ -41,8 +40,8 @@ from helpers_auth import (
     wait_gone,
 )
 
-from vhostuserd.options import OptionError, plan
 from vhostuserd.descriptors import Capabilities, Descriptor
+from vhostuserd.options import OptionError, plan
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-from soak import run_soak  # noqa: E402
+from soak import run_soak
 
 
 @pytest.mark.slow

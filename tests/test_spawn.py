@@ -226,7 +226,7 @@ def test_child_gets_only_its_socket_null_stdin_root_cwd_own_session_and_minimal_
         assert fds[0] == "/dev/null"
         assert fds[1] == fds[2] and fds[1].startswith("pipe:"), fds
         assert fds[3] == f"socket:[{inode}]"
-        with open(f"/proc/{pid}/fdinfo/0") as f:
+        with open(f"/proc/{pid}/fdinfo/0") as f:  # noqa: ASYNC230 - procfs: it never blocks
             flags = int(next(line for line in f if line.startswith("flags:")).split()[1], 8)
         assert flags & os.O_ACCMODE in (os.O_RDONLY, os.O_RDWR)
         assert os.readlink(f"/proc/{pid}/cwd") == "/"

@@ -38,6 +38,7 @@ from vhostuserd import options as spawn_options
 from vhostuserd.client import QuotaExceeded
 from vhostuserd.descriptors import Capabilities, Descriptor
 
+
 @dataclass
 class Env:
     daemon: Daemon
