@@ -4,6 +4,7 @@ and a descriptor tree on disk. Nothing here is a mock."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,6 +50,38 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
   {extra}
 </busconfig>
 """
+
+
+POLL = 0.015
+
+
+def wait_for(cond: Callable[[], T], what: str | Callable[[], str], timeout: float = 10.0) -> T:
+    """Poll ``cond`` until it returns something true; fail naming ``what`` (computed lazily,
+    to show the state that did not match) after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            text = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout}s waiting for {text}")
+        time.sleep(POLL)
+
+
+async def await_for(cond: Callable[[], Any], what: str | Callable[[], str], timeout: float = 10.0) -> Any:
+    """Async `wait_for`; ``cond`` may return an awaitable."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            text = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout}s waiting for {text}")
+        await asyncio.sleep(POLL)
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:

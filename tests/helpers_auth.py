@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import busutil
 from busutil import MANAGER_PATH, Daemon, PrivateBus, Tree
 
 T = TypeVar("T")
@@ -64,16 +65,9 @@ TIMEOUT = 20.0
 
 
 def wait_for(cond: Callable[[], T], what: str | Callable[[], str], timeout: float = TIMEOUT) -> T:
-    """Poll ``cond`` until it returns something true; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            text = what if isinstance(what, str) else what()
-            raise AssertionError(f"timed out after {timeout}s waiting for {text}")
-        time.sleep(0.02)
+    """`busutil.wait_for` with this module's longer default (polkit and setpriv callers are slow)."""
+    return busutil.wait_for(cond, what, timeout)
+
 
 
 def public_dir(prefix: str) -> Path:

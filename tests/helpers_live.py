@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import itertools
 import os
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-from busutil import BUS_NAME, MANAGER_PATH, Tree
+from busutil import BUS_NAME, MANAGER_PATH, Tree, await_for, wait_for  # noqa: F401 - re-exported for the tests
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
@@ -41,38 +39,10 @@ ERROR_PREFIX = "org.vhostuserd.Broker1.Error."
 POLL = 0.015
 TIMEOUT = 10.0
 
+
 Row = tuple[str, str, str, str, str, str, tuple[str, ...]]
 
 _barriers = itertools.count()
-
-
-def wait_for(cond: Callable[[], T], what: str, timeout: float = TIMEOUT) -> T:
-    """Poll ``cond`` until it returns something true; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(POLL)
-
-
-async def await_for(cond: Callable[[], Any], what: str | Callable[[], str],
-                    timeout: float = TIMEOUT) -> Any:
-    """Async `wait_for`; ``cond`` may be a coroutine function. ``what`` may be computed
-    lazily, to show the state that did not match."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            text = what() if callable(what) else what
-            raise AssertionError(f"timed out after {timeout}s waiting for {text}")
-        await asyncio.sleep(POLL)
 
 
 def unwrap(value: Any) -> Any:

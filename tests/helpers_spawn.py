@@ -11,21 +11,19 @@ finds whatever a test left behind, without trusting pids alone.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import inspect
 import json
 import os
 import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from busutil import BUS_NAME, MANAGER_PATH, Daemon, Tree, descriptor
+from busutil import BUS_NAME, MANAGER_PATH, Daemon, Tree, await_for, descriptor, wait_for  # noqa: F401 - re-exported for the tests
 from dbus_fast import Message, MessageType, Variant
 
 from vhostuserd.client import MANAGER_IFACE, BrokerClient
@@ -36,38 +34,8 @@ FAKES = Path(__file__).resolve().parent / "fake_backends"
 ERROR = "org.vhostuserd.Broker1.Error."
 POLL = 0.015
 TIMEOUT = 10.0
+
 OM_IFACE = "org.freedesktop.DBus.ObjectManager"
-
-
-# ---------------------------------------------------------------- waiting
-
-
-def wait_for(cond: Callable[[], T], what: str | Callable[[], str], timeout: float = TIMEOUT) -> T:
-    """Poll ``cond`` until it returns something true; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            text = what() if callable(what) else what
-            raise AssertionError(f"timed out after {timeout}s waiting for {text}")
-        time.sleep(POLL)
-
-
-async def await_for(cond: Callable[[], Any], what: str | Callable[[], str], timeout: float = TIMEOUT) -> Any:
-    """Async `wait_for`; ``cond`` may return an awaitable."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            text = what() if callable(what) else what
-            raise AssertionError(f"timed out after {timeout}s waiting for {text}")
-        await asyncio.sleep(POLL)
 
 
 # ---------------------------------------------------------------- fake backends

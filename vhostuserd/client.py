@@ -169,6 +169,7 @@ def backend_path(backend: str) -> str:
 
 
 def _name_from_path(path: str) -> str:
+    """A descriptor's name from its object path (the inverse of systemd's bus_label_escape)."""
     label = path.rsplit("/", 1)[-1]
     if label == "_":
         return ""

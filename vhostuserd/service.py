@@ -71,21 +71,6 @@ def escape_label(name: str) -> str:
     return "".join(out)
 
 
-def unescape_label(label: str) -> str:
-    if label == "_":
-        return ""
-    out = bytearray()
-    i = 0
-    while i < len(label):
-        if label[i] == "_":
-            out.append(int(label[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out.append(ord(label[i]))
-            i += 1
-    return out.decode("utf-8", "surrogateescape")
-
-
 def descriptor_path(name: str) -> str:
     return DESCRIPTOR_PREFIX + escape_label(name)
 
