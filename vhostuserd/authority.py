@@ -258,6 +258,10 @@ class Authority:
         self.bus = bus
         self.system = system
 
+    def consults_polkit(self, uid: int) -> bool:
+        """Whether `check` asks polkit for this caller (system service, not root)."""
+        return self.system and uid != 0
+
     async def check(self, msg: Message, uid: int, action: str, details: dict[str, str]) -> None:
         """Return when the caller may perform ``action``; raise a D-Bus error otherwise."""
         if not self.system:
