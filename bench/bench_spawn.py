@@ -122,17 +122,21 @@ async def many_backends(c: BrokerClient, name: str, n: int, pid: int) -> tuple[i
     """(RSS before, RSS after n backends, threads after, seconds to spawn them)."""
     await asyncio.sleep(0.5)
     before = rss_kb(pid)
-    socks = []
+    socks, paths = [], []
     t0 = time.perf_counter()
     for _ in range(n):
         a, b = socket.socketpair()
-        await c.spawn(name, b.fileno(), {"settle-ms": 0})
+        paths.append(await c.spawn(name, b.fileno(), {"settle-ms": 0}))
         b.close()
         socks.append(a)
     took = time.perf_counter() - t0
     await asyncio.sleep(1.0)
     after = rss_kb(pid)
     nthreads = threads(pid)
+    # Stop them all before the daemon goes: a daemon stopped by SIGTERM leaves its backends
+    # running (to re-adopt them), which here would leave them behind.
+    for i in range(0, len(paths), 50):
+        await asyncio.gather(*(c.stop(p) for p in paths[i : i + 50]))
     for a in socks:
         a.close()
     return before, after, nthreads, took
