@@ -222,6 +222,7 @@ class Daemon:
     async def _own_name(self, bus: Bus) -> None:
         from dbus_fast import Message, NameFlag, RequestNameReply
 
+        from .backends import DBUS
         from .service import BUS_NAME
 
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
@@ -229,13 +230,9 @@ class Daemon:
             return
         owner = "another process"
         with contextlib.suppress(Exception):  # only used to improve the message
-            r = await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                                       interface="org.freedesktop.DBus", member="GetNameOwner",
-                                       signature="s", body=[BUS_NAME]))
+            r = await bus.call(Message(member="GetNameOwner", signature="s", body=[BUS_NAME], **DBUS))
             unique = r.body[0]
-            r = await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                                       interface="org.freedesktop.DBus",
-                                       member="GetConnectionUnixProcessID", signature="s", body=[unique]))
+            r = await bus.call(Message(member="GetConnectionUnixProcessID", signature="s", body=[unique], **DBUS))
             owner = f"{unique} (pid {r.body[0]})"
         raise StartupError(f"{BUS_NAME} is already owned on this bus by {owner}: is another vhostuserd running?")
 
@@ -328,6 +325,7 @@ class Daemon:
         """Return once idle and our name is released with every queued call answered."""
         from dbus_fast import Message, MessageType
 
+        from .backends import DBUS
         from .service import BUS_NAME
 
         timeout = self.opts.idle_timeout
@@ -347,9 +345,8 @@ class Daemon:
             return False
 
         bus.add_message_handler(on_signal)
-        await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                               interface="org.freedesktop.DBus", member="AddMatch", signature="s",
-                               body=[f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{BUS_NAME}'"]))
+        await bus.call(Message(member="AddMatch", signature="s", **DBUS, body=[
+            f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{BUS_NAME}'"]))
         await bus.release_name(BUS_NAME)
         # Calls routed to us before the release precede this signal on our socket.
         try:
