@@ -84,6 +84,18 @@ async def await_for(cond: Callable[[], Any], what: str | Callable[[], str], time
         await asyncio.sleep(POLL)
 
 
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 5) -> int:
+    """Signal ``proc`` if it still runs, wait, and SIGKILL it if it does not go in time."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def run(coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
@@ -116,12 +128,7 @@ class PrivateBus:
                     "ReloadConfig")
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         for f in (self.proc.stdout, self.proc.stderr):
             if f:
                 f.close()
@@ -243,15 +250,9 @@ class Daemon:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, sig, timeout)
         self._log.close()
-        return self.proc.returncode
+        return code
 
     def assert_clean_log(self) -> None:
         text = self.log()

@@ -1,5 +1,6 @@
 """Shared fixtures: one real private dbus-daemon per test session, a fresh descriptor tree
-and a real vhostuserd per test."""
+and a real vhostuserd per test; for the authorization tests, a private system bus per module
+and python-dbusmock's polkitd on it (a module may define its own `polkit`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from busutil import Daemon, PrivateBus, Tree
+from helpers_auth import DbusmockPolkit, system_bus
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +36,22 @@ def start_daemon(bus: PrivateBus, tree: Tree) -> Iterator[Callable[..., Daemon]]
     yield start
     for d in started:
         d.stop()
+
+
+@pytest.fixture(scope="module")
+def sysbus() -> Iterator[PrivateBus]:
+    """A private bus of type system that every uid may connect to."""
+    b = system_bus()
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def polkit(sysbus: PrivateBus) -> Iterator[DbusmockPolkit]:
+    """python-dbusmock's polkitd template on ``sysbus`` (run by Debian's python3)."""
+    try:
+        p = DbusmockPolkit(sysbus)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    yield p
+    p.close()

@@ -570,13 +570,7 @@ class DbusmockPolkit:
         self.clear_calls()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        busutil.stop_process(self.proc)
         self.log.close()
 
 
@@ -662,13 +656,7 @@ class RecordingPolkit:
         self.record.write_text("")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        busutil.stop_process(self.proc)
         for f in (self.proc.stdout, self.proc.stderr):
             if f:
                 f.close()

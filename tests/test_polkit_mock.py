@@ -31,27 +31,9 @@ from helpers_auth import (
     ids,
     setup,
     status,
-    system_bus,
     wait_for,
     wait_gone,
 )
-
-
-@pytest.fixture(scope="module")
-def sysbus() -> Iterator[PrivateBus]:
-    b = system_bus()
-    yield b
-    b.close()
-
-
-@pytest.fixture(scope="module")
-def polkit(sysbus: PrivateBus) -> Iterator[DbusmockPolkit]:
-    try:
-        p = DbusmockPolkit(sysbus)
-    except RuntimeError as e:
-        pytest.skip(str(e))
-    yield p
-    p.close()
 
 
 @pytest.fixture

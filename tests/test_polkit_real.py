@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from busutil import PrivateBus, Tree
+from busutil import PrivateBus, Tree, stop_process
 from helpers_auth import (
     NOBODY,
     POLKIT_NAME,
@@ -29,7 +29,6 @@ from helpers_auth import (
     ids,
     setup,
     status,
-    system_bus,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,13 +59,6 @@ def why_polkitd_cannot_run() -> str | None:
     if subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False).returncode != 0:
         return "cannot create a mount namespace here (unshare -m failed)"
     return None
-
-
-@pytest.fixture(scope="module")
-def sysbus() -> Iterator[PrivateBus]:
-    b = system_bus()
-    yield b
-    b.close()
 
 
 @pytest.fixture
@@ -106,13 +98,7 @@ def polkitd(sysbus: PrivateBus, tmp_path: Path) -> Iterator[Callable[[str], None
 
     yield start
     for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, timeout=10)
         if proc.stdout:
             proc.stdout.close()
     deadline = time.monotonic() + 10

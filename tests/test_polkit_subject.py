@@ -32,19 +32,11 @@ from helpers_auth import (
     SystemSetup,
     public_dir,
     setup,
-    system_bus,
 )
 
 from vhostuserd import authority
 
 INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
-
-
-@pytest.fixture(scope="module")
-def sysbus() -> Iterator[PrivateBus]:
-    b = system_bus()
-    yield b
-    b.close()
 
 
 @pytest.fixture(scope="module")

@@ -35,31 +35,12 @@ from helpers_auth import (
     public_dir,
     setup,
     status,
-    system_bus,
     wait_for,
     wait_gone,
 )
 
 from vhostuserd.descriptors import Capabilities, Descriptor
 from vhostuserd.options import OptionError, plan
-
-
-@pytest.fixture(scope="module")
-def sysbus() -> Iterator[PrivateBus]:
-    b = system_bus()
-    yield b
-    b.close()
-
-
-@pytest.fixture(scope="module")
-def polkit(sysbus: PrivateBus) -> Iterator[DbusmockPolkit]:
-    try:
-        p = DbusmockPolkit(sysbus)
-    except RuntimeError as e:
-        pytest.skip(str(e))
-    yield p
-    p.close()
-
 
 Start = Callable[..., SystemSetup]
 

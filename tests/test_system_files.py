@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from busutil import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL = REPO / "scripts" / "install"
@@ -726,13 +727,7 @@ def polkitd(installed: Installed, tmp_path: Path, buses: list[Bus]) -> Iterator[
             time.sleep(0.1)
         yield Polkitd(env=env, proc=proc)
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, timeout=10)
         for f in (proc.stdout, proc.stderr):
             if f:
                 f.close()
