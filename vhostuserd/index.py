@@ -64,6 +64,9 @@ class Index:
         self._sorted: tuple[Descriptor, ...] | None = ()
         self._diagnostics: tuple[Diagnostic, ...] | None = ()
         self._dir_of = {d.path: i for i, d in enumerate(self.dirs)}
+        # Candidates that are symlinks, kept as files come and go, so a change does not
+        # cost an lstat of every descriptor (see symlinked_paths).
+        self._symlinks: set[str] = set()
 
     # ---- reading
 
@@ -140,6 +143,7 @@ class Index:
             self._decide(name, change)
         live = {f"{d.path}/{n}" for d, e in zip(self.dirs, self._entries, strict=True) for n in e}
         self.cache.forget_missing(live)
+        self._symlinks = {path for path in live if os.path.islink(path)}
         return self._finish(change)
 
     def update_files(self, paths: Iterable[str]) -> Change:
@@ -157,6 +161,10 @@ class Index:
                 self.cache.entries.pop(path, None)
             else:
                 self._entries[i][name] = parsed
+            if parsed is not None and os.path.islink(path):
+                self._symlinks.add(path)
+            else:
+                self._symlinks.discard(path)
             names.add(name)
         for name in names:
             self._decide(name, change)
@@ -164,13 +172,7 @@ class Index:
 
     def symlinked_paths(self) -> list[str]:
         """Candidates that are symlinks: their targets may change without an event here."""
-        out = []
-        for d, entries in zip(self.dirs, self._entries, strict=True):
-            for name in entries:
-                path = f"{d.path}/{name}"
-                if os.path.islink(path):
-                    out.append(path)
-        return out
+        return sorted(self._symlinks)
 
 
 def _sendable(text: str) -> bool:
