@@ -2,22 +2,39 @@
 of Spawn, with no D-Bus in it.
 
 Owns each backend's life: started by `procs.spawn` in its own session with the socket as
-fd 3, stdout/stderr into a pipe read on the event loop (the last 64 KiB kept, each line
-logged with the backend's id), its exit seen through a pidfd (no thread per backend),
-stopped with SIGTERM to its process group and SIGKILL when the grace period runs out.
+fd 3, stdout/stderr into a pipe read on the event loop, its exit seen through a pidfd held
+from the spawn on (no thread per backend), stopped with SIGTERM to its process group and
+SIGKILL when the grace period runs out. Every signal goes through that pidfd, never to a
+pid or group number that may have been freed and reused (`procs.signal_group`).
+
+The backend runs as the caller, who owns its process: it may ptrace it, read and write its
+fds. So nothing the daemon does with it may depend on what its fd table holds: output is
+read from the daemon's own end of the pipe, a bounded amount per wake-up and per second,
+and only a rate-limited share of it goes to the daemon's log (the last 64 KiB are kept for
+GetLog whatever the rate).
+
 Each running backend has a small state file, so a restarted daemon (even after SIGKILL)
-re-adopts those still alive with the same pid, start time and executable.
+re-adopts those still alive with the same pid, start time and executable; a damaged record
+is quarantined (``.bad``), never trusted, and its backend still adopted or reported where
+it can be. The output pipe is taken back without opening anything by path through the
+backend's fd table: from the systemd file descriptor store (`FdStore`, where the daemon
+put its read end and the pidfd at spawn), else with pidfd_getfd(2), accepted only if it is
+the very pipe recorded at spawn; else the log starts empty, with a warning.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
+import re
 import signal
+import socket
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +43,15 @@ from .authority import SETPRIV
 
 log = logging.getLogger("vhostuserd.supervisor")
 
-LOG_KEEP = 64 * 1024
-LINE_MAX = 1024
+LOG_KEEP = 64 * 1024  # what GetLog returns at most: the last 64 KiB of output
+LINE_MAX = 1024  # longest line passed to the daemon's log (the rest is cut)
+READ_CHUNK = 16 * 1024  # read at most this much per wake-up of a backend's pipe
+READ_PER_S = 1024 * 1024  # read at most this much per backend per second; then it waits
+LOG_LINES_PER_S, LOG_BURST = 20, 200  # lines per backend into the daemon's log
+LOG_LINES_PER_S_ALL, LOG_BURST_ALL = 200, 1000  # lines of all backends together
 RUNNING, STOPPING, EXITED = "running", "stopping", "exited"
 ID_BLOCK = 64
+_RECORD = re.compile(r"backend-(.*)\.json")
 
 
 class SpawnError(Exception):
@@ -65,11 +87,102 @@ def _proc_exe(pid: int) -> str | None:
         return None
 
 
-def _fd_target(pid: int, fd: int) -> str | None:
+def _proc_uid(pid: int) -> int | None:
     try:
-        return os.readlink(f"/proc/{pid}/fd/{fd}")
-    except OSError:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+    except (OSError, StopIteration, ValueError, IndexError):
         return None
+
+
+def _proc_cmdline(pid: int) -> tuple[str, ...]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return ()
+    return tuple(a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")[:-1])
+
+
+def _pipefs_dev() -> int:
+    r, w = os.pipe()
+    try:
+        return os.fstat(r).st_dev
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+class _Bucket:
+    """A token bucket: ``rate`` per second, at most ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.last = time.monotonic()
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class FdStore:
+    """The systemd file descriptor store (sd_notify FDSTORE=1 with FDNAME=, fds back as
+    LISTEN_FDS / LISTEN_FDNAMES at the next start), when systemd gave us a NOTIFY_SOCKET.
+
+    What systemd passed at start-up is taken at once (``taken``), only if LISTEN_PID is us;
+    the variables are removed so that nothing we start sees them."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        path = env.get("NOTIFY_SOCKET", "")
+        self.address = ("\0" + path[1:]) if path.startswith("@") else path
+        self.taken: dict[str, int] = {}
+        n, names, listen_pid = env.get("LISTEN_FDS", ""), env.get("LISTEN_FDNAMES", ""), env.get("LISTEN_PID", "")
+        if environ is None:
+            for var in ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID"):
+                os.environ.pop(var, None)
+        if not (n.isdigit() and listen_pid == str(os.getpid())):
+            return
+        labels = names.split(":") if names else []
+        for i in range(int(n)):
+            fd = 3 + i
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                continue
+            name = labels[i] if i < len(labels) else ""
+            if name in self.taken or not name.startswith("backend-"):
+                os.close(fd)  # not one of ours (or a duplicate): nothing will use it
+                continue
+            self.taken[name] = fd
+
+    @property
+    def available(self) -> bool:
+        return bool(self.address.startswith(("/", "\0")))
+
+    def _send(self, text: str, fds: list[int]) -> bool:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                socket.send_fds(s, [text.encode()], fds, 0, self.address)
+            return True
+        except OSError as e:
+            log.warning("file descriptor store: %s failed: %s", text.replace("\n", " "), e)
+            return False
+
+    def add(self, name: str, fd: int) -> bool:
+        return self.available and self._send(f"FDSTORE=1\nFDNAME={name}", [fd])
+
+    def remove(self, name: str) -> None:
+        if self.available:
+            self._send(f"FDSTOREREMOVE=1\nFDNAME={name}", [])
+
+    def pop(self, name: str) -> int | None:
+        return self.taken.pop(name, None)
 
 
 @dataclass
@@ -85,16 +198,21 @@ class Backend:
     started_at: int  # microseconds since the epoch
     start_time: int  # /proc/PID/stat starttime, for re-adoption
     exe: str
-    log_pipe: str = ""  # "pipe:[inode]" of the backend's stdout, for re-adoption
+    log_pipe: str = ""  # "pipe:[inode]" of the daemon's own read end, recorded at spawn
     adopted: bool = False
     state: str = RUNNING
     exit_status: int = -1
     exit_signal: int = -1
     log: bytearray = field(default_factory=bytearray, repr=False)
     out_fd: int = field(default=-1, repr=False)
+    pidfd: int = field(default=-1, repr=False)  # held from spawn (or re-adoption) to exit
     exited: asyncio.Future[int] | None = field(default=None, repr=False)
     _partial: bytes = field(default=b"", repr=False)
     _stopping: asyncio.Task[None] | None = field(default=None, repr=False)
+    _lines: _Bucket = field(default_factory=lambda: _Bucket(LOG_LINES_PER_S, LOG_BURST), repr=False)
+    _suppressed: int = field(default=0, repr=False)
+    _window: float = field(default=0.0, repr=False)
+    _window_bytes: int = field(default=0, repr=False)
 
     def record(self) -> dict[str, Any]:
         return {
@@ -103,6 +221,41 @@ class Backend:
             "started_at": self.started_at, "start_time": self.start_time, "exe": self.exe,
             "log_pipe": self.log_pipe,
         }
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "descriptor": lambda v: isinstance(v, str),
+    "binary": lambda v: isinstance(v, str),
+    "argv": lambda v: isinstance(v, list) and bool(v) and all(isinstance(a, str) for a in v),
+    "pid": lambda v: _is_int(v, 2),
+    "owner": lambda v: isinstance(v, str),
+    "owner_uid": lambda v: _is_int(v),
+    "detached": lambda v: isinstance(v, bool),
+    "started_at": lambda v: _is_int(v),
+    "start_time": lambda v: _is_int(v),
+    "exe": lambda v: isinstance(v, str),
+    "log_pipe": lambda v: isinstance(v, str),
+}
+
+
+def _load_record(path: str, backend_id: str) -> tuple[dict[str, Any], list[str]]:
+    """The fields of a record that are sound, and what is wrong with the rest."""
+    try:
+        with open(path, "rb") as f:
+            raw = json.loads(f.read(1 << 20))
+    except (OSError, ValueError) as e:
+        return {}, [f"unreadable ({e})"]
+    if not isinstance(raw, dict):
+        return {}, [f"not a JSON object but {type(raw).__name__}"]
+    good = {k: raw[k] for k, ok in _CHECKS.items() if k in raw and ok(raw[k])}
+    bad = [k for k in _CHECKS if k not in good and k != "log_pipe"]
+    if raw.get("id") != backend_id:
+        bad.insert(0, "id")
+    return good, bad
 
 
 class Supervisor:
@@ -114,15 +267,19 @@ class Supervisor:
         state_dir: str,
         grace_period: float,
         on_change: Callable[[Backend, str], None],
+        store: FdStore | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.reaper = reaper
         self.state_dir = state_dir
         self.grace_period = grace_period
         self.on_change = on_change
+        self.store = store if store is not None else FdStore()
         self.backends: dict[str, Backend] = {}
         self._id_next = 0
         self._id_reserved = 0
+        self._lines = _Bucket(LOG_LINES_PER_S_ALL, LOG_BURST_ALL)
+        self._pipefs = _pipefs_dev()
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
 
     # ---- ids and records
@@ -163,6 +320,18 @@ class Supervisor:
         except FileNotFoundError:
             pass
 
+    def _quarantine(self, path: str, why: str) -> None:
+        """Keep a record that cannot be trusted for a human to look at, out of our way."""
+        dest, n = f"{path}.bad", 1
+        while os.path.exists(dest):
+            dest, n = f"{path}.bad.{n}", n + 1
+        try:
+            os.replace(path, dest)
+        except OSError as e:
+            log.warning("%s: %s; cannot quarantine it: %s", path, why, e.strerror)
+            return
+        log.warning("%s: %s; quarantined as %s", path, why, dest)
+
     # ---- starting
 
     def count(self, uid: int | None = None) -> int:
@@ -192,16 +361,20 @@ class Supervisor:
         finally:
             os.close(out_w)
             os.close(null)
-        exited = self.reaper.watch(pid)
+        # Our unreaped child: this pid can be no other process.
+        pidfd = os.pidfd_open(pid)
         b = Backend(
             id=self._next_id(), descriptor=descriptor, binary=argv[0], argv=argv, pid=pid, owner=owner,
             owner_uid=owner_uid, detached=detached, started_at=time.time_ns() // 1000,
-            start_time=0, exe="", exited=exited,
+            start_time=0, exe="", log_pipe=f"pipe:[{os.fstat(out_r).st_ino}]", pidfd=pidfd,
         )
+        b.exited = self.reaper.watch(pid, pidfd, before_reap=lambda: self._kill_helpers(b))
         self.backends[b.id] = b
         self._read_output(b, out_r)
-        exited.add_done_callback(lambda f: self._on_exit(b, f.result()))
+        b.exited.add_done_callback(lambda f: self._on_exit(b, f.result()))
         self._save(b)
+        self.store.add(f"backend-{b.id}-pid", pidfd)
+        self.store.add(f"backend-{b.id}-log", out_r)
         # Reading /proc/PID/* while the child is still inside exec blocks until the exec is
         # done (~0.5 ms): identify it a moment later. Through setpriv or a wrapper script the
         # program is final only after another exec: look again after a second.
@@ -220,22 +393,23 @@ class Supervisor:
             except TimeoutError:
                 pass
         if b.exited.done():
-            await asyncio.sleep(0)  # let the output reader drain what is already there
-            self._drain(b)
+            await asyncio.sleep(0)  # let the output reader take what is already there
+            for _ in range(LOG_KEEP // READ_CHUNK):
+                if not self._read_some(b):
+                    break
             tail = bytes(b.log[-2048:]).decode("utf-8", "replace").strip()
             raise SpawnError(f"{b.binary} {procs.status_text(b.exited.result())} at once"
                              + (f"; its output ends with:\n{tail}" if tail else " (no output)"))
         self._identify(b)
 
     def _identify(self, b: Backend) -> None:
-        """Record what re-adoption checks: start time, executable, output pipe."""
+        """Record what re-adoption checks: start time and executable."""
         if b.state == EXITED:
             return
         start_time = b.start_time or _proc_start_time(b.pid) or 0
         exe = _proc_exe(b.pid) or b.exe
-        log_pipe = b.log_pipe or _fd_target(b.pid, 1) or ""
-        if (start_time, exe, log_pipe) != (b.start_time, b.exe, b.log_pipe):
-            b.start_time, b.exe, b.log_pipe = start_time, exe, log_pipe
+        if (start_time, exe) != (b.start_time, b.exe):
+            b.start_time, b.exe = start_time, exe
             self._save(b)
 
     # ---- output
@@ -243,47 +417,95 @@ class Supervisor:
     def _read_output(self, b: Backend, fd: int) -> None:
         os.set_blocking(fd, False)
         b.out_fd = fd
-        self.loop.add_reader(fd, self._drain, b)
+        self.loop.add_reader(fd, self._read_some, b)
 
-    def _drain(self, b: Backend) -> None:
+    def _read_some(self, b: Backend) -> bool:
+        """One bounded read of ``b``'s output (never until the pipe is empty: a writer can
+        keep it full). True if there may be more to read now."""
         fd = b.out_fd
         if fd < 0:
-            return
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                chunk = b""
-            if not chunk:
-                self.loop.remove_reader(fd)
-                os.close(fd)
-                b.out_fd = -1
-                if b._partial:
-                    self._log_line(b, b._partial)
-                    b._partial = b""
-                return
-            b.log += chunk
-            if len(b.log) > LOG_KEEP:
-                del b.log[: len(b.log) - LOG_KEEP]
-            lines = (b._partial + chunk).split(b"\n")
-            b._partial = lines.pop()[-LINE_MAX:]
-            for line in lines:
-                self._log_line(b, line)
+            return False
+        try:
+            chunk = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._close_output(b)
+            if b._partial:
+                self._log_lines(b, [b._partial])
+                b._partial = b""
+            return False
+        b.log += chunk
+        if len(b.log) > LOG_KEEP:
+            del b.log[: len(b.log) - LOG_KEEP]
+        lines = (b._partial + chunk).split(b"\n")
+        b._partial = lines.pop()[-LINE_MAX:]
+        self._log_lines(b, lines)
+        now = self.loop.time()
+        if now - b._window >= 1.0:
+            b._window, b._window_bytes = now, 0
+        b._window_bytes += len(chunk)
+        if b._window_bytes >= READ_PER_S:
+            # Enough for this second: the writer waits on a full pipe until the next.
+            self.loop.remove_reader(fd)
+            self.loop.call_at(b._window + 1.0, self._resume_output, b, fd)
+            return False
+        return True
 
-    def _log_line(self, b: Backend, line: bytes) -> None:
-        log.info("backend %s: %s", b.id, line[:LINE_MAX].decode("utf-8", "replace").rstrip())
+    def _resume_output(self, b: Backend, fd: int) -> None:
+        if b.out_fd == fd:
+            self.loop.add_reader(fd, self._read_some, b)
+
+    def _close_output(self, b: Backend) -> None:
+        if b.out_fd >= 0:
+            self.loop.remove_reader(b.out_fd)
+            os.close(b.out_fd)
+            b.out_fd = -1
+
+    def _log_lines(self, b: Backend, lines: list[bytes]) -> None:
+        """Pass lines to the daemon's log within the rates; count the rest, and say so."""
+        now = time.monotonic()
+        for i, line in enumerate(lines):
+            if not (b._lines.take(now) and self._lines.take(now)):
+                if not b._suppressed:
+                    self.loop.call_later(1.0, self._note_suppressed, b)
+                b._suppressed += len(lines) - i
+                return
+            log.info("backend %s: %s", b.id, line[:LINE_MAX].decode("utf-8", "replace").rstrip())
+
+    def _note_suppressed(self, b: Backend) -> None:
+        n, b._suppressed = b._suppressed, 0
+        if n:
+            log.warning("backend %s: suppressed %d lines of output (more than %d lines/s per backend or %d in all "
+                        "for the daemon's log; GetLog keeps the last %d KiB)", b.id, n, LOG_LINES_PER_S,
+                        LOG_LINES_PER_S_ALL, LOG_KEEP // 1024)
 
     # ---- exit and stop
+
+    def _signal(self, b: Backend, sig: int) -> None:
+        """``sig`` to the backend's process group, through the pidfd held since the spawn."""
+        if b.pidfd >= 0:
+            own_unreaped = not b.adopted and b.exited is not None and not b.exited.done()
+            procs.signal_group(b.pidfd, b.pid, sig, leader_unreaped=own_unreaped)
+
+    def _kill_helpers(self, b: Backend) -> None:
+        """The backend has exited and is not reaped yet: the members left in its group are
+        orphans now, and a backend takes its helpers with it."""
+        if b.pidfd >= 0:
+            procs.signal_group(b.pidfd, b.pid, signal.SIGKILL, leader_unreaped=not b.adopted)
 
     def _on_exit(self, b: Backend, status: int) -> None:
         b.exit_status, b.exit_signal = procs.describe_status(status)
         b.state = EXITED
-        # Members of its group are orphans now: a backend takes its helpers with it.
-        procs.kill_group(b.pid)
+        if b.pidfd >= 0:
+            os.close(b.pidfd)
+            b.pidfd = -1
+        self.store.remove(f"backend-{b.id}-pid")
+        self.store.remove(f"backend-{b.id}-log")
         self._forget(b)
-        self._drain(b)
+        self._read_some(b)
         log.info("backend %s (pid %d) %s", b.id, b.pid, procs.status_text(status) if status >= 0
                  else "exited (status unknown: re-adopted after a restart)")
         self.on_change(b, "exited")
@@ -300,12 +522,12 @@ class Supervisor:
             return
         b.state = STOPPING
         self.on_change(b, "state")
-        procs.kill_group(b.pid, signal.SIGTERM)
+        self._signal(b, signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(b.exited), self.grace_period)
         except TimeoutError:
             log.warning("backend %s (pid %d) ignored SIGTERM for %gs: SIGKILL", b.id, b.pid, self.grace_period)
-            procs.kill_group(b.pid, signal.SIGKILL)
+            self._signal(b, signal.SIGKILL)
             await asyncio.shield(b.exited)
 
     def remove(self, b: Backend) -> None:
@@ -313,52 +535,172 @@ class Supervisor:
 
     # ---- restart
 
-    def readopt(self) -> list[Backend]:
-        """Take back the backends a previous instance recorded and that still run."""
-        adopted = []
-        for name in sorted(os.listdir(self.state_dir)):
-            if not (name.startswith("backend-") and name.endswith(".json")):
-                continue
-            path = os.path.join(self.state_dir, name)
+    def _our_pipe(self, fd: int, log_pipe: str, *, read_end: bool) -> bool:
+        """Is ``fd`` (an open file we hold) the backend's output pipe recorded at spawn?"""
+        try:
+            st = os.fstat(fd)
+            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        except OSError:
+            return False
+        if not stat.S_ISFIFO(st.st_mode) or st.st_dev != self._pipefs:
+            return False
+        if read_end and mode != os.O_RDONLY:
+            return False
+        return not log_pipe or log_pipe == f"pipe:[{st.st_ino}]"
+
+    def _take_output(self, b: Backend) -> int | None:
+        """A read end of the backend's output pipe, from the fd object its stdout or stderr
+        holds (pidfd_getfd), if that is the pipe recorded at spawn; else None. The fd table
+        is the caller's to change at any time: whatever it holds is checked on our copy,
+        which it cannot change, and only our own copy is reopened (for reading)."""
+        if not b.log_pipe.startswith("pipe:["):
+            return None
+        for target in (1, 2):
             try:
-                with open(path) as f:
-                    rec = json.load(f)
-                pid, start_time, exe = int(rec["pid"]), int(rec["start_time"]), str(rec["exe"])
-            except (OSError, ValueError, KeyError, TypeError):
-                log.warning("%s: unreadable state record, removed", path)
-                os.unlink(path)
+                got = procs.pidfd_getfd(b.pidfd, target)
+            except OSError as e:
+                log.debug("backend %s: pidfd_getfd of its fd %d: %s", b.id, target, e.strerror)
                 continue
-            current = _proc_exe(pid)
-            expected = {exe, os.path.realpath(str(rec.get("binary", ""))), SETPRIV}
-            if start_time:
-                same = _proc_start_time(pid) == start_time
-            else:  # recorded before it could be identified: its start must match the spawn's
-                began = _proc_start_epoch(pid)
-                same = began is not None and abs(began - int(rec["started_at"]) / 1e6) < 2.0
-            # Not identified yet (killed within 50 ms of the spawn): the start time decides.
-            if not same or (exe and current not in expected):
-                log.info("backend %s (pid %d) is gone; record removed", rec.get("id"), pid)
-                os.unlink(path)
-                continue
-            b = Backend(
-                id=str(rec["id"]), descriptor=rec["descriptor"], binary=rec["binary"], argv=tuple(rec["argv"]),
-                pid=pid, owner=rec["owner"], owner_uid=int(rec["owner_uid"]), detached=bool(rec["detached"]),
-                started_at=int(rec["started_at"]), start_time=start_time, exe=current or exe,
-                log_pipe=rec.get("log_pipe", ""), adopted=True,
-            )
-            b.exited = self.reaper.watch(pid)
-            self.backends[b.id] = b
-            if b.log_pipe.startswith("pipe:") and _fd_target(pid, 1) == b.log_pipe:
-                try:
-                    # The same pipe, opened anew through /proc: its output reaches us again.
-                    self._read_output(b, os.open(f"/proc/{pid}/fd/1", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK))
-                except OSError as e:
-                    log.debug("backend %s: cannot reopen its output: %s", b.id, e)
+            try:
+                if self._our_pipe(got, b.log_pipe, read_end=False):
+                    return os.open(f"/proc/self/fd/{got}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as e:
+                log.debug("backend %s: cannot reopen its output pipe: %s", b.id, e.strerror)
+            finally:
+                os.close(got)
+        return None
 
-            def on_exit(f: asyncio.Future[int], b: Backend = b) -> None:
-                self._on_exit(b, f.result())
+    def _identify_adopted(self, backend_id: str, rec: dict[str, Any], stored_pidfd: int | None
+                          ) -> tuple[int, int, int] | None:
+        """(pid, pidfd, start time) of the recorded backend if it still runs, else None.
 
-            b.exited.add_done_callback(on_exit)
-            adopted.append(b)
-            log.info("backend %s (pid %d, %s) re-adopted", b.id, pid, b.descriptor)
+        A pidfd from the store is the process itself. Otherwise one is opened for the
+        recorded pid first, and the process checked after (start time, executable): a
+        process that took the pid before the open fails the check; one after cannot be
+        what the pidfd refers to."""
+        if stored_pidfd is not None:
+            pid = procs.pidfd_pid(stored_pidfd)
+            if pid > 0 and rec.get("pid", pid) == pid:
+                return pid, stored_pidfd, _proc_start_time(pid) or rec.get("start_time", 0)
+            os.close(stored_pidfd)
+            if pid > 0:
+                log.warning("backend %s: its recorded pid %s is not its process's (%d): ignored",
+                            backend_id, rec.get("pid"), pid)
+        if "pid" not in rec or not ("start_time" in rec or "started_at" in rec):
+            return None
+        pid = rec["pid"]
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None
+        current = _proc_exe(pid)
+        expected = {rec.get("exe", ""), os.path.realpath(rec.get("binary", "") or "/"), SETPRIV}
+        if rec.get("start_time"):
+            same = _proc_start_time(pid) == rec["start_time"]
+        elif "started_at" in rec:  # recorded before it could be identified: its start must match the spawn's
+            began = _proc_start_epoch(pid)
+            same = began is not None and abs(began - rec["started_at"] / 1e6) < 2.0
+        else:
+            same = False
+        # Not identified yet (killed within 50 ms of the spawn): the start time decides.
+        if not same or (rec.get("exe") and current not in expected):
+            os.close(pidfd)
+            return None
+        return pid, pidfd, rec.get("start_time") or _proc_start_time(pid) or 0
+
+    def readopt(self) -> list[Backend]:
+        """Take back the backends a previous instance recorded (or stored) that still run."""
+        adopted = []
+        names = sorted(os.listdir(self.state_dir))
+        ids = [m.group(1) for n in names if (m := _RECORD.fullmatch(n))]
+        for name in sorted(self.store.taken):  # stored, with no record left at all
+            backend_id = name[len("backend-"):].rsplit("-", 1)[0]
+            if backend_id not in ids and name.endswith("-pid"):
+                ids.append(backend_id)
+        for backend_id in ids:
+            b = self._readopt_one(backend_id)
+            if b is not None:
+                adopted.append(b)
+        for name, fd in list(self.store.taken.items()):  # of backends that are gone
+            os.close(fd)
+            self.store.remove(name)
+        self.store.taken.clear()
         return adopted
+
+    def _readopt_one(self, backend_id: str) -> Backend | None:
+        path = self._record_path(backend_id)
+        stored_pidfd = self.store.pop(f"backend-{backend_id}-pid")
+        stored_log = self.store.pop(f"backend-{backend_id}-log")
+        if os.path.exists(path):
+            rec, bad = _load_record(path, backend_id)
+        else:
+            rec, bad = {}, ["missing"]
+        if not backend_id.isdigit():
+            rec, bad = {}, ["not a backend id of ours"]
+        found = self._identify_adopted(backend_id, rec, stored_pidfd if backend_id.isdigit() else None)
+        if found is None:
+            for fd in (stored_log,) if stored_log is not None else ():
+                os.close(fd)
+            for what in ("pid", "log"):
+                self.store.remove(f"backend-{backend_id}-{what}")
+            if bad and os.path.exists(path):
+                self._quarantine(path, f"record of backend {backend_id} is damaged ({', '.join(bad)}); "
+                                 "its process cannot be identified, so it is not supervised")
+            elif bad:
+                log.warning("backend %s: stored, but with no record: gone", backend_id)
+            elif os.path.exists(path):
+                log.info("backend %s (pid %d) is gone; record removed", backend_id, rec["pid"])
+                os.unlink(path)
+            return None
+        pid, pidfd, start_time = found
+        if bad:
+            if os.path.exists(path):
+                self._quarantine(path, f"record of backend {backend_id} is damaged ({', '.join(bad)}); its process "
+                                 f"(pid {pid}) still runs and is re-adopted with what /proc says")
+            else:
+                log.warning("backend %s (pid %d): found in the file descriptor store with no record; "
+                            "re-adopted with what /proc says", backend_id, pid)
+        exe = _proc_exe(pid) or rec.get("exe", "")
+        began = _proc_start_epoch(pid)
+        b = Backend(
+            id=backend_id, descriptor=rec.get("descriptor", ""), binary=rec.get("binary", exe),
+            argv=tuple(rec["argv"]) if "argv" in rec else (_proc_cmdline(pid) or (exe,)), pid=pid,
+            # Whose it is and whether it outlives its owner: unknown means root's to manage,
+            # the process's own uid (what it runs as), and never stopped for a departure.
+            owner=rec.get("owner", "") if "owner" in rec and "detached" in rec else "",
+            owner_uid=rec["owner_uid"] if "owner_uid" in rec else (_proc_uid(pid) or 0),
+            detached=rec["detached"] if "owner" in rec and "detached" in rec else True,
+            started_at=rec["started_at"] if "started_at" in rec else int((began or 0) * 1e6),
+            start_time=start_time, exe=exe, log_pipe=rec.get("log_pipe", ""), adopted=True, pidfd=pidfd,
+        )
+        b.exited = self.reaper.watch(pid, pidfd, before_reap=lambda: self._kill_helpers(b), child=False)
+        self.backends[b.id] = b
+        out = None
+        if stored_log is not None:
+            if self._our_pipe(stored_log, b.log_pipe, read_end=True):
+                out = stored_log
+            else:
+                log.warning("backend %s: the stored fd is not its output pipe: ignored", b.id)
+                os.close(stored_log)
+                self.store.remove(f"backend-{b.id}-log")
+        if out is None:
+            out = self._take_output(b)
+            if out is not None:
+                self.store.add(f"backend-{b.id}-log", out)
+        if out is None:
+            log.warning("backend %s (pid %d): its output pipe cannot be taken back safely (its stdout is not "
+                        "the pipe recorded at spawn); its log starts empty and stays so", b.id, pid)
+        else:
+            self._read_output(b, out)
+        if stored_pidfd is None:
+            self.store.add(f"backend-{b.id}-pid", pidfd)
+        if bad:
+            self._save(b)
+
+        def on_exit(f: asyncio.Future[int], b: Backend = b) -> None:
+            self._on_exit(b, f.result())
+
+        b.exited.add_done_callback(on_exit)
+        log.info("backend %s (pid %d, %s) re-adopted", b.id, pid, b.descriptor)
+        return b
+
