@@ -29,11 +29,14 @@ from busutil import (
 )
 from helpers_live import Listener, MatchWatcher, await_for, listen
 
+from vhostuserd.client import DescriptorInfo
 from vhostuserd.service import descriptor_path
 
 StartDaemon = Callable[..., Daemon]
 
-DICT_KEYS = {"name", "path", "tier", "type", "description", "binary", "tags", "object"}
+# docs/json.md: every key of a Descriptor is always there, null when unknown.
+DICT_KEYS = {"name", "path", "tier", "type", "description", "binary", "tags", "object", "probed", "features",
+             "probe_error"}
 
 
 def setup(tree: Tree) -> dict[str, str]:
@@ -56,6 +59,16 @@ async def probed(L: Listener) -> list[dict[str, Any]]:
 
     await await_for(done, lambda: f"three probed descriptors; have {last}")
     return last
+
+
+# docs/json.md: an Event has every key, null where it does not apply.
+NO_EVENT: dict[str, Any] = {k: None for k in ("object", "generation", "name", "descriptor", "backend", "state",
+                                              "exit_status", "exit_signal")}
+
+
+def as_json_shape(d: dict[str, Any]) -> dict[str, Any]:
+    """A ListDescriptors dict in the one JSON shape of docs/json.md."""
+    return DescriptorInfo.from_dict(d).as_dict()
 
 
 def daemon_view(bus: PrivateBus) -> list[dict[str, Any]]:
@@ -83,8 +96,9 @@ def failed(r: subprocess.CompletedProcess[str]) -> str:
 
 
 def assert_aligned(text: str, header: list[str], rows: list[list[str]]) -> None:
-    """``text`` is a table with ``header`` and ``rows``: every cell starts at its column."""
-    lines = text.rstrip("\n").split("\n")
+    """``text`` is a table with ``header`` and ``rows``: every cell starts at its column
+    (a footnote may follow the table after a blank line)."""
+    lines = text.rstrip("\n").split("\n\n")[0].split("\n")
     assert len(lines) == 1 + len(rows), text
     cols = [lines[0].index(h) for h in header]
     assert cols == sorted(cols) and cols[0] == 0
@@ -109,13 +123,13 @@ def test_list_table_and_json(bus: PrivateBus, tree: Tree, start_daemon: StartDae
         ["70-nobinary.json", "gpu", "data", "/nonexistent/gpu", "probe failed"],
     ])
     items = json.loads(ok(as_json))
-    assert items == view
-    assert [set(i) for i in items] == [DICT_KEYS | {"features"}, DICT_KEYS | {"features"},
-                                       DICT_KEYS | {"probe_error"}]
+    assert items == [as_json_shape(v) for v in view]
+    assert [set(i) for i in items] == [DICT_KEYS] * 3
+    assert [(i["probed"], i["probe_error"] is None) for i in items] == [(True, True), (True, True), (True, False)]
     assert items[0]["object"] == descriptor_path("50-gpu.json")
     assert items[0]["tags"] == ["fast"] and items[0]["features"] == ["virgl", "render-node"]
     assert json.loads(ok(gpus)) == [items[0], items[2]]
-    assert ok(none).strip() == "NAME  TYPE  TIER  BINARY  FEATURES"
+    assert ok(none) == "no descriptors\n"
     d.assert_clean_log()
 
 
@@ -136,12 +150,12 @@ def test_show(bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
     # Values are aligned in one column.
     assert len({line.index(v.strip()) for line, v in zip(lines, fields.values(), strict=True)}) == 1
     shown = json.loads(ok(as_json))
-    assert set(shown) == DICT_KEYS | {"features"} and shown["features"] == ["virgl", "render-node"]
-    assert shown == daemon_view(bus)[0]
+    assert set(shown) == DICT_KEYS and shown["features"] == ["virgl", "render-node"]
+    assert shown == as_json_shape(daemon_view(bus)[0])
     b = json.loads(ok(broken))
-    assert set(b) == DICT_KEYS | {"probe_error"} and "/nonexistent/gpu" in b["probe_error"]
+    assert set(b) == DICT_KEYS and b["features"] is None and "/nonexistent/gpu" in b["probe_error"]
     line = failed(missing)
-    assert "nosuch.json" in line and "NotFound" in line, line
+    assert "nosuch.json" in line and "no such descriptor" in line, line
     d.assert_clean_log()
 
 
@@ -154,13 +168,13 @@ def test_resolve(bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None
             ["resolve", "input"], ["--json", "resolve", "gpu"], ["resolve", "gpu", "-f", "virgl"],
             ["resolve", "gpu", "--feature", "virgl", "--feature", "nosuch"], ["resolve", "nosuch"]])
     assert ok(name) == "60-input.json\n"
-    assert json.loads(ok(as_json)) == view[0]
+    assert json.loads(ok(as_json)) == as_json_shape(view[0])
     assert ok(feature) == "50-gpu.json\n"
     line = failed(no_feature)
-    assert "NotFound" in line
     assert "50-gpu.json: feature missing: nosuch" in line, line
     assert "70-nobinary.json: probe failed" in line, line
     line = failed(no_type)
+    assert "nosuch: unknown backend type; the types are " in line, line
     assert "'nosuch'" in line and "3 descriptor(s) of other types" in line, line
     d.assert_clean_log()
 
@@ -174,11 +188,11 @@ def test_capabilities(bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) ->
             ["capabilities", "70-nobinary.json"], ["capabilities", "nosuch.json"]])
     caps = {"type": "gpu", "features": ["virgl", "render-node"]}
     assert json.loads(ok(pretty)) == caps and len(ok(pretty).splitlines()) > 1
-    assert ok(compact).count("\n") == 1 and json.loads(ok(compact)) == caps
+    assert ok(compact) == ok(pretty)  # indented like every other --json output
     line = failed(broken)
     assert "70-nobinary.json" in line and "/nonexistent/gpu" in line, line
     line = failed(missing)
-    assert "nosuch.json" in line and "NotFound" in line, line
+    assert "nosuch.json" in line, line
     d.assert_clean_log()
 
 
@@ -223,18 +237,18 @@ def test_monitor_json_streams_one_object_per_line(bus: PrivateBus, tree: Tree,
                 await await_for(lambda: read_until(2), lambda: f"two lines; have {got}")
                 obj = descriptor_path("40-new.json")
                 added = next(e for e in got if e["event"] == "descriptor-added")
-                assert added == {
-                    "event": "descriptor-added", "object": obj, "Name": "40-new.json",
-                    "Path": str(path), "Tier": "sysconf", "Type": "input", "Description": "new",
-                    "Binary": "/usr/bin/true", "Tags": [], "Probed": False, "Features": [],
-                    "ProbeError": "",
-                }
-                assert {"event": "index-changed", "generation": g0 + 1} in got
+                assert added == {**NO_EVENT, "event": "descriptor-added", "object": obj, "name": "40-new.json",
+                                 "descriptor": {
+                    "name": "40-new.json", "path": str(path), "tier": "sysconf", "type": "input",
+                    "description": "new", "binary": "/usr/bin/true", "tags": [], "object": obj,
+                    "probed": False, "features": None, "probe_error": None,
+                }}
+                assert {**NO_EVENT, "event": "index-changed", "generation": g0 + 1} in got
                 path.unlink()
                 await await_for(lambda: read_until(4), lambda: f"four lines; have {got}")
                 assert sorted(got[2:], key=lambda e: e["event"]) == [
-                    {"event": "descriptor-removed", "object": obj, "Name": "40-new.json"},
-                    {"event": "index-changed", "generation": g0 + 2},
+                    {**NO_EVENT, "event": "descriptor-removed", "object": obj, "name": "40-new.json"},
+                    {**NO_EVENT, "event": "index-changed", "generation": g0 + 2},
                 ]
                 await L.settle(tree.dir("sysconf"))
                 await L.generation()
@@ -270,7 +284,13 @@ def test_without_a_daemon_the_cli_says_try_offline(tree: Tree) -> None:
                                      env=tree.env(), capture_output=True, text=True, timeout=30,
                                      check=False)
         for (address, args), r in zip(runs, results, strict=True):
-            line = failed(r)
+            if "--json" in args:  # the error as a JSON object (docs/json.md)
+                assert r.returncode == 1 and r.stdout == "", r
+                error = json.loads(r.stderr)
+                assert error["error"].startswith("org.freedesktop.DBus.Error.")
+                line = error["message"]
+            else:
+                line = failed(r)
             assert "--offline" in line, (address, args, line)
             assert "Traceback" not in r.stderr
         first = failed(results[0])

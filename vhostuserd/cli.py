@@ -1,8 +1,8 @@
-"""``vhostuserctl``: the command-line client (CONTRACT section 4).
+"""``vhostuserctl``: the command-line client (docs/contract.md, section 4).
 
-Owns argument parsing and output (aligned tables for people, JSON for scripts). The
-``--offline`` half runs the lookup in-process (`offline`); the rest talks to the daemon
-through `client`. Exit status: 0 done, 1 the request failed, 2 bad usage.
+Owns argument parsing and output (aligned tables for people, the JSON of docs/json.md for
+scripts). The ``--offline`` half runs the lookup in-process (`offline`); the rest talks to the
+daemon through `client`. Exit status: 0 done, 1 the request failed, 2 bad usage.
 """
 
 from __future__ import annotations
@@ -19,8 +19,24 @@ from . import __version__
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+ERROR_PREFIX = "org.vhostuserd.Broker1.Error."
+
+
 class Failure(Exception):
-    """A request that failed; the message is printed on one line to stderr."""
+    """A request that failed; the message is printed on one line to stderr (under ``--json``,
+    as ``{"error": NAME, "message": MESSAGE}``). ``name`` is the D-Bus error name, or the short
+    name of one of the service's errors (NotFound, InvalidSocket, ...), default Failed."""
+
+    def __init__(self, message: str, name: str = "Failed") -> None:
+        super().__init__(message)
+        self.name = name if "." in name else ERROR_PREFIX + name
+
+
+def print_error(message: str, name: str, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"error": name, "message": message}, sort_keys=True), file=sys.stderr)
+    else:
+        print(f"vhostuserctl: {message}", file=sys.stderr)
 
 
 def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
@@ -30,37 +46,94 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, sort_keys=True))
+def print_json(value: Any, *, lines: bool = False) -> None:
+    """JSON on stdout: indented, keys sorted; ``lines``: one compact object per line (monitor)."""
+    if lines:
+        print(json.dumps(value, sort_keys=True), flush=True)
+    else:
+        print(json.dumps(value, indent=2, sort_keys=True))
+
+
+NOT_PROBED, NO_FEATURES, PROBE_FAILED = "-", "(none)", "probe failed"
+FEATURES_FOOTNOTE = (f"FEATURES: {NOT_PROBED} not probed yet (show NAME probes it), "
+                     f"{NO_FEATURES} probed: no features, {PROBE_FAILED}: see show NAME")
 
 
 def _features_cell(d: dict[str, Any]) -> str:
-    if "probe_error" in d:
-        return "probe failed"
-    if "features" in d:
-        return ",".join(d["features"]) or "(none)"
-    return "-"
+    if d.get("probe_error") is not None:
+        return PROBE_FAILED
+    if d.get("features") is not None:
+        return ",".join(d["features"]) or NO_FEATURES
+    return NOT_PROBED
 
 
 def print_descriptors(items: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print_json(items)
         return
+    if not items:
+        print("no descriptors")
+        return
     rows = [[d["name"], d["type"], d["tier"], d["binary"], _features_cell(d)] for d in items]
     print(table(rows, ["NAME", "TYPE", "TIER", "BINARY", "FEATURES"]))
+    if any(r[4] in (NOT_PROBED, NO_FEATURES, PROBE_FAILED) for r in rows):
+        print(f"\n{FEATURES_FOOTNOTE}")
 
 
 def print_one(d: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json(d)
         return
-    keys = ["name", "path", "tier", "type", "description", "binary", "tags", "features", "probe_error"]
     rows = []
-    for k in keys:
-        if k in d:
-            v = d[k]
-            rows.append([k + ":", ", ".join(v) if isinstance(v, list) else str(v)])
+    for k in ["name", "path", "tier", "type", "description", "binary", "tags"]:
+        v = d[k]
+        rows.append([k + ":", ", ".join(v) if isinstance(v, list) else str(v)])
+    if d.get("probe_error") is not None:
+        rows.append(["probe_error:", str(d["probe_error"])])
+    elif d.get("features") is not None:
+        rows.append(["features:", ", ".join(d["features"]) or "(none: probed, no features)"])
+    else:
+        rows.append(["features:", "- (not probed)"])
     print(table(rows, ["", ""]).split("\n", 1)[1])
+
+
+def print_backends(items: list[dict[str, Any]], as_json: bool) -> None:
+    from .client import exit_text
+
+    if as_json:
+        print_json(items)
+        return
+    if not items:
+        print("no backends")
+        return
+    rows = []
+    for b in items:
+        state = b["state"] if b["state"] != "exited" else f"exited ({exit_text(b['exit_status'], b['exit_signal'])})"
+        rows.append([b["id"], b["descriptor"], str(b["pid"]), str(b["owner_uid"]), state,
+                     "yes" if b["detached"] else "no", " ".join(b["argv"] or ())])
+    print(table(rows, ["ID", "DESCRIPTOR", "PID", "UID", "STATE", "DETACHED", "COMMAND"]))
+
+
+def shadow_notes(diagnostics: Sequence[Sequence[str]], listed: set[str], only: str | None = None) -> list[str]:
+    """For each broken candidate file (an error diagnostic on a ``*.json`` file): the name it
+    hides, since a file that fails validation still shadows the name in lower tiers."""
+    notes = []
+    for path, level, message in diagnostics:
+        name = os.path.basename(path)
+        if level != "error" or not name.endswith(".json") or name in listed or (only and name != only):
+            continue
+        notes.append(f"{name}: not listed: {path} is broken and hides the name in every less specific "
+                     f"directory ({message}); fix or remove that file (vhostuserctl check {path})")
+    return notes
+
+
+def unknown_type(btype: str) -> str | None:
+    """The message for a backend type no descriptor schema knows, or None for a known one."""
+    from .descriptors import KNOWN_TYPES
+
+    if btype in KNOWN_TYPES:
+        return None
+    return f"{btype}: unknown backend type; the types are {', '.join(sorted(KNOWN_TYPES))}"
 
 
 # ---------------------------------------------------------------- offline commands
@@ -78,8 +151,12 @@ def offline_list(args: argparse.Namespace) -> int:
     lookup = _offline(args)
     items = [descriptor_dict(d, None) for d in lookup.result.descriptors if args.type in ("", d.type)]
     print_descriptors(items, args.json)
+    diags = [d.as_tuple() for d in lookup.result.diagnostics]
+    notes = shadow_notes(diags, {d["name"] for d in items})
     for diag in lookup.result.diagnostics:
         print(diag, file=sys.stderr)
+    for note in notes:
+        print(f"vhostuserctl: {note}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -87,7 +164,8 @@ def _offline_named(args: argparse.Namespace) -> tuple[Any, Any]:
     lookup = _offline(args)
     d = lookup.result.by_name(args.name)
     if d is None:
-        raise Failure(f"{args.name}: no such descriptor in the search path")
+        notes = shadow_notes([x.as_tuple() for x in lookup.result.diagnostics], set(), only=args.name)
+        raise Failure(notes[0] if notes else f"{args.name}: no such descriptor in the search path", "NotFound")
     return lookup, d
 
 
@@ -95,7 +173,7 @@ def offline_show(args: argparse.Namespace) -> int:
     from .offline import descriptor_dict
 
     lookup, d = _offline_named(args)
-    print_one(descriptor_dict(d, lookup.probe([d])[d.name]), args.json)
+    print_one(descriptor_dict(d, lookup.probe_each([d])[0]), args.json)
     return EXIT_OK
 
 
@@ -103,10 +181,10 @@ def offline_capabilities(args: argparse.Namespace) -> int:
     from .descriptors import ProbeError
 
     lookup, d = _offline_named(args)
-    caps = lookup.probe([d])[d.name]
+    caps = lookup.probe_each([d])[0]
     if isinstance(caps, ProbeError):
-        raise Failure(f"{d.name}: {d.binary} --print-capabilities failed: {caps}")
-    print(json.dumps(json.loads(caps.json), indent=None if args.json else 2, sort_keys=True))
+        raise Failure(f"{d.name}: {d.binary} --print-capabilities failed: {caps}", "ProbeFailed")
+    print_json(json.loads(caps.json))
     return EXIT_OK
 
 
@@ -116,13 +194,21 @@ def offline_resolve(args: argparse.Namespace) -> int:
     lookup = _offline(args)
     resolution, probed = lookup.resolve(args.type, args.feature)
     if resolution.chosen is None:
-        raise Failure(resolution.explain(args.type, args.feature))
+        if not any(d.type == args.type for d in lookup.result.descriptors):
+            raise Failure(unknown_type(args.type) or resolution.explain(args.type, args.feature), "NotFound")
+        raise Failure(resolution.explain(args.type, args.feature), "NotFound")
     d = resolution.chosen
     if args.json:
         print_json(descriptor_dict(d, probed.get(d.name)))
     else:
         print(d.name)
     return EXIT_OK
+
+
+def diag_json(d: Any) -> dict[str, str]:
+    """The Diagnostic object of docs/json.md."""
+    path, level, message = d.as_tuple()
+    return {"path": path, "level": level, "message": message}
 
 
 def check(args: argparse.Namespace) -> int:
@@ -156,7 +242,8 @@ def check(args: argparse.Namespace) -> int:
     if args.probe:
         lookup = OfflineLookup(())
         valid = [p.descriptor for _, p in files if p.descriptor is not None]
-        by_path = {d.path: r for d, r in zip(valid, lookup.probe(valid).values(), strict=True)}
+        # One result per file: files in different tiers may share a name (the shadowing case).
+        by_path = {d.path: r for d, r in zip(valid, lookup.probe_each(valid), strict=True)}
         from .descriptors import ProbeError
 
         probe_errors = {p: str(r) for p, r in by_path.items() if isinstance(r, ProbeError)}
@@ -171,20 +258,19 @@ def check(args: argparse.Namespace) -> int:
             status, failed = "error", True
         elif diags:
             status = "warning"
-        entry: dict[str, Any] = {"path": path, "status": status, "diagnostics": [list(d.as_tuple()) for d in diags]}
-        if path in shadow:
-            entry["shadowed_by"] = shadow[path]
+        entry: dict[str, Any] = {"path": path, "status": status, "diagnostics": [diag_json(d) for d in diags],
+                                 "shadowed_by": shadow.get(path)}
         report.append(entry)
     if args.json:
-        print_json({"ok": not failed, "files": report, "diagnostics": [list(d.as_tuple()) for d in extra]})
+        print_json({"ok": not failed, "files": report, "diagnostics": [diag_json(d) for d in extra]})
     else:
         for d in extra:
             print(d)
         for entry in report:
-            note = f" (shadowed by {entry['shadowed_by']})" if "shadowed_by" in entry else ""
+            note = f" (shadowed by {entry['shadowed_by']})" if entry["shadowed_by"] else ""
             if entry["diagnostics"]:
-                for p, level, msg in entry["diagnostics"]:
-                    print(f"{p}: {level}: {msg}{note}")
+                for dj in entry["diagnostics"]:
+                    print(f"{dj['path']}: {dj['level']}: {dj['message']}{note}")
             else:
                 print(f"{entry['path']}: {entry['status']}{note}")
         if not report and not extra:
@@ -194,17 +280,27 @@ def check(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- parser
 
+ONLINE_ONLY = ("spawn", "backends", "stop", "log", "monitor", "status", "reload")
 
-def _bus_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+
+def _bus_options(parser: argparse.ArgumentParser, suppress: bool, offline: bool) -> None:
     default = argparse.SUPPRESS if suppress else None
     bus = parser.add_mutually_exclusive_group()
+    system_help = "talk to the system bus service"
+    if offline:
+        system_help += " (with --offline: the data and sysconf tiers only, as the system service)"
     bus.add_argument("--system", dest="bus", action="store_const", const="system", default=default,
-                     help="talk to the system bus service (offline: data and sysconf tiers only)")
+                     help=system_help)
     bus.add_argument("--user", dest="bus", action="store_const", const="user", default=default,
                      help="talk to the session bus service (the default)")
     bus.add_argument("--address", default=default, metavar="ADDR", help="talk to the service on this bus address")
     parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
-                        help="machine-readable output with the keys of the D-Bus API")
+                        help="machine-readable output, one JSON shape per object (docs/json.md); "
+                        "errors as a JSON object on stderr")
+    parser.add_argument("--allow-interactive-authorization", dest="interactive", action="store_true",
+                        default=argparse.SUPPRESS if suppress else False,
+                        help="let polkit ask for authentication (needs a polkit agent, e.g. pkttyagent) "
+                        "instead of failing when the system service requires it")
 
 
 def _offline_options(parser: argparse.ArgumentParser) -> None:
@@ -214,58 +310,104 @@ def _offline_options(parser: argparse.ArgumentParser) -> None:
                         help="with --offline: the sysconf tier's root (default /etc)")
 
 
+def _types() -> str:
+    from .descriptors import KNOWN_TYPES
+
+    return ", ".join(sorted(KNOWN_TYPES))
+
+
+def _option_keys() -> str:
+    from .options import OPTIONS
+
+    out = []
+    for key, spec in OPTIONS.items():
+        if key == "detach":
+            continue  # --detach
+        kind = {"b": "yes/no", "u": "milliseconds"}.get(spec.signature, "a path")
+        out.append(f"{key} ({spec.btype or 'any type'}, {kind})")
+    return "; ".join(out)
+
+
+NAME_HELP = "a descriptor's name (its file name, e.g. 50-qemu-gpu.json; see vhostuserctl list)"
+ID_HELP = "a backend's id (see vhostuserctl backends) or its object path"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vhostuserctl",
         description="Query and drive vhostuserd, the broker for QEMU vhost-user backends.",
+        epilog="The interface is specified in docs/contract.md; JSON output in docs/json.md.",
     )
     parser.add_argument("--version", action="version", version=f"vhostuserctl {__version__}")
-    _bus_options(parser, suppress=False)
+    _bus_options(parser, suppress=False, offline=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        _bus_options(p, suppress=True)
+    def command(name: str, help: str, offline: bool = False, **kw: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, **kw)
+        _bus_options(p, suppress=True, offline=offline)
         return p
 
-    p = command("list", "list the effective descriptors in priority order")
-    p.add_argument("--type", default="", help="only descriptors of this type")
+    p = command("list", "list the effective descriptors in priority order", offline=True)
+    p.add_argument("--type", default="", metavar="TYPE", help=f"only descriptors of this type ({_types()})")
     _offline_options(p)
-    p = command("show", "show one descriptor with its capabilities")
-    p.add_argument("name", metavar="NAME", help="descriptor name, e.g. 50-qemu-gpu.json")
+    p = command("show", "show one descriptor with its capabilities", offline=True)
+    p.add_argument("name", metavar="NAME", help=NAME_HELP)
     _offline_options(p)
-    p = command("resolve", "print the descriptor chosen for a type and features")
-    p.add_argument("type", metavar="TYPE")
+    p = command("resolve", "print the descriptor chosen for a type and features", offline=True)
+    p.add_argument("type", metavar="TYPE", help=f"the backend type: {_types()}")
     p.add_argument("--feature", "-f", action="append", default=[], metavar="F",
-                   help="a feature the backend must have (repeatable)")
+                   help="a feature the backend must have (repeatable), e.g. virgl, render-node")
     _offline_options(p)
-    p = command("capabilities", "print a backend's --print-capabilities JSON")
-    p.add_argument("name", metavar="NAME")
+    p = command("capabilities", "print a backend's --print-capabilities JSON", offline=True)
+    p.add_argument("name", metavar="NAME", help=NAME_HELP)
     _offline_options(p)
-    command("monitor", "print index and backend events as they happen, until Ctrl-C")
-    p = command("spawn", "start a backend on a socket: --listen PATH, or --exec -- CMD (e.g. QEMU)")
-    p.add_argument("name", metavar="NAME", help="descriptor name, e.g. 50-qemu-gpu.json")
+    command("monitor", "print index and backend events as they happen, until Ctrl-C "
+            "(--json: one object per line)")
+    p = command("spawn", "start a backend on a socket: --listen PATH, or --exec -- CMD (e.g. QEMU)",
+                usage="%(prog)s NAME [-o KEY[=VALUE]]... (--listen PATH [--replace] [--detach] | --exec -- CMD [ARG...])",
+                epilog=f"Options (-o): {_option_keys()}. With --exec, the command and its arguments "
+                "follow a '--'; {fd} in them becomes 3.")
+    p.add_argument("name", metavar="NAME", help=NAME_HELP)
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY[=VALUE]",
-                   help="a Spawn option, e.g. -o virgl, -o render-node=/dev/dri/renderD128, -o shared-dir=/srv")
+                   help="a Spawn option (repeatable), e.g. -o virgl, -o render-node=/dev/dri/renderD128, "
+                   "-o shared-dir=/srv; the keys are listed below")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--listen", metavar="PATH",
-                     help="bind a listening socket at PATH and pass it (virtiofsd, vhost-user-blk)")
+                     help="bind a listening socket at PATH and pass it (virtiofsd, vhost-user-blk); PATH "
+                     "must not exist, or be a socket nothing listens on and --replace is given")
     how.add_argument("--exec", dest="exec_", action="store_true",
                      help="make a socketpair, pass one end, and run CMD with the other as fd 3 "
                      "({fd} in its arguments becomes 3); stop the backend when CMD exits")
+    p.add_argument("--replace", action="store_true",
+                   help="with --listen: replace a stale socket at PATH (never a live one, nor any other file)")
     p.add_argument("--detach", action="store_true",
                    help="with --listen: keep the backend after this command exits; print its id")
-    p.epilog = "With --exec, the command and its arguments follow a '--'."
-    command("backends", "list running backends")
-    p = command("stop", "stop a backend (SIGTERM, then SIGKILL after the grace period)")
-    p.add_argument("id", metavar="ID")
+    p = command("backends", "list running backends (and those that exited in the last 3 seconds)")
+    p = command("stop", "stop a backend (SIGTERM, then SIGKILL after the grace period) and say how it ended")
+    p.add_argument("id", metavar="ID", help=ID_HELP)
     p = command("log", "print a backend's last 64 KiB of output")
-    p.add_argument("id", metavar="ID")
-    p = command("check", "validate descriptor files (the whole search path if none given)")
-    p.add_argument("paths", nargs="*", metavar="PATH")
+    p.add_argument("id", metavar="ID", help=ID_HELP)
+    command("status", "the service's version, bus, search path, index generation, diagnostics and backends")
+    command("reload", "re-read every descriptor directory now (the system service asks polkit: "
+            "org.vhostuserd.manage)")
+    p = sub.add_parser("check", help="validate descriptor files (the whole search path if none given)",
+                       description="validate descriptor files (the whole search path if none given); "
+                       "exit 1 on any error. Runs in-process: no daemon is involved.")
+    _check_bus_options(p)
+    p.add_argument("paths", nargs="*", metavar="PATH", help="a descriptor file to check (default: every "
+                   "candidate file of the search path, shadowed ones included)")
     p.add_argument("--probe", action="store_true", help="also run each backend's --print-capabilities")
-    p.add_argument("--sysconfdir", default="/etc", metavar="DIR")
+    p.add_argument("--sysconfdir", default="/etc", metavar="DIR", help="the sysconf tier's root (default /etc)")
     return parser
+
+
+def _check_bus_options(p: argparse.ArgumentParser) -> None:
+    bus = p.add_mutually_exclusive_group()
+    bus.add_argument("--system", dest="bus", action="store_const", const="system", default=argparse.SUPPRESS,
+                     help="the system service's search path (the data and sysconf tiers)")
+    bus.add_argument("--user", dest="bus", action="store_const", const="user", default=argparse.SUPPRESS,
+                     help="the session service's search path (the default)")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="the report as JSON (docs/json.md)")
 
 
 OFFLINE = {
@@ -274,6 +416,14 @@ OFFLINE = {
     "resolve": offline_resolve,
     "capabilities": offline_capabilities,
 }
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[name]
+            return found
+    return parser
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -285,17 +435,25 @@ def run(argv: Sequence[str] | None = None) -> int:
         argv, cmd = argv[:cut], argv[cut + 1 :]
     args = parser.parse_args(argv)
     args.cmd = cmd
-    if args.bus is None:
+    if getattr(args, "bus", None) is None:
         args.bus = "user"
+    for key, default in (("address", None), ("json", False), ("interactive", False)):
+        if not hasattr(args, key):
+            setattr(args, key, default)
+    usage = _subparser(parser, args.command)
     if cmd and args.command != "spawn":
-        parser.error(f"unexpected arguments after '--': {' '.join(cmd)}")
+        usage.error(f"unexpected arguments after '--': {' '.join(cmd)}")
     if args.command == "spawn":
         if args.exec_ and not args.cmd:
-            parser.error("spawn --exec needs a command after --")
+            usage.error("spawn --exec needs a command after --")
         if not args.exec_ and args.cmd:
-            parser.error(f"unexpected arguments: {' '.join(args.cmd)}")
+            usage.error(f"unexpected arguments: {' '.join(args.cmd)}")
         if args.detach and args.exec_:
-            parser.error("--detach goes with --listen (with --exec the backend lives as long as CMD)")
+            usage.error("--detach goes with --listen (with --exec the backend lives as long as CMD)")
+        if args.replace and args.exec_:
+            usage.error("--replace goes with --listen")
+    if getattr(args, "offline", False) and args.address:
+        usage.error("--offline reads the directories itself: --address means nothing with it")
     try:
         if args.command == "check":
             return check(args)
@@ -305,7 +463,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         return run_online(args)
     except Failure as e:
-        print(f"vhostuserctl: {e}", file=sys.stderr)
+        print_error(str(e), e.name, args.json)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

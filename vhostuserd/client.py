@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -59,13 +59,28 @@ class QuotaExceeded(BrokerError): ...
 class NotAuthorized(BrokerError): ...
 
 
+class InteractiveAuthorizationRequired(NotAuthorized):
+    """polkit would ask the user to authenticate, but the call did not allow it: retry with
+    ``interactive=True`` (``vhostuserctl --allow-interactive-authorization``), with a polkit
+    authentication agent running in the caller's session."""
+
+
 class Unavailable(BrokerError):
     """The daemon is not on the bus and could not be activated, or the bus is unreachable."""
 
 
+INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 _ERRORS: dict[str, type[BrokerError]] = {
-    ERROR_PREFIX + c.__name__: c
-    for c in (NotFound, InvalidOption, InvalidSocket, SpawnFailed, ProbeFailed, QuotaExceeded, NotAuthorized)
+    **{ERROR_PREFIX + c.__name__: c
+       for c in (NotFound, InvalidOption, InvalidSocket, SpawnFailed, ProbeFailed, QuotaExceeded, NotAuthorized)},
+    INTERACTIVE_REQUIRED: InteractiveAuthorizationRequired,
+}
+# What a bus answers for an object path nothing is exported at (older daemons, and dbus-fast,
+# answer a call to a backend that does not exist this way).
+_NO_OBJECT = {
+    "org.freedesktop.DBus.Error.UnknownMethod",
+    "org.freedesktop.DBus.Error.UnknownObject",
+    "org.freedesktop.DBus.Error.UnknownInterface",
 }
 _UNAVAILABLE = {
     "org.freedesktop.DBus.Error.ServiceUnknown",
@@ -115,16 +130,63 @@ class DescriptorInfo:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "name": self.name, "path": self.path, "tier": self.tier, "type": self.type,
-            "description": self.description, "binary": self.binary, "tags": list(self.tags),
-            "object": self.object,
-        }
-        if self.features is not None:
-            out["features"] = list(self.features)
-        if self.probe_error is not None:
-            out["probe_error"] = self.probe_error
-        return out
+        """The Descriptor object of docs/json.md: every key always present, null when unknown."""
+        return descriptor_json(
+            name=self.name, path=self.path, tier=self.tier, type=self.type, description=self.description,
+            binary=self.binary, tags=list(self.tags), object=self.object or None,
+            features=None if self.features is None else list(self.features), probe_error=self.probe_error,
+        )
+
+
+def descriptor_json(*, name: str, path: str, tier: str, type: str, description: str, binary: str,
+                    tags: list[str], object: str | None, features: list[str] | None,
+                    probe_error: str | None) -> dict[str, Any]:
+    """The one JSON shape of a descriptor (docs/json.md), online and offline alike."""
+    return {
+        "name": name, "path": path, "tier": tier, "type": type, "description": description,
+        "binary": binary, "tags": tags, "object": object,
+        "probed": features is not None or probe_error is not None,
+        "features": features, "probe_error": probe_error,
+    }
+
+
+BACKEND_KEYS = ("id", "object", "descriptor", "binary", "argv", "pid", "owner_uid", "owner", "state",
+                "exit_status", "exit_signal", "started_at", "detached")
+_CAMEL = {"Id": "id", "Descriptor": "descriptor", "Binary": "binary", "Argv": "argv", "Pid": "pid",
+          "OwnerUid": "owner_uid", "Owner": "owner", "State": "state", "ExitStatus": "exit_status",
+          "ExitSignal": "exit_signal", "StartedAt": "started_at", "Detached": "detached"}
+
+
+def backend_dict(props: dict[str, Any], object: str | None = None) -> dict[str, Any]:
+    """The one JSON shape of a backend (docs/json.md) from a ListBackends dict or the D-Bus
+    properties: snake_case keys, all present; the exit status and signal null (not -1) when
+    they do not apply."""
+    d = {_CAMEL.get(k, k): v for k, v in props.items()}
+    out: dict[str, Any] = {k: d.get(k) for k in BACKEND_KEYS}
+    if object is not None:
+        out["object"] = object
+    if out["id"] is None and out["object"]:
+        out["id"] = str(out["object"]).rsplit("/", 1)[-1]
+    for k in ("exit_status", "exit_signal"):
+        if out[k] is not None and int(out[k]) < 0:
+            out[k] = None
+    if out["argv"] is not None:
+        out["argv"] = list(out["argv"])
+    return out
+
+
+def exit_text(exit_status: int | None, exit_signal: int | None) -> str:
+    """'exited with status N', 'killed by signal N (SIGNAME)', or 'exit status unknown'."""
+    import signal
+
+    if exit_signal is not None and exit_signal >= 0:
+        try:
+            return f"killed by signal {exit_signal} ({signal.Signals(exit_signal).name})"
+        except ValueError:
+            return f"killed by signal {exit_signal}"
+    if exit_status is not None and exit_status >= 0:
+        return f"exited with status {exit_status}"
+    return "exit status unknown"
 
 
 @dataclass(frozen=True)
@@ -142,13 +204,32 @@ class Event:
     properties: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"event": self.kind}
-        if self.object:
-            out["object"] = self.object
-        if self.generation is not None:
-            out["generation"] = self.generation
-        if self.properties:
-            out.update(self.properties)
+        """The Event object of docs/json.md: every key always present, null when it does not
+        apply. ``name`` is the descriptor's name or the backend's id; ``descriptor`` and
+        ``backend`` the whole object when one was added; ``state``, ``exit_status`` and
+        ``exit_signal`` what a backend event says."""
+        props = self.properties or {}
+        out: dict[str, Any] = {"event": self.kind, "object": self.object or None, "generation": self.generation,
+                               "name": None, "descriptor": None, "backend": None, "state": None,
+                               "exit_status": None, "exit_signal": None}
+        if self.kind.startswith("descriptor-"):
+            out["name"] = props.get("Name")
+            if self.kind == "descriptor-added":
+                probed = bool(props.get("Probed"))
+                error = props.get("ProbeError") or None
+                out["descriptor"] = descriptor_json(
+                    name=props.get("Name", ""), path=props.get("Path", ""), tier=props.get("Tier", ""),
+                    type=props.get("Type", ""), description=props.get("Description", ""),
+                    binary=props.get("Binary", ""), tags=list(props.get("Tags", [])), object=self.object or None,
+                    features=list(props.get("Features", [])) if probed and not error else None,
+                    probe_error=error if probed else None)
+        elif self.kind.startswith("backend-"):
+            out["name"] = self.object.rsplit("/", 1)[-1] if self.object else None
+            b = backend_dict(props, self.object or None)
+            if self.kind == "backend-added":
+                out["backend"] = b
+            out["state"] = b["state"] if self.kind != "backend-exited" else "exited"
+            out["exit_status"], out["exit_signal"] = b["exit_status"], b["exit_signal"]
         return out
 
 
@@ -206,7 +287,7 @@ class BrokerClient:
                 )
             await asyncio.wait_for(conn.connect(), 10)
         except Exception as e:  # noqa: BLE001 - every way of not connecting means the same
-            raise Unavailable("connect", f"cannot connect to {where}: {e or type(e).__name__}") from None
+            raise Unavailable("org.freedesktop.DBus.Error.NoServer", f"cannot connect to {where}: {e or type(e).__name__}") from None
         return cls(conn, where)
 
     async def __aenter__(self) -> Self:
@@ -277,8 +358,10 @@ class BrokerClient:
         caps: dict[str, Any] = json.loads(text)
         return caps
 
-    async def reload(self) -> int:
-        (generation,) = await self.call("Reload")
+    async def reload(self, *, interactive: bool = False) -> int:
+        """Re-read every directory now; the new generation. The system service asks polkit
+        (org.vhostuserd.manage)."""
+        (generation,) = await self.call("Reload", interactive=interactive)
         return int(generation)
 
     async def generation(self) -> int:
@@ -295,31 +378,57 @@ class BrokerClient:
 
     # ---- backends
 
-    async def spawn(self, name: str, socket_fd: int, options: dict[str, Any] | None = None) -> str:
+    async def spawn(self, name: str, socket_fd: int, options: dict[str, Any] | None = None, *,
+                    interactive: bool = False) -> str:
         """Start the backend of descriptor ``name`` on ``socket_fd``; returns its object path.
 
-        ``options`` values may be `Variant`s or plain bool/int/str (typed as CONTRACT section 3
-        says: settle-ms is 'u', the boolean options 'b', the rest 's').
+        ``options`` values may be `Variant`s or plain bool/int/str (typed as docs/contract.md
+        says: settle-ms is 'u', the boolean options 'b', the rest 's'). ``interactive`` sets
+        the message's ALLOW_INTERACTIVE_AUTHORIZATION flag: polkit may then ask the user to
+        authenticate (through their authentication agent) instead of the call failing with
+        `InteractiveAuthorizationRequired`.
         """
         typed = {k: v if isinstance(v, Variant) else option_variant(k, v) for k, v in (options or {}).items()}
-        (path,) = await self.call("Spawn", "sa{sv}h", [name, typed, 0], unix_fds=[socket_fd])
+        (path,) = await self.call("Spawn", "sa{sv}h", [name, typed, 0], unix_fds=[socket_fd],
+                                  interactive=interactive)
         return str(path)
 
     async def list_backends(self) -> list[dict[str, Any]]:
+        """The caller's backends (everyone's for root and holders of org.vhostuserd.manage): the
+        ListBackends dicts (`backend_dict` makes the JSON shape of one)."""
         (items,) = await self.call("ListBackends")
         return [_unwrap(b) for b in items]
 
-    async def stop(self, backend: str) -> None:
-        """Stop a backend (its id or object path); returns when the process is gone."""
-        await self.call("Stop", path=backend_path(backend), interface=BACKEND_IFACE)
+    async def _backend_call(self, backend: str, member: str, signature: str = "", body: Sequence[Any] = (),
+                            interface: str = BACKEND_IFACE, interactive: bool = False) -> list[Any]:
+        """A call to a backend object; `NotFound` ("no backend ID") when there is none."""
+        path = backend_path(backend)
+        try:
+            return await self.call(member, signature, body, path=path, interface=interface,
+                                   interactive=interactive)
+        except NotFound as e:
+            raise NotFound(e.name, f"no backend {backend}") from None
+        except BrokerError as e:
+            if e.name in _NO_OBJECT:
+                raise NotFound(ERROR_PREFIX + "NotFound", f"no backend {backend}") from None
+            raise
+
+    async def stop(self, backend: str, *, interactive: bool = False) -> None:
+        """Stop a backend (its id or object path); returns when the process is gone.
+        `NotFound` when there is no such backend (or it exited and its object is gone)."""
+        await self._backend_call(backend, "Stop", interactive=interactive)
 
     async def get_log(self, backend: str) -> str:
-        (text,) = await self.call("GetLog", path=backend_path(backend), interface=BACKEND_IFACE)
+        """The backend's last 64 KiB of output; readable until its object goes, which is
+        3 seconds after it exited (docs/contract.md)."""
+        (text,) = await self._backend_call(backend, "GetLog")
         return str(text)
 
     async def backend(self, backend: str) -> dict[str, Any]:
-        body = await self.call("GetAll", "s", [BACKEND_IFACE], path=backend_path(backend),
-                               interface="org.freedesktop.DBus.Properties")
+        """The backend's D-Bus properties (``State``, ``ExitStatus``, ...); `backend_dict`
+        makes the JSON shape of them."""
+        body = await self._backend_call(backend, "GetAll", "s", [BACKEND_IFACE],
+                                        interface="org.freedesktop.DBus.Properties")
         return dict(_unwrap(body[0]))
 
     # ---- events
@@ -332,8 +441,15 @@ class BrokerClient:
     async def events(self) -> AsyncIterator[Event]:
         """Index and object events, as they happen, until the connection closes.
 
-        Listens only on the manager's path, as GDBus-style ObjectManager clients do.
+        Listens only on the manager's path, as GDBus-style ObjectManager clients do. The
+        subscription starts with the first iteration; `subscribe` starts it at once.
         """
+        async for event in await self.subscribe():
+            yield event
+
+    async def subscribe(self) -> AsyncIterator[Event]:
+        """The events of `events`, subscribed to before this returns: nothing that happens
+        after the call is missed (e.g. subscribe, then Spawn, then wait for its Exited)."""
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
         names: dict[str, str] = {}
 
@@ -377,6 +493,10 @@ class BrokerClient:
             await self._add_match(rule)
         disconnected = asyncio.ensure_future(self.bus.wait_for_disconnect())
         disconnected.add_done_callback(lambda _f: queue.put_nowait(None))
+        return self._drain(queue, handler, disconnected)
+
+    async def _drain(self, queue: asyncio.Queue[Event | None], handler: Callable[[Message], bool],
+                     disconnected: asyncio.Future[Any]) -> AsyncIterator[Event]:
         try:
             while True:
                 event = await queue.get()

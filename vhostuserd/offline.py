@@ -31,13 +31,16 @@ def default_search_path(*, system: bool, sysconfdir: str = "/etc") -> tuple[Dire
 
 
 def descriptor_dict(d: Descriptor, caps: ProbeResult | None) -> dict[str, Any]:
-    """The keys of CONTRACT section 3's ListDescriptors dicts (less ``object``)."""
-    out = d.as_dict()
-    if isinstance(caps, Capabilities):
-        out["features"] = list(caps.features)
-    elif isinstance(caps, ProbeError):
-        out["probe_error"] = str(caps)
-    return out
+    """The Descriptor object of docs/json.md, as the daemon's would be (``object`` null:
+    offline, there is no D-Bus object)."""
+    from .client import descriptor_json
+
+    return descriptor_json(
+        name=d.name, path=d.path, tier=d.tier, type=d.type, description=d.description, binary=d.binary,
+        tags=list(d.tags), object=None,
+        features=list(caps.features) if isinstance(caps, Capabilities) else None,
+        probe_error=str(caps) if isinstance(caps, ProbeError) else None,
+    )
 
 
 @dataclass
@@ -51,20 +54,24 @@ class OfflineLookup:
         self.listings = scan.list_all(self.dirs)
         self.result: LookupResult = merge(self.listings)
 
-    async def _probe_all(self, descriptors: Sequence[Descriptor]) -> dict[str, ProbeResult]:
+    async def _probe_all(self, descriptors: Sequence[Descriptor]) -> list[ProbeResult]:
         reaper = procs.Reaper(asyncio.get_running_loop())
         reaper.install()
         try:
             cache = ProbeCache(reaper, self.probe_timeout)
-            results = await asyncio.gather(*(cache.get(d.binary, d.type) for d in descriptors))
+            return list(await asyncio.gather(*(cache.get(d.binary, d.type) for d in descriptors)))
         finally:
             reaper.uninstall()
-        return {d.name: r for d, r in zip(descriptors, results, strict=True)}
+
+    def probe_each(self, descriptors: Sequence[Descriptor]) -> list[ProbeResult]:
+        """One result per descriptor, in order (two may share a name: files of different tiers)."""
+        if not descriptors:
+            return []
+        return asyncio.run(self._probe_all(descriptors))
 
     def probe(self, descriptors: Sequence[Descriptor]) -> dict[str, ProbeResult]:
-        if not descriptors:
-            return {}
-        return asyncio.run(self._probe_all(descriptors))
+        """The results by descriptor name (for effective descriptors, whose names are unique)."""
+        return {d.name: r for d, r in zip(descriptors, self.probe_each(descriptors), strict=True)}
 
     def resolve(self, btype: str, features: Sequence[str]) -> tuple[Resolution, dict[str, ProbeResult]]:
         candidates = [d for d in self.result.descriptors if d.type == btype] if features else []
