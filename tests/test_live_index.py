@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from busutil import Daemon, PrivateBus, Tree, descriptor, fake_backend, run
+from busutil import Daemon, PrivateBus, Tree, await_for, descriptor, fake_backend, run
 from helpers_live import (
     DESCRIPTOR_IFACE,
     MANAGER_IFACE,
@@ -457,3 +457,92 @@ def test_rename_storm_with_concurrent_resolvers(bus: PrivateBus, tree: Tree,
     assert elapsed < 60, elapsed
     assert d.proc.poll() is None, d.log()
     d.assert_clean_log()
+
+
+def test_directory_moved_away_and_back_is_followed(bus: PrivateBus, tree: Tree,
+                                                   start_daemon: StartDaemon) -> None:
+    """A tier directory renamed away is no longer that tier (its watch follows the inode,
+    which is elsewhere now); renamed back, it is watched again."""
+    sysdir = tree.dir("sysconf")
+    aside = sysdir.parent / "vhost-user.aside"
+    tree.write("sysconf", "50-a.json", descriptor("gpu", description="sysconf"))
+    d = start_daemon()
+
+    async def body(L: Listener) -> None:
+        g0, m = await L.generation(), L.mark()
+        sysdir.rename(aside)
+        await L.wait_rows([], "the moved directory's descriptor to go")
+        # Changes in the directory where it is now are not the tier's.
+        (aside / "40-b.json").write_text(doc("input"))
+        sysdir.mkdir()
+        await L.settle(sysdir)
+        await L.assert_generation(m, g0, 1)
+        await L.assert_matches_disk(tree)
+        m1 = L.mark()
+        sysdir.rmdir()
+        aside.rename(sysdir)
+        await L.wait_names(["40-b.json", "50-a.json"])
+        await L.settle(sysdir)
+        await L.assert_generation(m1, g0 + 1, 1)
+        m2 = L.mark()
+        overwrite(sysdir / "50-a.json", doc("gpu", description="sysconf, edited"))
+        await L.wait_rows(lambda rows: rows[1][4] == "sysconf, edited", "the edit")
+        await L.settle(sysdir)
+        await L.assert_generation(m2, g0 + 2, 1)
+        await L.assert_matches_disk(tree)
+
+    live(bus, tree, d, body)
+
+
+def test_name_that_is_not_utf8_is_diagnosed_live_and_the_watch_goes_on(
+        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    directory = os.fsencode(tree.dir("sysconf"))
+    bad = directory + b"/\xff-late.json"
+    shown = str(tree.dir("sysconf")) + "/\\xff-late.json"
+    tree.write("data", "50-a.json", descriptor("gpu"))
+    d = start_daemon()
+
+    async def body(L: Listener) -> None:
+        Path(os.fsdecode(bad)).write_text(doc("gpu"))
+        await await_for(lambda: L.diagnostics(), "a diagnostic")
+        (diag,) = await L.diagnostics()
+        assert diag[:2] == (shown, "error") and "UTF-8" in diag[2], diag
+        assert [r[0] for r in await L.rows()] == ["50-a.json"]
+        os.unlink(bad)
+        await await_for(lambda: _no_diagnostics(L), "the diagnostic to go")
+        g0, m = await L.generation(), L.mark()
+        tree.write("sysconf", "40-b.json", descriptor("input"))
+        await L.wait_names(["40-b.json", "50-a.json"])
+        await L.settle(tree.dir("sysconf"))
+        await L.assert_generation(m, g0, 1)
+        await L.assert_matches_disk(tree)
+
+    live(bus, tree, d, body)
+
+
+async def _no_diagnostics(L: Listener) -> bool:
+    return await L.diagnostics() == []
+
+
+def _tasks(pid: int) -> list[str]:
+    return sorted(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_daemon_watches_with_no_thread_of_its_own(bus: PrivateBus, tree: Tree,
+                                                  start_daemon: StartDaemon) -> None:
+    """The watcher is an fd on the event loop: the daemon is one thread, before and after
+    changes (watchfiles used to add a polling thread of its own)."""
+    d = start_daemon()
+    pid = d.proc.pid
+    assert _tasks(pid) == [str(pid)]
+
+    async def body(L: Listener) -> None:
+        g0, m = await L.generation(), L.mark()
+        tree.write("sysconf", "40-b.json", descriptor("input"))
+        await L.wait_names(["40-b.json"])
+        shutil.rmtree(tree.dir("user"))
+        await L.settle(tree.dir("sysconf"))
+        await L.assert_generation(m, g0, 1)
+        assert _tasks(pid) == [str(pid)]
+
+    live(bus, tree, d, body)

@@ -13,26 +13,33 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import errno
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
-from . import scan
+from . import inotify, scan
 from .descriptors import ERROR, Descriptor, Diagnostic, Parsed
 from .lookup import Directory, Listing, sort_key
 
-if TYPE_CHECKING:
-    from watchfiles.main import FileChange
-
 log = logging.getLogger("vhostuserd.index")
 
-# watchfiles groups events until STEP_MS of quiet (or DEBOUNCE_MS at most); its thread
-# also wakes every STEP_MS to check for stop. 10 ms keeps change->signal latency well
-# under 50 ms at about 100 wake-ups a second.
-STEP_MS = 10
-DEBOUNCE_MS = 200
+# The watcher applies events once COALESCE_S passed without a new one, and at most
+# MAX_DELAY_S after the first of a batch. An atomic replace or an editor's save is a few
+# events within microseconds, so 1 ms gathers them into one update; the bound keeps a
+# storm from delaying its first signal. The window exists only while events arrive: idle,
+# nothing is scheduled and nothing wakes the daemon.
+COALESCE_S = 0.001
+MAX_DELAY_S = 0.010
+
+_FILE_EVENTS = (inotify.IN_CREATE | inotify.IN_DELETE | inotify.IN_MOVED_FROM | inotify.IN_MOVED_TO
+                | inotify.IN_MODIFY | inotify.IN_CLOSE_WRITE | inotify.IN_ATTRIB)
+_SELF_EVENTS = inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF  # (IN_IGNORED, IN_UNMOUNT: always)
+# A tier directory: its entries and itself. IN_EXCL_UNLINK: a file unlinked but still open
+# somewhere is gone for us. An ancestor of a missing one: a new entry, or itself going.
+DIR_MASK = _FILE_EVENTS | _SELF_EVENTS | inotify.IN_ONLYDIR | inotify.IN_EXCL_UNLINK
+ANCESTOR_MASK = inotify.IN_CREATE | inotify.IN_MOVED_TO | _SELF_EVENTS | inotify.IN_ONLYDIR
 
 
 @dataclass
@@ -214,83 +221,183 @@ def _nearest_existing(path: str) -> str:
     return path
 
 
+def _next_component(root: str, path: str) -> str:
+    """The first component of ``path`` below its existing ancestor ``root``."""
+    return path[len(root):].lstrip("/").split("/", 1)[0]
+
+
 class Watcher:
-    """Feeds file-system events for the index's directories into ``on_change``."""
+    """Feeds file-system events for the index's directories into ``on_change``.
+
+    One inotify fd, read by the event loop (``add_reader``): no thread, and nothing
+    scheduled while nothing happens. Each tier directory is watched for its files; one
+    that is missing is waited for at its nearest existing ancestor (for the creation of
+    the next component of its path). A watched directory that goes (deleted, moved,
+    unmounted) or a waited-for component that appears re-arms the watches, and each tier
+    whose watched directory changed is re-listed whole; a queue overflow re-lists every
+    tier. Events are applied COALESCE_S after the last one, at most MAX_DELAY_S after
+    the first.
+    """
 
     def __init__(self, index: Index, on_change: Callable[[Change], None]) -> None:
         self.index = index
         self.on_change = on_change
-        self.batches = 0
+        self.batches = 0  # event batches applied
+        self.overflows = 0  # IN_Q_OVERFLOW seen (each answered by a full rescan)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inotify: inotify.Inotify | None = None
+        self._watches: dict[int, list[str]] = {}  # wd -> the paths it stands for
+        self._waiting: dict[str, set[str]] = {}  # ancestor -> names of missing components
+        self._armed: list[tuple[str, int] | None] = [None] * len(index.dirs)  # per tier
+        self._paths: set[str] = set()  # candidate paths that had events
+        self._tiers: set[int] = set()  # tiers to re-list whole
+        self._rearm = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._first = self._last = 0.0
 
-    def _roots(self) -> frozenset[str]:
-        return frozenset(_nearest_existing(d.path) for d in self.index.dirs)
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        with inotify.Inotify() as fd:
+            self._inotify = fd
+            loop.add_reader(fd.fileno(), self._readable)
+            try:
+                # Anything that happened before the watches existed: re-list whole tiers.
+                self._tiers |= self._arm()
+                self._apply_pending()
+                await stop.wait()
+            finally:
+                loop.remove_reader(fd.fileno())
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                self._inotify = None
+                self._watches.clear()
+
+    # ---- the watches
+
+    def _arm(self) -> set[int]:
+        """(Re)place the watches for the directories as they are now; returns the tiers whose
+        watched directory changed (their events may have been missed)."""
+        assert self._inotify is not None
+        watches: dict[int, list[str]] = {}
+        added: set[int] = set()  # by every attempt, the last one's included
+        for _attempt in range(16):
+            masks: dict[str, int] = {}
+            waiting: dict[str, set[str]] = {}
+            roots: list[str] = []
+            for d in self.index.dirs:
+                root = _nearest_existing(d.path)
+                roots.append(root)
+                if root == d.path:
+                    masks[root] = masks.get(root, 0) | DIR_MASK
+                else:
+                    masks[root] = masks.get(root, 0) | ANCESTOR_MASK
+                    waiting.setdefault(root, set()).add(_next_component(root, d.path))
+            watches = {}
+            wd_of: dict[str, int] = {}
+            raced = False
+            for path, mask in masks.items():
+                try:
+                    wd = self._inotify.add_watch(path, mask | inotify.IN_MASK_ADD)
+                except OSError as e:
+                    if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                        raced = True  # it went meanwhile: look again
+                        break
+                    log.warning("cannot watch %s: %s; its changes are seen at the next "
+                                "re-arm only", path, e.strerror)
+                    continue
+                added.add(wd)
+                watches.setdefault(wd, []).append(path)
+                wd_of[path] = wd
+            if not raced:
+                break
+        for wd in (self._watches.keys() | added) - watches.keys():
+            self._inotify.rm_watch(wd)
+        self._watches, self._waiting = watches, waiting
+        armed = [(root, wd_of.get(root, -1)) for root in roots]
+        changed = {i for i, (old, new) in enumerate(zip(self._armed, armed, strict=True)) if old != new}
+        self._armed = list(armed)
+        log.debug("watching %s", " ".join(sorted(masks)))
+        return changed
+
+    # ---- events
+
+    def _readable(self) -> None:
+        assert self._inotify is not None
+        events = self._inotify.read()
+        if not events:
+            return
+        dir_of = self.index._dir_of
+        for e in events:
+            if e.mask & inotify.IN_Q_OVERFLOW:
+                # The kernel dropped events: nothing known can be trusted; list everything.
+                self.overflows += 1
+                log.info("inotify queue overflow: rescanning every directory")
+                self._tiers.update(range(len(self.index.dirs)))
+                self._rearm = True
+                continue
+            paths = self._watches.get(e.wd)
+            if paths is None:
+                continue  # a watch already replaced (its IN_IGNORED, say)
+            if e.mask & (inotify.IN_IGNORED | inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF
+                         | inotify.IN_UNMOUNT):
+                self._rearm = True  # the watched directory itself went
+                continue
+            if not e.name:
+                if e.mask & inotify.IN_ATTRIB:  # the directory's own mode: re-list it
+                    self._tiers.update(dir_of[p] for p in paths if p in dir_of)
+                continue
+            name = os.fsdecode(e.name)
+            for p in paths:
+                i = dir_of.get(p)
+                if i is not None:
+                    if _sendable(name):
+                        self._paths.add(f"{p}/{name}")
+                    elif scan.is_candidate_name(name):
+                        self._tiers.add(i)  # update_files cannot carry it; a listing diagnoses it
+                if name in self._waiting.get(p, ()):
+                    self._rearm = True  # a missing component of a tier's path appeared
+        self._schedule()
+
+    def _schedule(self) -> None:
+        assert self._loop is not None
+        now = self._last = self._loop.time()
+        if self._timer is None:
+            self._first = now
+            self._timer = self._loop.call_at(now + COALESCE_S, self._due)
+
+    def _due(self) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        quiet_at, deadline = self._last + COALESCE_S, self._first + MAX_DELAY_S
+        if now < quiet_at and now < deadline:  # events still arriving: wait for a pause
+            self._timer = self._loop.call_at(min(quiet_at, deadline), self._due)
+            return
+        self._timer = None
+        try:
+            self._apply_pending()
+        except Exception:  # a failed batch must not stop the watching
+            log.exception("applying directory changes failed; rescanning at the next event")
+            self._tiers.update(range(len(self.index.dirs)))
+            self._rearm = True
+
+    def _apply_pending(self) -> None:
+        self.batches += 1
+        if self._rearm:
+            self._rearm = False
+            self._tiers |= self._arm()
+            log.debug("watched directories changed; re-armed")
+        tiers, self._tiers = self._tiers, set()
+        paths, self._paths = self._paths, set()
+        if tiers:
+            self._apply(self.index.rescan(sorted(tiers)))
+        # Symlinked candidates: their targets may have changed without an event here.
+        paths.update(self.index.symlinked_paths())
+        dir_of = self.index._dir_of
+        paths = {p for p in paths if dir_of.get(os.path.dirname(p)) not in tiers}
+        if paths:
+            self._apply(self.index.update_files(paths))
 
     def _apply(self, change: Change) -> None:
         if change.effective or change.diagnostics_changed:
             self.on_change(change)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        from watchfiles import awatch
-
-        while not stop.is_set():
-            roots = self._roots()
-            arm_stop = asyncio.Event()
-            watch = awatch(
-                *sorted(roots),
-                recursive=False,
-                debounce=DEBOUNCE_MS,
-                step=STEP_MS,
-                stop_event=arm_stop,
-                watch_filter=None,
-            )
-            stopper = asyncio.ensure_future(stop.wait())
-            nxt: asyncio.Future[set[FileChange]] = asyncio.ensure_future(watch.__anext__())
-            try:
-                await asyncio.sleep(0)  # the watcher's inotify watches now exist
-                log.debug("watching %s", " ".join(sorted(roots)))
-                # Anything that happened before they existed: resync whole directories.
-                self._apply(self.index.rescan())
-                rearm = self._roots() != roots
-                while not rearm and not stop.is_set():
-                    either: set[asyncio.Future[Any]] = {nxt, stopper}
-                    done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                    if nxt not in done:
-                        break
-                    try:
-                        changes = nxt.result()
-                    except StopAsyncIteration:
-                        rearm = True
-                        break
-                    except FileNotFoundError:
-                        rearm = True
-                        break
-                    except Exception as e:  # noqa: BLE001 - the watch is broken, the daemon is not
-                        # watchfiles gives up on a name that is not UTF-8, say; a fresh watch
-                        # and a full rescan (which diagnoses such a file) carry on.
-                        log.warning("directory watch failed (%s); watching again", e)
-                        await asyncio.sleep(0.1)
-                        rearm = True
-                        break
-                    self.batches += 1
-                    paths = {p for _, p in changes}
-                    # A watched directory went away (its watch is dead) or a missing one
-                    # appeared: watch the new set of directories.
-                    if roots & paths or self._roots() != roots:
-                        rearm = True
-                        break
-                    paths.update(self.index.symlinked_paths())
-                    self._apply(self.index.update_files(paths))
-                    nxt = asyncio.ensure_future(watch.__anext__())
-            finally:
-                arm_stop.set()
-                stopper.cancel()
-                if not nxt.done():
-                    try:
-                        await nxt
-                    except (StopAsyncIteration, FileNotFoundError, asyncio.CancelledError):
-                        pass
-                    except Exception:
-                        log.exception("watcher ended with an error")
-                await watch.aclose()
-            if rearm:
-                log.debug("watched directories changed; re-arming on %s", sorted(self._roots()))
