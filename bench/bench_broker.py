@@ -7,12 +7,14 @@ Rows:
   resolve      Resolve calls/s (sequential, one client) vs a dbus-fast service that returns
                a precomputed reply of the same shape, and vs the bus's own GetId
   concurrent   50 clients x 200 Resolve: errors and calls/s vs the same load on the no-op
-  change       descriptor written (atomic rename) -> IndexChanged received, p50/p95 ms
   one-file     Index.update_files after one file changed, at 100 vs 10,000 descriptors
   cold-scan    Index.rescan of 10,000 descriptors from nothing
   activation   first call on a bus where the daemon is not running (D-Bus activation) to
                its reply, vs `python -c 'import asyncio'`
   rss          daemon RSS when idle with the demo descriptor set
+
+P2 (change -> IndexChanged, for each kind of change) and P8 (idle wake-ups) are in
+bench_watch.py.
 """
 
 from __future__ import annotations
@@ -87,30 +89,6 @@ async def concurrent_rate(address: str, make: Any, clients: int, per_client: int
     for b in buses:
         b.disconnect()
     return rate, errors
-
-
-async def change_latency(address: str, tree: Tree, samples: int) -> list[float]:
-    bus = await MessageBus(bus_address=address).connect()
-    got: asyncio.Queue[float] = asyncio.Queue()
-
-    def handler(msg: Message) -> bool:
-        if msg.member == "IndexChanged":
-            got.put_nowait(time.perf_counter())
-        return False
-
-    bus.add_message_handler(handler)
-    await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                           interface="org.freedesktop.DBus", member="AddMatch", signature="s",
-                           body=[f"type='signal',path='{MANAGER_PATH}',member='IndexChanged'"]))
-    out = []
-    for i in range(samples):
-        t0 = time.perf_counter()
-        tree.write("sysconf", "60-bench.json", descriptor("gpu", description=f"v{i}"), atomic=True)
-        t1 = await asyncio.wait_for(got.get(), 5)
-        out.append((t1 - t0) * 1000)
-        await asyncio.sleep(0.03)
-    bus.disconnect()
-    return out
 
 
 def one_file_cost(n: int, repeats: int) -> tuple[float, float]:
@@ -220,10 +198,6 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
             c_floor, _ = asyncio.run(concurrent_rate(bus.address, floor, 50, 200))
             row("P7 concurrent", "0 errors, >= 0.8x P1", c_ours, c_floor, "calls/s", c_ours / r_ours,
                 e_ours == 0 and c_ours / r_ours >= 0.8, f"{e_ours} errors; 50x200 on the no-op: {c_floor:.0f}/s")
-            lat = asyncio.run(change_latency(bus.address, tree, 40 if quick else 100))
-            samples["P2 change -> IndexChanged (ms)"] = lat
-            row("P2 change->signal p95", "<= 50 ms", pct(lat, 95), None, "ms", None, pct(lat, 95) <= 50,
-                f"p50 {pct(lat, 50):.1f} ms, max {max(lat):.1f} ms, {len(lat)} samples")
             row("P6 rss idle", "<= 40 MB", rss / 1024, None, "MB", None, rss / 1024 <= 40, "demo set + Debian descriptors")
             daemon.stop()
             noop.terminate()

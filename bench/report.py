@@ -7,11 +7,13 @@ from typing import Any
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'row':24} {'goal':24} {'measured':>10} {'floor':>10} {'unit':8} {'ratio':>6}  at goal  note")
+    w = max([24, *(len(r["row"]) for r in rows)])
+    g = max([24, *(len(r["goal"]) for r in rows)])
+    print(f"{'row':{w}} {'goal':{g}} {'measured':>10} {'floor':>10} {'unit':8} {'ratio':>6}  at goal  note")
     for r in rows:
         fl = "" if r["floor"] is None else f"{r['floor']:.3f}"
         ra = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        print(f"{r['row']:24} {r['goal']:24} {r['measured']:10.3f} {fl:>10} {r['unit']:8} {ra:>6}  "
+        print(f"{r['row']:{w}} {r['goal']:{g}} {r['measured']:10.3f} {fl:>10} {r['unit']:8} {ra:>6}  "
               f"{'yes' if r['at_goal'] else 'NO ':7}  {r['note']}")
 
 

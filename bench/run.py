@@ -1,4 +1,4 @@
-"""All of vhostuserd's performance goals (P1-P7) in one run: one table, one JSON, one PNG.
+"""All of vhostuserd's performance goals (P1-P8) in one run: one table, one JSON, one PNG.
 
     bash bench/run [--quick]
 
@@ -22,10 +22,11 @@ sys.path.insert(0, str(HERE))
 
 import bench_broker
 import bench_spawn
+import bench_watch
 from report import plot, print_table
 from soak import run_soak
 
-ORDER = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "soak"]
+ORDER = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "soak"]
 
 
 def main() -> None:
@@ -36,6 +37,9 @@ def main() -> None:
     out = Path(a.out)
     started = time.time()
     rows, samples = bench_broker.run(a.quick)
+    watch_rows, watch_samples = bench_watch.run(a.quick)
+    rows += watch_rows
+    samples.update(watch_samples)
     spawn_rows, spawn_samples = bench_spawn.run(a.quick, 200 if a.quick else 1000)
     rows += [r for r in spawn_rows if r["row"] != "P6 rss idle"]
     samples.update(spawn_samples)
