@@ -221,7 +221,7 @@ def accel() -> str:
         try:
             g.start()
             ok = g.wait_result(raise_on_fail=False) == "pass"
-        except Exception:
+        except (GuestFailed, OSError):
             ok = False
         finally:
             g.kill()
@@ -238,12 +238,14 @@ def announce(request: Any, accelerator: str) -> str:
         f" (from ${ACCEL_ENV})" if os.environ.get(ACCEL_ENV) else
         " (hardware KVM)" if accelerator == "kvm" else
         " (no hardware KVM here: no kvm_intel/kvm_amd, or it cannot run a guest)")
-    print(line)
+    print(line)  # in the test's captured output too
     if line not in _announced:
         _announced.add(line)
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(line)
+        plugins = request.config.pluginmanager
+        reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+        if reporter is not None and capture is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line(line)
     return accelerator
 
 
@@ -352,7 +354,7 @@ class Guest:
     def wait_line(self, pattern: str, timeout: float | None = None) -> re.Match[str]:
         """Wait for a console line matching ``pattern`` (a regex); fails if the guest
         failed, exited or overstayed first."""
-        rx = re.compile(pattern, re.M)
+        rx = re.compile(pattern, re.MULTILINE)
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
         while True:
             text = self.console()
@@ -372,19 +374,27 @@ class Guest:
         """A line to the guest's console input."""
         os.write(self._stdin_w, line.encode() + b"\n")
 
-    def wait_result(self, raise_on_fail: bool = True) -> str:
-        """Wait for this boot's pass or fail marker and for QEMU to exit (the guest powers
-        off); ``pass`` or ``fail``."""
+    def wait_marker(self, raise_on_fail: bool = True) -> str:
+        """Wait for this boot's pass or fail marker: ``pass`` or ``fail``."""
         m = self.wait_line(rf"^GUEST-(PASS|FAIL) {self.token}\b.*$")
         result = "pass" if m.group(1) == "PASS" else "fail"
         if result == "fail" and raise_on_fail:
             raise GuestFailed(f"the guest failed: {m.group(0)}; {self.describe()}")
+        return result
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        """Wait for QEMU (or what runs it) to exit; its status."""
         assert self.proc is not None
         try:
-            self.proc.wait(max(5.0, self.timeout - (time.monotonic() - self.started)))
+            return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise GuestFailed(f"QEMU did not exit after the guest powered off; {self.describe()}") from None
+            raise GuestFailed(f"QEMU did not exit in {timeout:.0f}s; {self.describe()}") from None
+
+    def wait_result(self, raise_on_fail: bool = True) -> str:
+        """Wait for the marker and for QEMU to exit (the guest powers off)."""
+        result = self.wait_marker(raise_on_fail)
+        self.wait_exit(max(10.0, self.timeout - (time.monotonic() - self.started)))
         return result
 
     def lines(self, prefix: str = "GUEST: ") -> list[str]:
