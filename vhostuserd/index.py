@@ -248,7 +248,7 @@ class Watcher:
         self._inotify: inotify.Inotify | None = None
         self._watches: dict[int, list[str]] = {}  # wd -> the paths it stands for
         self._waiting: dict[str, set[str]] = {}  # ancestor -> names of missing components
-        self._armed: list[tuple[str, int] | None] = [None] * len(index.dirs)  # per tier
+        self._armed: list[tuple[str, int]] = [("", -1)] * len(index.dirs)  # (root, wd) per tier
         self._paths: set[str] = set()  # candidate paths that had events
         self._tiers: set[int] = set()  # tiers to re-list whole
         self._rearm = False
@@ -263,7 +263,7 @@ class Watcher:
             try:
                 # Anything that happened before the watches existed: re-list whole tiers.
                 self._tiers |= self._arm()
-                self._apply_pending()
+                self._apply_pending()  # (at once: no event is pending yet)
                 await stop.wait()
             finally:
                 loop.remove_reader(fd.fileno())
@@ -382,11 +382,18 @@ class Watcher:
             self._rearm = True
 
     def _apply_pending(self) -> None:
-        self.batches += 1
         if self._rearm:
             self._rearm = False
-            self._tiers |= self._arm()
+            changed = self._arm()
+            self._tiers |= changed
             log.debug("watched directories changed; re-armed")
+            if any(self._armed[i][0] == self.index.dirs[i].path for i in changed):
+                # A tier directory that just appeared may be being filled (its files'
+                # first events came before its watch): list it once that is quiet too,
+                # a window later, as for any event, rather than catch a file half written.
+                self._schedule()
+                return
+        self.batches += 1
         tiers, self._tiers = self._tiers, set()
         paths, self._paths = self._paths, set()
         if tiers:
