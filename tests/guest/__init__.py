@@ -77,6 +77,32 @@ class Assets:
                 {"QEMU_MODULE_DIR": str(self.qemu8_modules)})
 
 
+    def readable_by_all(self, dest: Path) -> Assets:
+        """These assets under ``dest`` (hard links where possible, else copies), for a guest
+        that an unprivileged user runs: the cache may sit in a private home (/root)."""
+
+        def link(src: str, dst: str) -> None:
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+        def place(src: Path | None, name: str) -> Path | None:
+            if src is None:
+                return None
+            target = dest / name
+            if src.is_dir():
+                shutil.copytree(src, target, symlinks=True, copy_function=link)
+            else:
+                link(str(src), str(target))
+            return target
+
+        dest.mkdir(parents=True, exist_ok=True)
+        return Assets(self.kver, place(self.kernel, "vmlinuz") or self.kernel, self.modules, self.busybox,
+                      place(self.qemu8, "qemu-system-x86_64"), place(self.qemu8_data, "qemu-data"),
+                      place(self.qemu8_modules, "qemu-modules"))
+
+
 @functools.cache
 def assets() -> Assets:
     """The cached guest assets, fetched by scripts/guest-assets when missing."""
@@ -285,6 +311,7 @@ class Guest:
     mem_mb: int = 256
     shared_memory: bool = True
     append: str = ""
+    kernel: Path | None = None  # default: the cached one
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     _stdin_r: int = -1
@@ -300,10 +327,10 @@ class Guest:
 
     def argv(self, *device_args: str) -> list[str]:
         """The whole QEMU command line for this guest, with ``device_args`` appended."""
-        a = assets()
+        kernel = self.kernel or assets().kernel
         cmdline = f"console=ttyS0 panic=-1 quiet rdinit=/init {self.append}".strip()
         return [*self.qemu, *machine_args(self.accelerator, self.mem_mb, self.shared_memory),
-                "-kernel", str(a.kernel), "-initrd", str(self.initrd), "-append", cmdline,
+                "-kernel", str(kernel), "-initrd", str(self.initrd), "-append", cmdline,
                 "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con", "-display", "none",
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off", *device_args]
 
