@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("monitor", "print index and backend events as they happen, until Ctrl-C "
             "(--json: one object per line)")
     p = command("spawn", "start a backend on a socket: --listen PATH, or --exec -- CMD (e.g. QEMU)",
-                usage="%(prog)s NAME [-o KEY[=VALUE]]... (--listen PATH [--replace] [--detach] | --exec -- CMD [ARG...])",
+                usage=("%(prog)s NAME [-o KEY[=VALUE]]... "
+                       "(--listen PATH [--replace] [--detach] | --exec -- CMD [ARG...])"),
                 epilog=f"Options (-o): {_option_keys()}. With --exec, the command and its arguments "
                 "follow a '--'; {fd} in them becomes 3.")
     p.add_argument("name", metavar="NAME", help=NAME_HELP)

@@ -237,7 +237,7 @@ _BOOL_OPTIONS = {"virgl", "no-grab", "read-only", "detach"}
 
 
 def option_variant(key: str, value: Any) -> Variant:
-    """The D-Bus type CONTRACT section 3 gives each Spawn option."""
+    """The D-Bus type docs/contract.md (section 3) gives each Spawn option."""
     if key == "settle-ms":
         return Variant("u", int(value))
     if key in _BOOL_OPTIONS or isinstance(value, bool):

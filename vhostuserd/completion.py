@@ -3,7 +3,8 @@
     python -m vhostuserd.completion > completions/vhostuserctl
 
 Completes commands, each command's options, descriptor names (from ``vhostuserctl list
---offline``, so it works with no daemon running) and backend ids (from ``backends``).
+--offline``, so it works with no daemon running), backend ids (from ``backends``), backend
+types (``resolve TYPE``, ``--type``), ``--feature`` values and ``-o`` keys.
 tests/test_docs.py checks the shipped file equals what this produces and drives it in bash.
 """
 
@@ -41,7 +42,13 @@ _vhostuserctl() {
         esac
     done
     case $prev in
-        --address|--type|--feature|-f|-o|--option) return 0 ;;
+        --address) return 0 ;;
+        --type) COMPREPLY=($(compgen -W "@TYPES@" -- "$cur")); return 0 ;;
+        --feature|-f) COMPREPLY=($(compgen -W "@FEATURES@" -- "$cur")); return 0 ;;
+        -o|--option)
+            COMPREPLY=($(compgen -W "@OPTION_KEYS@" -- "$cur"))
+            [[ ${#COMPREPLY[@]} == 1 && ${COMPREPLY[0]} == *= ]] && compopt -o nospace 2>/dev/null
+            return 0 ;;
         --sysconfdir|--listen) COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
     esac
     if [[ -z $cmd ]]; then
@@ -62,12 +69,15 @@ _vhostuserctl() {
     case $cmd in
         show|capabilities|spawn)
             local names
-            names=$(vhostuserctl "${bus[@]}" list --offline "${sysconf[@]}" 2>/dev/null | awk 'NR > 1 { print $1 }')
+            names=$(vhostuserctl "${bus[@]}" list --offline "${sysconf[@]}" 2>/dev/null \
+                    | awk 'NR > 1 && NF == 0 { exit } NR > 1 { print $1 }')
             COMPREPLY=($(compgen -W "$names" -- "$cur")) ;;
         stop|log)
             local ids
             ids=$(vhostuserctl "${bus[@]}" backends 2>/dev/null | awk 'NR > 1 { print $1 }')
             COMPREPLY=($(compgen -W "$ids" -- "$cur")) ;;
+        resolve)
+            COMPREPLY=($(compgen -W "@TYPES@" -- "$cur")) ;;
         check)
             COMPREPLY=($(compgen -f -X '!*.json' -- "$cur") $(compgen -d -- "$cur")) ;;
     esac
@@ -81,6 +91,16 @@ def _opts(parser: argparse.ArgumentParser) -> list[str]:
     return [o for a in parser._actions for o in a.option_strings]
 
 
+def _words() -> dict[str, str]:
+    from .descriptors import KNOWN_TYPES
+    from .options import OPTIONS
+
+    features = sorted({k for k, spec in OPTIONS.items() if spec.needs_feature} | {"separate-options"})
+    keys = [k if spec.signature == "b" else f"{k}=" for k, spec in OPTIONS.items() if k != "detach"]
+    return {"@TYPES@": " ".join(sorted(KNOWN_TYPES)), "@FEATURES@": " ".join(features),
+            "@OPTION_KEYS@": " ".join(keys)}
+
+
 def render() -> str:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -90,8 +110,11 @@ def render() -> str:
         f"            {name}) COMPREPLY=($(compgen -W \"{' '.join(_opts(p))}\" -- \"$cur\")) ;;"
         for name, p in sub.choices.items()
     )
-    return (TEMPLATE.replace("@COMMANDS@", commands).replace("@GLOBAL@", global_opts)
+    text = (TEMPLATE.replace("@COMMANDS@", commands).replace("@GLOBAL@", global_opts)
             .replace("@OPTIONS@", cases))
+    for marker, words in _words().items():
+        text = text.replace(marker, words)
+    return text
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ parsers that print ``--help``, so the two cannot drift apart.
 
     python -m vhostuserd.manpage man/      # write man/vhostuserd.8 and man/vhostuserctl.1
 
-tests/test_docs.py checks that the shipped pages equal what this produces.
+tests/test_docs.py checks that the shipped pages equal what this produces (the README says
+when to run it).
 """
 
 from __future__ import annotations
@@ -24,10 +25,17 @@ def _esc(text: str) -> str:
 
 def _invocation(action: argparse.Action) -> str:
     if not action.option_strings:
-        return f"\\fI{_esc(str(action.metavar or action.dest))}\\fR"
+        name = f"\\fI{_esc(str(action.metavar or action.dest))}\\fR"
+        if action.nargs == "*":
+            return f"[{name}...]"
+        if action.nargs == "+":
+            return f"{name}..."
+        return name
     names = ", ".join(f"\\fB{_esc(o)}\\fR" for o in action.option_strings)
     if action.nargs == 0:
         return names
+    if action.choices is not None and action.metavar is None:
+        return f"{names} " + "|".join(f"\\fB{_esc(str(c))}\\fR" for c in action.choices)
     metavar = action.metavar or action.dest.upper()
     return f"{names} \\fI{_esc(str(metavar))}\\fR"
 
@@ -57,8 +65,26 @@ def _page(name: str, section: int, summary: str, synopsis: str, description: str
     return "\n".join(lines) + "\n"
 
 
-SEE_ALSO = ("\\fBvhostuserctl\\fR(1), \\fBvhostuserd\\fR(8), \\fBbusctl\\fR(1), \\fBpolkit\\fR(8), "
-            "QEMU's docs/interop/vhost-user.rst (Backend program conventions)")
+def _see_also(own: str) -> str:
+    pages = [p for p in ("\\fBvhostuserctl\\fR(1)", "\\fBvhostuserd\\fR(8)") if f"B{own}\\" not in p]
+    return (", ".join([*pages, "\\fBbusctl\\fR(1)", "\\fBpolkit\\fR(8)", "\\fBpkttyagent\\fR(1)"]) + ".\n.PP\n"
+            "The interface contract (lookup rules, D\\-Bus API, command line, JSON output, error names) "
+            "is \\fIdocs/contract.md\\fR, the JSON output \\fIdocs/json.md\\fR, in the vhostuserd "
+            "sources; QEMU's \\fIdocs/interop/vhost\\-user.rst\\fR (Backend program conventions).")
+
+
+ENVIRONMENT = """.TP
+\\fBXDG_DATA_DIRS\\fR
+the data tier's roots, most important first (default \\fI/usr/local/share:/usr/share\\fR).
+.TP
+\\fBXDG_CONFIG_HOME\\fR, \\fBHOME\\fR
+the user tier's root (default \\fI$HOME/.config\\fR; session service and \\fB\\-\\-user\\fR only).
+.TP
+\\fBXDG_RUNTIME_DIR\\fR
+where the session service records its backends (\\fI$XDG_RUNTIME_DIR/vhostuserd\\fR).
+.TP
+\\fBDBUS_SESSION_BUS_ADDRESS\\fR, \\fBDBUS_SYSTEM_BUS_ADDRESS\\fR
+the buses \\fB\\-\\-user\\fR and \\fB\\-\\-system\\fR connect to."""
 
 FILES = """.TP
 \\fI$XDG_DATA_DIRS/qemu/vhost\\-user/*.json\\fR (default \\fI/usr/local/share\\fR, \\fI/usr/share\\fR)
@@ -96,8 +122,13 @@ def vhostuserd_page() -> str:
                       "left running and recorded, and are re\\-adopted by the next instance.")),
          ("EXIT STATUS", ("0 after a clean stop; 1 with a one\\-line reason when it cannot start "
                           "(no bus, the name already owned); 2 for bad usage.")),
-         ("SEE ALSO", SEE_ALSO)],
+         ("ENVIRONMENT", ENVIRONMENT),
+         ("SEE ALSO", _see_also("vhostuserd"))],
     )
+
+
+# The global options every command also takes: listed once, under OPTIONS.
+PER_COMMAND = ("--system", "--user", "--address", "--json", "--allow-interactive-authorization")
 
 
 def vhostuserctl_page() -> str:
@@ -111,18 +142,20 @@ def vhostuserctl_page() -> str:
             _invocation(a) if not a.option_strings else f"[{_invocation(a)}]"
             for a in cp._actions
             if a.help != argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)
-            and not set(a.option_strings) & {"--system", "--user", "--address", "--json"}
+            and not set(a.option_strings) & set(PER_COMMAND)
         )
+        if cp.usage:  # a usage written out (spawn's: the two ways, and -- CMD)
+            args = _esc(cp.usage.replace(f"%(prog)s {name}", "").replace("%(prog)s", "").strip())
         body += [".TP", f"\\fB{name}\\fR {args}".rstrip(), _esc(cp.description or "")]
         if cp.epilog:
             body += [".br", _esc(cp.epilog)]
-        opts = _options(cp, skip=("-h", "--system", "--user", "--address", "--json"))
+        opts = _options(cp, skip=("-h", *PER_COMMAND))
         if opts:
             body += [".RS", *opts, ".RE"]
     return _page(
         "vhostuserctl", 1, "query and drive vhostuserd, the vhost-user backend broker",
         "\\fBvhostuserctl\\fR [\\fB\\-\\-system\\fR | \\fB\\-\\-user\\fR | \\fB\\-\\-address\\fR \\fIADDR\\fR] "
-        "[\\fB\\-\\-json\\fR] \\fICOMMAND\\fR ...",
+        "[\\fB\\-\\-json\\fR] [\\fB\\-\\-allow\\-interactive\\-authorization\\fR] \\fICOMMAND\\fR ...",
         p.description or "",
         body,
         [("EXAMPLES", (
@@ -133,20 +166,29 @@ def vhostuserctl_page() -> str:
             "\\-chardev socket,id=gpu,fd={fd} \\-device vhost\\-user\\-gpu\\-pci,chardev=gpu\n"
             "vhostuserctl list \\-\\-offline\nvhostuserctl check \\-\\-probe\n.fi")),
          ("EXIT STATUS", (
-             "0 when the request was done; 1 when it failed (the reason is printed on one line); "
-             "2 for bad usage. \\fBspawn \\-\\-exec\\fR exits with the command's status.")),
+             "0 when the request was done; 1 when it failed (the reason is printed on one line, or "
+             "under \\fB\\-\\-json\\fR as a JSON object on stderr); 2 for bad usage. "
+             "\\fBspawn \\-\\-exec\\fR exits with the command's status, or 1 when the backend died "
+             "under a command that succeeded.")),
          ("FILES", FILES),
-         ("SEE ALSO", SEE_ALSO)],
+         ("ENVIRONMENT", ENVIRONMENT),
+         ("SEE ALSO", _see_also("vhostuserctl"))],
     )
 
 
 PAGES = {"vhostuserd.8": vhostuserd_page, "vhostuserctl.1": vhostuserctl_page}
 
 
+USAGE = "usage: python -m vhostuserd.manpage DIR   (writes DIR/vhostuserd.8 and DIR/vhostuserctl.1)"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        sys.exit("usage: python -m vhostuserd.manpage DIR")
+    if args in (["-h"], ["--help"]):
+        print(USAGE)
+        return
+    if len(args) != 1 or args[0].startswith("-"):
+        sys.exit(USAGE)
     out = Path(args[0])
     out.mkdir(parents=True, exist_ok=True)
     for name, make in PAGES.items():
