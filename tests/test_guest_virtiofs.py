@@ -200,7 +200,7 @@ def test_guest_keeps_its_share_across_a_sigkilled_daemon_and_its_next_access_tim
     shared = tmp_path / "shared"
     shared.mkdir()
     sock = tmp_path / "fs.sock"
-    state = ("--state-dir", str(tmp_path / "state"), "--grace-period", "2")
+    state = ("--grace-period", "2")  # the default --state-dir, in the tree: kill_marked cleans up
     first = Daemon(bus, real_tree, *state)
     second: Daemon | None = None
     # --detach: the backend outlives this command (a VM manager's long-lived backend).
