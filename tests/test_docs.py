@@ -212,3 +212,25 @@ def test_the_readme_python_snippet_runs_as_pasted(bus: PrivateBus, tree: Tree,
         assert "'event': 'descriptor-added'" in line or "'event': 'index-changed'" in line, line
     finally:
         stop_process(proc)
+
+
+def test_the_unit_comment_on_no_new_privileges_says_what_the_code_does() -> None:
+    from vhostuserd.authority import run_as
+
+    unit = (REPO / "systemd" / "vhostuserd.service").read_text()
+    comment = unit.split("#   NoNewPrivileges=", 1)[1].split("\n#   ", 1)[0]
+    assert "setpriv --no-new-privs" in comment and "root callers' backends included" in comment, comment
+    for uid in (0, 65534):  # every system-mode backend gets no_new_privs, as the comment says
+        run = run_as(uid, system=True)
+        assert run.no_new_privs and "--no-new-privs" in run.exec_prefix(), (uid, run)
+
+
+def test_the_package_ships_its_licence_changelog_and_type_marker() -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["license"] == {"text": "MIT"}
+    assert (REPO / "LICENSE").read_text().startswith("MIT License\n")
+    assert (REPO / "CHANGELOG.md").read_text().startswith("# Changelog\n")
+    assert (REPO / "vhostuserd" / "py.typed").exists()
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["vhostuserd"]
