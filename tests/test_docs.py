@@ -218,7 +218,9 @@ def test_the_unit_comment_on_no_new_privileges_says_what_the_code_does() -> None
     from vhostuserd.authority import run_as
 
     unit = (REPO / "systemd" / "vhostuserd.service").read_text()
-    comment = unit.split("#   NoNewPrivileges=", 1)[1].split("\n#   ", 1)[0]
+    block = re.search(r"^#   NoNewPrivileges=(.*?)\n#   [A-Z]", unit, re.MULTILINE | re.DOTALL)
+    assert block, "no comment explains NoNewPrivileges="
+    comment = " ".join(line.lstrip("# ").strip() for line in block.group(1).splitlines())
     assert "setpriv --no-new-privs" in comment and "root callers' backends included" in comment, comment
     for uid in (0, 65534):  # every system-mode backend gets no_new_privs, as the comment says
         run = run_as(uid, system=True)
