@@ -108,7 +108,7 @@ def print_backends(items: list[dict[str, Any]], as_json: bool) -> None:
         return
     rows = []
     for b in items:
-        state = b["state"] if b["state"] != "exited" else f"exited ({exit_text(b['exit_status'], b['exit_signal'])})"
+        state = b["state"] if b["state"] != "exited" else f"exited: {exit_text(b['exit_status'], b['exit_signal'])}"
         rows.append([b["id"], b["descriptor"], str(b["pid"]), str(b["owner_uid"]), state,
                      "yes" if b["detached"] else "no", " ".join(b["argv"] or ())])
     print(table(rows, ["ID", "DESCRIPTOR", "PID", "UID", "STATE", "DETACHED", "COMMAND"]))
