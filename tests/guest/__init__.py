@@ -441,30 +441,36 @@ class Guest:
     # -- QMP
 
     def qmp(self, command: str, **arguments: Any) -> Any:
-        """One QMP command on a fresh connection; its ``return`` value."""
-        deadline = time.monotonic() + 30
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(str(self.qmp_path))
-                break
-            except OSError:
-                s.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        with s, s.makefile("rw") as f:
-            json.loads(f.readline())  # the greeting
-            for cmd in ({"execute": "qmp_capabilities"}, {"execute": command, "arguments": arguments}):
-                f.write(json.dumps(cmd) + "\n")
-                f.flush()
-                while True:
-                    reply = json.loads(f.readline())
-                    if "event" not in reply:
-                        break
-                if "error" in reply:
-                    raise RuntimeError(f"QMP {cmd['execute']}: {reply['error']}")
-            return reply.get("return")
+        """One QMP command to this guest's QEMU; its ``return`` value."""
+        return qmp(self.qmp_path, command, **arguments)
+
+
+def qmp(path: Path, command: str, timeout: float = 30, **arguments: Any) -> Any:
+    """One QMP command on a fresh connection to the QMP socket at ``path`` (waiting up to
+    ``timeout`` for QEMU to listen); its ``return`` value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(path))
+            break
+        except OSError:
+            s.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    with s, s.makefile("rw") as f:
+        json.loads(f.readline())  # the greeting
+        for cmd in ({"execute": "qmp_capabilities"}, {"execute": command, "arguments": arguments}):
+            f.write(json.dumps(cmd) + "\n")
+            f.flush()
+            while True:
+                reply = json.loads(f.readline())
+                if "event" not in reply:
+                    break
+            if "error" in reply:
+                raise RuntimeError(f"QMP {cmd['execute']}: {reply['error']}")
+        return reply.get("return")
 
 
 def read_ppm(path: Path) -> tuple[int, int, bytes]:
