@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import signal
 import subprocess
 import threading
@@ -26,9 +27,12 @@ from busutil import (
     descriptor,
     fake_backend,
     run,
+    wait_for,
 )
 from helpers_live import Listener, MatchWatcher, await_for, listen
+from helpers_spawn import install, kill_marked
 
+from vhostuserd import __version__
 from vhostuserd.client import DescriptorInfo
 from vhostuserd.service import descriptor_path
 
@@ -302,3 +306,101 @@ def test_without_a_daemon_the_cli_says_try_offline(tree: Tree) -> None:
     # And the advice works.
     r = ctl(None, tree, "list", "--offline", "--sysconfdir", str(tree.sysconfdir), "--json")
     assert [i["name"] for i in json.loads(ok(r))] == ["50-gpu.json"]
+
+
+# ---------------------------------------------------------------- status, reload, stop, monitor lines
+
+
+def test_status_and_reload_for_admins(bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    setup(tree)
+    broken = tree.write("user", "80-broken.json", b"{")
+    d = start_daemon()
+    view = daemon_view(bus)
+    assert view
+    text = ok(ctl(bus, tree, "status"))
+    lines = text.splitlines()
+    assert lines[0].startswith(f"vhostuserd {__version__} on bus {bus.address}"), text
+    gen = int(next(x for x in lines if x.startswith("index generation: ")).split(": ")[1])
+    assert f"  {tree.dir('user')}" in lines and f"  {tree.dir('data', 1)}" in lines, text
+    assert "diagnostics: 1 (vhostuserctl check lists them with their files)" in lines, text
+    assert any(x.startswith(f"  {broken}: error: ") for x in lines), text
+    assert lines[-1] == "backends: 0 running", text
+    reloaded = re.fullmatch(r"reloaded: index generation (\d+)\n", ok(ctl(bus, tree, "reload")))
+    assert reloaded and int(reloaded.group(1)) >= gen
+    assert json.loads(ok(ctl(bus, tree, "--json", "reload")))["generation"] >= int(reloaded.group(1))
+    status = json.loads(ok(ctl(bus, tree, "--json", "status")))
+    assert status["version"] == __version__ and status["bus"] == bus.address and status["mode"] == "unknown"
+    assert status["search_path"][0] == str(tree.dir("user"))
+    d.assert_clean_log()
+
+
+def test_stop_says_how_the_backend_ended_and_that_it_waits_for_the_grace_period(
+        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    stubborn = install(tree, "ignores_sigterm", "fs", short="stubborn")
+    start_daemon("--grace-period", "3")
+    try:
+        r = ctl(bus, tree, "spawn", stubborn.name, "--listen", str(tree.root / "s.sock"), "--detach")
+        backend_id = ok(r).strip()
+        stubborn.report(int(json.loads(ok(ctl(bus, tree, "--json", "backends")))[0]["pid"]))  # it runs
+        r = ctl(bus, tree, "stop", backend_id)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.startswith(f"backend {backend_id}: sent SIGTERM to pid "), r.stderr
+        assert "waiting for it to exit (SIGKILL after the daemon's grace period)" in r.stderr, r.stderr
+        assert r.stdout == f"backend {backend_id} ({stubborn.name}) stopped: killed by signal 9 (SIGKILL)\n"
+    finally:
+        kill_marked(tree)
+
+
+def test_empty_results_say_so_and_the_table_explains_its_marks(
+        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    start_daemon()
+    assert ok(ctl(bus, tree, "list")) == "no descriptors\n"
+    assert ok(ctl(bus, tree, "backends")) == "no backends\n"
+    tree.write("data", "50-gpu.json", descriptor("gpu"))
+    text = wait_for(lambda: (out := ok(ctl(bus, tree, "list"))) != "no descriptors\n" and out, "the new descriptor")
+    table, footnote = text.rstrip("\n").split("\n\n")
+    assert table.splitlines()[1].split()[-1] in ("-", "failed")  # /usr/bin/true: not probed, or failed
+    assert footnote.startswith("FEATURES: - not probed yet") and "(none) probed: no features" in footnote
+
+
+def test_monitor_prints_backend_events_like_descriptor_events(
+        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    fs = install(tree, "honours_sigterm", "fs", short="fs")
+    start_daemon()
+    lines: queue.Queue[str] = queue.Queue()
+    proc = subprocess.Popen([VHOSTUSERCTL, "--address", bus.address, "monitor"], env=tree.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout or ()], daemon=True).start()
+    got: list[str] = []
+
+    def drain() -> list[str]:
+        while not lines.empty():
+            got.append(lines.get_nowait().rstrip("\n"))
+        return got
+
+    try:
+        wait_for(lambda: any(x.startswith("monitoring vhostuserd") for x in drain()), "the monitor's banner")
+        n = 0
+
+        def seen_new() -> bool:  # the banner comes before the subscription: retry until it sees one
+            nonlocal n
+            n += 1
+            tree.write("sysconf", f"40-new-{n}.json", descriptor("input"))
+            return any(x.startswith("descriptor added: 40-new-") for x in drain())
+
+        wait_for(seen_new, lambda: f"a descriptor-added line; have {got}")
+        backend_id = ok(ctl(bus, tree, "spawn", fs.name, "--listen", str(tree.root / "m.sock"), "--detach")).strip()
+        ok(ctl(bus, tree, "stop", backend_id))
+        wait_for(lambda: f"backend removed: {backend_id}" in drain(), lambda: f"the backend's lines; have {got}")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+    added = next(x for x in got if x.startswith("descriptor added: 40-new-"))
+    assert re.fullmatch(r"descriptor added: 40-new-\d+\.json \(input, sysconf, /.*\)", added), added
+    backend = [x for x in got if x.startswith("backend ")]
+    assert re.fullmatch(rf"backend added: {backend_id} \({re.escape(fs.name)}, pid \d+, running, detached\)",
+                        backend[0]), backend
+    assert f"backend stopping: {backend_id}" in backend and f"backend exited: {backend_id}" not in backend
+    assert f"backend exited: {backend_id} (killed by signal 15 (SIGTERM))" in backend \
+        or f"backend exited: {backend_id} (exited with status 0)" in backend, backend
+    assert backend[-1] == f"backend removed: {backend_id}", backend

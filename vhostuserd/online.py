@@ -90,8 +90,9 @@ async def _capabilities(c: BrokerClient, a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _event_line(e: Event) -> str:
-    """One line per event, descriptor and backend events alike: WHAT: WHO (DETAILS)."""
+def _event_line(e: Event) -> str | None:
+    """One line per event, descriptor and backend events alike: WHAT: WHO (DETAILS); None for
+    a backend's change to "exited", which its Exited event tells with the status."""
     d = e.as_dict()
     if e.kind == "index-changed":
         return f"index changed: generation {e.generation}"
@@ -107,8 +108,9 @@ def _event_line(e: Event) -> str:
     if e.kind == "backend-exited":
         return f"backend exited: {d['name']} ({exit_text(d['exit_status'], d['exit_signal'])})"
     if e.kind == "backend-changed":
-        what = d["state"] or "changed"
-        return f"backend {what}: {d['name']}"
+        if d["state"] == "exited":
+            return None
+        return f"backend {d['state'] or 'changed'}: {d['name']}"
     return f"{e.kind.replace('-', ' ')}: {d['name'] or e.object}"
 
 
@@ -120,8 +122,8 @@ async def _monitor(c: BrokerClient, a: argparse.Namespace) -> int:
     async for event in c.events():
         if a.json:
             print_json(event.as_dict(), lines=True)
-        else:
-            print(_event_line(event), flush=True)
+        elif (line := _event_line(event)) is not None:
+            print(line, flush=True)
     return EXIT_OK
 
 
@@ -273,7 +275,8 @@ async def _follow_until(events: AsyncIterator[Event], path: str,
         except StopAsyncIteration:
             return None
         if e.object == path and e.kind in ("backend-changed", "backend-exited"):
-            print(_event_line(e), file=sys.stderr, flush=True)
+            if (line := _event_line(e)) is not None:
+                print(line, file=sys.stderr, flush=True)
             if e.kind == "backend-exited":
                 return e.properties or {}
 
