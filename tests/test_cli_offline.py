@@ -1,4 +1,4 @@
-"""``vhostuserctl ... --offline`` and ``vhostuserctl check`` as real subprocesses (CONTRACT section 4).
+"""``vhostuserctl ... --offline`` and ``vhostuserctl check`` as real subprocesses (docs/contract.md section 4).
 
 Every run gets an isolated environment: XDG_DATA_DIRS, XDG_CONFIG_HOME and HOME point into
 the test's tree and --sysconfdir at its scratch sysconf root, so the machine's own

@@ -1,4 +1,4 @@
-"""``vhostuserctl`` against the running daemon (CONTRACT section 4), as real subprocesses.
+"""``vhostuserctl`` against the running daemon (docs/contract.md section 4), as real subprocesses.
 
 Human output is aligned tables; ``--json`` has the keys of the D-Bus dicts (section 3);
 a failed request exits 1 with its reason on stderr; ``monitor --json`` streams one
