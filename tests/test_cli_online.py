@@ -1,8 +1,9 @@
 """``vhostuserctl`` against the running daemon (docs/contract.md section 4), as real subprocesses.
 
-Human output is aligned tables; ``--json`` has the keys of the D-Bus dicts (section 3);
-a failed request exits 1 with its reason on stderr; ``monitor --json`` streams one
-object per line; without a daemon the CLI says in one line to try ``--offline``.
+Human output is aligned tables; ``--json`` has the shapes of docs/json.md; a failed
+request exits 1 with its reason on stderr; ``monitor --json`` streams one object per line;
+without a daemon the CLI says in one line to try ``--offline``; ``status``, ``reload``,
+``stop`` and ``monitor`` say what happened in words.
 """
 
 from __future__ import annotations
