@@ -21,12 +21,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_broker
+import bench_guest
 import bench_spawn
 import bench_watch
 from report import plot, print_table
 from soak import run_soak
 
-ORDER = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "soak"]
+ORDER = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "G1", "soak"]
 
 
 def main() -> None:
@@ -43,6 +44,8 @@ def main() -> None:
     spawn_rows, spawn_samples = bench_spawn.run(a.quick, 200 if a.quick else 1000)
     rows += [r for r in spawn_rows if r["row"] != "P6 rss idle"]
     samples.update(spawn_samples)
+    guest_rows, _ = bench_guest.run(a.quick)  # G1: a real guest, broker-spawned backend vs by hand
+    rows += guest_rows
     n = 200 if a.quick else 1000
     soak = run_soak(n)
     rows.append({"row": f"soak {n} backends", "goal": "no zombie/orphan/fd leak",
