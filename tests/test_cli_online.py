@@ -259,11 +259,15 @@ def test_monitor_json_streams_one_object_per_line(bus: PrivateBus, tree: Tree,
                 await L.generation()
             finally:
                 proc.send_signal(signal.SIGINT)
-                rc = proc.wait(10)
+                try:
+                    rc = proc.wait(10)
+                except subprocess.TimeoutExpired:  # keep the test's own failure, if any, visible
+                    proc.kill()
+                    rc = proc.wait()
                 stderr = proc.stderr.read() if proc.stderr else ""
                 reader.join(5)
                 await watcher.close()
-            assert rc == 130, (rc, stderr)
+            assert rc == 130, (rc, stderr, got)
             assert "Traceback" not in stderr, stderr
             # Nothing else was printed: the barrier changed no index and no object.
             assert lines.empty(), list(lines.queue)
