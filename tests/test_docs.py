@@ -236,3 +236,12 @@ def test_the_package_ships_its_licence_changelog_and_type_marker() -> None:
     assert (REPO / "CHANGELOG.md").read_text().startswith("# Changelog\n")
     assert (REPO / "vhostuserd" / "py.typed").exists()
     assert "py.typed" in project["tool"]["setuptools"]["package-data"]["vhostuserd"]
+
+
+def test_the_documented_linger_of_an_exited_backend_is_the_daemons() -> None:
+    from vhostuserd.backends import LINGER_S
+
+    said = f"{LINGER_S:g} seconds"
+    assert said in (REPO / "docs" / "contract.md").read_text()
+    assert said in (REPO / "README.md").read_text()
+    assert said in build_parser().format_help() + "".join(p.format_help() for p in _subparsers().values())
