@@ -26,9 +26,11 @@ from .lookup import Directory, Listing, sort_key
 log = logging.getLogger("vhostuserd.index")
 
 # The watcher applies events once COALESCE_S passed without a new one, and at most
-# MAX_DELAY_S after the first of a batch. An atomic replace or an editor's save is a few
-# events within microseconds, so 1 ms gathers them into one update; the bound keeps a
-# storm from delaying its first signal. The window exists only while events arrive: idle,
+# MAX_DELAY_S after the first of a batch. A save is a few events within microseconds, so
+# 1 ms gathers them into one update; the bound keeps a storm from delaying its first
+# signal. When every candidate file with events is complete (closed after writing, renamed
+# into place, deleted) and no directory changed, there is nothing to wait for: the events
+# read so far are applied at once. The window exists only while events arrive: idle,
 # nothing is scheduled and nothing wakes the daemon.
 COALESCE_S = 0.001
 MAX_DELAY_S = 0.010
@@ -236,7 +238,7 @@ class Watcher:
     unmounted) or a waited-for component that appears re-arms the watches, and each tier
     whose watched directory changed is re-listed whole; a queue overflow re-lists every
     tier. Events are applied COALESCE_S after the last one, at most MAX_DELAY_S after
-    the first.
+    the first, or at once when each candidate with events is complete.
     """
 
     def __init__(self, index: Index, on_change: Callable[[Change], None]) -> None:
@@ -249,7 +251,9 @@ class Watcher:
         self._watches: dict[int, list[str]] = {}  # wd -> the paths it stands for
         self._waiting: dict[str, set[str]] = {}  # ancestor -> names of missing components
         self._armed: list[tuple[str, int]] = [("", -1)] * len(index.dirs)  # (root, wd) per tier
-        self._paths: set[str] = set()  # candidate paths that had events
+        self._paths: set[str] = set()  # paths in tier directories that had events
+        self._touched = False  # a candidate among them
+        self._writing: set[str] = set()  # candidates last created or modified, not yet closed
         self._tiers: set[int] = set()  # tiers to re-list whole
         self._rearm = False
         self._timer: asyncio.TimerHandle | None = None
@@ -309,7 +313,9 @@ class Watcher:
                 added.add(wd)
                 watches.setdefault(wd, []).append(path)
                 wd_of[path] = wd
-            if not raced:
+            # A component created between the look and its ancestor's watch gave no event
+            # there: look again now that the watches exist.
+            if not raced and [_nearest_existing(d.path) for d in self.index.dirs] == roots:
                 break
         for wd in (self._watches.keys() | added) - watches.keys():
             self._inotify.rm_watch(wd)
@@ -348,28 +354,54 @@ class Watcher:
                     self._tiers.update(dir_of[p] for p in paths if p in dir_of)
                 continue
             name = os.fsdecode(e.name)
+            candidate = scan.is_candidate_name(name)
             for p in paths:
                 i = dir_of.get(p)
                 if i is not None:
-                    if _sendable(name):
-                        self._paths.add(f"{p}/{name}")
-                    elif scan.is_candidate_name(name):
-                        self._tiers.add(i)  # update_files cannot carry it; a listing diagnoses it
+                    if not _sendable(name):
+                        if candidate:
+                            self._tiers.add(i)  # update_files cannot carry it; a listing diagnoses it
+                        continue
+                    path = f"{p}/{name}"
+                    self._paths.add(path)
+                    if candidate:
+                        self._touched = True
+                        if e.mask & (inotify.IN_CREATE | inotify.IN_MODIFY) and not e.mask & inotify.IN_ISDIR:
+                            self._writing.add(path)
+                        elif not e.mask & inotify.IN_ATTRIB:
+                            self._writing.discard(path)  # closed, renamed or deleted
                 if name in self._waiting.get(p, ()):
                     self._rearm = True  # a missing component of a tier's path appeared
+        if self._rearm:
+            # At once, not after the window: the sooner the new watches exist, the fewer
+            # events are only found by listing. The window that follows lets what is being
+            # written into a directory that just appeared settle before it is listed.
+            self._rearm = False
+            self._tiers |= self._arm()
+            log.debug("watched directories changed; re-armed")
         self._schedule()
+
+    def _complete(self) -> bool:
+        """Whether what is pending can be applied without waiting for more."""
+        return self._touched and not self._writing and not self._rearm and not self._tiers
 
     def _schedule(self) -> None:
         assert self._loop is not None
         now = self._last = self._loop.time()
+        complete = self._complete()
         if self._timer is None:
             self._first = now
-            self._timer = self._loop.call_at(now + COALESCE_S, self._due)
+        elif complete:
+            self._timer.cancel()
+        else:
+            return  # _due waits for the quiet
+        self._timer = self._loop.call_at(now if complete else now + COALESCE_S, self._due)
 
     def _due(self) -> None:
         assert self._loop is not None
         now = self._loop.time()
-        quiet_at, deadline = self._last + COALESCE_S, self._first + MAX_DELAY_S
+        quiet_at = self._last + (0.0 if self._complete() else COALESCE_S)
+        deadline = self._first + MAX_DELAY_S
         if now < quiet_at and now < deadline:  # events still arriving: wait for a pause
             self._timer = self._loop.call_at(min(quiet_at, deadline), self._due)
             return
@@ -396,6 +428,8 @@ class Watcher:
         self.batches += 1
         tiers, self._tiers = self._tiers, set()
         paths, self._paths = self._paths, set()
+        self._touched = False
+        self._writing.clear()
         if tiers:
             self._apply(self.index.rescan(sorted(tiers)))
         # Symlinked candidates: their targets may have changed without an event here.
