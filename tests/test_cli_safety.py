@@ -235,6 +235,21 @@ def test_spawn_exec_reports_a_backend_that_dies_under_the_command_and_fails(
     d.assert_clean_log()
 
 
+def test_spawn_exec_a_backend_that_exits_0_as_its_front_end_goes_is_no_failure(
+        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    # As vhost-user backends do when QEMU exits: which exit the CLI sees first is a race.
+    fake = install(tree, "exits", "gpu", short="done", delay=1, status=0, message="done: front-end gone")
+    d = start_daemon()
+    cmd = [sys.executable, "-c", "import os\nwhile os.read(3, 4096): pass"]  # until the backend's end closes
+    r = ctl(bus, tree, "spawn", fake.name, "--exec", "--", *cmd)
+    assert r.returncode == 0, r.stderr
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith(f"{sys.executable} exited with status 0; backend "), r.stderr
+    assert last.endswith((" stopped", " exited with status 0")), r.stderr
+    assert f"while {sys.executable} ran" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    d.assert_clean_log()
+
+
 # ---------------------------------------------------------------- 8: socket path errors
 
 

@@ -255,6 +255,14 @@ async def _exit_report(c: BrokerClient, backend_id: str, props: dict[str, Any], 
     return report
 
 
+def _crashed(props: dict[str, Any]) -> bool:
+    """Whether a backend that exited by itself failed: a signal or a non-zero status. A backend
+    that exits 0 finished (vhost-user backends exit 0 when their front-end closes the socket,
+    e.g. when QEMU exits), and which of the two exits is seen first is a race."""
+    status, sig = _exit_of(props)
+    return sig is not None or status != 0
+
+
 def _exit_of(props: dict[str, Any]) -> tuple[int | None, int | None]:
     b = backend_dict(props)
     return b["exit_status"], b["exit_signal"]
@@ -372,9 +380,10 @@ async def _spawn(c: BrokerClient, a: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, os.kill, pid, signum)
     died = await _follow_until(events, path, exited)
-    if died is not None:
-        # The backend went first: say so now (CMD may go on without it), then wait for CMD.
-        print(await _exit_report(c, backend_id, died, f"while {argv[0]} ran"), file=sys.stderr, flush=True)
+    crashed = died is not None and _crashed(died)
+    if crashed:
+        # The backend failed under CMD: say so now (CMD may go on without it), then wait for CMD.
+        print(await _exit_report(c, backend_id, died or {}, f"while {argv[0]} ran"), file=sys.stderr, flush=True)
     status = await exited
     final = await _final(c, backend_id, path)
     if died is None:
@@ -389,8 +398,8 @@ async def _spawn(c: BrokerClient, a: argparse.Namespace) -> int:
     if a.json:
         print_json(final)
     rc = code if sig < 0 else 128 + sig
-    if died is not None and rc == 0:
-        return EXIT_FAILED  # the command succeeded, but the backend did not last
+    if crashed and rc == 0:
+        return EXIT_FAILED  # the command succeeded, but the backend failed under it
     return rc
 
 
