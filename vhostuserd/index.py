@@ -255,6 +255,7 @@ class Watcher:
         self._touched = False  # a candidate among them
         self._writing: set[str] = set()  # candidates last created or modified, not yet closed
         self._tiers: set[int] = set()  # tiers to re-list whole
+        self._fresh: set[int] = set()  # among them, those whose directory just appeared
         self._rearm = False
         self._timer: asyncio.TimerHandle | None = None
         self._first = self._last = 0.0
@@ -374,16 +375,24 @@ class Watcher:
                     self._rearm = True  # a missing component of a tier's path appeared
         if self._rearm:
             # At once, not after the window: the sooner the new watches exist, the fewer
-            # events are only found by listing. The window that follows lets what is being
-            # written into a directory that just appeared settle before it is listed.
-            self._rearm = False
-            self._tiers |= self._arm()
-            log.debug("watched directories changed; re-armed")
+            # events are only found by listing.
+            self._rearm_now()
         self._schedule()
+
+    def _rearm_now(self) -> None:
+        self._rearm = False
+        changed = self._arm()
+        self._tiers |= changed
+        # A tier directory that just appeared may be being filled (its files' first events
+        # came before its watch): it is listed once that is quiet too, a window later, as
+        # for any event, rather than catch a file half written.
+        self._fresh |= {i for i in changed if self._armed[i][0] == self.index.dirs[i].path}
+        log.debug("watched directories changed; re-armed")
 
     def _complete(self) -> bool:
         """Whether what is pending can be applied without waiting for more."""
-        return self._touched and not self._writing and not self._rearm and not self._tiers
+        return ((self._touched or bool(self._tiers)) and not self._writing and not self._fresh
+                and not self._rearm)
 
     def _schedule(self) -> None:
         assert self._loop is not None
@@ -414,15 +423,9 @@ class Watcher:
             self._rearm = True
 
     def _apply_pending(self) -> None:
-        if self._rearm:
-            self._rearm = False
-            changed = self._arm()
-            self._tiers |= changed
-            log.debug("watched directories changed; re-armed")
-            if any(self._armed[i][0] == self.index.dirs[i].path for i in changed):
-                # A tier directory that just appeared may be being filled (its files'
-                # first events came before its watch): list it once that is quiet too,
-                # a window later, as for any event, rather than catch a file half written.
+        if self._rearm:  # (after a failed batch)
+            self._rearm_now()
+            if self._fresh:
                 self._schedule()
                 return
         self.batches += 1
@@ -430,6 +433,7 @@ class Watcher:
         paths, self._paths = self._paths, set()
         self._touched = False
         self._writing.clear()
+        self._fresh.clear()
         if tiers:
             self._apply(self.index.rescan(sorted(tiers)))
         # Symlinked candidates: their targets may have changed without an event here.
