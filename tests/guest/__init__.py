@@ -254,24 +254,32 @@ def accel() -> str:
     return "kvm" if ok else "tcg"
 
 
-_announced: set[str] = set()
+class _Summary:
+    """A pytest plugin registered at run time: the accelerator line in the terminal summary."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        for line in self.lines:
+            terminalreporter.write_line(line)
 
 
 def announce(request: Any, accelerator: str) -> str:
-    """Say on the terminal (past pytest's capture), once per run, which accelerator the
-    guests use; returns it."""
+    """Say which accelerator the guests use: in the test's captured output, and once in the
+    terminal summary of the run; returns it."""
     line = f"guest tests: accelerator {accelerator}" + (
         f" (from ${ACCEL_ENV})" if os.environ.get(ACCEL_ENV) else
         " (hardware KVM)" if accelerator == "kvm" else
         " (no hardware KVM here: no kvm_intel/kvm_amd, or it cannot run a guest)")
-    print(line)  # in the test's captured output too
-    if line not in _announced:
-        _announced.add(line)
-        plugins = request.config.pluginmanager
-        reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
-        if reporter is not None and capture is not None:
-            with capture.global_and_fixture_disabled():
-                reporter.write_line(line)
+    print(line)
+    plugins = request.config.pluginmanager
+    summary = plugins.get_plugin("vhostuserd-guest-summary")
+    if summary is None:
+        summary = _Summary()
+        plugins.register(summary, "vhostuserd-guest-summary")
+    if line not in summary.lines:
+        summary.lines.append(line)
     return accelerator
 
 
