@@ -24,6 +24,7 @@ the very pipe recorded at spawn; else the log starts empty, with a warning.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import fcntl
 import json
@@ -168,7 +169,9 @@ class FdStore:
     def _send(self, text: str, fds: list[int]) -> bool:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-                socket.send_fds(s, [text.encode()], fds, 0, self.address)
+                # (socket.send_fds ignores its address argument before Python 3.12.)
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+                s.sendmsg([text.encode()], anc, 0, self.address)
             return True
         except OSError as e:
             log.warning("file descriptor store: %s failed: %s", text.replace("\n", " "), e)
@@ -531,7 +534,10 @@ class Supervisor:
             await asyncio.shield(b.exited)
 
     def remove(self, b: Backend) -> None:
+        """Forget an exited backend: its output too, even if something outside its group
+        still holds the pipe's write end."""
         self.backends.pop(b.id, None)
+        self._close_output(b)
 
     # ---- restart
 
@@ -618,7 +624,11 @@ class Supervisor:
             if backend_id not in ids and name.endswith("-pid"):
                 ids.append(backend_id)
         for backend_id in ids:
-            b = self._readopt_one(backend_id)
+            try:
+                b = self._readopt_one(backend_id)
+            except Exception as e:  # noqa: BLE001 - one backend must never stop the start-up
+                log.error("backend %s: cannot be re-adopted: %s: %s", backend_id, type(e).__name__, e)
+                continue
             if b is not None:
                 adopted.append(b)
         for name, fd in list(self.store.taken.items()):  # of backends that are gone
