@@ -364,8 +364,15 @@ class Supervisor:
         finally:
             os.close(out_w)
             os.close(null)
-        # Our unreaped child: this pid can be no other process.
-        pidfd = os.pidfd_open(pid)
+        # Our unreaped child: this pid can be no other process (nor can it be while we do
+        # not reap it, so the kill below, by number, is safe).
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as e:
+            os.close(out_r)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise SpawnError(f"cannot watch {argv[0]} (pid {pid}, killed): {e.strerror}") from None
         b = Backend(
             id=self._next_id(), descriptor=descriptor, binary=argv[0], argv=argv, pid=pid, owner=owner,
             owner_uid=owner_uid, detached=detached, started_at=time.time_ns() // 1000,
