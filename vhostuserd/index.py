@@ -252,7 +252,7 @@ class Watcher:
         self._waiting: dict[str, set[str]] = {}  # ancestor -> names of missing components
         self._armed: list[tuple[str, int]] = [("", -1)] * len(index.dirs)  # (root, wd) per tier
         self._paths: set[str] = set()  # paths in tier directories that had events
-        self._touched = False  # a candidate among them
+        self._touched: set[int] = set()  # tiers where candidates among them had events
         self._writing: set[str] = set()  # candidates last created or modified, not yet closed
         self._tiers: set[int] = set()  # tiers to re-list whole
         self._fresh: set[int] = set()  # among them, those whose directory just appeared
@@ -366,7 +366,7 @@ class Watcher:
                     path = f"{p}/{name}"
                     self._paths.add(path)
                     if candidate:
-                        self._touched = True
+                        self._touched.add(i)
                         if e.mask & (inotify.IN_CREATE | inotify.IN_MODIFY) and not e.mask & inotify.IN_ISDIR:
                             self._writing.add(path)
                         elif not e.mask & inotify.IN_ATTRIB:
@@ -386,13 +386,17 @@ class Watcher:
         # A tier directory that just appeared may be being filled (its files' first events
         # came before its watch): it is listed once that is quiet too, a window later, as
         # for any event, rather than catch a file half written.
-        self._fresh |= {i for i in changed if self._armed[i][0] == self.index.dirs[i].path}
+        fresh = {i for i in changed if self._armed[i][0] == self.index.dirs[i].path}
+        self._fresh |= fresh
+        self._touched -= fresh  # (events in the directory it replaced say nothing about it)
         log.debug("watched directories changed; re-armed")
 
     def _complete(self) -> bool:
         """Whether what is pending can be applied without waiting for more."""
-        return ((self._touched or bool(self._tiers)) and not self._writing and not self._fresh
-                and not self._rearm)
+        # A directory that just appeared may hold files written before its watch existed:
+        # wait for quiet there, unless events for its candidates came since, all complete.
+        return (bool(self._touched or self._tiers) and not self._writing and not self._rearm
+                and self._fresh <= self._touched)
 
     def _schedule(self) -> None:
         assert self._loop is not None
@@ -431,7 +435,7 @@ class Watcher:
         self.batches += 1
         tiers, self._tiers = self._tiers, set()
         paths, self._paths = self._paths, set()
-        self._touched = False
+        self._touched.clear()
         self._writing.clear()
         self._fresh.clear()
         if tiers:
