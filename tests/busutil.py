@@ -114,13 +114,17 @@ class PrivateBus:
         self.config.write_text(BUS_CONFIG.format(type=kind, socket=self.socket, servicedir=self.servicedir,
                                                  extra=extra_config))
         self.address = f"unix:path={self.socket}"
-        self.proc = subprocess.Popen(
-            ["dbus-daemon", f"--config-file={self.config}", "--nofork", "--print-address=1"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )
+        # Its complaints ("Rejected: destination has a full message queue", ...) go to a file: a
+        # pipe nobody reads would fill, and dbus-daemon would block in write(2) for good.
+        self.log_path = self.dir / "bus.log"
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                ["dbus-daemon", f"--config-file={self.config}", "--nofork", "--print-address=1"],
+                stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+            )
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         if not line.startswith("unix:"):
-            raise RuntimeError(f"dbus-daemon did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
+            raise RuntimeError(f"dbus-daemon did not start: {self.log_path.read_text()}")
 
     def reload(self) -> None:
         """Re-read the config and servicedir (synchronous, unlike SIGHUP)."""

@@ -276,7 +276,7 @@ def fake_root(directory):
 async def main():
     bus = await MessageBus(bus_address=sys.argv[1], negotiate_unix_fd=True).connect()
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=1 << 26)  # tests send calls of several MB
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     # One warm-up call, so that nothing is imported lazily after a chroot.
     await call(bus, {"id": -1, "destination": "org.freedesktop.DBus", "path": "/org/freedesktop/DBus",

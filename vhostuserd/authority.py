@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import configparser
+import contextlib
 import grp
 import logging
 import os
 import pwd
 import stat
 import threading
+from collections import Counter, OrderedDict, deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -50,6 +53,12 @@ INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequi
 CHECK_ALLOW_INTERACTION = 1
 # A password prompt can take a while; a polkit that never answers must not hold a call forever.
 CHECK_TIMEOUT_S = 300.0
+# The bus lets one connection wait for at most 128 replies (dbus-daemon's
+# max_replies_per_connection): polkit checks may use 96 of them, which leaves room for the
+# daemon's calls to the bus itself; one uid may have 8 checks waiting or in flight, so no user
+# can fill the rest, and the others are served in turn, one uid after another.
+CHECKS_IN_FLIGHT = 96
+CHECKS_PER_UID = 8
 SETPRIV = "/usr/bin/setpriv"
 DEVICE_DIRS = {"render-node": "/dev/dri/", "evdev-path": "/dev/input/"}
 
@@ -251,12 +260,75 @@ def group_name(gid: int) -> str:
         return str(gid)
 
 
+class CheckLimiter:
+    """How many polkit checks run at once: at most ``per_uid`` outstanding (in flight or
+    waiting) for one uid, at most ``in_flight`` in flight in all; the rest wait, and a free
+    slot goes to the uids in turn (round robin), so one user's burst delays nobody else by
+    more than one check per user ahead of them."""
+
+    def __init__(self, in_flight: int = CHECKS_IN_FLIGHT, per_uid: int = CHECKS_PER_UID) -> None:
+        self.in_flight = in_flight
+        self.per_uid = per_uid
+        self.running = 0
+        self.outstanding: Counter[int] = Counter()
+        self._waiting: OrderedDict[int, deque[asyncio.Future[None]]] = OrderedDict()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, uid: int, action: str) -> AsyncIterator[None]:
+        if self.outstanding[uid] >= self.per_uid:
+            raise _error("LimitsExceeded", f"{action}: uid {uid} already has {self.per_uid} authorization "
+                         "checks waiting for polkit, the most one user may have; call again once they are answered")
+        self.outstanding[uid] += 1
+        try:
+            await self._acquire(uid)
+            try:
+                yield
+            finally:
+                self._release()
+        finally:
+            self.outstanding[uid] -= 1
+            if not self.outstanding[uid]:
+                del self.outstanding[uid]
+
+    async def _acquire(self, uid: int) -> None:
+        if self.running < self.in_flight and not self._waiting:
+            self.running += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(uid, deque()).append(fut)
+        try:
+            await fut  # _release hands its slot over: self.running stays counted
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._release()  # handed a slot, but cancelled before it could run
+            else:
+                queue = self._waiting.get(uid)
+                if queue is not None and fut in queue:
+                    queue.remove(fut)
+                    if not queue:
+                        del self._waiting[uid]
+            raise
+
+    def _release(self) -> None:
+        while self._waiting:
+            uid, queue = next(iter(self._waiting.items()))
+            fut = queue.popleft()
+            del self._waiting[uid]
+            if queue:
+                self._waiting[uid] = queue  # to the back of the line
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.running -= 1
+
+
 class Authority:
     """polkit on the system service; the daemon's own uid only on a session service."""
 
     def __init__(self, bus: Any, *, system: bool) -> None:
         self.bus = bus
         self.system = system
+        self.limiter = CheckLimiter()
 
     def consults_polkit(self, uid: int) -> bool:
         """Whether `check` asks polkit for this caller (system service, not root)."""
@@ -276,10 +348,11 @@ class Authority:
         query = Message(member="CheckAuthorization", signature="(sa{sv})sa{ss}us",
                         body=[subject, action, details, CHECK_ALLOW_INTERACTION if interactive else 0, ""],
                         **POLKIT)
-        try:
-            reply = await asyncio.wait_for(self.bus.call(query), CHECK_TIMEOUT_S)
-        except TimeoutError:
-            raise _error("NotAuthorized", f"{action}: polkit did not answer in {CHECK_TIMEOUT_S:g} s") from None
+        async with self.limiter.slot(uid, action):
+            try:
+                reply = await asyncio.wait_for(self.bus.call(query), CHECK_TIMEOUT_S)
+            except TimeoutError:
+                raise _error("NotAuthorized", f"{action}: polkit did not answer in {CHECK_TIMEOUT_S:g} s") from None
         if reply.message_type is MessageType.ERROR:
             log.warning("polkit check of %s for %s failed: %s %s", action, msg.sender, reply.error_name, reply.body)
             raise _error("NotAuthorized", f"{action}: authorization could not be checked "
@@ -301,6 +374,8 @@ class Authority:
         """Like `check`, for calls that do less instead of failing."""
         try:
             await self.check(msg, uid, action, details)
-        except DBusError:
+        except DBusError as e:
+            if e.type.endswith(".LimitsExceeded"):
+                raise  # not a "no": the caller is told to come back
             return False
         return True

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import stat
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -213,6 +213,10 @@ class Spawner:
         self._owners: dict[str, set[str]] = {}
         self._callers: dict[str, Caller] = {}
         self._departed: OrderedDict[str, None] = OrderedDict()
+        # Callers with a Spawn in progress, and those of them that left the bus meanwhile:
+        # exact, however many other connections come and go (the record above is bounded).
+        self._spawning: Counter[str] = Counter()
+        self._left_mid_spawn: set[str] = set()
         self._exited_emitted: set[str] = set()
         self.bus.add_message_handler(self._on_signal)
 
@@ -267,6 +271,8 @@ class Spawner:
             name = msg.body[0]
             self._callers.pop(name, None)
             self._departed[name] = None
+            if name in self._spawning:
+                self._left_mid_spawn.add(name)
             if len(self._departed) > 8192:
                 self._departed.popitem(last=False)
             if name in self._owners:
@@ -321,8 +327,25 @@ class Spawner:
     async def spawn(self, name: str, options: dict[str, Variant], fd: int) -> str:
         from .service import current_message
 
+        msg = current_message.get()
+        sender = msg.sender
+        self._spawning[sender] += 1
         try:
-            msg = current_message.get()
+            return await self._spawn(msg, name, options, fd)
+        finally:
+            self._spawning[sender] -= 1
+            if not self._spawning[sender]:
+                del self._spawning[sender]
+                self._left_mid_spawn.discard(sender)
+
+    def _left(self, name: str) -> bool:
+        """Has the caller ``name`` left the bus? Exact for a caller with a Spawn in progress
+        (a departure before the call's task ran is still in the recent-departures record:
+        one read of the socket cannot carry 8,192 of them)."""
+        return name in self._left_mid_spawn or name in self._departed
+
+    async def _spawn(self, msg: Message, name: str, options: dict[str, Variant], fd: int) -> str:
+        try:
             listening = check_socket(fd)
             d = self.broker.index.get(name)
             if d is None:
@@ -350,7 +373,8 @@ class Spawner:
             # The caller may have left while we waited (for polkit, say): then nothing starts
             # (the CVE-2021-3560 class of bug). From here to tracking there is no await, so a
             # departure not seen yet is handled after, by stopping the backend.
-            if caller.name in self._departed:
+            if self._left(caller.name):
+                log.info("Spawn of %s for %s: the caller left the bus; nothing was started", d.name, caller.name)
                 raise _error("SpawnFailed", f"the caller {caller.name} left the bus; nothing was started")
             try:
                 b = self.supervisor.spawn(descriptor=d.name, argv=p.argv, socket_fd=fd, owner=caller.name,

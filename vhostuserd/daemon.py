@@ -290,8 +290,7 @@ class Daemon:
             __version__, "org.vhostuserd.Broker1", self.opts.bus, len(index.descriptors),
             ":".join(d.path for d in index.dirs),
         )
-        for diag in index.diagnostics:
-            log.warning("%s", diag)
+        broker.log_new_diagnostics(broker.diagnostics)
         sd_notify("READY=1")
         watcher = Watcher(index, broker.on_change)
         watch_stop = asyncio.Event()
@@ -304,10 +303,26 @@ class Daemon:
         watch_task = asyncio.ensure_future(watch_later())
         idle_task = asyncio.ensure_future(self._idle(bus, broker)) if self.opts.idle_timeout else None
         stop_task = asyncio.ensure_future(self.stop_event.wait())
-        waiting = {stop_task, watch_task} | ({idle_task} if idle_task else set())
+        lost_task = asyncio.ensure_future(bus.disconnected())
+        waiting = {stop_task, watch_task, lost_task} | ({idle_task} if idle_task else set())
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if watch_task in done and watch_task.exception() is not None:
             log.error("directory watcher failed: %s", watch_task.exception())
+        if lost_task in done:
+            # Running on without the bus would leave the name unowned and the backends
+            # unwatched: exit non-zero so that the service manager starts us again (the
+            # backends are re-adopted from their records).
+            why = lost_task.exception() if not lost_task.cancelled() else None
+            log.error("vhostuserd lost its connection to the bus%s; exiting so that it is restarted",
+                      f" ({type(why).__name__}: {why})" if why else "")
+            sd_notify("STOPPING=1")
+            watch_stop.set()
+            for task in (idle_task, stop_task, watch_task):
+                if task is not None:
+                    task.cancel()
+            reaper.uninstall()
+            return 1
+        lost_task.cancel()
         reason = "idle" if idle_task in done else "signal"
         log.info("stopping (%s)", reason)
         sd_notify("STOPPING=1")

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 from .descriptors import Capabilities, Descriptor, ProbeError, ProbeResult
 
+# At most this many rejections are spelled out: the rest are counted (an error reply must not
+# grow with the index).
+EXPLAIN_MAX = 8
+
 # Capabilities for a descriptor: a probe result, or None when not probed (yet).
 CapsLookup = Callable[[Descriptor], ProbeResult | None]
 
@@ -34,7 +38,9 @@ class Resolution:
             return f"no descriptor for {want}: the search path has no descriptors"
         same = [r for r in self.rejections if not r.reason.startswith("type is ")]
         others = len(self.rejections) - len(same)
-        parts = [f"{r.name}: {r.reason}" for r in same]
+        parts = [f"{r.name}: {r.reason}" for r in same[:EXPLAIN_MAX]]
+        if len(same) > EXPLAIN_MAX:
+            parts.append(f"{len(same) - EXPLAIN_MAX} more of this type")
         if others:
             parts.append(f"{others} descriptor(s) of other types")
         return f"no descriptor for {want}: " + "; ".join(parts)

@@ -9,21 +9,25 @@ modules it wires together (`index`, `capabilities`, `resolve`).
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextvars
 import logging
 import os
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from dbus_fast import Message, MessageType, PropertyAccess, Variant
 from dbus_fast.aio import MessageBus
+from dbus_fast.aio.message_bus import _MessageWriter
 from dbus_fast.errors import DBusError
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
 from . import __version__
 from .capabilities import ProbeCache
 from .descriptors import Capabilities, Descriptor, Diagnostic, ProbeError, ProbeResult
+from .flow import ReplyCredit
 from .index import Change, Index
 from .resolve import resolve
 
@@ -41,6 +45,15 @@ DESCRIPTOR_IFACE = "org.vhostuserd.Broker1.Descriptor"
 BACKEND_IFACE = "org.vhostuserd.Broker1.Backend"
 OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
 ERROR_PREFIX = "org.vhostuserd.Broker1.Error."
+INTROSPECTABLE_IFACE = "org.freedesktop.DBus.Introspectable"
+PEER_IFACE = "org.freedesktop.DBus.Peer"
+
+# What one request may carry and one error may say (docs/threat-model.md, "Bounded replies"):
+# no reply may grow with what a caller sends, or a caller that never reads its replies makes
+# the daemon queue megabytes for it.
+MAX_FEATURES = 64
+MAX_FEATURE_BYTES = 128
+MAX_ERROR_CHARS = 4096
 
 # A method call's (path, interface, member, signature), as its message has them (None for a
 # header field it lacks: a call need not name an interface).
@@ -52,8 +65,28 @@ FD_TAKING_CALLS: set[_CallKey] = {(MANAGER_PATH, MANAGER_IFACE, "Spawn", "sa{sv}
 current_message: contextvars.ContextVar[Message] = contextvars.ContextVar("current_message")
 
 
+def bounded(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``message``, cut to about ``limit`` characters in the middle (a long name a caller sent
+    usually comes first, the reason last), with a note saying how much was cut."""
+    if len(message) <= limit:
+        return message
+    keep = (limit - 40) // 2
+    return f"{message[:keep]} [... {len(message) - 2 * keep} characters cut ...] {message[-keep:]}"
+
+
 def error(name: str, message: str) -> DBusError:
-    return DBusError(ERROR_PREFIX + name, message)
+    return DBusError(ERROR_PREFIX + name, bounded(message))
+
+
+def features_error(features: list[str]) -> str | None:
+    """Why a requested feature list is refused (LimitsExceeded), or None. Says how much was
+    sent, never what: echoing it is what made an error as large as the call."""
+    if len(features) > MAX_FEATURES:
+        return f"{len(features)} features requested; at most {MAX_FEATURES} may be"
+    for i, f in enumerate(features):
+        if len(f.encode("utf-8", "surrogateescape")) > MAX_FEATURE_BYTES:
+            return f"feature #{i} is {len(f)} characters long; at most {MAX_FEATURE_BYTES} bytes each"
+    return None
 
 
 def escape_label(name: str) -> str:
@@ -75,21 +108,120 @@ def descriptor_path(name: str) -> str:
     return DESCRIPTOR_PREFIX + escape_label(name)
 
 
+class _PatientWriter(_MessageWriter):
+    """dbus-fast's writer, except that a full socket is waited out instead of ending the
+    connection: dbus-fast 5.2 treats EAGAIN from send() as fatal (python-dbus-next#153), so
+    any peer slow to read its replies could take the daemon off the bus. Each reply also
+    passes the bus's reply credit (`flow`) first."""
+
+    bus: Bus
+
+    def buffer_message(self, msg: Message, future: asyncio.Future[None] | None = None) -> None:
+        data = msg._marshall(self.negotiate_unix_fd)
+        if (msg.message_type in _REPLIES and msg.destination
+                and not self.bus.admit_reply(msg.destination, len(data))):
+            if future is not None and not future.done():
+                future.set_result(None)
+            return
+        self.messages.append((data, list(msg.unix_fds) or None, future))
+
+    def write_callback(self, remove_writer: bool = True) -> None:
+        sock, fd = self.sock, self.fd
+        assert sock is not None and fd is not None
+        try:
+            while True:
+                if self.buf is None:
+                    if not self.messages:
+                        if remove_writer:
+                            self.loop.remove_writer(fd)
+                        return
+                    buf, unix_fds, fut = self.messages.popleft()
+                    self.unix_fds = unix_fds
+                    self.buf = memoryview(buf)
+                    self.offset = 0
+                    self.fut = fut
+                try:
+                    if self.unix_fds and self.negotiate_unix_fd:
+                        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.unix_fds))]
+                        sent = sock.sendmsg([self.buf[self.offset :]], rights)
+                        self.unix_fds = None
+                    else:
+                        sent = sock.send(self.buf[self.offset :])
+                except (BlockingIOError, InterruptedError):
+                    # Full: the loop calls us again when it drains (schedule_write arms the
+                    # writer whenever a buffer is left over).
+                    self.loop.add_writer(fd, self.write_callback)
+                    return
+                self.offset += sent
+                if self.offset < len(self.buf):
+                    return
+                self.buf = None
+                if self.fut is not None and not self.fut.done():
+                    self.fut.set_result(None)
+        except Exception as e:  # noqa: BLE001 - as dbus-fast: any other failure ends the connection
+            if self.fut is not None and not self.fut.done():
+                if self.bus._user_disconnect:
+                    self.fut.set_result(None)
+                else:
+                    self.fut.set_exception(e)
+            self.bus._finalize(e)
+
+
+_REPLIES = (MessageType.METHOD_RETURN, MessageType.ERROR)
+
+
 class Bus(MessageBus):
     """A dbus-fast bus with the fixes this service needs (see the module docstring)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(negotiate_unix_fd=True, **kwargs)
+        self.credit = ReplyCredit()
         self.on_call: Callable[[Message], None] | None = None
         # Calls answered straight from the message handler when no waiting is needed
         # (saves dbus-fast's per-call dispatch and a task); None falls back to the method.
         self.fast_paths: dict[_CallKey, Callable[[Message], Message | None]] = {}
         self.add_message_handler(self._intercept)
 
+    async def disconnected(self) -> None:
+        """Return (or raise why) once the connection to the bus is gone."""
+        await super().wait_for_disconnect()  # type: ignore[no-untyped-call]
+
+    async def connect(self) -> Bus:
+        await super().connect()
+        if type(self._writer) is _MessageWriter:
+            self._writer.__class__ = _PatientWriter
+        return self
+
+    def admit_reply(self, peer: str, size: int) -> bool:
+        """Queue a reply of ``size`` bytes to ``peer``? See `flow.ReplyCredit`."""
+        credit = self.credit
+        ok = credit.admit(peer, size)
+        if not ok and credit.dropped(peer) == 1:
+            log.warning("%s does not read its replies (%d KiB unread): dropping them until it does",
+                        peer, credit.peers[peer].unacked // 1024)
+        if credit.want_ping(peer):
+            self._loop.call_soon(self._ping, peer)
+        return ok
+
+    def _ping(self, peer: str) -> None:
+        if self._disconnected:
+            return
+        ping = Message(destination=peer, path="/", interface=PEER_IFACE, member="Ping")
+
+        def answered(_reply: Message | None, _err: Exception | None) -> None:
+            dropped = self.credit.acked(peer)
+            if dropped:
+                log.info("%s reads its replies again; %d were dropped", peer, dropped)
+
+        self._call(ping, answered)
+
     def _intercept(self, msg: Message) -> Message | bool:
         if msg.message_type is MessageType.SIGNAL and msg.unix_fds:
             # Anyone may send us a unicast signal carrying fds; nothing here takes them.
             self._close_fds(msg)
+        if (msg.message_type is MessageType.SIGNAL and msg.member == "NameOwnerChanged"
+                and msg.sender == "org.freedesktop.DBus" and len(msg.body) == 3 and msg.body[2] == ""):
+            self.credit.gone(msg.body[0])
         if msg.message_type is not MessageType.METHOD_CALL:
             return False
         if msg.unix_fds and not self._takes_fds(msg):
@@ -98,6 +230,12 @@ class Bus(MessageBus):
         current_message.set(msg)
         if self.on_call is not None:
             self.on_call(msg)
+        if (msg.path is not None and msg.path.startswith(BACKEND_PREFIX) and msg.path not in self._path_exports
+                and msg.interface not in (INTROSPECTABLE_IFACE, PEER_IFACE)):
+            # A backend that never was or is gone: say so in the project's words, not with
+            # dbus-fast's UnknownMethod/UnknownObject.
+            return Message.new_error(msg, ERROR_PREFIX + "NotFound",
+                                     bounded(f"no backend {msg.path[len(BACKEND_PREFIX):]}", 256))
         fast = self.fast_paths.get((msg.path, msg.interface, msg.member, msg.signature))
         if fast is not None:
             reply = fast(msg)
@@ -344,6 +482,7 @@ class Broker:
         self.manager = Manager(self)
         self.objects: dict[str, DescriptorObject] = {}
         self._probe_tasks: set[asyncio.Task[None]] = set()
+        self._logged: set[tuple[str, str, str]] = set()
         self.spawner: Spawner  # set by the daemon once the supervisor exists
 
     def export(self) -> None:
@@ -393,11 +532,19 @@ class Broker:
         if change.diagnostics_changed:
             diags = self.diagnostics
             self.manager.emit_properties_changed({"Diagnostics": [list(x.as_tuple()) for x in diags]})
-            for diag in diags:
-                log.debug("diagnostic: %s", diag)
+            self.log_new_diagnostics(diags)
         if change.effective:
             self.manager.emit_properties_changed({"Generation": self.index.generation})
             self.manager.IndexChanged(self.index.generation)
+
+    def log_new_diagnostics(self, diags: tuple[Diagnostic, ...]) -> None:
+        """A diagnostic that is new or changed is logged once, at warning: a broken file that
+        shadows a name must not go unnoticed (one that is fixed and broken again is new)."""
+        current = {d.as_tuple() for d in diags}
+        for diag in diags:
+            if diag.as_tuple() not in self._logged:
+                log.warning("%s", diag)
+        self._logged = current
 
     def reload(self) -> None:
         self.on_change(self.index.rescan())
@@ -437,6 +584,8 @@ class Broker:
     def _resolve_now(self, msg: Message) -> Message | None:
         """Resolve without waiting, when every candidate's capabilities are known."""
         btype, features = msg.body
+        if (why := features_error(features)) is not None:
+            return Message.new_error(msg, ERROR_PREFIX + "LimitsExceeded", f"Resolve: {why}")
         probed: dict[str, ProbeResult] = {}
         if features:
             for d in self.index.descriptors:
@@ -447,11 +596,13 @@ class Broker:
                     probed[d.name] = result
         resolution = resolve(self.index.descriptors, btype, features, lambda d: probed.get(d.name))
         if resolution.chosen is None or resolution.chosen.name not in self.objects:
-            return Message.new_error(msg, ERROR_PREFIX + "NotFound", resolution.explain(btype, features))
+            return Message.new_error(msg, ERROR_PREFIX + "NotFound", bounded(resolution.explain(btype, features)))
         obj = self.objects[resolution.chosen.name]
         return Message.new_method_return(msg, "oa{sv}", [obj.path, obj.as_dict()])
 
     async def resolve(self, btype: str, features: list[str]) -> Descriptor:
+        if (why := features_error(features)) is not None:
+            raise error("LimitsExceeded", f"Resolve: {why}")
         descriptors = self.index.descriptors
         probed: dict[str, ProbeResult] = {}
         if features:
