@@ -125,14 +125,23 @@ class BackendObject(ServiceInterface):
             "owner": Variant("s", b.owner), "state": Variant("s", b.state),
             "exit_status": Variant("i", b.exit_status), "exit_signal": Variant("i", b.exit_signal),
             "started_at": Variant("t", b.started_at), "detached": Variant("b", b.detached),
-            "object": Variant("o", self.path),
+            "object": Variant("o", self.path), **self._accounting(),
         }
+
+    def _accounting(self) -> dict[str, Variant]:
+        """Its cgroup and what it consumed (`cgroup`); -1 where not measured."""
+        u = self.spawner.supervisor.usage(self.b)
+        return {"cgroup": Variant("s", self.spawner.supervisor.cgroups.relative(self.b.cgroup)),
+                "cpu_usec": Variant("x", u.cpu_usec), "memory_current": Variant("x", u.memory_current),
+                "memory_peak": Variant("x", u.memory_peak), "tasks": Variant("x", u.tasks)}
 
     def variants(self) -> dict[str, Variant]:
         d = self.as_dict()
         names = {"id": "Id", "descriptor": "Descriptor", "binary": "Binary", "argv": "Argv", "pid": "Pid",
                  "owner_uid": "OwnerUid", "owner": "Owner", "state": "State", "exit_status": "ExitStatus",
-                 "exit_signal": "ExitSignal", "started_at": "StartedAt", "detached": "Detached"}
+                 "exit_signal": "ExitSignal", "started_at": "StartedAt", "detached": "Detached",
+                 "cgroup": "Cgroup", "cpu_usec": "CpuUsec", "memory_current": "MemoryCurrent",
+                 "memory_peak": "MemoryPeak", "tasks": "Tasks"}
         return {names[k]: v for k, v in d.items() if k in names}
 
     @dbus_property(access=PropertyAccess.READ)
@@ -182,6 +191,26 @@ class BackendObject(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def Detached(self) -> "b":
         return self.b.detached
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Cgroup(self) -> "s":
+        return self.spawner.supervisor.cgroups.relative(self.b.cgroup)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def CpuUsec(self) -> "x":
+        return self.spawner.supervisor.usage(self.b).cpu_usec
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MemoryCurrent(self) -> "x":
+        return self.spawner.supervisor.usage(self.b).memory_current
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MemoryPeak(self) -> "x":
+        return self.spawner.supervisor.usage(self.b).memory_peak
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Tasks(self) -> "x":
+        return self.spawner.supervisor.usage(self.b).tasks
 
     @method()
     async def Stop(self) -> "":

@@ -110,8 +110,22 @@ def print_backends(items: list[dict[str, Any]], as_json: bool) -> None:
     for b in items:
         state = b["state"] if b["state"] != "exited" else f"exited: {exit_text(b['exit_status'], b['exit_signal'])}"
         rows.append([b["id"], b["descriptor"], str(b["pid"]), str(b["owner_uid"]), state,
-                     "yes" if b["detached"] else "no", " ".join(b["argv"] or ())])
-    print(table(rows, ["ID", "DESCRIPTOR", "PID", "UID", "STATE", "DETACHED", "COMMAND"]))
+                     "yes" if b["detached"] else "no", *accounting_cells(b), " ".join(b["argv"] or ())])
+    print(table(rows, ["ID", "DESCRIPTOR", "PID", "UID", "STATE", "DETACHED", "CPU", "MEMORY", "TASKS",
+                       "COMMAND"]))
+
+
+def accounting_cells(b: dict[str, Any]) -> list[str]:
+    """CPU time, memory current (peak) and tasks of a backend's cgroup; "-" where not measured."""
+    from .cgroup import format_bytes, format_usec
+
+    cpu = format_usec(b["cpu_usec"]) if b.get("cpu_usec") is not None else "-"
+    mem = "-"
+    if b.get("memory_current") is not None:
+        mem = format_bytes(b["memory_current"])
+        if b.get("memory_peak") is not None:
+            mem += f" ({format_bytes(b['memory_peak'])} peak)"
+    return [cpu, mem, str(b["tasks"]) if b.get("tasks") is not None else "-"]
 
 
 def shadow_notes(diagnostics: Sequence[Sequence[str]], listed: set[str], only: str | None = None) -> list[str]:

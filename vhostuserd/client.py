@@ -151,10 +151,13 @@ def descriptor_json(*, name: str, path: str, tier: str, type: str, description: 
 
 
 BACKEND_KEYS = ("id", "object", "descriptor", "binary", "argv", "pid", "owner_uid", "owner", "state",
-                "exit_status", "exit_signal", "started_at", "detached")
+                "exit_status", "exit_signal", "started_at", "detached",
+                "cgroup", "cpu_usec", "memory_current", "memory_peak", "tasks")
 _CAMEL = {"Id": "id", "Descriptor": "descriptor", "Binary": "binary", "Argv": "argv", "Pid": "pid",
           "OwnerUid": "owner_uid", "Owner": "owner", "State": "state", "ExitStatus": "exit_status",
-          "ExitSignal": "exit_signal", "StartedAt": "started_at", "Detached": "detached"}
+          "ExitSignal": "exit_signal", "StartedAt": "started_at", "Detached": "detached",
+          "Cgroup": "cgroup", "CpuUsec": "cpu_usec", "MemoryCurrent": "memory_current",
+          "MemoryPeak": "memory_peak", "Tasks": "tasks"}
 
 
 def backend_dict(props: dict[str, Any], object: str | None = None) -> dict[str, Any]:
@@ -167,9 +170,11 @@ def backend_dict(props: dict[str, Any], object: str | None = None) -> dict[str, 
         out["object"] = object
     if out["id"] is None and out["object"]:
         out["id"] = str(out["object"]).rsplit("/", 1)[-1]
-    for k in ("exit_status", "exit_signal"):
+    for k in ("exit_status", "exit_signal", "cpu_usec", "memory_current", "memory_peak", "tasks"):
         if out[k] is not None and int(out[k]) < 0:
             out[k] = None
+    if out["cgroup"] == "":
+        out["cgroup"] = None
     if out["argv"] is not None:
         out["argv"] = list(out["argv"])
     return out

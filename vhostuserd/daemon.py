@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .cgroup import Cgroups
 
 if TYPE_CHECKING:
     from .lookup import Directory
@@ -177,6 +178,17 @@ def _raise_fd_limit(wanted: int) -> None:
                     resource.getrlimit(resource.RLIMIT_NOFILE)[0], "the backend quota", wanted)
 
 
+def _backend_cgroups(state_dir: str) -> Cgroups:
+    """Each backend's own cgroup under ours (`cgroup`), said once at start-up either way."""
+    cgroups = Cgroups.setup(state_dir)
+    if cgroups.enabled:
+        log.info("backends run in cgroups of their own: %s", cgroups.describe())
+    else:
+        log.warning("backends run without cgroups of their own (%s): as before, a backend's process group is "
+                    "what stops with it, and what it consumes is not accounted", cgroups.why)
+    return cgroups
+
+
 class Daemon:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
@@ -271,9 +283,10 @@ class Daemon:
         probes = ProbeCache(reaper, timeout=self.opts.probe_timeout,
                             untrusted=untrusted_reason if self.opts.system_tiers else None)
         broker = Broker(bus, index, probes)
+        cgroups = _backend_cgroups(self._state_dir())
         try:
             supervisor = Supervisor(reaper, self._state_dir(), self.opts.grace_period,
-                                    on_change=lambda b, what: broker.spawner.on_change(b, what))
+                                    on_change=lambda b, what: broker.spawner.on_change(b, what), cgroups=cgroups)
         except OSError as e:
             raise StartupError(f"cannot use the state directory {self._state_dir()}: {e.strerror}") from None
         broker.spawner = Spawner(broker, supervisor, Authority(bus, system=self.opts.system_tiers),

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import errno
 import fcntl
 import json
 import logging
@@ -41,6 +42,7 @@ from typing import Any
 
 from . import procs
 from .authority import SETPRIV
+from .cgroup import Cgroups, Usage
 
 log = logging.getLogger("vhostuserd.supervisor")
 
@@ -202,6 +204,8 @@ class Backend:
     start_time: int  # /proc/PID/stat starttime, for re-adoption
     exe: str
     log_pipe: str = ""  # "pipe:[inode]" of the daemon's own read end, recorded at spawn
+    cgroup: str = ""  # its own cgroup v2 directory (absolute), "" without cgroups
+    usage: Usage = field(default_factory=Usage, repr=False)  # what it consumed, final once exited
     adopted: bool = False
     state: str = RUNNING
     exit_status: int = -1
@@ -222,7 +226,7 @@ class Backend:
             "id": self.id, "descriptor": self.descriptor, "binary": self.binary, "argv": list(self.argv),
             "pid": self.pid, "owner": self.owner, "owner_uid": self.owner_uid, "detached": self.detached,
             "started_at": self.started_at, "start_time": self.start_time, "exe": self.exe,
-            "log_pipe": self.log_pipe,
+            "log_pipe": self.log_pipe, "cgroup": self.cgroup,
         }
 
 
@@ -242,6 +246,7 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "start_time": lambda v: _is_int(v),
     "exe": lambda v: isinstance(v, str),
     "log_pipe": lambda v: isinstance(v, str),
+    "cgroup": lambda v: isinstance(v, str),
 }
 
 
@@ -255,7 +260,7 @@ def _load_record(path: str, backend_id: str) -> tuple[dict[str, Any], list[str]]
     if not isinstance(raw, dict):
         return {}, [f"not a JSON object but {type(raw).__name__}"]
     good = {k: raw[k] for k, ok in _CHECKS.items() if k in raw and ok(raw[k])}
-    bad = [k for k in _CHECKS if k not in good and k != "log_pipe"]
+    bad = [k for k in _CHECKS if k not in good and k not in ("log_pipe", "cgroup")]
     if raw.get("id") != backend_id:
         bad.insert(0, "id")
     return good, bad
@@ -271,6 +276,7 @@ class Supervisor:
         grace_period: float,
         on_change: Callable[[Backend, str], None],
         store: FdStore | None = None,
+        cgroups: Cgroups | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.reaper = reaper
@@ -278,6 +284,7 @@ class Supervisor:
         self.grace_period = grace_period
         self.on_change = on_change
         self.store = store if store is not None else FdStore()
+        self.cgroups = cgroups if cgroups is not None else Cgroups(why="not asked for")
         self.backends: dict[str, Backend] = {}
         self._id_next = 0
         self._id_reserved = 0
@@ -350,16 +357,29 @@ class Supervisor:
         owner_uid: int,
         detached: bool,
         exec_prefix: tuple[str, ...] = (),
+        limits: dict[str, int] | None = None,
+        extra_fds: Mapping[int, int] | None = None,
     ) -> Backend:
-        """Start one backend with ``socket_fd`` as its fd 3. Raises SpawnError."""
+        """Start one backend with ``socket_fd`` as its fd 3. Raises SpawnError.
+
+        ``extra_fds`` ({child fd: our fd}, above 3): what ``exec_prefix`` needs, e.g. the user
+        namespace `userns.create` made; the prefix closes them before the backend runs."""
+        backend_id = self._next_id()
+        cgroup, placement = self._cgroup_for(backend_id, limits)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         null = procs.open_devnull()
         try:
-            pid = procs.spawn(
-                [*exec_prefix, *argv], fds={0: null, 1: out_w, 2: out_w, 3: socket_fd}, keep_sigpipe_ignored=True
-            )
+            command = [*exec_prefix, *argv]
+            if placement and not os.access(command[0], os.X_OK):  # as posix_spawn would say at once
+                err = errno.EACCES if os.path.exists(command[0]) else errno.ENOENT
+                raise OSError(err, os.strerror(err))
+            pid = procs.spawn([*placement, *command], fds={0: null, 1: out_w, 2: out_w, 3: socket_fd,
+                                                                **(extra_fds or {})},
+                              keep_sigpipe_ignored=True)
         except OSError as e:
             os.close(out_r)
+            if cgroup:
+                self.cgroups.remove(cgroup)
             raise SpawnError(f"cannot run {argv[0]}: {e.strerror}") from None
         finally:
             os.close(out_w)
@@ -374,9 +394,9 @@ class Supervisor:
             os.waitpid(pid, 0)
             raise SpawnError(f"cannot watch {argv[0]} (pid {pid}, killed): {e.strerror}") from None
         b = Backend(
-            id=self._next_id(), descriptor=descriptor, binary=argv[0], argv=argv, pid=pid, owner=owner,
+            id=backend_id, descriptor=descriptor, binary=argv[0], argv=argv, pid=pid, owner=owner,
             owner_uid=owner_uid, detached=detached, started_at=time.time_ns() // 1000,
-            start_time=0, exe="", log_pipe=f"pipe:[{os.fstat(out_r).st_ino}]", pidfd=pidfd,
+            start_time=0, exe="", log_pipe=f"pipe:[{os.fstat(out_r).st_ino}]", pidfd=pidfd, cgroup=cgroup,
         )
         b.exited = self.reaper.watch(pid, pidfd, before_reap=lambda: self._kill_helpers(b))
         self.backends[b.id] = b
@@ -393,6 +413,18 @@ class Supervisor:
         log.info("backend %s started: pid %d, %s, owner %s (uid %d)%s", b.id, pid, " ".join(argv),
                  owner, owner_uid, ", detached" if detached else "")
         return b
+
+    def _cgroup_for(self, backend_id: str, limits: dict[str, int] | None) -> tuple[str, tuple[str, ...]]:
+        """The backend's own cgroup and the launcher prefix that enters it before the backend
+        runs (`cgroup` module); ("", ()) without cgroups, or when it cannot be made."""
+        if not self.cgroups.enabled:
+            return "", ()
+        try:
+            path = self.cgroups.create(backend_id, limits)
+        except OSError as e:
+            log.warning("backend %s: cannot make its cgroup: %s; it runs in the daemon's", backend_id, e.strerror)
+            return "", ()
+        return path, self.cgroups.launcher(path)
 
     async def settle(self, b: Backend, ms: int) -> None:
         """Raise SpawnError if ``b`` exits within ``ms`` milliseconds."""
@@ -505,6 +537,8 @@ class Supervisor:
         orphans now, and a backend takes its helpers with it."""
         if b.pidfd >= 0:
             procs.signal_group(b.pidfd, b.pid, signal.SIGKILL, leader_unreaped=not b.adopted)
+        if b.cgroup:  # and whatever left the group (setsid, double fork): the cgroup holds it
+            self.cgroups.kill(b.cgroup)
 
     def _on_exit(self, b: Backend, status: int) -> None:
         b.exit_status, b.exit_signal = procs.describe_status(status)
@@ -516,9 +550,30 @@ class Supervisor:
         self.store.remove(f"backend-{b.id}-log")
         self._forget(b)
         self._read_some(b)
-        log.info("backend %s (pid %d) %s", b.id, b.pid, procs.status_text(status) if status >= 0
-                 else "exited (status unknown: re-adopted after a restart)")
+        consumed = ""
+        if b.cgroup:
+            b.usage = self.cgroups.usage(b.cgroup)
+            consumed = f"; consumed {b.usage.text()}"
+            self._remove_cgroup(b.cgroup)
+        log.info("backend %s (pid %d) %s%s", b.id, b.pid, procs.status_text(status) if status >= 0
+                 else "exited (status unknown: re-adopted after a restart)", consumed)
         self.on_change(b, "exited")
+
+    def _remove_cgroup(self, path: str, delay: float = 0.005) -> None:
+        """rmdir the cgroup once its killed members are gone (they leave it as they die)."""
+        if self.cgroups.remove(path):
+            return
+        if delay > 5.0:
+            log.warning("cgroup %s: still populated 10 s after cgroup.kill; left in place", path)
+            return
+        self.cgroups.kill(path)
+        self.loop.call_later(delay, self._remove_cgroup, path, delay * 2)
+
+    def usage(self, b: Backend) -> Usage:
+        """What ``b`` consumed so far (final once it exited); all -1 without a cgroup."""
+        if b.cgroup and b.state != EXITED:
+            return self.cgroups.usage(b.cgroup)
+        return b.usage
 
     def stop(self, b: Backend) -> asyncio.Task[None]:
         """SIGTERM the group, SIGKILL after the grace period; done when the process is gone."""
@@ -538,6 +593,8 @@ class Supervisor:
         except TimeoutError:
             log.warning("backend %s (pid %d) ignored SIGTERM for %gs: SIGKILL", b.id, b.pid, self.grace_period)
             self._signal(b, signal.SIGKILL)
+            if b.cgroup:
+                self.cgroups.kill(b.cgroup)
             await asyncio.shield(b.exited)
 
     def remove(self, b: Backend) -> None:
@@ -621,6 +678,20 @@ class Supervisor:
             return None
         return pid, pidfd, rec.get("start_time") or _proc_start_time(pid) or 0
 
+    def _adopted_cgroup(self, backend_id: str, pid: int, recorded: str) -> str:
+        """The re-adopted backend's cgroup: where the kernel says its process is, if that is
+        one of ours (a record is only a hint)."""
+        if not self.cgroups.enabled:
+            return ""
+        found = self.cgroups.of_process(pid)
+        if found is None:
+            if recorded:
+                log.warning("backend %s (pid %d): not in its recorded cgroup %s any more", backend_id, pid, recorded)
+            return ""
+        if recorded and recorded != found:
+            log.warning("backend %s (pid %d): in cgroup %s, not the recorded %s", backend_id, pid, found, recorded)
+        return found
+
     def readopt(self) -> list[Backend]:
         """Take back the backends a previous instance recorded (or stored) that still run."""
         adopted = []
@@ -689,6 +760,7 @@ class Supervisor:
             detached=rec["detached"] if "owner" in rec and "detached" in rec else True,
             started_at=rec["started_at"] if "started_at" in rec else int((began or 0) * 1e6),
             start_time=start_time, exe=exe, log_pipe=rec.get("log_pipe", ""), adopted=True, pidfd=pidfd,
+            cgroup=self._adopted_cgroup(backend_id, pid, rec.get("cgroup", "")),
         )
         b.exited = self.reaper.watch(pid, pidfd, before_reap=lambda: self._kill_helpers(b), child=False)
         self.backends[b.id] = b
