@@ -247,3 +247,25 @@ def test_the_daemon_says_once_at_start_up_how_backends_are_placed(
     d = start_daemon()
     wait_for(lambda: "cgroups of their own" in d.log(), "the start-up line about cgroups")
     assert d.log().count("cgroups of their own") == 1
+
+
+def test_status_shows_how_backends_are_placed_in_text_and_json(
+        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    import json
+
+    from busutil import ctl
+
+    start_daemon()
+    text = ctl(bus, tree, "status")
+    assert text.returncode == 0, text.stderr
+    line = next(x for x in text.stdout.splitlines() if x.startswith("backend cgroups: "))
+    doc = json.loads(ctl(bus, tree, "--json", "status").stdout)
+    assert line == f"backend cgroups: {doc['cgroups']}"
+    mount = cgroup.v2_mount()
+    if mount is None:
+        assert doc["cgroups"].startswith("off: "), doc
+    else:
+        mode, _, rest = doc["cgroups"].partition(": ")
+        assert mode in ("delegated", "nested", "off"), doc
+        if mode != "off":
+            assert os.path.isdir(os.path.join(mount, rest.split(" (")[0].lstrip("/"))), doc

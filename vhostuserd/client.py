@@ -381,6 +381,9 @@ class BrokerClient:
     async def version(self) -> str:
         return str(await self.get_property("Version"))
 
+    async def cgroups(self) -> str:
+        return str(await self.get_property("Cgroups"))
+
     # ---- backends
 
     async def spawn(self, name: str, socket_fd: int, options: dict[str, Any] | None = None, *,

@@ -440,13 +440,14 @@ async def _status(c: BrokerClient, a: argparse.Namespace) -> int:
     generation = await c.generation()
     search = await c.search_path()
     diags = await _diagnostics(c)
+    cgroups = await c.cgroups()
     backends = [backend_dict(b) for b in await c.list_backends()]
     running = [b for b in backends if b["state"] != "exited"]
     mode = {"system": "system", "user": "user"}.get(a.bus, "unknown") if not a.address else "unknown"
     doc = {
         "version": version, "bus": a.address or a.bus, "mode": mode, "generation": generation,
         "search_path": search, "diagnostics": [{"path": p, "level": lv, "message": m} for p, lv, m in diags],
-        "backends": len(running),
+        "backends": len(running), "cgroups": cgroups,
     }
     if a.json:
         print_json(doc)
@@ -459,6 +460,7 @@ async def _status(c: BrokerClient, a: argparse.Namespace) -> int:
     print(f"diagnostics: {len(diags)}" + (" (vhostuserctl check lists them with their files)" if diags else ""))
     for p, lv, m in diags:
         print(f"  {p}: {lv}: {m}")
+    print(f"backend cgroups: {cgroups}")
     print(f"backends: {len(running)} running" + (f", {len(backends) - len(running)} just exited"
                                                  if len(backends) > len(running) else ""))
     return EXIT_OK

@@ -467,6 +467,11 @@ class Manager(ServiceInterface):
     def Version(self) -> "s":
         return __version__
 
+    @dbus_property(access=PropertyAccess.READ)
+    def Cgroups(self) -> "s":
+        """How backends are placed: "delegated: PATH (...)", "nested: ..." or "off: why"."""
+        return self.broker.spawner.supervisor.cgroups.describe()
+
     @signal()
     def IndexChanged(self, generation: int) -> "t":
         return generation
