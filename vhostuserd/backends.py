@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from dbus_fast import Message, MessageType, PropertyAccess, Variant
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
+from . import userns
 from .authority import (
     MANAGE,
     SPAWN,
@@ -330,7 +331,8 @@ class Spawner:
             raise _error("NotAuthorized", f"{MANAGE}: backend {b.id} belongs to uid {b.owner_uid}; "
                          f"uid {caller.uid} may not {verb}")
 
-    async def authorize_spawn(self, msg: Message, caller: Caller, d: Any, p: SpawnPlan) -> RunAs:
+    async def authorize_spawn(self, msg: Message, caller: Caller, d: Any, p: SpawnPlan,
+                              idmap: userns.IdMap | None = None) -> RunAs:
         """polkit for the system service; returns the identity the backend will run as."""
         if self.system and (why := untrusted_reason(d.binary)) is not None:
             raise _error("NotAuthorized", f"{d.name}: its binary cannot be trusted by the system service: {why}")
@@ -341,6 +343,8 @@ class Spawner:
         for key in ("render-node", "evdev-path", "shared-dir", "blk-file"):
             if key in p.values:
                 details[key] = str(p.values[key])
+        if idmap is not None:
+            details["idmap"] = idmap.mode  # the mode in effect, asked for or not
         if self.authority.consults_polkit(caller.uid):
             # Only polkit reads it, and looking it up costs a thread (see caller_app_id).
             app = await caller_app_id(caller.pid)
@@ -350,6 +354,14 @@ class Spawner:
         if device_gids:
             await self.authority.check(msg, caller.uid, SPAWN_DEVICE, details)
         return run_as(caller.uid, tuple(device_gids), system=self.system)
+
+    def _userns_map(self, d: Any, p: SpawnPlan, caller: Caller) -> userns.IdMap | None:
+        """Whether this backend runs in a user namespace, and its id map (`userns`)."""
+        try:
+            return userns.plan_for(system=self.system, dtype=d.type, name=d.name, requested=p.values.get("idmap"),
+                                   uid=caller.uid, sysconfdir=userns.sysconfdir_of(self.broker.index.dirs))
+        except userns.UsernsError as e:
+            raise _error(e.kind, str(e)) from None
 
     # ---- methods
 
@@ -394,7 +406,8 @@ class Spawner:
             if why is not None:
                 raise _error("InvalidSocket", why)
             caller = await self.caller(msg.sender)
-            identity = await self.authorize_spawn(msg, caller, d, p)
+            idmap = self._userns_map(d, p, caller)
+            identity = await self.authorize_spawn(msg, caller, d, p, idmap)
             if self.supervisor.count() >= self.max_total:
                 raise _error("QuotaExceeded", f"{self.max_total} backends are running, the most this daemon runs")
             if self.supervisor.count(caller.uid) >= self.max_per_uid:
@@ -406,9 +419,12 @@ class Spawner:
                 log.info("Spawn of %s for %s: the caller left the bus; nothing was started", d.name, caller.name)
                 raise _error("SpawnFailed", f"the caller {caller.name} left the bus; nothing was started")
             try:
-                b = self.supervisor.spawn(descriptor=d.name, argv=p.argv, socket_fd=fd, owner=caller.name,
-                                          owner_uid=caller.uid, detached=p.detach,
-                                          exec_prefix=identity.exec_prefix())
+                with userns.launch(idmap, identity.exec_prefix()) as (prefix, ns_fds):
+                    b = self.supervisor.spawn(descriptor=d.name, argv=p.argv, socket_fd=fd, owner=caller.name,
+                                              owner_uid=caller.uid, detached=p.detach,
+                                              exec_prefix=prefix, extra_fds=ns_fds)
+            except userns.UsernsError as e:
+                raise _error(e.kind, f"{d.name}: {e}") from None
             except SpawnError as e:
                 raise _error("SpawnFailed", f"{d.name}: {e}") from None
             self._track(b)

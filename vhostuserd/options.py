@@ -27,6 +27,7 @@ CONNECTED, LISTENING = "connected", "listening"
 SOCKET_KIND = {"gpu": CONNECTED, "input": CONNECTED, "block": LISTENING, "scsi": LISTENING, "fs": LISTENING}
 
 DEVICE_OPTIONS = {"render-node": "/dev/dri/", "evdev-path": "/dev/input/"}
+IDMAP_MODES = ("caller", "subids")  # = userns.IDMAP_MODES: the user namespace's id mapping
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,7 @@ OPTIONS: dict[str, OptionSpec] = {
     "blk-file": OptionSpec("s", "block", True),
     "read-only": OptionSpec("b", "block", True),
     "shared-dir": OptionSpec("s", "fs", False),
+    "idmap": OptionSpec("s", "fs", False),  # the user namespace's id mapping (`userns`)
     "detach": OptionSpec("b", None, False),
     "settle-ms": OptionSpec("u", None, False),
 }
@@ -119,6 +121,10 @@ def plan(
             )
         if name in PATH_OPTIONS:
             value = _check_path(name, value)
+        if name == "idmap" and value not in IDMAP_MODES:
+            shown = value[:64] if value.isprintable() else repr(value[:64])
+            raise OptionError("InvalidOption", f"option 'idmap': must be one of {', '.join(IDMAP_MODES)}, "
+                              f"not '{shown}'")
         if name == "settle-ms" and value > MAX_SETTLE_MS:
             raise OptionError("InvalidOption", f"option 'settle-ms': at most {MAX_SETTLE_MS}")
         values[name] = value

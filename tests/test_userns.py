@@ -1,0 +1,533 @@
+"""fs backends in a user namespace with the caller as its root (issue 13).
+
+Table-driven tests of the pure policy in vhostuserd.userns (which descriptors get a
+namespace, the idmap mode, the uid_map/gid_map text), then the real system service on a
+private system bus (python-dbusmock's polkitd allowing spawn) starting Debian's virtiofsd for
+uid 65534: what the backend is in the kernel's eyes (/proc/PID/status, its namespace's maps,
+what its credentials can and cannot do on the host), `idmap=subids` with and without an
+/etc/subuid entry (the files restored byte for byte), the admin's setting, and a daemon
+under strace that never executes newuidmap/newgidmap.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from busutil import VHOSTUSERD, PrivateBus, Tree, stop_process
+from helpers_auth import (
+    NOBODY,
+    OTHER_UID,
+    SPAWN,
+    Callers,
+    DbusmockPolkit,
+    SystemSetup,
+    backend_pid,
+    descriptor_doc,
+    ids,
+    public_dir,
+    setup,
+    status,
+    wait_for,
+)
+
+from vhostuserd import userns
+from vhostuserd.descriptors import Capabilities, Descriptor
+from vhostuserd.lookup import Directory
+from vhostuserd.options import OptionError, plan
+
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+FS = "50-qemu-virtiofsd.json"
+
+
+# ---------------------------------------------------------------- the policy, pure
+
+
+@pytest.mark.parametrize(("dtype", "name", "config", "enabled", "modes"), [
+    ("fs", "50-qemu-virtiofsd.json", {}, True, ("caller", "subids")),
+    ("gpu", "50-qemu-gpu.json", {}, False, ("caller", "subids")),
+    ("input", "50-qemu-input.json", {}, False, ("caller", "subids")),
+    ("fs", "50-qemu-virtiofsd.json", {"type:fs": {"userns": "no"}}, False, ("caller", "subids")),
+    ("fs", "50-qemu-virtiofsd.json", {"type:fs": {"userns": "no"}, "50-qemu-virtiofsd.json": {"userns": "yes"}},
+     True, ("caller", "subids")),
+    ("fs", "50-qemu-virtiofsd.json", {"50-qemu-virtiofsd.json": {"idmap": "subids"}}, True, ("subids",)),
+    ("fs", "60-other.json", {"50-qemu-virtiofsd.json": {"idmap": "subids"}}, True, ("caller", "subids")),
+    ("fs", "50-x.json", {"type:fs": {"idmap": "subids caller"}}, True, ("subids", "caller")),
+    ("block", "50-blk.json", {"type:block": {"userns": "yes", "idmap": "caller"}}, True, ("caller",)),
+    ("gpu", "50-qemu-gpu.json", {"type:fs": {"userns": "yes"}}, False, ("caller", "subids")),
+])
+def test_policy_comes_from_the_type_and_the_admin_setting(
+        dtype: str, name: str, config: dict[str, dict[str, str]], enabled: bool, modes: tuple[str, ...]) -> None:
+    p = userns.policy(dtype, name, config)
+    assert (p.enabled, p.modes) == (enabled, modes)
+
+
+@pytest.mark.parametrize(("modes", "requested", "chosen"), [
+    (("caller", "subids"), None, "caller"),
+    (("caller", "subids"), "subids", "subids"),
+    (("subids",), None, "subids"),
+    (("subids", "caller"), "caller", "caller"),
+    (("caller",), "subids", None),
+    (("subids",), "caller", None),
+])
+def test_idmap_mode_is_the_request_when_the_admin_allows_it(
+        modes: tuple[str, ...], requested: str | None, chosen: str | None) -> None:
+    p = userns.Policy(True, modes, "/etc/vhostuserd/userns.conf [x.json]")
+    if chosen is None:
+        with pytest.raises(userns.UsernsError) as e:
+            userns.choose_mode(p, requested, "x.json")
+        assert e.value.kind == "NotAuthorized"
+        assert "/etc/vhostuserd/userns.conf [x.json]" in str(e.value) and requested in str(e.value)
+    else:
+        assert userns.choose_mode(p, requested, "x.json") == chosen
+
+
+@pytest.mark.parametrize(("text", "wanted"), [
+    ("[type:fs]\nuserns = yes\nidmap = caller subids\n", None),
+    ("[50-qemu-virtiofsd.json]\nuserns = off\n", None),
+    ("[type:fs]\nuserns = maybe\n", "userns = 'maybe'"),
+    ("[type:fs]\nidmap = root\n", "idmap = 'root'"),
+    ("[type:fs]\nidmap = caller caller\n", "each once"),
+    ("[type:fs]\nidmap =\n", "idmap = ''"),
+    ("[type:fs]\nuid_map = 0 0 4294967295\n", "uid_map: unknown setting"),
+    ("userns = yes\n", "/etc/vhostuserd/userns.conf"),
+    ("[type:fs]\nuserns = yes\n[type:fs]\n", "/etc/vhostuserd/userns.conf"),
+])
+def test_admin_setting_errors_name_the_file_section_and_key(text: str, wanted: str | None) -> None:
+    if wanted is None:
+        userns.parse_config(text, "/etc/vhostuserd/userns.conf")
+        return
+    with pytest.raises(userns.UsernsError) as e:
+        userns.parse_config(text, "/etc/vhostuserd/userns.conf")
+    assert wanted in str(e.value) and "/etc/vhostuserd/userns.conf" in str(e.value), str(e.value)
+
+
+SUBUID = "root:100000:65536\nalice:165536:65536\n# comment\n1001:231072:1000\nbad:x:1\nzero:300000:0\n"
+
+
+@pytest.mark.parametrize(("user", "uid", "found"), [
+    ("alice", 1000, (165536, 65536)),
+    ("bob", 1001, (231072, 1000)),  # listed by uid
+    ("carol", 1002, None),
+    ("bad", 1003, None),
+    ("zero", 1004, None),
+    ("root", 0, (100000, 65536)),
+])
+def test_subid_range_is_the_first_valid_entry_by_name_or_uid(user: str, uid: int, found: tuple[int, int] | None) -> None:
+    assert userns.subid_range(SUBUID, user, uid) == found
+
+
+@pytest.mark.parametrize(("mode", "subuid", "subgid", "uid_map", "gid_map", "error"), [
+    ("caller", "", "", "0 1000 1\n", "0 100 1\n", None),
+    ("caller", "alice:165536:65536\n", "alice:165536:65536\n", "0 1000 1\n", "0 100 1\n", None),
+    ("subids", "alice:165536:65536\n", "alice:200000:1000\n", "0 1000 1\n1 165536 65536\n",
+     "0 100 1\n1 200000 1000\n", None),
+    ("subids", "", "alice:200000:1000\n", None, None, "/etc/subuid has no range for user alice (uid 1000)"),
+    ("subids", "alice:165536:65536\n", "", None, None, "/etc/subgid has no range for user alice (uid 1000)"),
+    ("subids", "alice:900:200\n", "alice:200000:1000\n", None, None, "contains the user's own uid"),
+])
+def test_id_map_is_the_caller_as_root_plus_the_subid_range_when_asked(
+        mode: str, subuid: str, subgid: str, uid_map: str | None, gid_map: str | None, error: str | None) -> None:
+    if error is not None:
+        with pytest.raises(userns.UsernsError) as e:
+            userns.id_map(mode, 1000, 100, "alice", subuid, subgid)
+        assert e.value.kind == "NotAuthorized" and error in str(e.value), str(e.value)
+        return
+    m = userns.id_map(mode, 1000, 100, "alice", subuid, subgid)
+    assert (m.mode, m.uid_map, m.gid_map) == (mode, uid_map, gid_map)
+
+
+def test_sysconfdir_is_the_sysconf_tiers_root() -> None:
+    assert userns.sysconfdir_of([Directory("data", "/usr/share/qemu/vhost-user"),
+                                 Directory("sysconf", "/srv/etc/qemu/vhost-user")]) == "/srv/etc"
+    assert userns.sysconfdir_of([Directory("sysconf", "/qemu/vhost-user")]) == "/"
+    assert userns.sysconfdir_of([]) == "/etc"
+
+
+def test_launcher_joins_the_namespace_as_its_root_and_closes_the_namespace_fds() -> None:
+    prefix = userns.exec_prefix(privileged=True)
+    assert prefix[:4] == ("/usr/bin/setpriv", "--clear-groups", "--no-new-privs", "--")
+    assert "/usr/bin/nsenter" in prefix and "--setuid=0" in prefix and "--setgid=0" in prefix
+    assert prefix[-1] == 'exec "$0" "$@" 4<&- 5<&-'
+    assert "--clear-groups" not in userns.exec_prefix(privileged=False)
+    assert not any("newuidmap" in a or "newgidmap" in a for a in prefix)
+
+
+@pytest.mark.parametrize(("value", "error"), [
+    ("caller", None), ("subids", None), ("root", "must be one of caller, subids, not 'root'"),
+    ("", "must be one of caller, subids"), ("caller subids", "must be one of"),
+])
+def test_idmap_option_is_validated_like_the_others(value: str, error: str | None) -> None:
+    fs = Descriptor(name="50-fs.json", path="/x/50-fs.json", tier="data", type="fs", description="",
+                    binary="/usr/lib/qemu/virtiofsd", tags=())
+    caps = Capabilities(type="fs", features=(), json="{}")
+    if error is None:
+        assert plan(fs, caps, {"idmap": ("s", value)}).values["idmap"] == value
+    else:
+        with pytest.raises(OptionError) as e:
+            plan(fs, caps, {"idmap": ("s", value)})
+        assert e.value.kind == "InvalidOption" and error in str(e.value)
+    with pytest.raises(OptionError) as e:
+        plan(fs, caps, {"idmap": ("b", True)})
+    assert "D-Bus type 's'" in str(e.value)
+    gpu = Descriptor(name="50-gpu.json", path="/x/50-gpu.json", tier="data", type="gpu", description="",
+                     binary="/usr/lib/qemu/vhost-user-gpu", tags=())
+    with pytest.raises(OptionError) as e:
+        plan(gpu, Capabilities(type="gpu", features=(), json="{}"), {"idmap": ("s", "caller")})
+    assert "only for fs backends" in str(e.value)
+
+
+# ---------------------------------------------------------------- the real system service
+
+Start = Callable[..., SystemSetup]
+
+
+def _need_virtiofsd() -> None:
+    for tool in (VIRTIOFSD, userns.UNSHARE, userns.NSENTER, userns.SETPRIV):
+        if not os.access(tool, os.X_OK):
+            pytest.skip(f"{tool} is not installed")
+    if os.getuid() != 0:
+        pytest.skip("the system service's tests run as root")
+
+
+def _debian_virtiofsd(tree: Tree, _bindir: Path) -> None:
+    tree.write("data", FS, descriptor_doc("fs", VIRTIOFSD))
+
+
+@pytest.fixture
+def start(sysbus: PrivateBus, polkit: DbusmockPolkit, tmp_path: Path) -> Iterator[Start]:
+    _need_virtiofsd()
+    polkit.reset()
+    polkit.set_allowed(SPAWN)
+    gens: list[Iterator[SystemSetup]] = []
+
+    def go(*args: str, prepare: Callable[[Tree, Path], None] = _debian_virtiofsd) -> SystemSetup:
+        g = setup(sysbus, Tree.make(tmp_path), *args, prepare=prepare)
+        gens.append(g)
+        return next(g)
+
+    yield go
+    for g in gens:
+        g.close()
+
+
+@pytest.fixture
+def share() -> Iterator[Path]:
+    """A directory of uid 65534, mode 0700, with a file in it."""
+    d = public_dir("vhostuserd-share-")
+    s = d / "share"
+    s.mkdir(mode=0o700)
+    (s / "hello").write_text("from the host\n")
+    os.chown(s / "hello", NOBODY, NOBODY)
+    os.chown(s, NOBODY, NOBODY)
+    yield s
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _ns_of(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/user")
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _maps(pid: int) -> tuple[list[list[int]], list[list[int]], str]:
+    def parse(text: str) -> list[list[int]]:
+        return [[int(x) for x in line.split()] for line in text.splitlines()]
+
+    return (parse(_read(f"/proc/{pid}/uid_map")), parse(_read(f"/proc/{pid}/gid_map")),
+            _read(f"/proc/{pid}/setgroups").strip())
+
+
+def _spawned_virtiofsd(env: SystemSetup, share: Path, uid: int = NOBODY, **extra: tuple[str, object]) -> int:
+    caller = env.callers(uid)
+    r = caller.spawn(FS, {"shared-dir": ("s", str(share)), **extra}, fd="listen")
+    assert r.ok, f"{r}\n{env.daemon.log()[-3000:]}"
+    pid = backend_pid(env.admin(), r.body[0])
+    wait_for(lambda: os.readlink(f"/proc/{pid}/exe") == VIRTIOFSD, "the backend to be virtiofsd itself")
+    return pid
+
+
+def test_virtiofsd_runs_as_the_caller_in_a_user_namespace_of_its_own(
+        start: Start, share: Path, polkit: DbusmockPolkit) -> None:
+    env = start()
+    pid = _spawned_virtiofsd(env, share)
+    st = status(pid)
+    assert ids(st["Uid"]) == [NOBODY] * 4 and ids(st["Gid"]) == [NOBODY] * 4, st
+    assert st["Groups"].strip() == "", st["Groups"]  # none: see docs/threat-model.md
+    assert st["NoNewPrivs"].strip() == "1"
+    assert _ns_of(pid) != _ns_of(os.getpid())
+    uid_map, gid_map, setgroups = _maps(pid)
+    assert uid_map == [[0, NOBODY, 1]] and gid_map == [[0, NOBODY, 1]] and setgroups == "deny"
+    # The namespace fds the launcher got as its fds 4 and 5 are not the backend's.
+    links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    assert not [x for x in links if x.startswith(("user:[", "mnt:["))], links
+    # polkit saw the mode in effect, though the caller did not ask for one.
+    details = [d for action, d, _ in polkit.checks() if action == SPAWN]
+    assert details and details[-1]["idmap"] == "caller" and details[-1]["descriptor"] == FS
+
+
+def test_backend_holds_no_capability_in_the_initial_user_namespace(start: Start, share: Path) -> None:
+    """CapEff counts in the backend's own namespace, which maps only uid and gid 65534: the
+    same credentials (joined as the backend did) cannot read a root-only file or chown one
+    of root's, which any capability of the initial namespace (DAC_OVERRIDE, CHOWN) would
+    allow, and can still read the caller's own file."""
+    env = start()
+    pid = _spawned_virtiofsd(env, share)
+    st = status(pid)
+    assert int(st["CapEff"], 16) != 0, "the backend has the namespace's capabilities (it needs them)"
+    assert _ns_of(pid) != _ns_of(os.getpid())
+    root_only = share.parent / "root-only"
+    root_only.write_text("secret\n")
+    root_only.chmod(0o600)
+    join = ["setpriv", "--clear-groups", "--", "nsenter", "-t", str(pid), "--user", "--setuid=0", "--setgid=0",
+            "--"]
+    mine = subprocess.run([*join, "cat", str(share / "hello")], capture_output=True, text=True, check=False)
+    assert mine.returncode == 0 and mine.stdout == "from the host\n", mine
+    inside = subprocess.run([*join, "sh", "-c", "grep Cap /proc/self/status"], capture_output=True, text=True,
+                            check=False)
+    assert f"CapEff:\t{st['CapBnd'].strip()}" in inside.stdout, (inside, st)  # all of them, inside
+    read = subprocess.run([*join, "cat", str(root_only)], capture_output=True, text=True, check=False)
+    assert read.returncode != 0 and "Permission denied" in read.stderr, read
+    chown = subprocess.run([*join, "chown", "0:0", str(root_only)], capture_output=True, text=True, check=False)
+    assert chown.returncode != 0 and "not permitted" in chown.stderr, chown
+    assert os.stat(root_only).st_uid == 0
+
+
+@pytest.fixture
+def subid_files() -> Iterator[Callable[[str, str], None]]:
+    """Add lines to /etc/subuid and /etc/subgid for a test; restored byte for byte after."""
+    saved: dict[str, bytes | None] = {}
+    for path in (userns.SUBUID, userns.SUBGID):
+        try:
+            saved[path] = Path(path).read_bytes()
+        except FileNotFoundError:
+            saved[path] = None
+
+    def add(uid_line: str, gid_line: str) -> None:
+        for path, line in ((userns.SUBUID, uid_line), (userns.SUBGID, gid_line)):
+            old = saved[path] or b""
+            Path(path).write_bytes(old + (b"" if not old or old.endswith(b"\n") else b"\n") + line.encode())
+
+    yield add
+    for path, content in saved.items():
+        if content is None:
+            Path(path).unlink(missing_ok=True)
+        else:
+            Path(path).write_bytes(content)
+        assert (Path(path).read_bytes() if content is not None else None) == content
+
+
+def test_idmap_subids_maps_the_callers_range_from_etc_subuid(
+        start: Start, share: Path, subid_files: Callable[[str, str], None], polkit: DbusmockPolkit) -> None:
+    subid_files("nobody:3000000:65536\n", "nobody:3100000:1000\n")
+    env = start()
+    pid = _spawned_virtiofsd(env, share, idmap=("s", "subids"))
+    uid_map, gid_map, setgroups = _maps(pid)
+    assert uid_map == [[0, NOBODY, 1], [1, 3000000, 65536]], uid_map
+    assert gid_map == [[0, NOBODY, 1], [1, 3100000, 1000]], gid_map
+    assert setgroups == "deny"
+    assert ids(status(pid)["Uid"]) == [NOBODY] * 4
+    details = [d for action, d, _ in polkit.checks() if action == SPAWN]
+    assert details[-1]["idmap"] == "subids"
+
+
+def test_idmap_subids_without_an_entry_is_refused_naming_etc_subuid(
+        start: Start, share: Path, subid_files: Callable[[str, str], None], polkit: DbusmockPolkit) -> None:
+    subid_files("someoneelse:3000000:65536\n", "nobody:3100000:1000\n")
+    env = start()
+    caller = env.callers(NOBODY)
+    polkit.clear_calls()
+    message = caller.spawn(FS, {"shared-dir": ("s", str(share)), "idmap": ("s", "subids")},
+                           fd="listen").expect_error("NotAuthorized")
+    assert "/etc/subuid has no range for user nobody (uid 65534)" in message, message
+    assert not polkit.checks(), "refused before polkit was asked"
+    assert caller.backends() == []
+    message = caller.spawn(FS, {"shared-dir": ("s", str(share)), "idmap": ("s", "root")},
+                           fd="listen").expect_error("InvalidOption")
+    assert "idmap" in message
+
+
+def test_admin_setting_forbids_forces_or_turns_off_the_namespace(start: Start, share: Path) -> None:
+    def forced_caller(tree: Tree, bindir: Path) -> None:
+        _debian_virtiofsd(tree, bindir)
+        conf = tree.sysconfdir / "vhostuserd"
+        conf.mkdir()
+        (conf / "userns.conf").write_text(f"[{FS}]\nidmap = caller\n\n[50-fs.json]\nuserns = no\n")
+
+    env = start(prepare=forced_caller)
+    caller = env.callers(NOBODY)
+    message = caller.spawn(FS, {"shared-dir": ("s", str(share)), "idmap": ("s", "subids")},
+                           fd="listen").expect_error("NotAuthorized")
+    assert f"{env.tree.sysconfdir}/vhostuserd/userns.conf [{FS}]" in message and "allowed: caller" in message
+    # 50-fs.json (a fake fs backend) runs plainly: the admin turned its namespace off.
+    r = caller.spawn("50-fs.json", {"shared-dir": ("s", str(share))}, fd="listen")
+    assert r.ok, str(r)
+    plain = backend_pid(env.admin(), r.body[0])
+    assert _ns_of(plain) == _ns_of(os.getpid())
+    message = caller.spawn("50-fs.json", {"idmap": ("s", "caller")}, fd="listen").expect_error("InvalidOption")
+    assert "runs without a user namespace" in message and "userns.conf [50-fs.json]" in message
+    # gpu backends keep running plainly as the caller, with the caller's groups.
+    r = caller.spawn("50-gpu.json")
+    assert r.ok, str(r)
+    assert _ns_of(backend_pid(env.admin(), r.body[0])) == _ns_of(os.getpid())
+    # A broken setting refuses the spawn with the file named, and the daemon lives on.
+    (env.tree.sysconfdir / "vhostuserd/userns.conf").write_text("[type:fs]\nuserns = perhaps\n")
+    message = caller.spawn(FS, {"shared-dir": ("s", str(share))}, fd="listen").expect_error("SpawnFailed")
+    assert "userns.conf: [type:fs] userns = 'perhaps'" in message
+    assert env.daemon.proc.poll() is None
+
+
+def test_two_callers_get_namespaces_mapping_their_own_uid(start: Start, share: Path) -> None:
+    env = start()
+    other_share = share.parent / "other"
+    other_share.mkdir(mode=0o700)
+    os.chown(other_share, OTHER_UID, -1)
+    a = _spawned_virtiofsd(env, share)
+    b = _spawned_virtiofsd(env, other_share, uid=OTHER_UID)
+    assert _ns_of(a) != _ns_of(b)
+    assert _maps(a)[0] == [[0, NOBODY, 1]] and _maps(b)[0] == [[0, OTHER_UID, 1]]
+
+
+# ---------------------------------------------------------------- no setuid helper, ever
+
+
+class StracedDaemon:
+    """The real system daemon under ``strace -f -e trace=execve``: every program it or
+    anything it starts executes is in the trace."""
+
+    def __init__(self, bus: PrivateBus, tree: Tree, trace: Path) -> None:
+        self.log_path = tree.root / "vhostuserd-straced.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            ["strace", "-f", "-qq", "-e", "trace=execve", "-e", "signal=none", "-s", "256", "-o", str(trace),
+             VHOSTUSERD, "--address", bus.address, "--sysconfdir", str(tree.sysconfdir), "--log-level", "debug",
+             "--system", "--state-dir", str(tree.root / "state")],
+            env=tree.env(), stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.proc.poll() is not None or (bus.name_has_owner() and "watching " in self.log()),
+                 "the straced daemon to take its name", 60)
+        assert self.proc.poll() is None, self.log()
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        stop_process(self.proc, signal.SIGTERM, 20)
+        self._log.close()
+
+
+def test_newuidmap_is_never_executed(sysbus: PrivateBus, polkit: DbusmockPolkit, tmp_path: Path, share: Path,
+                                     subid_files: Callable[[str, str], None]) -> None:
+    _need_virtiofsd()
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    polkit.reset()
+    polkit.set_allowed(SPAWN)
+    subid_files("nobody:3000000:65536\n", "nobody:3000000:65536\n")
+    tree = Tree.make(tmp_path)
+    _debian_virtiofsd(tree, tmp_path)
+    trace = tmp_path / "execve.trace"
+    daemon = StracedDaemon(sysbus, tree, trace)
+    callers = Callers(sysbus.address)
+    try:
+        caller = callers(NOBODY)
+        for mode in ("caller", "subids"):
+            r = caller.spawn(FS, {"shared-dir": ("s", str(share)), "idmap": ("s", mode)}, fd="listen",
+                             timeout=60)
+            assert r.ok, f"{r}\n{daemon.log()[-2000:]}"
+    finally:
+        callers.close()
+        daemon.stop()
+    execs = re.findall(r'execve\("([^"]+)"', trace.read_text())
+    # The trace is complete enough to fail: the launch itself is in it, once per spawn.
+    assert execs.count(userns.UNSHARE) >= 2 and execs.count(userns.NSENTER) >= 2, execs
+    assert execs.count(VIRTIOFSD) >= 2, execs
+    helpers = [e for e in execs if os.path.basename(e) in ("newuidmap", "newgidmap")]
+    assert helpers == [], helpers
+    setuid = [e for e in set(execs) if os.path.exists(e) and os.stat(e).st_mode & 0o6000]
+    assert setuid == [], f"set-id programs executed: {setuid}"
+
+
+# ---------------------------------------------------------------- the mechanism, unprivileged
+
+UNPRIVILEGED = r'''
+import os, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from vhostuserd import userns
+m = userns.id_map("caller", os.getuid(), os.getgid(), "x", "", "")
+try:
+    ns = userns.create(m)
+except userns.UsernsError as e:
+    print("ERROR", e)
+    sys.exit(3)
+from vhostuserd import procs
+r, w = os.pipe()
+null = os.open("/dev/null", os.O_RDONLY)
+pid = procs.spawn([*ns.prefix, "/bin/sh", "-c", "id -u; id -g; cat /proc/self/uid_map; "
+                  "for n in 4 5; do if [ -e /proc/$$/fd/$n ]; then echo open$n; else echo closed$n; fi; done"],
+                  fds={0: null, 1: w, 2: w, 3: null, **ns.fds})
+ns.close()
+os.close(w)
+os.waitpid(pid, 0)
+with os.fdopen(r) as f:
+    print(f.read())
+'''
+
+
+def test_unprivileged_daemon_uses_the_same_launch_where_the_kernel_allows_it(tmp_path: Path) -> None:
+    """What the session service does when it is not root: the same holder and launcher, the
+    maps written by the (unprivileged) daemon itself; or a clear error where the kernel
+    refuses unprivileged user namespaces."""
+    pkg = public_dir("vhostuserd-pkg-")
+    try:
+        shutil.copytree(Path(userns.__file__).parent, pkg / "vhostuserd",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        subprocess.run(["chmod", "-R", "a+rX", str(pkg)], check=True)
+        script = pkg / "run.py"
+        script.write_text(UNPRIVILEGED)
+        script.chmod(0o644)
+        py = "/usr/bin/python3"
+        out = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", py,
+                              str(script), str(pkg)], capture_output=True, text=True, cwd=str(pkg), timeout=60,
+                             check=False)
+    finally:
+        shutil.rmtree(pkg, ignore_errors=True)
+    reason = userns.unprivileged_userns_reason()
+    if reason is not None:
+        assert out.returncode == 3 and "unprivileged user namespaces are disabled" in out.stdout, out
+        return
+    assert out.returncode == 0, out
+    lines = out.stdout.split()
+    assert lines[:2] == ["0", "0"], out.stdout  # root in the namespace
+    assert lines[2:5] == ["0", str(NOBODY), "1"], out.stdout
+    assert lines[5:] == ["closed4", "closed5"], out.stdout  # the namespace fds are not the backend's
+
+
+def test_create_returns_the_user_and_mount_namespaces_with_the_maps_written() -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to map another uid")
+    ns = userns.create(userns.id_map("caller", NOBODY, NOBODY, "nobody", "", ""))
+    try:
+        assert sorted(ns.fds) == [4, 5]
+        uns, mns = (os.readlink(f"/proc/self/fd/{ns.fds[n]}") for n in (4, 5))
+        assert uns.startswith("user:[") and uns != _ns_of(os.getpid())
+        assert mns.startswith("mnt:[") and mns != os.readlink("/proc/self/ns/mnt")
+        # The holder is gone (reaped): nothing but our fds keeps the namespaces.
+        assert not [p for p in os.listdir("/proc") if p.isdigit() and _safe_ns(int(p)) == uns]
+    finally:
+        ns.close()
+
+
+def _safe_ns(pid: int) -> str:
+    try:
+        return _ns_of(pid)
+    except OSError:
+        return ""
