@@ -477,6 +477,7 @@ class Spawner:
         self._untrack(obj.b)
         self.supervisor.remove(obj.b)
         self._exited_emitted.discard(obj.b.id)
+        self.broker.maybe_idle()
 
     def readopt(self) -> None:
         """Take back the recorded backends (before we own our name, so none is missing)."""

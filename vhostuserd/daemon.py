@@ -145,7 +145,6 @@ def setup_logging(level: str) -> None:
     root.setLevel(level.upper())
     # dbus-fast logs handler exceptions itself; keep its debug noise out of ours.
     logging.getLogger("dbus_fast").setLevel(max(logging.INFO, root.level))
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
 def sd_notify(state: str) -> None:
@@ -307,10 +306,10 @@ class Daemon:
         sd_notify("READY=1")
         watcher = Watcher(index, broker.on_change)
         watch_stop = asyncio.Event()
-        # Start watching once the first calls had their chance: importing and arming the
-        # watcher takes ~100 ms, and arming rescans, so nothing that changes meanwhile is lost.
+        # Start watching once the calls already queued had their turn (arming rescans, so
+        # nothing that changes meanwhile is lost; it costs under a millisecond).
         async def watch_later() -> None:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0)
             await watcher.run(watch_stop)
 
         watch_task = asyncio.ensure_future(watch_later())
@@ -358,8 +357,13 @@ class Daemon:
 
         timeout = self.opts.idle_timeout
         while True:
-            await asyncio.sleep(max(0.05, timeout - (self.loop.time() - self.last_activity)))
-            if self.loop.time() - self.last_activity >= timeout and not broker.busy:
+            if broker.busy:
+                await broker.wait_idle()
+                self.last_activity = max(self.last_activity, self.loop.time())  # idle from now
+            left = timeout - (self.loop.time() - self.last_activity)
+            if left > 0:
+                await asyncio.sleep(left)  # one wake-up per timeout, none while backends run
+            elif not broker.busy:
                 break
         log.info("idle for %gs: releasing %s", timeout, BUS_NAME)
         sd_notify("STOPPING=1")

@@ -487,6 +487,7 @@ class Broker:
         self.manager = Manager(self)
         self.objects: dict[str, DescriptorObject] = {}
         self._probe_tasks: set[asyncio.Task[None]] = set()
+        self._idle: asyncio.Event | None = None
         self._logged: set[tuple[str, str, str]] = set()
         self.spawner: Spawner  # set by the daemon once the supervisor exists
 
@@ -509,7 +510,11 @@ class Broker:
     def _probe_later(self, d: Descriptor) -> None:
         task = asyncio.ensure_future(self._probe(d))
         self._probe_tasks.add(task)
-        task.add_done_callback(self._probe_tasks.discard)
+        task.add_done_callback(self._probe_done)
+
+    def _probe_done(self, task: asyncio.Task[None]) -> None:
+        self._probe_tasks.discard(task)
+        self.maybe_idle()
 
     async def _probe(self, d: Descriptor) -> None:
         result = await self.probes.get(d.binary, d.type)
@@ -570,6 +575,21 @@ class Broker:
     @property
     def busy(self) -> bool:
         return bool(self._probe_tasks) or self.spawner.busy
+
+    def maybe_idle(self) -> None:
+        """Something that kept the daemon busy ended: wake `wait_idle` if nothing else does."""
+        if self._idle is not None and not self.busy:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once nothing keeps the daemon busy (no backend, no probe). Waits on an event,
+        not a timer: a daemon supervising backends all day wakes for nothing."""
+        while self.busy:
+            self._idle = asyncio.Event()
+            try:
+                await self._idle.wait()
+            finally:
+                self._idle = None
 
     # ---- queries
 
