@@ -81,3 +81,25 @@ def test_a_group_signal_through_a_pidfd_reaches_the_group_after_the_leader_is_re
         procs.signal_group(pidfd, pid, signal.SIGKILL, leader_unreaped=False)
     finally:
         os.close(pidfd)
+
+
+def test_a_child_starts_with_every_signal_at_its_default_even_when_the_daemon_ignores_some() -> None:
+    """A daemon started from a background shell has SIGINT and SIGQUIT ignored; its backends
+    must not inherit that (only SIGPIPE stays ignored when asked for)."""
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)}
+    null = procs.open_devnull()
+    try:
+        pid = procs.spawn(["/bin/sleep", "30"], fds={0: null, 1: null, 2: null}, keep_sigpipe_ignored=True)
+    finally:
+        os.close(null)
+        for s, h in old.items():
+            signal.signal(s, h)
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            ign = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+        # glibc's posix_spawn leaves its internal signals 32 and 33 ignored in every child.
+        allowed = (1 << (signal.SIGPIPE - 1)) | (1 << 31) | (1 << 32)
+        assert ign & ~allowed == 0, [n + 1 for n in range(64) if ign >> n & 1]
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

@@ -20,7 +20,10 @@ from collections.abc import Callable, Mapping, Sequence
 MINIMAL_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
 
 _PR_SET_CHILD_SUBREAPER = 36
-_DEFAULT_SIGNALS = {signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGINT, signal.SIGTERM}
+# Every signal starts at its default in a child, whatever the daemon was started with: a
+# daemon started from a background shell has SIGINT and SIGQUIT ignored, and its backends
+# would inherit that (SIGKILL and SIGSTOP cannot be changed and are left out).
+_DEFAULT_SIGNALS = set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 _FIRST_SAFE_FD = 10
 
 
