@@ -9,7 +9,9 @@ no zombies), a limit on concurrent probes, and the cache per binary identity
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -69,22 +71,28 @@ class _Pipe:
             self.eof.set_result(None)
 
 
-async def _group_reaped(pgid: int, limit: float) -> None:
-    """Wait until no process of group ``pgid`` is left, zombies included.
+async def _group_reaped(pidfd: int, limit: float) -> None:
+    """Wait until no process of the group the pidfd's process led is left, zombies included.
 
     Members killed with the group are re-parented to us (subreaper) and reaped by the
     Reaper's SIGCHLD sweep, which runs on this loop: yield to it, so a probe does not
     return while its zombies are still waiting (a zombie still counts for kill(2)).
+    Asked through the pidfd (signal 0 to its group), never by the group's number: the
+    leader is reaped by now, and its number may belong to another group already.
     """
     loop = asyncio.get_running_loop()
     end = loop.time() + limit
     while loop.time() < end:
         try:
-            os.killpg(pgid, 0)
+            signal.pidfd_send_signal(pidfd, 0, None, procs.PIDFD_SIGNAL_PROCESS_GROUP)
         except ProcessLookupError:
             return
         except PermissionError:
             pass
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # Linux < 6.9: no group signals through a pidfd; do not wait
+                return
+            raise
         await asyncio.sleep(0.005)
 
 
@@ -105,7 +113,23 @@ async def run_probe(
     finally:
         for fd in (out_w, err_w, null):
             os.close(fd)
-    exited = reaper.watch(pid)
+    try:
+        pidfd = os.pidfd_open(pid)  # our unreaped child: this pid is that process
+    except OSError as e:
+        os.kill(pid, signal.SIGKILL)  # unreaped: still ours; the Reaper's sweep reaps it
+        for fd in (out_r, err_r):
+            os.close(fd)
+        return ProbeError("exec-failed", f"cannot watch {binary} (killed): {e.strerror}")
+    lingering = False
+
+    def at_exit() -> None:
+        # The probe has exited and is not reaped yet: its group number is still its own,
+        # so the group may be asked and killed by number, now and only now.
+        nonlocal lingering
+        lingering = procs.group_alive(pid)
+        procs.kill_group(pid)
+
+    exited = reaper.watch(pid, pidfd, before_reap=at_exit)
     out = _Pipe(loop, out_r, STDOUT_CAP)
     err = _Pipe(loop, err_r, STDERR_KEEP)
     error: ProbeError | None = None
@@ -120,24 +144,32 @@ async def run_probe(
             error = ProbeError("output-too-large", f"printed more than {STDOUT_CAP} bytes")
         elif not exited.done():
             error = ProbeError("timeout", f"no answer within {timeout:g} s (killed)")
-        elif procs.group_alive(pid):
+        elif lingering:
             error = ProbeError(
                 "lingering-process", "left processes running after it exited (killed)"
             )
     finally:
-        procs.kill_group(pid)
-    if not exited.done():
-        try:
-            await asyncio.wait_for(asyncio.shield(exited), 2.0)
-        except TimeoutError:
-            pass
-    for pipe in (out, err):
-        if not pipe.eof.done():
+        # Not reaped yet (the Reaper delivers the status as it reaps): its group is still
+        # its own. Once reaped, only the pidfd names the group (at_exit killed it already).
+        procs.signal_group(pidfd, pid, signal.SIGKILL, leader_unreaped=not exited.done())
+    try:
+        if not exited.done():
             try:
-                await asyncio.wait_for(asyncio.shield(pipe.eof), 0.5)
+                await asyncio.wait_for(asyncio.shield(exited), 2.0)
             except TimeoutError:
-                pipe.close()
-    await _group_reaped(pid, 2.0)
+                pass
+        for pipe in (out, err):
+            if not pipe.eof.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(pipe.eof), 0.5)
+                except TimeoutError:
+                    pipe.close()
+        await _group_reaped(pidfd, 2.0)
+    finally:
+        if exited.done():
+            os.close(pidfd)
+        else:  # the Reaper still watches it: close it once it is done with it
+            exited.add_done_callback(lambda _: os.close(pidfd))
     if error is not None:
         return error
     status = exited.result()
