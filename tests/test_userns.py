@@ -420,8 +420,24 @@ class StracedDaemon:
         return self.log_path.read_text()
 
     def stop(self) -> None:
-        stop_process(self.proc, signal.SIGTERM, 20)
+        """SIGTERM to the daemon itself (strace, told to stop, would detach and leave it
+        running); strace exits with it."""
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and _ppid(int(entry)) == self.proc.pid:
+                os.kill(int(entry), signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            stop_process(self.proc, signal.SIGKILL, 10)
         self._log.close()
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 def test_newuidmap_is_never_executed(sysbus: PrivateBus, polkit: DbusmockPolkit, tmp_path: Path, share: Path,
@@ -531,3 +547,32 @@ def _safe_ns(pid: int) -> str:
         return _ns_of(pid)
     except OSError:
         return ""
+
+
+PEEK = r'''
+import os, sys
+for pid in sys.argv[1:]:
+    try:
+        os.close(os.open(f"/proc/{pid}/mem", os.O_RDONLY))
+        print(pid, "open")
+    except OSError as e:
+        print(pid, e.strerror)
+'''
+
+
+def test_caller_cannot_ptrace_or_join_its_namespaced_backend(start: Start, share: Path) -> None:
+    """The namespace is root's (the daemon made it): the caller's processes outside hold no
+    capability in it, so the caller may not attach to (here: open /proc/PID/mem, a ptrace
+    attach check) or setns into its fs backend, while its plain gpu backend stays its own."""
+    env = start()
+    ns_pid = _spawned_virtiofsd(env, share)
+    r = env.callers(NOBODY).spawn("50-gpu.json")
+    assert r.ok, str(r)
+    plain_pid = backend_pid(env.admin(), r.body[0])
+    as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
+    peek = subprocess.run([*as_nobody, "/usr/bin/python3", "-c", PEEK, str(plain_pid), str(ns_pid)],
+                          capture_output=True, text=True, check=False, timeout=30)
+    assert peek.stdout.splitlines() == [f"{plain_pid} open", f"{ns_pid} Permission denied"], peek
+    join = subprocess.run([*as_nobody, "nsenter", "-t", str(ns_pid), "--user", "--preserve-credentials", "--",
+                           "true"], capture_output=True, text=True, check=False, timeout=30)
+    assert join.returncode != 0 and ("Permission denied" in join.stderr or "not permitted" in join.stderr), join
