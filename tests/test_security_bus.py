@@ -309,3 +309,22 @@ def test_a_call_to_a_backend_that_does_not_exist_is_not_found(
     r = c.call(member, signature, body, path=f"{MANAGER_PATH}/backend/999", interface=interface)
     msg = r.expect_error("NotFound")
     assert msg == "no backend 999", msg
+
+
+def test_the_client_raises_limits_exceeded_for_an_oversized_resolve(start: Start) -> None:
+    import asyncio
+
+    from vhostuserd.client import BrokerClient, LimitsExceeded
+
+    s = start()
+
+    async def main() -> None:
+        async with await BrokerClient.connect("address", s.bus.address) as c:
+            try:
+                await c.resolve("gpu", [f"f{i}" for i in range(65)])
+            except LimitsExceeded as e:
+                assert "65 features" in str(e) and e.name.endswith(".LimitsExceeded")
+            else:
+                raise AssertionError("an oversized Resolve was not refused")
+
+    asyncio.run(main())

@@ -56,6 +56,11 @@ class ProbeFailed(BrokerError): ...
 class QuotaExceeded(BrokerError): ...
 
 
+class LimitsExceeded(BrokerError):
+    """The request was over one of the daemon's documented bounds (docs/contract.md section 6):
+    send less, or call again once earlier calls are answered."""
+
+
 class NotAuthorized(BrokerError): ...
 
 
@@ -72,7 +77,8 @@ class Unavailable(BrokerError):
 INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 _ERRORS: dict[str, type[BrokerError]] = {
     **{ERROR_PREFIX + c.__name__: c
-       for c in (NotFound, InvalidOption, InvalidSocket, SpawnFailed, ProbeFailed, QuotaExceeded, NotAuthorized)},
+       for c in (NotFound, InvalidOption, InvalidSocket, SpawnFailed, ProbeFailed, QuotaExceeded, LimitsExceeded,
+                 NotAuthorized)},
     INTERACTIVE_REQUIRED: InteractiveAuthorizationRequired,
 }
 # What a bus answers for an object path nothing is exported at (older daemons, and dbus-fast,
