@@ -1,4 +1,5 @@
-"""D-Bus activation and idle exit without losing a call (CONTRACT section 2, --idle-timeout).
+"""D-Bus activation and idle exit without losing a call (docs/contract.md section 2,
+--idle-timeout).
 
 A private bus whose servicedir holds our activation file: the first call starts the daemon,
 it exits when idle, and calls racing with that exit are all answered, by the old instance

@@ -1,4 +1,4 @@
-"""Bad calls get typed errors and cost the daemon nothing (CONTRACT section 3, Errors).
+"""Bad calls get typed errors and cost the daemon nothing (docs/contract.md section 3, Errors).
 
 Requests that cannot be served fail with org.vhostuserd.Broker1.Error.* names and
 messages that say why; malformed calls fail with the standard D-Bus errors; and fds

@@ -1,4 +1,4 @@
-"""The daemon on a real private bus answers the Manager API (CONTRACT section 3)."""
+"""The daemon on a real private bus answers the Manager API (docs/contract.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Whose backend is whose (CONTRACT section 3: Spawn's `detach`, Stop, ListBackends).
+"""Whose backend is whose (docs/contract.md section 3: Spawn's `detach`, Stop, ListBackends).
 
 A backend belongs to the connection that spawned it: when that connection leaves the bus
 (it disconnects, or its process is SIGKILLed) its backends are stopped, unless detached.

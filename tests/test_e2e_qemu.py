@@ -1,4 +1,4 @@
-"""`vhostuserctl spawn --listen` (CONTRACT section 4) with Debian's virtiofsd, found through
+"""`vhostuserctl spawn --listen` (docs/contract.md section 4) with Debian's virtiofsd, found through
 its Debian descriptor, and the daemon on a private bus: a fast smoke test that a *paused*
 QEMU (-S, no guest, no downloads) connects to the socket, and Ctrl-C to vhostuserctl.
 

@@ -17,7 +17,7 @@ XML_FILE = Path(__file__).resolve().parent.parent / "dbus" / "org.vhostuserd.Bro
 OUR_PREFIX = "org.vhostuserd.Broker1."
 HEADER = """<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN"
 "http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd">
-<!-- The D-Bus API of vhostuserd (bus name org.vhostuserd.Broker1); see CONTRACT section 3.
+<!-- The D-Bus API of vhostuserd (bus name org.vhostuserd.Broker1); see docs/contract.md section 3.
      Manager and ObjectManager: /org/vhostuserd/Broker1
      Descriptor: /org/vhostuserd/Broker1/descriptor/<escaped file name>
      Backend: /org/vhostuserd/Broker1/backend/<id>

@@ -1,5 +1,5 @@
 """The running daemon keeps its index current as the descriptor directories change
-(CONTRACT sections 1 and 3: Generation, IndexChanged, ListDescriptors, Diagnostics).
+(docs/contract.md sections 1 and 3: Generation, IndexChanged, ListDescriptors, Diagnostics).
 
 Every test drives the real daemon on a real private bus with real file operations and
 real inotify. Signal counts are exact: `Listener.settle` proves that the daemon has

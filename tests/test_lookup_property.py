@@ -3,7 +3,7 @@
 `test_merge_matches_reference_model` writes random tier trees to disk (several XDG data
 dirs, duplicates and relative entries among them, valid, empty, broken, unknown-type,
 symlinked and directory entries) and compares scan + merge with `reference_lookup`, which
-restates CONTRACT section 1 in a few lines without using the package. The fuzz tests feed
+restates docs/contract.md section 1 in a few lines without using the package. The fuzz tests feed
 `parse_descriptor` random bytes and random JSON values: it must never raise, and its
 decision must match an independent statement of rule 6.
 """
@@ -49,7 +49,7 @@ def is_candidate(name: str) -> bool:
 
 
 def reference_dirs(tree: Path, data_entries: list[str], system: bool) -> list[tuple[str, str]]:
-    """(tier, directory) most specific first, per CONTRACT section 1's table."""
+    """(tier, directory) most specific first, per docs/contract.md section 1's table."""
     dirs = [] if system else [("user", f"{tree}/home/.config/qemu/vhost-user")]
     dirs.append(("sysconf", f"{tree}/etc/qemu/vhost-user"))
     seen: list[str] = []

@@ -1,4 +1,4 @@
-"""CONTRACT section 1, rule by rule, on real directory trees.
+"""docs/contract.md section 1, rule by rule, on real directory trees.
 
 Each test is named after the rule it checks. Trees are real files, symlinks, FIFOs and
 directories under a temporary directory, read by the real scan and merged by the real

@@ -1,4 +1,4 @@
-"""Descriptor objects under the ObjectManager (CONTRACT section 3; STYLE: udisks2's model).
+"""Descriptor objects under the ObjectManager (docs/contract.md section 3; STYLE: udisks2's model).
 
 Clients that follow the ObjectManager spec (GDBus, sd-bus) listen on the manager's path
 only: InterfacesAdded/Removed must come from /org/vhostuserd/Broker1, not from the

@@ -1,4 +1,4 @@
-"""Hostile ``--print-capabilities`` probes (CONTRACT section 1, capabilities paragraph).
+"""Hostile ``--print-capabilities`` probes (docs/contract.md section 1, capabilities paragraph).
 
 Every probe runs a real fake backend written by the test. Each misbehaviour must end in a
 named `ProbeError` code, within the timeout, with no process of the backend left behind

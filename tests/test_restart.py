@@ -1,4 +1,4 @@
-"""A daemon that goes away and comes back (CONTRACT section 2, --state-dir).
+"""A daemon that goes away and comes back (docs/contract.md section 2, --state-dir).
 
 Backends outlive their daemon, SIGKILLed or stopped with SIGTERM; they are recorded in the
 state directory, and the next daemon re-adopts every one still alive, under its original
@@ -45,7 +45,7 @@ def state_dir(tree: Tree) -> str:
 
 
 def as_listed(props: dict[str, Any], path: str) -> dict[str, Any]:
-    """Backend properties as the ListBackends keys of CONTRACT section 3."""
+    """Backend properties as the ListBackends keys of docs/contract.md section 3."""
     names = {"Id": "id", "Descriptor": "descriptor", "Binary": "binary", "Argv": "argv", "Pid": "pid",
              "OwnerUid": "owner_uid", "Owner": "owner", "Detached": "detached", "StartedAt": "started_at"}
     out = {names[k]: v for k, v in props.items() if k in names}

@@ -1,4 +1,4 @@
-"""Spawn and supervision against the real daemon on a real private bus (CONTRACT section 3:
+"""Spawn and supervision against the real daemon on a real private bus (docs/contract.md section 3:
 Spawn, the Backend object, Stop, GetLog, Exited; section 2: --grace-period, --state-dir).
 
 Every backend is a fake from tests/fake_backends/ installed into the test's tree; what the
@@ -99,7 +99,7 @@ def test_spawn_returns_a_backend_object_whose_properties_describe_the_child(
         assert ours.recv(100) == f"hello from backend {pid}\n".encode()
         assert got["greeted"] is True
 
-        # ListBackends says the same, with the same keys as the D-Bus dict of CONTRACT §3.
+        # ListBackends says the same, with the keys of the D-Bus dict of docs/contract.md section 3.
         (listed,) = [b for b in await c.list_backends() if b["object"] == path]
         assert listed == {
             "id": props["Id"], "descriptor": fake.name, "binary": str(fake.path), "argv": props["Argv"],

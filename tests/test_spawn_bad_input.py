@@ -1,4 +1,4 @@
-"""Spawn with bad input (CONTRACT section 3: Spawn, its options, its socket, Errors).
+"""Spawn with bad input (docs/contract.md section 3: Spawn, its options, its socket, Errors).
 
 Each bad request fails with the named error and a message saying what is wrong, starts no
 process, and costs the daemon nothing: one daemon serves every test of this module, and

@@ -1,6 +1,6 @@
 """Who may do what: polkit checks, trusted binaries, and the identity a backend runs as.
 
-Owns the privilege boundary of the system service (CONTRACT section 3, polkit actions):
+Owns the privilege boundary of the system service (docs/contract.md section 3, polkit actions):
 `CheckAuthorization` with the caller's unique bus name as subject, interaction only when
 the call's header allows it, the details admins match in rules (descriptor, type, binary,
 device paths, shared dir, the caller's Flatpak app id). uid 0 needs no check. In session

@@ -194,6 +194,12 @@ class Cgroups:
         enabled = (_read(os.path.join(self.base, "cgroup.subtree_control")) or "").split()
         return tuple(c for c in CONTROLLERS if c in enabled)
 
+    def release(self) -> None:
+        """At exit: a nested subtree with no backend left goes (one with backends stays, for
+        the next daemon to re-adopt them); a delegated one is the service manager's."""
+        if self.mode == "nested":
+            self.remove(self.base)
+
     # ---- one backend's cgroup
 
     def path_for(self, backend_id: str) -> str:
@@ -206,6 +212,8 @@ class Cgroups:
             os.mkdir(path)
         except FileExistsError:
             self.kill(path)
+        except FileNotFoundError:  # our nested subtree was removed under us (by an admin): again
+            os.makedirs(path)
         for key, value in (limits or {}).items():
             name, controller = LIMIT_FILES[key]
             if controller not in self.controllers:

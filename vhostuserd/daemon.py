@@ -1,4 +1,4 @@
-"""``vhostuserd``: the daemon's entry point and life cycle (CONTRACT section 2).
+"""``vhostuserd``: the daemon's entry point and life cycle (docs/contract.md section 2).
 
 Owns the command line, logging, connecting and owning the bus name, SIGTERM, and idle exit
 done the systemd way (STOPPING=1, release the name, serve what was already queued until our
@@ -346,6 +346,7 @@ class Daemon:
             await asyncio.wait_for(watch_task, 2)
         bus.disconnect()
         reaper.uninstall()
+        cgroups.release()
         return 0
 
     async def _idle(self, bus: Bus, broker: Broker) -> None:

@@ -3,7 +3,7 @@
 Owns the descriptor model (`Descriptor`), the outcome of reading one candidate file
 (`Parsed`), the capabilities a backend prints (`Capabilities`, `ProbeError`) and their
 validation against the shipped schema (``schema/vhost-user.json``), with the leniency of
-CONTRACT section 1 rule 6. Pure: bytes in, values out; no file or process I/O here.
+docs/contract.md section 1 rule 6. Pure: bytes in, values out; no file or process I/O here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The tier merge of CONTRACT section 1: directory contents in, effective ordered list out.
+"""The tier merge of docs/contract.md section 1: directory contents in, effective ordered list out.
 
 Owns the search path (which directories, in which order) and rules 2-5: override by
 basename, zero-length masking, broken files that shadow and are diagnosed, byte-order

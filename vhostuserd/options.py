@@ -1,4 +1,4 @@
-"""From a Spawn request to a backend's command line (CONTRACT section 3, Spawn options).
+"""From a Spawn request to a backend's command line (docs/contract.md section 3, Spawn options).
 
 Owns which options exist, their D-Bus types, which backend type and capability each needs,
 how values are checked (types, absolute paths, no NUL or newline, length caps), how each

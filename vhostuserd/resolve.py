@@ -1,4 +1,5 @@
-"""Choosing a backend (CONTRACT section 1 rule 5): list + capabilities + request in, choice out.
+"""Choosing a backend (docs/contract.md section 1 rule 5): list + capabilities + request in,
+choice out.
 
 Pure. When nothing matches, the result says for every candidate why it was rejected, so
 "no backend" is never a mystery. With no required features, a descriptor of the right type

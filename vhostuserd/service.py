@@ -1,4 +1,4 @@
-"""The D-Bus face of the broker: the Manager and Descriptor objects of CONTRACT section 3.
+"""The D-Bus face of the broker: the Manager and Descriptor objects of docs/contract.md section 3.
 
 Owns what is exported (paths, interfaces, properties, signals, error names) and the bus
 connection's fixes: ObjectManager signals sent from the manager's path (dbus-fast sends
@@ -297,7 +297,7 @@ def _manager_for(path: str) -> str:
 
 
 def descriptor_variants(d: Descriptor, caps: ProbeResult | None, path: str | None) -> dict[str, Variant]:
-    """The ListDescriptors/Resolve dict of CONTRACT section 3."""
+    """The ListDescriptors/Resolve dict of docs/contract.md section 3."""
     out = {
         "name": Variant("s", d.name),
         "path": Variant("s", d.path),
