@@ -91,6 +91,7 @@ def test_idmap_mode_is_the_request_when_the_admin_allows_it(
 @pytest.mark.parametrize(("text", "wanted"), [
     ("[type:fs]\nuserns = yes\nidmap = caller subids\n", None),
     ("[50-qemu-virtiofsd.json]\nuserns = off\n", None),
+    ("[type:fs]   # every fs descriptor\nidmap = caller subids   # the modes allowed\n", None),
     ("[type:fs]\nuserns = maybe\n", "userns = 'maybe'"),
     ("[type:fs]\nidmap = root\n", "idmap = 'root'"),
     ("[type:fs]\nidmap = caller caller\n", "each once"),
@@ -141,6 +142,15 @@ def test_id_map_is_the_caller_as_root_plus_the_subid_range_when_asked(
         return
     m = userns.id_map(mode, 1000, 100, "alice", subuid, subgid)
     assert (m.mode, m.uid_map, m.gid_map) == (mode, uid_map, gid_map)
+
+
+def test_readmes_example_setting_means_what_it_says() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    text = readme.split("```ini\n", 1)[1].split("```", 1)[0]
+    config = userns.parse_config(text, "userns.conf")
+    assert userns.policy("fs", "50-qemu-virtiofsd.json", config).modes == ("caller",)
+    assert userns.policy("fs", "70-any.json", config).modes == ("caller", "subids")
+    assert not userns.policy("fs", "60-local-fs.json", config).enabled
 
 
 def test_sysconfdir_is_the_sysconf_tiers_root() -> None:

@@ -338,6 +338,8 @@ def _option_keys() -> str:
         if key == "detach":
             continue  # --detach
         kind = {"b": "yes/no", "u": "milliseconds"}.get(spec.signature, "a path")
+        if key == "idmap":
+            kind = "caller or subids: the user namespace's id mapping"
         out.append(f"{key} ({spec.btype or 'any type'}, {kind})")
     return "; ".join(out)
 

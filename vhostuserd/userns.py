@@ -81,7 +81,8 @@ def parse_config(text: str, path: str) -> dict[str, dict[str, str]]:
     """The admin's settings: ``[type:TYPE]`` and ``[DESCRIPTOR-NAME]`` sections with
     ``userns = yes|no`` and ``idmap = MODE [MODE]`` (the modes allowed, the first the default).
     Raises UsernsError naming the file, the section and the key for anything else."""
-    parser = configparser.ConfigParser(interpolation=None, default_section="\0none")
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0none",
+                                       comment_prefixes=("#", ";"), inline_comment_prefixes=("#", ";"))
     try:
         parser.read_string(text, source=path)
     except configparser.Error as e:
