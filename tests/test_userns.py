@@ -11,16 +11,18 @@ under strace that never executes newuidmap/newgidmap.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from busutil import VHOSTUSERD, PrivateBus, Tree, stop_process
+from busutil import VHOSTUSERCTL, VHOSTUSERD, PrivateBus, Tree, stop_process
 from helpers_auth import (
     NOBODY,
     OTHER_UID,
@@ -586,3 +588,92 @@ def test_caller_cannot_ptrace_or_join_its_namespaced_backend(start: Start, share
     join = subprocess.run([*as_nobody, "nsenter", "-t", str(ns_pid), "--user", "--preserve-credentials", "--",
                            "true"], capture_output=True, text=True, check=False, timeout=30)
     assert join.returncode != 0 and ("Permission denied" in join.stderr or "not permitted" in join.stderr), join
+
+
+# ---------------------------------------------------------------- the session service, unprivileged
+
+
+def test_unprivileged_session_service_runs_virtiofsd_in_a_user_namespace_that_survives_its_sandbox(
+        tmp_path: Path) -> None:
+    """vhostuserd --user as uid 65534 (no supplementary groups) on its own session bus, asked
+    by itself for Debian's virtiofsd: the backend is in a namespace mapping 65534 to 0, and
+    once a front-end connects it gets through its sandbox (unshare of PID and mount
+    namespaces, pivot_root), which as a plain non-root process it fails with status 1, and
+    exits 0 when the front-end closes."""
+    _need_virtiofsd()
+    if userns.unprivileged_userns_reason() is not None:
+        pytest.skip(f"unprivileged user namespaces are disabled here: {userns.unprivileged_userns_reason()}")
+    as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
+    if subprocess.run([*as_nobody, "test", "-x", VHOSTUSERD], check=False).returncode != 0:
+        pytest.skip(f"uid {NOBODY} cannot run {VHOSTUSERD}")
+    root = public_dir("vhostuserd-session-")
+    bus = PrivateBus()
+    bus.dir.chmod(0o755)
+    daemon: subprocess.Popen[bytes] | None = None
+    ctl: subprocess.Popen[bytes] | None = None
+    try:
+        tree = Tree.make(root / "tree")
+        tree.write("data", FS, descriptor_doc("fs", VIRTIOFSD))
+        for sub in ("state", "run", "share"):
+            (root / sub).mkdir(mode=0o700)
+            os.chown(root / sub, NOBODY, NOBODY)
+        env = {**tree.env(), "HOME": "/nonexistent"}
+        log = root / "run" / "daemon.log"
+        with open(log, "wb") as out:
+            daemon = subprocess.Popen([*as_nobody, VHOSTUSERD, "--address", bus.address, "--sysconfdir",
+                                       str(tree.sysconfdir), "--state-dir", str(root / "state"), "--log-level",
+                                       "debug"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        wait_for(lambda: daemon.poll() is not None or bus.name_has_owner(), "the session daemon to start", 30)
+        assert daemon.poll() is None, log.read_text()
+        def serve_once(n: int) -> tuple[dict[str, object], str]:
+            """Spawn with --listen, check the backend, connect and close a front-end; the
+            backend's record and what vhostuserctl said."""
+            nonlocal ctl
+            sock = root / "run" / f"fs{n}.sock"
+            ctl_log = root / "run" / f"ctl{n}.log"
+            with open(ctl_log, "wb") as out:
+                ctl = subprocess.Popen([*as_nobody, VHOSTUSERCTL, "--address", bus.address, "spawn", FS, "-o",
+                                        f"shared-dir={root / 'share'}", "--listen", str(sock)], env=env,
+                                       stdout=subprocess.DEVNULL, stderr=out, start_new_session=True)
+            proc = ctl
+            wait_for(lambda: "Ctrl-C stops it" in ctl_log.read_text() or proc.poll() is not None,
+                     "vhostuserctl to serve the socket", 30)
+            assert proc.poll() is None, f"{ctl_log.read_text()}\n{log.read_text()[-3000:]}"
+            listed = subprocess.run([*as_nobody, VHOSTUSERCTL, "--address", bus.address, "--json", "backends"],
+                                    env=env, capture_output=True, text=True, check=True, timeout=30)
+            [backend] = [b for b in json.loads(listed.stdout) if b["state"] == "running"]
+            pid = backend["pid"]
+            wait_for(lambda: os.readlink(f"/proc/{pid}/exe") == VIRTIOFSD, "the backend to be virtiofsd itself")
+            backend["userns"] = _ns_of(pid)
+            backend["maps"] = _maps(pid)
+            assert ids(status(pid)["Uid"]) == [NOBODY] * 4
+            front = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            front.connect(str(sock))
+            front.close()
+            proc.wait(30)
+            return backend, ctl_log.read_text()
+
+        ns_backend, said = serve_once(1)
+        assert ns_backend["userns"] != _ns_of(os.getpid())
+        assert ns_backend["maps"] == ([[0, NOBODY, 1]], [[0, NOBODY, 1]], "deny")
+        assert "exited with status 0" in said, f"{said}\n{log.read_text()[-3000:]}"
+        # The control: the admin turns the namespace off, and the same virtiofsd, plainly as
+        # uid 65534, fails its sandbox once the front-end connects.
+        (tree.sysconfdir / "vhostuserd").mkdir()
+        (tree.sysconfdir / "vhostuserd/userns.conf").write_text("[type:fs]\nuserns = no\n")
+        plain_backend, said = serve_once(2)
+        assert plain_backend["userns"] == _ns_of(os.getpid())
+        assert "exited with status 1" in said, said
+        assert "unshare(CLONE_NEWPID | CLONE_NEWNS): Operation not permitted" in said, said
+    finally:
+        for p in (ctl, daemon):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        bus.close()
+        shutil.rmtree(root, ignore_errors=True)
+
