@@ -269,3 +269,27 @@ def test_status_shows_how_backends_are_placed_in_text_and_json(
         assert mode in ("delegated", "nested", "off"), doc
         if mode != "off":
             assert os.path.isdir(os.path.join(mount, rest.split(" (")[0].lstrip("/"))), doc
+
+
+def test_the_cgroup_of_a_backend_that_died_while_no_daemon_ran_is_removed_at_the_next_start(
+        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    fake = install(tree, "daemonizes", short="daemon")
+    first = start_daemon("--grace-period", str(GRACE))
+
+    async def main() -> str:
+        c = await Client.open(bus.address, record=False)
+        _path, props = await spawn(c, fake, tree.root)
+        pid = props["Pid"]
+        grandchild = fake.report(pid)["grandchild"]
+        where = cgroup_dir(props)
+        assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+        Path(where, "cgroup.kill").write_text("1")  # the backend and its helper die meanwhile
+        wait_for(lambda: gone(pid) and gone(grandchild), "the backend killed while no daemon runs")
+        await c.close()
+        return where
+
+    where = run(main())
+    assert os.path.isdir(where)
+    second = start_daemon("--grace-period", str(GRACE))
+    wait_for(lambda: not os.path.exists(where), f"{where} removed by the restarted daemon")
+    assert "is gone; record removed" in second.log()

@@ -105,13 +105,18 @@ def test_spawn_returns_a_backend_object_whose_properties_describe_the_child(
             "id": props["Id"], "descriptor": fake.name, "binary": str(fake.path), "argv": props["Argv"],
             "pid": pid, "owner_uid": os.getuid(), "owner": c.unique_name, "state": "running",
             "exit_status": -1, "exit_signal": -1, "started_at": props["StartedAt"], "detached": False,
-            "object": path,
+            "object": path, "cgroup": props["Cgroup"], "cpu_usec": listed["cpu_usec"],
+            "memory_current": props["MemoryCurrent"], "memory_peak": listed["memory_peak"], "tasks": props["Tasks"],
         }
+        assert listed["cpu_usec"] >= (0 if props["Cgroup"] else -1)  # tests/test_cgroup.py checks the numbers
         # The object was announced on the manager's path (ObjectManager), properties and all.
         added = [m for m in c.since(0, "InterfacesAdded", MANAGER_PATH) if m.body[0] == path]
         assert len(added) == 1 and added[0].interface == OM_IFACE
         announced = {k: v.value for k, v in added[0].body[1][BACKEND_IFACE].items()}
-        assert announced == props
+        volatile = {"CpuUsec", "MemoryCurrent", "MemoryPeak", "Tasks"}  # measured when read
+        assert set(announced) == set(props)
+        assert {k: v for k, v in announced.items() if k not in volatile} == {
+            k: v for k, v in props.items() if k not in volatile}
 
         await c.stop(path)
         assert gone(pid)

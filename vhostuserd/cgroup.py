@@ -195,8 +195,13 @@ class Cgroups:
         return tuple(c for c in CONTROLLERS if c in enabled)
 
     def release(self) -> None:
-        """At exit: a nested subtree with no backend left goes (one with backends stays, for
-        the next daemon to re-adopt them); a delegated one is the service manager's."""
+        """At exit: the cgroups of backends that are gone go, and a nested subtree with no
+        backend left (backends that still run stay, for the next daemon to re-adopt)."""
+        if not self.enabled:
+            return
+        for path in self.leftovers():
+            if not self.populated(path):
+                self.remove(path)
         if self.mode == "nested":
             self.remove(self.base)
 
@@ -255,6 +260,10 @@ class Cgroups:
             if line.startswith("populated "):
                 return line.split()[1] != "0"
         return False
+
+    @staticmethod
+    def members(path: str) -> list[int]:
+        return [int(p) for p in (_read(os.path.join(path, "cgroup.procs")) or "").split()]
 
     @staticmethod
     def remove(path: str) -> bool:

@@ -692,6 +692,19 @@ class Supervisor:
             log.warning("backend %s (pid %d): in cgroup %s, not the recorded %s", backend_id, pid, found, recorded)
         return found
 
+    def _sweep_cgroups(self, adopted: set[str]) -> None:
+        """Cgroups of backends that went while no daemon ran are removed; one that still holds
+        processes but belongs to no backend we could identify is reported, and left alone."""
+        for path in self.cgroups.leftovers():
+            if path in adopted:
+                continue
+            if not self.cgroups.populated(path):
+                self.cgroups.remove(path)
+                continue
+            log.warning("cgroup %s holds processes (%s) of no backend that could be re-adopted; left running, "
+                        "unsupervised (echo 1 > %s/cgroup.kill ends them)", path,
+                        " ".join(map(str, self.cgroups.members(path)[:10])), path)
+
     def readopt(self) -> list[Backend]:
         """Take back the backends a previous instance recorded (or stored) that still run."""
         adopted = []
@@ -709,6 +722,7 @@ class Supervisor:
                 continue
             if b is not None:
                 adopted.append(b)
+        self._sweep_cgroups({b.cgroup for b in adopted})
         for name, fd in list(self.store.taken.items()):  # of backends that are gone
             os.close(fd)
             self.store.remove(name)
