@@ -36,7 +36,9 @@ from helpers_auth import (
     public_dir,
     setup,
     status,
+    system_daemon,
     wait_for,
+    wait_gone,
 )
 
 from vhostuserd import userns
@@ -677,3 +679,26 @@ def test_unprivileged_session_service_runs_virtiofsd_in_a_user_namespace_that_su
         bus.close()
         shutil.rmtree(root, ignore_errors=True)
 
+
+
+def test_namespaced_backend_is_re_adopted_after_a_sigkilled_daemon_and_stops(start: Start, share: Path) -> None:
+    env = start()
+    pid = _spawned_virtiofsd(env, share)
+    caller = env.callers(NOBODY)
+    r = caller.spawn(FS, {"shared-dir": ("s", str(share)), "detach": ("b", True)}, fd="listen")
+    assert r.ok, str(r)
+    detached = backend_pid(env.admin(), r.body[0])
+    wait_for(lambda: os.readlink(f"/proc/{detached}/exe") == VIRTIOFSD, "the backend to be virtiofsd itself")
+    env.daemon.stop(signal.SIGKILL)
+    again = system_daemon(env.bus, env.tree)
+    try:
+        admin = env.callers(0)
+        listed = {b["pid"]: b for b in admin.backends()}
+        for p in (pid, detached):
+            assert listed[p]["state"] == "running" and listed[p]["owner_uid"] == NOBODY, listed
+            assert _maps(p)[0] == [[0, NOBODY, 1]]
+            r = admin.stop_backend(listed[p]["object"])
+            assert r.ok, str(r)
+            wait_gone(p)
+    finally:
+        again.stop()
