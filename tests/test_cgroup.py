@@ -293,3 +293,74 @@ def test_the_cgroup_of_a_backend_that_died_while_no_daemon_ran_is_removed_at_the
     second = start_daemon("--grace-period", str(GRACE))
     wait_for(lambda: not os.path.exists(where), f"{where} removed by the restarted daemon")
     assert "is gone; record removed" in second.log()
+
+
+def write_limits(tree: Tree, text: str) -> Path:
+    path = Path(tree.sysconfdir) / "vhostuserd" / "cgroup.conf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_a_broken_cgroup_conf_is_a_typed_spawn_failure_naming_file_section_and_setting(
+        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    from vhostuserd.client import SpawnFailed
+
+    fake = install(tree, "daemonizes", short="daemon")
+    conf = write_limits(tree, f"[{fake.name}]\nmemory-max = lots\n")
+    d = start_daemon()
+
+    async def main() -> None:
+        c = await Client.open(bus.address)
+        with pytest.raises(SpawnFailed) as e:
+            await spawn(c, fake, tree.root)
+        assert str(conf) in str(e.value) and f"[{fake.name}] memory-max = 'lots'" in str(e.value), e.value
+        assert fake.reports() == []  # nothing started
+        conf.write_text("[type:gpu]\nswap-max = 1G\n")
+        with pytest.raises(SpawnFailed, match="swap-max: unknown setting"):
+            await spawn(c, fake, tree.root)
+        await c.close()
+
+    run(main())
+    assert d.proc.poll() is None
+
+
+def test_the_admins_limits_are_written_to_the_backends_cgroup_where_their_controllers_are_enabled(
+        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    fake = install(tree, "daemonizes", short="daemon")
+    # The descriptor's own section wins over its type's.
+    write_limits(tree, f"[type:gpu]\ntasks-max = 8\ncpu-weight = 20\n[{fake.name}]\nmemory-max = 64M  # per VM\n"
+                 "tasks-max = 32\n")
+    d = start_daemon()
+
+    async def main() -> tuple[str, set[str]]:
+        c = await Client.open(bus.address)
+        path, props = await spawn(c, fake, tree.root)
+        fake.report(props["Pid"])
+        where = cgroup_dir(props)
+        enabled = set(Path(os.path.dirname(where), "cgroup.subtree_control").read_text().split())
+        expected = {"memory.max": ("memory", str(64 << 20)), "pids.max": ("pids", "32"), "cpu.weight": ("cpu", "20")}
+        for name, (controller, value) in expected.items():
+            if controller in enabled:
+                assert Path(where, name).read_text().strip() == value, name
+        await c.stop(path)
+        await c.close()
+        return where, enabled
+
+    _where, enabled = run(main())
+    missing = [c for c in ("memory", "pids", "cpu") if c not in enabled]
+    for controller in missing:  # said, not silently dropped
+        assert f"the {controller} controller is not enabled here" in d.log(), controller
+    if missing:
+        pytest.skip(f"limits not applied here for {', '.join(missing)}: those controllers are not enabled for the "
+                    "daemon's cgroup v2 subtree (the daemon logged so)")
+
+
+def test_limit_values_are_parsed_to_what_the_cgroup_files_take() -> None:
+    got = cgroup.parse_limits("[type:fs]\nmemory-max = 2G\ntasks-max = max\n[50-x.json]\ncpu-weight = 100\n"
+                              "memory-max = 512k\n", "cgroup.conf")
+    assert got == {"type:fs": {"memory-max": str(2 << 30), "tasks-max": "max"},
+                   "50-x.json": {"cpu-weight": "100", "memory-max": "524288"}}
+    for bad in ("memory-max = 0", "tasks-max = -1", "cpu-weight = 0", "cpu-weight = 10001", "memory-max = 1.5G"):
+        with pytest.raises(cgroup.LimitsError, match=bad.split(" = ")[0]):
+            cgroup.parse_limits(f"[s]\n{bad}\n", "cgroup.conf")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from dbus_fast import Message, MessageType, PropertyAccess, Variant
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
-from . import userns
+from . import cgroup, userns
 from .authority import (
     MANAGE,
     SPAWN,
@@ -419,10 +419,13 @@ class Spawner:
                 log.info("Spawn of %s for %s: the caller left the bus; nothing was started", d.name, caller.name)
                 raise _error("SpawnFailed", f"the caller {caller.name} left the bus; nothing was started")
             try:
+                limits = cgroup.limits_for(d.type, d.name, userns.sysconfdir_of(self.broker.index.dirs))
                 with userns.launch(idmap, identity.exec_prefix()) as (prefix, ns_fds):
                     b = self.supervisor.spawn(descriptor=d.name, argv=p.argv, socket_fd=fd, owner=caller.name,
                                               owner_uid=caller.uid, detached=p.detach,
-                                              exec_prefix=prefix, extra_fds=ns_fds)
+                                              exec_prefix=prefix, extra_fds=ns_fds, limits=limits)
+            except cgroup.LimitsError as e:
+                raise _error(e.kind, f"{d.name}: {e}") from None
             except userns.UsernsError as e:
                 raise _error(e.kind, f"{d.name}: {e}") from None
             except SpawnError as e:

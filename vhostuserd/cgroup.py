@@ -22,10 +22,12 @@ later is born inside. Stopping ends the whole cgroup with ``cgroup.kill``.
 
 from __future__ import annotations
 
+import configparser
 import errno
 import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 log = logging.getLogger("vhostuserd.cgroup")
@@ -34,9 +36,73 @@ LAUNCHER_SH = "/bin/sh"
 # $0 is the cgroup.procs file, the rest the command: moved first, then exec'd in place.
 _LAUNCH = 'echo 0 >"$0" || { echo "vhostuserd: cannot enter its cgroup $0" >&2; exit 127; }; unset PWD; exec "$@"'
 CONTROLLERS = ("cpu", "memory", "pids")
-# Admin limits (descriptor key "vhostuserd-limits" in the sysconf tier) -> (file, controller).
+# The admin's limits, SYSCONFDIR/vhostuserd/cgroup.conf: setting -> (cgroup file, controller).
+CONFIG = "vhostuserd/cgroup.conf"
+MAX_CONFIG = 64 * 1024
 LIMIT_FILES = {"memory-max": ("memory.max", "memory"), "tasks-max": ("pids.max", "pids"),
                "cpu-weight": ("cpu.weight", "cpu")}
+_SIZE = re.compile(r"([0-9]+)([KMGT]?)")
+
+
+class LimitsError(Exception):
+    """The admin's cgroup.conf is wrong; the message names the file, section and setting."""
+
+    kind = "SpawnFailed"
+
+
+def _limit_value(key: str, value: str, where: str) -> str:
+    """The text to write to the cgroup file for one setting, or LimitsError."""
+    v = value.strip()
+    if key == "cpu-weight":
+        if v.isdigit() and 1 <= int(v) <= 10000:
+            return v
+        raise LimitsError(f"{where} {key} = {value!r}: a number from 1 to 10000 (cpu.weight)")
+    if v == "max":
+        return v
+    if key == "tasks-max":
+        if v.isdigit() and int(v) > 0:
+            return v
+        raise LimitsError(f"{where} {key} = {value!r}: a number of tasks, or max")
+    m = _SIZE.fullmatch(v.upper())
+    if m is None or int(m.group(1)) == 0:
+        raise LimitsError(f"{where} {key} = {value!r}: bytes with an optional K, M, G or T suffix, or max")
+    return str(int(m.group(1)) << (10 * " KMGT".index(m.group(2) or " ")))
+
+
+def parse_limits(text: str, path: str) -> dict[str, dict[str, str]]:
+    """``[type:TYPE]`` and ``[DESCRIPTOR-NAME]`` sections of memory-max, tasks-max and
+    cpu-weight; the values as the cgroup files take them."""
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0none",
+                                       comment_prefixes=("#", ";"), inline_comment_prefixes=("#", ";"))
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as e:
+        raise LimitsError(f"{path}: {str(e).splitlines()[0]}") from None
+    out: dict[str, dict[str, str]] = {}
+    for section in parser.sections():
+        values: dict[str, str] = {}
+        for key, value in parser.items(section):
+            if key not in LIMIT_FILES:
+                raise LimitsError(f"{path}: [{section}] {key}: unknown setting ({', '.join(LIMIT_FILES)})")
+            values[key] = _limit_value(key, value, f"{path}: [{section}]")
+        out[section] = values
+    return out
+
+
+def limits_for(dtype: str, name: str, sysconfdir: str) -> dict[str, str]:
+    """The admin's limits for a backend of descriptor ``name`` (its section over its type's)."""
+    path = os.path.join(sysconfdir, CONFIG)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG + 1)
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise LimitsError(f"{path}: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG:
+        raise LimitsError(f"{path}: larger than {MAX_CONFIG} bytes")
+    config = parse_limits(raw.decode("utf-8", "replace"), path)
+    return {**config.get(f"type:{dtype}", {}), **config.get(name, {})}
 
 
 def _read(path: str) -> str | None:
@@ -210,7 +276,7 @@ class Cgroups:
     def path_for(self, backend_id: str) -> str:
         return os.path.join(self.base, f"backend-{backend_id}")
 
-    def create(self, backend_id: str, limits: dict[str, int] | None = None) -> str:
+    def create(self, backend_id: str, limits: dict[str, str] | None = None) -> str:
         """Make the backend's cgroup (empty if one is left over) and apply ``limits``."""
         path = self.path_for(backend_id)
         try:
@@ -228,7 +294,7 @@ class Cgroups:
                                 controller, key, value)
                 continue
             try:
-                _write(os.path.join(path, name), str(value))
+                _write(os.path.join(path, name), value)
             except OSError as e:
                 log.warning("cgroup %s: cannot write %s=%s: %s", path, name, value, e.strerror)
         return path

@@ -357,7 +357,7 @@ class Supervisor:
         owner_uid: int,
         detached: bool,
         exec_prefix: tuple[str, ...] = (),
-        limits: dict[str, int] | None = None,
+        limits: dict[str, str] | None = None,
         extra_fds: Mapping[int, int] | None = None,
     ) -> Backend:
         """Start one backend with ``socket_fd`` as its fd 3. Raises SpawnError.
@@ -414,7 +414,7 @@ class Supervisor:
                  owner, owner_uid, ", detached" if detached else "")
         return b
 
-    def _cgroup_for(self, backend_id: str, limits: dict[str, int] | None) -> tuple[str, tuple[str, ...]]:
+    def _cgroup_for(self, backend_id: str, limits: dict[str, str] | None) -> tuple[str, tuple[str, ...]]:
         """The backend's own cgroup and the launcher prefix that enters it before the backend
         runs (`cgroup` module); ("", ()) without cgroups, or when it cannot be made."""
         if not self.cgroups.enabled:
