@@ -364,3 +364,101 @@ def test_limit_values_are_parsed_to_what_the_cgroup_files_take() -> None:
     for bad in ("memory-max = 0", "tasks-max = -1", "cpu-weight = 0", "cpu-weight = 10001", "memory-max = 1.5G"):
         with pytest.raises(cgroup.LimitsError, match=bad.split(" = ")[0]):
             cgroup.parse_limits(f"[s]\n{bad}\n", "cgroup.conf")
+
+
+class UnitDaemon(Daemon):
+    """`busutil.Daemon` started the way systemd starts a unit with Delegate=yes: in the unit's
+    own cgroup, marked delegated with the ``trusted.delegate`` xattr, nothing else in it."""
+
+    def __init__(self, bus: PrivateBus, tree: Tree, unit: str, *args: str) -> None:
+        import subprocess
+        import time
+
+        from busutil import VHOSTUSERD
+
+        self.bus, self.tree = bus, tree
+        self.log_path = tree.root / f"vhostuserd-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - the daemon's stdout until stop()
+        self.proc = subprocess.Popen(
+            ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', unit, VHOSTUSERD, "--address",
+             bus.address, "--sysconfdir", str(tree.sysconfdir), "--log-level", "debug", *args],
+            env=tree.env(), stdout=self._log, stderr=subprocess.STDOUT)
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
+
+
+@pytest.fixture
+def unit_cgroup() -> Iterator[str]:
+    """A cgroup as systemd makes one for a unit with Delegate=yes."""
+    mount = mount_or_skip()
+    if os.geteuid() != 0:
+        pytest.skip("needs root: makes a cgroup at the top of the cgroup v2 hierarchy")
+    path = os.path.join(mount, f"vhostuserd-test-{os.getpid()}.service")
+    os.mkdir(path)
+    try:
+        os.setxattr(path, "trusted.delegate", b"1")
+    except OSError as e:
+        os.rmdir(path)
+        pytest.skip(f"cannot mark a cgroup delegated here (trusted.delegate: {e.strerror})")
+    yield path
+    for _ in range(2):  # whatever a failing test left: killed, then every cgroup removed
+        for sub in sorted((os.path.join(path, n) for n in os.listdir(path)
+                           if os.path.isdir(os.path.join(path, n))), reverse=True):
+            cgroup.Cgroups.kill(cgroup.Cgroups(), sub)
+    wait_for(lambda: not cgroup.Cgroups.populated(path), f"{path} empty")
+    for n in os.listdir(path):
+        if os.path.isdir(os.path.join(path, n)):
+            os.rmdir(os.path.join(path, n))
+    os.rmdir(path)
+
+
+def test_in_a_delegated_unit_cgroup_the_daemon_moves_into_daemon_and_backends_go_beside_it_across_a_restart(
+        bus: PrivateBus, tree: Tree, unit_cgroup: str) -> None:
+    import json
+
+    from busutil import ctl
+
+    fake = install(tree, "daemonizes", short="daemon", ignore_sigterm=True)
+    unit = "/" + os.path.relpath(unit_cgroup, mount_or_skip())
+    first = UnitDaemon(bus, tree, unit_cgroup, "--grace-period", str(GRACE))
+    try:
+        assert in_cgroup(first.proc.pid) == f"{unit}/daemon"
+        status = json.loads(ctl(bus, tree, "--json", "status").stdout)
+        assert status["cgroups"] == f"delegated: {unit} (controllers: none)" or status["cgroups"].startswith(
+            f"delegated: {unit} (controllers: "), status
+
+        async def spawn_one() -> tuple[str, dict[str, Any], int]:
+            c = await Client.open(bus.address, record=False)
+            path, props = await spawn(c, fake, tree.root, {"detach": True})
+            grandchild = fake.report(props["Pid"])["grandchild"]
+            await c.close()
+            return path, props, grandchild
+
+        path, props, grandchild = run(spawn_one())
+        assert props["Cgroup"] == in_cgroup(props["Pid"]) == in_cgroup(grandchild) == f"{unit}/backend-{props['Id']}"
+        assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    finally:
+        if first.proc.poll() is None:
+            first.stop(signal.SIGKILL)
+    # systemd starts the next instance in the unit's cgroup again; daemon/ is still there.
+    second = UnitDaemon(bus, tree, unit_cgroup, "--grace-period", str(GRACE))
+    try:
+        assert in_cgroup(second.proc.pid) == f"{unit}/daemon"
+
+        async def stop_it() -> None:
+            c = await Client.open(bus.address, record=False)
+            again = await c.backend(path)
+            assert again["Cgroup"] == props["Cgroup"]
+            await c.stop(path)
+            await c.close()
+
+        run(stop_it())
+        where = os.path.join(unit_cgroup, f"backend-{props['Id']}")
+        wait_for(lambda: backend_left_nothing(where, [props["Pid"], grandchild]), "the re-adopted backend's cgroup gone")
+        assert sorted(os.path.basename(p) for p in os.listdir(unit_cgroup)
+                      if os.path.isdir(os.path.join(unit_cgroup, p))) == ["daemon"]
+    finally:
+        second.stop()

@@ -118,6 +118,14 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
+class _NotOurs(Exception):
+    pass
+
+
+def _systemd_unit(path: str) -> bool:
+    return os.path.basename(path).endswith((".service", ".scope", ".slice"))
+
+
 def v2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
     """Where the cgroup2 hierarchy is mounted (``/sys/fs/cgroup`` or, hybrid, ``.../unified``)."""
     text = _read(mountinfo) or ""
@@ -216,6 +224,8 @@ class Cgroups:
         here = os.path.normpath(os.path.join(mount, own.lstrip("/")))
         try:
             mode, base = cls._arrange(here, mount, state_dir)
+        except _NotOurs as e:
+            return cls(why=str(e), mount=mount)
         except OSError as e:
             return cls(why=f"{here} is not writable ({e.strerror})", mount=mount)
         cg = cls(mode=mode, mount=mount, base=base)
@@ -224,19 +234,26 @@ class Cgroups:
 
     @staticmethod
     def _delegated(here: str) -> bool:
+        """Is this cgroup ours to arrange? systemd marks a delegated unit's (Delegate=yes);
+        outside systemd, one that nothing but this process runs in is taken as ours."""
         for attr in ("trusted.delegate", "user.delegate"):
             try:
                 if os.getxattr(here, attr).strip() == b"1":
                     return True
             except OSError:
                 pass
+        if _systemd_unit(here):
+            return False
         procs = (_read(os.path.join(here, "cgroup.procs")) or "").split()
         return procs == [str(os.getpid())]
 
     @classmethod
     def _arrange(cls, here: str, mount: str, state_dir: str) -> tuple[str, str]:
-        if here != mount and os.path.basename(here) == "daemon" and cls._delegated(here):
+        if here != mount and os.path.basename(here) == "daemon" and cls._delegated(os.path.dirname(here)):
             return "delegated", os.path.dirname(here)  # already in our leaf (a re-exec, DelegateSubgroup=)
+        if _systemd_unit(here) and not cls._delegated(here):
+            # systemd's own cgroup, not delegated: writing below it is not ours to do.
+            raise _NotOurs(f"{here} is systemd's and not delegated (the unit needs Delegate=yes)")
         if here != mount and cls._delegated(here):
             leaf = os.path.join(here, "daemon")
             os.makedirs(leaf, exist_ok=True)
