@@ -532,7 +532,7 @@ def test_unprivileged_daemon_uses_the_same_launch_where_the_kernel_allows_it(tmp
         shutil.rmtree(pkg, ignore_errors=True)
     reason = userns.unprivileged_userns_reason()
     if reason is not None:
-        assert out.returncode == 3 and "unprivileged user namespaces are disabled" in out.stdout, out
+        assert out.returncode == 3 and "user namespaces are disabled here" in out.stdout, out
         return
     assert out.returncode == 0, out
     lines = out.stdout.split()
@@ -702,3 +702,36 @@ def test_namespaced_backend_is_re_adopted_after_a_sigkilled_daemon_and_stops(sta
             wait_gone(p)
     finally:
         again.stop()
+
+
+NO_NAMESPACES = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+from vhostuserd import userns
+with open("/proc/sys/user/max_user_namespaces", "w") as f:
+    f.write("0")
+try:
+    userns.create(userns.id_map("caller", 0, 0, "x", "", ""))
+except userns.UsernsError as e:
+    print(e.kind, e)
+'''
+
+
+def test_where_the_kernel_refuses_a_user_namespace_the_error_says_why() -> None:
+    """In a user namespace of uid 65534 whose user.max_user_namespaces is 0 (a per-namespace
+    limit, so nothing else on the machine is affected), the launch fails as SpawnFailed
+    with unshare's own error and the sysctl that caused it."""
+    if userns.unprivileged_userns_reason() is not None:
+        pytest.skip(f"user namespaces are disabled here already: {userns.unprivileged_userns_reason()}")
+    pkg = public_dir("vhostuserd-pkg-")
+    try:
+        shutil.copytree(Path(userns.__file__).parent, pkg / "vhostuserd",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        subprocess.run(["chmod", "-R", "a+rX", str(pkg)], check=True)
+        out = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--",
+                              "unshare", "--user", "--map-root-user", "--", "/usr/bin/python3", "-c", NO_NAMESPACES,
+                              str(pkg)], capture_output=True, text=True, timeout=60, check=False, cwd=str(pkg))
+    finally:
+        shutil.rmtree(pkg, ignore_errors=True)
+    assert out.stdout.startswith("SpawnFailed cannot create a user namespace for the backend: unshare"), out
+    assert "/proc/sys/user/max_user_namespaces is 0" in out.stdout, out

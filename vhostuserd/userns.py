@@ -245,7 +245,8 @@ def plan_for(*, system: bool, dtype: str, name: str, requested: str | None, uid:
 
 
 def unprivileged_userns_reason() -> str | None:
-    """Why this kernel refuses user namespaces to unprivileged processes, if it says so."""
+    """Why this kernel refuses (unprivileged) user namespaces, if a sysctl says so: Debian's
+    kernel.unprivileged_userns_clone, or user.max_user_namespaces (per user namespace)."""
     for path, bad in (("/proc/sys/kernel/unprivileged_userns_clone", "0"), ("/proc/sys/user/max_user_namespaces", "0")):
         try:
             with open(path) as f:
@@ -321,8 +322,8 @@ def create(idmap: IdMap, timeout: float = HOLDER_TIMEOUT_S) -> Namespace:
                 why = ""
             if not why:
                 why = f"{UNSHARE} gave no sign of life in {timeout:g} s"
-            if os.getuid() != 0 and (reason := unprivileged_userns_reason()) is not None:
-                why += f" (unprivileged user namespaces are disabled: {reason})"
+            if (reason := unprivileged_userns_reason()) is not None:
+                why += f" (user namespaces are disabled here: {reason})"
             raise UsernsError("SpawnFailed", f"cannot create a user namespace for the backend: {why}")
         try:
             _write(f"/proc/{pid}/uid_map", idmap.uid_map)
