@@ -8,6 +8,9 @@ Rows:
                   plus one no-op D-Bus call (what a client would do without the broker)
   P4 stop         Stop of a SIGTERM-honouring backend, round trip
   P4 sigkill      Stop of a SIGTERM-ignoring backend: time past the grace period
+  P4 cgroup       what placing a backend in its own cgroup costs: mkdir, posix_spawn of the
+                  /bin/sh launcher that enters it and execs /bin/true, its exit, rmdir; vs
+                  posix_spawn of /bin/true and its exit (no broker, no D-Bus)
   P6 per backend  daemon RSS growth per supervised `sleep` backend, and its thread count
 """
 
@@ -104,6 +107,34 @@ async def floor_round_trips(address: str, binary: str, n: int) -> list[float]:
     return out
 
 
+def placement_times(n: int) -> tuple[list[float], list[float], str]:
+    """(with the cgroup launcher, bare, where) in ms: spawn to exit of /bin/true."""
+    from vhostuserd.cgroup import Cgroups
+
+    cg = Cgroups.setup(tempfile.mkdtemp(prefix="vhostuserd-bench-cg-"))
+    null = procs.open_devnull()
+    bare, placed = [], []
+    try:
+        for i in range(n):
+            t0 = time.perf_counter()
+            pid = procs.spawn(["/bin/true"], fds={0: null, 1: null, 2: null})
+            os.waitpid(pid, 0)
+            bare.append((time.perf_counter() - t0) * 1000)
+            if not cg.enabled:
+                continue
+            t0 = time.perf_counter()
+            path = cg.create(f"bench-{i}")
+            pid = procs.spawn([*cg.launcher(path), "/bin/true"], fds={0: null, 1: null, 2: null})
+            _, status = os.waitpid(pid, 0)
+            assert status == 0, status
+            cg.remove(path)
+            placed.append((time.perf_counter() - t0) * 1000)
+    finally:
+        os.close(null)
+        cg.release()
+    return placed, bare, cg.describe()
+
+
 async def stop_times(c: BrokerClient, name: str, n: int) -> list[float]:
     out = []
     for _ in range(n):
@@ -182,6 +213,17 @@ def run(quick: bool, n_backends: int) -> tuple[list[dict[str, Any]], dict[str, l
                     m, f = statistics.median(ours), statistics.median(floor)
                     row("P4 spawn", "<= 1.5x fork/exec+call", m, f, "ms", m / f, m / f <= 1.5,
                         f"median of {n}; p95 {sorted(ours)[int(0.95 * (n - 1))]:.2f} ms")
+                    placed, bare, where = placement_times(n)
+                    if placed:
+                        samples["P4 cgroup: launcher into a new cgroup (ms)"] = placed
+                        samples["P4 cgroup floor: posix_spawn /bin/true (ms)"] = bare
+                        pm, bm = statistics.median(placed), statistics.median(bare)
+                        row("P4 cgroup placement", "documented", pm, bm, "ms", pm / bm, True,
+                            f"median of {n}: +{pm - bm:.2f} ms per backend start, off the Spawn reply's path "
+                            f"(the launcher runs after posix_spawn returns); {where}")
+                    else:
+                        row("P4 cgroup placement", "documented", 0.0, statistics.median(bare), "ms", None, True,
+                            f"not measured: {where}")
                     stops = await stop_times(c, "50-term.json", n)
                     samples["P4 stop (ms)"] = stops
                     row("P4 stop", "<= 20 ms", statistics.median(stops), None, "ms", None,
