@@ -157,6 +157,38 @@ def test_readmes_example_setting_means_what_it_says() -> None:
     assert not userns.policy("fs", "60-local-fs.json", config).enabled
 
 
+@pytest.mark.parametrize(("dtype", "requested", "uid", "conf", "expected"), [
+    ("fs", None, NOBODY, "", ("caller", f"0 {NOBODY} 1\n")),
+    ("fs", "caller", NOBODY, "", ("caller", f"0 {NOBODY} 1\n")),
+    ("gpu", None, NOBODY, "", None),
+    ("fs", None, NOBODY, "[type:fs]\nuserns = no\n", None),
+    ("fs", "caller", NOBODY, "[type:fs]\nuserns = no\n", "InvalidOption"),
+    ("fs", None, 0, "", None),  # root: as before, unless it asks
+    ("fs", "caller", 0, "", ("caller", "0 0 1\n")),
+    ("fs", "subids", NOBODY, "[type:fs]\nidmap = caller\n", "NotAuthorized"),
+    ("fs", None, NOBODY, "[type:fs]\nuserns = maybe\n", "SpawnFailed"),
+])
+def test_plan_for_the_system_service(tmp_path: Path, dtype: str, requested: str | None, uid: int, conf: str,
+                                     expected: tuple[str, str] | str | None) -> None:
+    if conf:
+        (tmp_path / "vhostuserd").mkdir()
+        (tmp_path / "vhostuserd/userns.conf").write_text(conf)
+
+    def go() -> userns.IdMap | None:
+        return userns.plan_for(system=True, dtype=dtype, name="50-x.json", requested=requested, uid=uid,
+                               sysconfdir=str(tmp_path))
+
+    if isinstance(expected, str):
+        with pytest.raises(userns.UsernsError) as e:
+            go()
+        assert e.value.kind == expected
+    elif expected is None:
+        assert go() is None
+    else:
+        m = go()
+        assert m is not None and (m.mode, m.uid_map) == expected
+
+
 def test_sysconfdir_is_the_sysconf_tiers_root() -> None:
     assert userns.sysconfdir_of([Directory("data", "/usr/share/qemu/vhost-user"),
                                  Directory("sysconf", "/srv/etc/qemu/vhost-user")]) == "/srv/etc"

@@ -216,9 +216,10 @@ def plan_for(*, system: bool, dtype: str, name: str, requested: str | None, uid:
              sysconfdir: str) -> IdMap | None:
     """The map a spawn of descriptor ``name`` by ``uid`` gets, or None for no namespace.
 
-    The session service acts for its own uid: it gives a namespace only when it is not
-    root (a root session service runs virtiofsd as root, as before), and only ``caller``
-    (an unprivileged process may write a one-line map of its own ids only)."""
+    A root caller of the system service gets one only when it asks (``idmap``). The session
+    service acts for its own uid: it gives a namespace only when it is not root (a root
+    session service runs virtiofsd as root, as before), and only ``caller`` (an
+    unprivileged process may write a one-line map of its own ids only)."""
     config, path = load_config(sysconfdir)
     p = policy(dtype, name, config, path)
     if not p.enabled:
@@ -238,6 +239,10 @@ def plan_for(*, system: bool, dtype: str, name: str, requested: str | None, uid:
                               "may map a range from /etc/subuid); this session service can map only its "
                               "own uid (idmap=caller)")
         return id_map(CALLER, os.getuid(), os.getgid(), user_name(os.getuid()), "", "")
+    if uid == 0 and requested is None:
+        # Root needs no "root": a namespace mapping only uid 0 would make every other
+        # owner's files in the share unreachable. Root gets one only when it asks for it.
+        return None
     gid = primary_gid(uid)
     if mode == CALLER:
         return id_map(mode, uid, gid, user_name(uid), "", "")
