@@ -10,10 +10,12 @@ host root.
 
 Two halves:
 
-* Pure policy (no I/O): which descriptors get a namespace (the descriptor's type, ``fs`` by
-  default, and the admin's ``SYSCONFDIR/vhostuserd/userns.conf``, never a client string),
-  which ``idmap`` mode applies (``caller`` | ``subids``, the admin may forbid or force one),
-  and the uid_map/gid_map text (`id_map`).
+* Pure policy (`parse_config`, `policy`, `choose_mode`, `subid_range`, `id_map`: no I/O):
+  which descriptors get a namespace (the descriptor's type, ``fs`` by default, and the
+  admin's ``SYSCONFDIR/vhostuserd/userns.conf``, never a client string), which ``idmap``
+  mode applies (``caller`` | ``subids``, the admin may forbid or force one), and the
+  uid_map/gid_map text. `plan_for` reads the files and applies it to one Spawn (a root
+  caller, and a root session service, get no namespace unless asked).
 * The launch (`create`), with no setuid helper and no Python between fork and exec: a
   holder, ``unshare --user --mount -- cat``, is started with posix_spawn; once it echoes a
   byte back (so the namespaces exist) the daemon writes its ``uid_map``, ``setgroups``
