@@ -60,7 +60,9 @@ def boot(work: Path, initrd: Path, token: str, sock: Path) -> float:
     """One boot to power-off on the backend serving ``sock``; seconds from QEMU's start."""
     work.mkdir()
     g = guest.Guest(work, initrd, token)
-    argv = g.argv("-chardev", f"socket,id=fs,path={sock}", "-device", "vhost-user-fs-pci,chardev=fs,tag=share")
+    argv = g.argv(
+        "-chardev", f"socket,id=fs,path={sock}", "-device", "vhost-user-fs-pci,chardev=fs,tag=share"
+    )
     t0 = time.perf_counter()
     g.popen(argv)
     try:
@@ -70,15 +72,27 @@ def boot(work: Path, initrd: Path, token: str, sock: Path) -> float:
     return time.perf_counter() - t0
 
 
-def run(quick: bool, rounds: int | None = None) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
+def run(
+    quick: bool, rounds: int | None = None
+) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
     row = "G1 guest boot, virtio-fs"
     reason = guest.why_no_qemu() or (None if os.geteuid() == 0 else "Debian's virtiofsd needs root")
     if reason is None and not Path("/usr/share/qemu/vhost-user", DESCRIPTOR).is_file():
         reason = f"{DESCRIPTOR} is not installed"
     if reason:
         print(f"{row}: not measured: {reason}")
-        return [{"row": row, "goal": f"<= {GOAL}x by hand", "measured": 0.0, "floor": None, "unit": "s",
-                 "ratio": None, "at_goal": True, "note": f"not measured: {reason}"}], {}
+        return [
+            {
+                "row": row,
+                "goal": f"<= {GOAL}x by hand",
+                "measured": 0.0,
+                "floor": None,
+                "unit": "s",
+                "ratio": None,
+                "at_goal": True,
+                "note": f"not measured: {reason}",
+            }
+        ], {}
     rounds = rounds or (2 if quick else 5)
     tmp = Path(tempfile.mkdtemp(prefix="vhostuserd-bench-guest-"))
     bus = PrivateBus()
@@ -98,19 +112,46 @@ def run(quick: bool, rounds: int | None = None) -> tuple[list[dict[str, Any]], d
     def by_broker() -> float:
         i = next(boots)
         sock = tmp / f"{i}.sock"
-        r = subprocess.run([VHOSTUSERCTL, "--address", bus.address, "spawn", DESCRIPTOR, "-o",
-                            f"shared-dir={shared}", "--listen", str(sock), "--detach"], env=tree.env(),
-                           capture_output=True, text=True, timeout=60, check=False)
+        r = subprocess.run(
+            [
+                VHOSTUSERCTL,
+                "--address",
+                bus.address,
+                "spawn",
+                DESCRIPTOR,
+                "-o",
+                f"shared-dir={shared}",
+                "--listen",
+                str(sock),
+                "--detach",
+            ],
+            env=tree.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         if r.returncode != 0:
             raise RuntimeError(f"vhostuserctl spawn failed: {r.stderr}")
         backend = r.stdout.strip()
-        listed = subprocess.run([VHOSTUSERCTL, "--address", bus.address, "--json", "backends"], env=tree.env(),
-                                capture_output=True, text=True, timeout=60, check=True)
+        listed = subprocess.run(
+            [VHOSTUSERCTL, "--address", bus.address, "--json", "backends"],
+            env=tree.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         [rec] = [b for b in json.loads(listed.stdout) if b["id"] == backend]
         argv[:] = rec["argv"]
         seconds = boot(tmp / f"boot{i}-broker", initrd, token, sock)
-        subprocess.run([VHOSTUSERCTL, "--address", bus.address, "stop", backend], env=tree.env(),
-                       capture_output=True, timeout=60, check=False)  # it exits with its front-end anyway
+        subprocess.run(
+            [VHOSTUSERCTL, "--address", bus.address, "stop", backend],
+            env=tree.env(),
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )  # it exits with its front-end anyway
         return seconds
 
     def by_hand() -> float:
@@ -124,9 +165,18 @@ def run(quick: bool, rounds: int | None = None) -> tuple[list[dict[str, Any]], d
         null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         assert argv[1] == "--fd=3", argv
         try:
-            pid = os.posix_spawn(argv[0], argv, {"PATH": "/usr/bin:/bin"}, setsid=True, file_actions=[
-                (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1), (os.POSIX_SPAWN_DUP2, null, 2),
-                (os.POSIX_SPAWN_DUP2, high, 3)])
+            pid = os.posix_spawn(
+                argv[0],
+                argv,
+                {"PATH": "/usr/bin:/bin"},
+                setsid=True,
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, null, 0),
+                    (os.POSIX_SPAWN_DUP2, null, 1),
+                    (os.POSIX_SPAWN_DUP2, null, 2),
+                    (os.POSIX_SPAWN_DUP2, high, 3),
+                ],
+            )
         finally:
             for fd in (high, null):
                 os.close(fd)
@@ -146,7 +196,7 @@ def run(quick: bool, rounds: int | None = None) -> tuple[list[dict[str, Any]], d
         by_broker()  # a warm-up boot (page cache, the broker's first probe); also learns the argv
         for n in range(rounds):
             order = [("broker", by_broker), ("by hand", by_hand)]
-            for name, fn in (order if n % 2 == 0 else order[::-1]):
+            for name, fn in order if n % 2 == 0 else order[::-1]:
                 times[name].append(fn())
                 print(f"  round {n + 1}/{rounds} {name:8} {times[name][-1]:.2f} s", flush=True)
         daemon.assert_clean_log()
@@ -156,10 +206,23 @@ def run(quick: bool, rounds: int | None = None) -> tuple[list[dict[str, Any]], d
         shutil.rmtree(tmp, ignore_errors=True)
     broker, hand = statistics.median(times["broker"]), statistics.median(times["by hand"])
     ratio = broker / hand
-    note = (f"median of {rounds} each, accel {guest.accel()}; broker {min(times['broker']):.2f}-"
-            f"{max(times['broker']):.2f} s, by hand {min(times['by hand']):.2f}-{max(times['by hand']):.2f} s")
-    rows = [{"row": row, "goal": f"<= {GOAL}x by hand", "measured": broker, "floor": hand, "unit": "s",
-             "ratio": ratio, "at_goal": ratio <= GOAL, "note": note}]
+    note = (
+        f"median of {rounds} each, accel {guest.accel()}; broker {min(times['broker']):.2f}-"
+        f"{max(times['broker']):.2f} s, by hand {min(times['by hand']):.2f}-"
+        f"{max(times['by hand']):.2f} s"
+    )
+    rows = [
+        {
+            "row": row,
+            "goal": f"<= {GOAL}x by hand",
+            "measured": broker,
+            "floor": hand,
+            "unit": "s",
+            "ratio": ratio,
+            "at_goal": ratio <= GOAL,
+            "note": note,
+        }
+    ]
     return rows, {"G1 broker-spawned": times["broker"], "G1 by hand": times["by hand"]}
 
 

@@ -38,7 +38,8 @@ TYPES = ["gpu", "fs", "input", "block"]
 
 
 def make_tree(root: Path, count: int) -> dict[str, str]:
-    """``count`` descriptors over the three tiers (a tenth overriding data files), env to see them."""
+    """``count`` descriptors over the three tiers (a tenth overriding data files), and the
+    environment to see them."""
     data = root / "share" / "qemu" / "vhost-user"
     etc = root / "etc" / "qemu" / "vhost-user"
     user = root / "home" / ".config" / "qemu" / "vhost-user"
@@ -96,8 +97,11 @@ def bench_size(count: int, runs: int) -> dict[str, float]:
         env = make_tree(root, count)
         sysconfdir = str(root / "etc")
         dirs = lookup.search_path(
-            system=False, sysconfdir=sysconfdir, xdg_data_dirs=env["XDG_DATA_DIRS"],
-            xdg_config_home=env["XDG_CONFIG_HOME"], home=env["HOME"],
+            system=False,
+            sysconfdir=sysconfdir,
+            xdg_data_dirs=env["XDG_DATA_DIRS"],
+            xdg_config_home=env["XDG_CONFIG_HOME"],
+            home=env["HOME"],
         )
         list_argv = [*vhostuserctl(), "--json", "list", "--offline", "--sysconfdir", sysconfdir]
         listed = json.loads(run_checked(list_argv, env))
@@ -135,9 +139,14 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     started = time.perf_counter()
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, median of {args.runs} runs, no probing")
-    header = (f"{'descriptors':>11}  {'list --offline':>14}  {'floor: start+import':>19}  {'ratio':>6}"
-              f"  {'scan+merge':>10}  {'floor: listdir+stat':>19}  {'ratio':>6}  {'per file':>8}")
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, median of {args.runs} runs, "
+        "no probing"
+    )
+    header = (
+        f"{'descriptors':>11}  {'list --offline':>14}  {'floor: start+import':>19}  {'ratio':>6}"
+        f"  {'scan+merge':>10}  {'floor: listdir+stat':>19}  {'ratio':>6}  {'per file':>8}"
+    )
     print(header)
     print("-" * len(header))
     for count in sizes:

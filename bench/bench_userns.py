@@ -17,7 +17,9 @@ UID = 65534
 
 def _ms(samples: list[float]) -> str:
     s = sorted(samples)
-    return f"median {statistics.median(s) * 1e3:.2f} ms, p95 {s[int(len(s) * 0.95) - 1] * 1e3:.2f} ms"
+    return (
+        f"median {statistics.median(s) * 1e3:.2f} ms, p95 {s[int(len(s) * 0.95) - 1] * 1e3:.2f} ms"
+    )
 
 
 def _run(prefix: tuple[str, ...], fds: dict[int, int]) -> None:
@@ -34,7 +36,14 @@ def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
     m = userns.id_map("caller", UID, UID, "nobody", "", "")
     create, plain, in_ns = [], [], []
-    setpriv = ("/usr/bin/setpriv", f"--reuid={UID}", f"--regid={UID}", f"--groups={UID}", "--no-new-privs", "--")
+    setpriv = (
+        "/usr/bin/setpriv",
+        f"--reuid={UID}",
+        f"--regid={UID}",
+        f"--groups={UID}",
+        "--no-new-privs",
+        "--",
+    )
     for _ in range(n):
         t0 = time.perf_counter()
         ns = userns.create(m)

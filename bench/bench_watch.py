@@ -97,6 +97,7 @@ class Kinds:
 
     def ops(self) -> list[tuple[str, Step | None, Step, Step | None]]:
         """(kind, prepare, change, restore) in the order they run."""
+
         def remove_dir() -> None:
             shutil.rmtree(self.sysdir)
 
@@ -104,7 +105,12 @@ class Kinds:
             ("atomic rename", None, self.atomic, None),
             ("in-place write", None, self.in_place, None),
             ("delete", None, self.file.unlink, lambda: write_atomic(self.file, self.next())),
-            ("mask", None, lambda: os.truncate(self.file, 0), lambda: write_atomic(self.file, self.next())),
+            (
+                "mask",
+                None,
+                lambda: os.truncate(self.file, 0),
+                lambda: write_atomic(self.file, self.next()),
+            ),
             ("symlink swap", None, self.swap, None),
             ("directory removed", None, remove_dir, self.make_dir),
             ("directory created", remove_dir, self.make_dir, remove_dir),
@@ -136,8 +142,9 @@ class Kinds:
         write_atomic(self.file, self.next())
 
 
-async def change_latencies(address: str, kinds: Kinds, samples: int, path: str, member: str
-                           ) -> dict[str, list[float]]:
+async def change_latencies(
+    address: str, kinds: Kinds, samples: int, path: str, member: str
+) -> dict[str, list[float]]:
     """For each kind: ms from the change to the first signal ``member`` on ``path``."""
     bus = await MessageBus(bus_address=address).connect()
     got: asyncio.Queue[float] = asyncio.Queue()
@@ -148,9 +155,16 @@ async def change_latencies(address: str, kinds: Kinds, samples: int, path: str, 
         return False
 
     bus.add_message_handler(handler)
-    await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                           interface="org.freedesktop.DBus", member="AddMatch", signature="s",
-                           body=[f"type='signal',path='{path}',member='{member}'"]))
+    await bus.call(
+        Message(
+            destination="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus",
+            member="AddMatch",
+            signature="s",
+            body=[f"type='signal',path='{path}',member='{member}'"],
+        )
+    )
 
     async def quiet() -> None:
         """Let every signal of the last change arrive, then forget them."""
@@ -204,8 +218,10 @@ def wakeups(pids: list[int], seconds: float) -> list[tuple[float, int]]:
     before = [switches(p) for p in pids]
     time.sleep(seconds)
     after = [switches(p) for p in pids]
-    return [(sum(n - b.get(tid, 0) for tid, n in a.items()) / seconds, len(a))
-            for b, a in zip(before, after, strict=True)]
+    return [
+        (sum(n - b.get(tid, 0) for tid, n in a.items()) / seconds, len(a))
+        for b, a in zip(before, after, strict=True)
+    ]
 
 
 async def spawn_idle(c: BrokerClient, name: str, n: int) -> tuple[list[str], list[socket.socket]]:
@@ -225,14 +241,24 @@ async def stop_all(c: BrokerClient, paths: list[str], socks: list[socket.socket]
         a.close()
 
 
-def wake_row(bus: PrivateBus, tree: Tree, n_backends: int, idle_timeout: float, seconds: float
-             ) -> tuple[float, float, int]:
+def wake_row(
+    bus: PrivateBus, tree: Tree, n_backends: int, idle_timeout: float, seconds: float
+) -> tuple[float, float, int]:
     """(daemon wake-ups/s, dbus-daemon wake-ups/s, daemon threads) of a daemon started with
     ``--idle-timeout idle_timeout``, idle with ``n_backends`` supervised idle backends, from
     ``idle_timeout`` + 1 s after the last call (when the idle-exit check runs, if any)."""
-    d = Daemon(bus, tree, "--idle-timeout", f"{idle_timeout:g}", "--max-backends", str(n_backends + 10),
-               "--max-backends-per-user", str(n_backends + 10),
-               "--state-dir", tempfile.mkdtemp(prefix="vhostuserd-bench-state-", dir=str(tree.root)))
+    d = Daemon(
+        bus,
+        tree,
+        "--idle-timeout",
+        f"{idle_timeout:g}",
+        "--max-backends",
+        str(n_backends + 10),
+        "--max-backends-per-user",
+        str(n_backends + 10),
+        "--state-dir",
+        tempfile.mkdtemp(prefix="vhostuserd-bench-state-", dir=str(tree.root)),
+    )
     settle = max(2.0, idle_timeout + 1.0) if n_backends else 2.0  # start-up work is over
 
     async def measure() -> tuple[float, float, int]:
@@ -241,8 +267,9 @@ def wake_row(bus: PrivateBus, tree: Tree, n_backends: int, idle_timeout: float, 
             try:
                 await asyncio.sleep(settle)
                 loop = asyncio.get_running_loop()
-                (o, t), (f, _) = await loop.run_in_executor(None, wakeups, [d.proc.pid, bus.proc.pid],
-                                                            seconds)
+                (o, t), (f, _) = await loop.run_in_executor(
+                    None, wakeups, [d.proc.pid, bus.proc.pid], seconds
+                )
                 return o, f, t
             finally:
                 await stop_all(c, paths, socks)
@@ -260,12 +287,28 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
     rows: list[dict[str, Any]] = []
     samples: dict[str, list[float]] = {}
 
-    def row(name: str, goal: str, measured: float, floor: float | None, unit: str, ratio: float | None,
-            ok: bool, note: str = "") -> None:
-        rows.append({"row": name, "goal": goal, "measured": round(measured, 3),
-                     "floor": None if floor is None else round(floor, 3), "unit": unit,
-                     "ratio": None if ratio is None else round(ratio, 3), "at_goal": ok,
-                     "note": note})
+    def row(
+        name: str,
+        goal: str,
+        measured: float,
+        floor: float | None,
+        unit: str,
+        ratio: float | None,
+        ok: bool,
+        note: str = "",
+    ) -> None:
+        rows.append(
+            {
+                "row": name,
+                "goal": goal,
+                "measured": round(measured, 3),
+                "floor": None if floor is None else round(floor, 3),
+                "unit": unit,
+                "ratio": None if ratio is None else round(ratio, 3),
+                "at_goal": ok,
+                "note": note,
+            }
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         tree = Tree.make(Path(tmp) / "t")
@@ -278,17 +321,29 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
             d = Daemon(bus, tree)
             try:
                 time.sleep(0.5)
-                lat = asyncio.run(change_latencies(bus.address, kinds, n_samples, MANAGER_PATH,
-                                                   "IndexChanged"))
+                lat = asyncio.run(
+                    change_latencies(bus.address, kinds, n_samples, MANAGER_PATH, "IndexChanged")
+                )
             finally:
                 d.stop()
             kinds.reset()
-            helper = subprocess.Popen([sys.executable, str(HERE / "inotify_floor.py"), bus.address,
-                                       FLOOR_PATH, str(kinds.sysdir), str(kinds.userdir)],
-                                      stdout=subprocess.PIPE, text=True)
+            helper = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(HERE / "inotify_floor.py"),
+                    bus.address,
+                    FLOOR_PATH,
+                    str(kinds.sysdir),
+                    str(kinds.userdir),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             try:
                 assert helper.stdout and helper.stdout.readline().strip() == "ready"
-                floor = asyncio.run(change_latencies(bus.address, kinds, n_samples, FLOOR_PATH, "Seen"))
+                floor = asyncio.run(
+                    change_latencies(bus.address, kinds, n_samples, FLOOR_PATH, "Seen")
+                )
             finally:
                 helper.terminate()
                 helper.wait()
@@ -298,9 +353,17 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
             base = floor[kind]
             samples[f"P2 {kind} -> IndexChanged (ms)"] = mine
             p95, f95 = pct(mine, 95), pct(base, 95)
-            row(f"P2 {kind}", f"p95 <= {P2_GOAL_MS:g} ms", p95, f95, "ms", p95 / f95 if f95 else None,
-                p95 <= P2_GOAL_MS, f"p50 {pct(mine, 50):.2f} ms (floor {pct(base, 50):.2f}), "
-                f"max {max(mine):.1f} ms, {len(mine)} samples")
+            row(
+                f"P2 {kind}",
+                f"p95 <= {P2_GOAL_MS:g} ms",
+                p95,
+                f95,
+                "ms",
+                p95 / f95 if f95 else None,
+                p95 <= P2_GOAL_MS,
+                f"p50 {pct(mine, 50):.2f} ms (floor {pct(base, 50):.2f}), "
+                f"max {max(mine):.1f} ms, {len(mine)} samples",
+            )
 
     seconds = 3.0 if quick else WAKE_SECONDS
     n = 100
@@ -313,15 +376,31 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
             # What: (row, backends, --idle-timeout, note). The unit runs --idle-timeout 30;
             # with backends the idle check only starts once that has passed, so that row uses
             # 2 s to reach the same steady state inside the window.
-            cases = [("idle", 0, 30.0, "--idle-timeout 30 as the unit, no backend"),
-                     (f"{n} backends", n, 2.0, (f"{n} sleep backends, --idle-timeout 2 (the unit's "
-                                                   "30, shortened to be past it)")),
-                     (f"{n} backends, no idle exit", n, 0.0, f"{n} sleep backends, --idle-timeout 0")]
+            cases = [
+                ("idle", 0, 30.0, "--idle-timeout 30 as the unit, no backend"),
+                (
+                    f"{n} backends",
+                    n,
+                    2.0,
+                    (
+                        f"{n} sleep backends, --idle-timeout 2 (the unit's "
+                        "30, shortened to be past it)"
+                    ),
+                ),
+                (f"{n} backends, no idle exit", n, 0.0, f"{n} sleep backends, --idle-timeout 0"),
+            ]
             for what, backends, idle_timeout, note in cases:
                 ours, floor, nthreads = wake_row(bus, tree, backends, idle_timeout, seconds)
-                row(f"P8 wake-ups {what}", f"<= {P8_GOAL:g}/s", ours, floor, "/s", None,
-                    ours <= P8_GOAL, f"{note}; {nthreads} threads; floor = the dbus-daemon; "
-                    f"over {seconds:g} s")
+                row(
+                    f"P8 wake-ups {what}",
+                    f"<= {P8_GOAL:g}/s",
+                    ours,
+                    floor,
+                    "/s",
+                    None,
+                    ours <= P8_GOAL,
+                    f"{note}; {nthreads} threads; floor = the dbus-daemon; over {seconds:g} s",
+                )
         finally:
             bus.close()
     return rows, samples

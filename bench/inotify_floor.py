@@ -16,8 +16,15 @@ from dbus_fast.aio import MessageBus
 
 from vhostuserd import inotify as ino
 
-FILE_MASK = (ino.IN_CREATE | ino.IN_DELETE | ino.IN_MOVED_FROM | ino.IN_MOVED_TO | ino.IN_MODIFY
-             | ino.IN_CLOSE_WRITE | ino.IN_ATTRIB)
+FILE_MASK = (
+    ino.IN_CREATE
+    | ino.IN_DELETE
+    | ino.IN_MOVED_FROM
+    | ino.IN_MOVED_TO
+    | ino.IN_MODIFY
+    | ino.IN_CLOSE_WRITE
+    | ino.IN_ATTRIB
+)
 
 
 async def main(address: str, path: str, dirs: list[str]) -> None:
@@ -26,7 +33,9 @@ async def main(address: str, path: str, dirs: list[str]) -> None:
     parents: dict[int, str] = {}
     for d in dirs:
         watcher.add_watch(d, FILE_MASK)
-        parents[watcher.add_watch(os.path.dirname(d), ino.IN_CREATE | ino.IN_ONLYDIR)] = os.path.dirname(d)
+        parents[watcher.add_watch(os.path.dirname(d), ino.IN_CREATE | ino.IN_ONLYDIR)] = (
+            os.path.dirname(d)
+        )
 
     def readable() -> None:
         events = watcher.read()

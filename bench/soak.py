@@ -55,18 +55,29 @@ class SoakResult:
 
     @property
     def ok(self) -> bool:
-        once = all(v == 1 for v in self.exited_signals.values()) and len(self.exited_signals) == self.spawned
-        return (once and not self.leftover and self.fd_end == self.fd_baseline and not self.errors
-                and self.readopted == self.spawned - self.stopped_by_client - self.stopped_by_disconnect)
+        once = (
+            all(v == 1 for v in self.exited_signals.values())
+            and len(self.exited_signals) == self.spawned
+        )
+        return (
+            once
+            and not self.leftover
+            and self.fd_end == self.fd_baseline
+            and not self.errors
+            and self.readopted == self.spawned - self.stopped_by_client - self.stopped_by_disconnect
+        )
 
     def summary(self) -> str:
         twice = sum(1 for v in self.exited_signals.values() if v > 1)
-        return (f"{self.spawned} spawned; {self.stopped_by_client} stopped by clients, "
-                f"{self.stopped_by_disconnect} by disconnecting owners, {self.readopted} detached and "
-                f"re-adopted after SIGKILL; Exited seen for {len(self.exited_signals)} ({twice} more than once); "
-                f"{len(self.leftover)} processes left; daemon fds {self.fd_baseline} -> {self.fd_end}; "
-                f"{self.descriptor_changes} descriptor changes; {self.seconds:.1f} s"
-                + (f"; errors: {self.errors[:3]}" if self.errors else ""))
+        return (
+            f"{self.spawned} spawned; {self.stopped_by_client} stopped by clients, "
+            f"{self.stopped_by_disconnect} by disconnecting owners, {self.readopted} detached and "
+            f"re-adopted after SIGKILL; Exited seen for {len(self.exited_signals)} "
+            f"({twice} more than once); "
+            f"{len(self.leftover)} processes left; daemon fds {self.fd_baseline} -> {self.fd_end}; "
+            f"{self.descriptor_changes} descriptor changes; {self.seconds:.1f} s"
+            + (f"; errors: {self.errors[:3]}" if self.errors else "")
+        )
 
 
 def _become_subreaper() -> None:
@@ -121,14 +132,24 @@ def run_soak(n: int = 1000) -> SoakResult:
     bindir.mkdir()
     shutil.copy("/bin/sleep", bindir / comm)
     backend = bindir / "backend"
-    backend.write_text("#!/bin/sh\n[ \"$1\" = --print-capabilities ] && { echo '{\"type\":\"gpu\"}'; exit 0; }\n"
-                       f"exec {bindir / comm} 100000\n")
+    backend.write_text(
+        '#!/bin/sh\n[ "$1" = --print-capabilities ] && { echo \'{"type":"gpu"}\'; exit 0; }\n'
+        f"exec {bindir / comm} 100000\n"
+    )
     backend.chmod(0o755)
     tree = Tree.make(Path(tmp) / "tree")
     tree.write("data", "50-soak.json", descriptor("gpu", str(backend)))
     bus = PrivateBus()
-    args = ("--grace-period", "1", "--max-backends", str(2 * n), "--max-backends-per-user", str(2 * n),
-            "--state-dir", state_dir)
+    args = (
+        "--grace-period",
+        "1",
+        "--max-backends",
+        str(2 * n),
+        "--max-backends-per-user",
+        str(2 * n),
+        "--state-dir",
+        state_dir,
+    )
     started = time.monotonic()
     daemon = Daemon(bus, tree, *args)
     try:
@@ -143,18 +164,33 @@ def run_soak(n: int = 1000) -> SoakResult:
                 return False
 
             mon.add_message_handler(on_exited)
-            await mon.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                                   interface="org.freedesktop.DBus", member="AddMatch", signature="s",
-                                   body=["type='signal',interface='org.vhostuserd.Broker1.Backend',member='Exited'"]))
+            await mon.call(
+                Message(
+                    destination="org.freedesktop.DBus",
+                    path="/org/freedesktop/DBus",
+                    interface="org.freedesktop.DBus",
+                    member="AddMatch",
+                    signature="s",
+                    body=[
+                        "type='signal',interface='org.vhostuserd.Broker1.Backend',member='Exited'"
+                    ],
+                )
+            )
             churn_stop = asyncio.Event()
 
             async def churn() -> None:
                 i = 0
                 while not churn_stop.is_set():
-                    tree.write("sysconf", f"70-churn-{i % 7}.json", descriptor("net", description=f"v{i}"),
-                               atomic=True)
+                    tree.write(
+                        "sysconf",
+                        f"70-churn-{i % 7}.json",
+                        descriptor("net", description=f"v{i}"),
+                        atomic=True,
+                    )
                     if i % 5 == 0:
-                        (tree.dir("sysconf") / f"70-churn-{(i + 3) % 7}.json").unlink(missing_ok=True)
+                        (tree.dir("sysconf") / f"70-churn-{(i + 3) % 7}.json").unlink(
+                            missing_ok=True
+                        )
                     res.descriptor_changes += 1
                     i += 1
                     await asyncio.sleep(0.02)
@@ -164,7 +200,11 @@ def run_soak(n: int = 1000) -> SoakResult:
                 for _ in range(count):
                     a, b = socket.socketpair()
                     try:
-                        paths.append(await c.spawn("50-soak.json", b.fileno(), {"settle-ms": 0, "detach": detach}))
+                        paths.append(
+                            await c.spawn(
+                                "50-soak.json", b.fileno(), {"settle-ms": 0, "detach": detach}
+                            )
+                        )
                     except Exception as e:  # noqa: BLE001 - recorded, fails the soak
                         res.errors.append(f"spawn: {e}")
                     b.close()
@@ -180,8 +220,10 @@ def run_soak(n: int = 1000) -> SoakResult:
             half, quarter = n // 2, n // 4
             rest = n - half - quarter
             to_stop, to_leave, detached = await asyncio.gather(
-                spawn_some(stoppers, half, False), spawn_some(leavers, quarter, False),
-                spawn_some(detachers, rest, True))
+                spawn_some(stoppers, half, False),
+                spawn_some(leavers, quarter, False),
+                spawn_some(detachers, rest, True),
+            )
             res.spawned = len(to_stop) + len(to_leave) + len(detached)
 
             async def stop_all(c: BrokerClient, paths: list[str]) -> int:
@@ -200,7 +242,9 @@ def run_soak(n: int = 1000) -> SoakResult:
             await detachers.close()
             await stoppers.close()
             expect = len(to_stop) + len(to_leave)
-            await _wait(lambda: len(res.exited_signals) >= expect, f"{expect} Exited signals", 60, comm)
+            await _wait(
+                lambda: len(res.exited_signals) >= expect, f"{expect} Exited signals", 60, comm
+            )
             churn_stop.set()
             await churner
             # The detached ones outlive a SIGKILLed daemon and come back under a new one.
@@ -211,10 +255,17 @@ def run_soak(n: int = 1000) -> SoakResult:
                 listed = [b for b in await admin.list_backends() if b["state"] == "running"]
                 res.readopted = len(listed)
                 await stop_all(admin, [b["object"] for b in listed])
-            await _wait(lambda: len(res.exited_signals) >= res.spawned, f"{res.spawned} Exited signals", 60, comm)
+            await _wait(
+                lambda: len(res.exited_signals) >= res.spawned,
+                f"{res.spawned} Exited signals",
+                60,
+                comm,
+            )
             await _wait(lambda: not _marked(comm), "every backend process to be gone", 30, comm)
             # Lingering objects go away, and with them their last fds.
-            await _wait(lambda: new.fd_count() == res.fd_baseline, f"fds back to {res.fd_baseline}", 15)
+            await _wait(
+                lambda: new.fd_count() == res.fd_baseline, f"fds back to {res.fd_baseline}", 15
+            )
             mon.disconnect()
 
         nonlocal_new: list[Daemon] = []

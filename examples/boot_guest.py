@@ -60,17 +60,43 @@ async def main() -> int:
             finally:
                 listener.close()  # the broker passed its own copy on
             props = await broker.backend(backend)
-            print(f"backend {props['Id']} pid {props['Pid']}: {' '.join(props['Argv'])}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"backend {props['Id']} pid {props['Pid']}: {' '.join(props['Argv'])}",
+                file=sys.stderr,
+                flush=True,
+            )
 
             # 3. The guest: its RAM shared with the backend, the device on the socket.
             qemu = await asyncio.create_subprocess_exec(
-                a.qemu, "-machine", f"q35,accel={a.accel}", "-m", "256", "-nodefaults", "-no-reboot",
-                "-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem",
-                "-kernel", a.kernel, "-initrd", a.initrd, "-append", "console=ttyS0 quiet panic=-1",
-                "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con", "-display", "none",
-                "-chardev", f"socket,id=fs,path={path}", "-device", f"vhost-user-fs-pci,chardev=fs,tag={a.tag}",
-                *a.qemu_args)
+                a.qemu,
+                "-machine",
+                f"q35,accel={a.accel}",
+                "-m",
+                "256",
+                "-nodefaults",
+                "-no-reboot",
+                "-object",
+                "memory-backend-memfd,id=mem,size=256M,share=on",
+                "-numa",
+                "node,memdev=mem",
+                "-kernel",
+                a.kernel,
+                "-initrd",
+                a.initrd,
+                "-append",
+                "console=ttyS0 quiet panic=-1",
+                "-chardev",
+                "stdio,id=con,signal=off",
+                "-serial",
+                "chardev:con",
+                "-display",
+                "none",
+                "-chardev",
+                f"socket,id=fs,path={path}",
+                "-device",
+                f"vhost-user-fs-pci,chardev=fs,tag={a.tag}",
+                *a.qemu_args,
+            )
             try:
                 code = await asyncio.wait_for(qemu.wait(), a.seconds)
             except TimeoutError:
@@ -85,7 +111,10 @@ async def main() -> int:
                 await broker.stop(backend)
             except BrokerError:
                 pass
-            print(f"QEMU exited with {qemu.returncode}; backend {props['Id']} stopped", file=sys.stderr)
+            print(
+                f"QEMU exited with {qemu.returncode}; backend {props['Id']} stopped",
+                file=sys.stderr,
+            )
     return code
 
 

@@ -48,11 +48,26 @@ async def main() -> int:
         # 3. QEMU gets the other end as an inherited fd.
         os.set_inheritable(ours.fileno(), True)
         qemu = await asyncio.create_subprocess_exec(
-            "qemu-system-x86_64", "-machine", "q35,accel=kvm", "-m", "256",
-            "-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem",
-            "-chardev", f"socket,id=gpu,fd={ours.fileno()}", "-device", "vhost-user-gpu-pci,chardev=gpu",
-            "-display", "none", "-S", "-nodefaults", *a.qemu_args,
-            pass_fds=(ours.fileno(),))
+            "qemu-system-x86_64",
+            "-machine",
+            "q35,accel=kvm",
+            "-m",
+            "256",
+            "-object",
+            "memory-backend-memfd,id=mem,size=256M,share=on",
+            "-numa",
+            "node,memdev=mem",
+            "-chardev",
+            f"socket,id=gpu,fd={ours.fileno()}",
+            "-device",
+            "vhost-user-gpu-pci,chardev=gpu",
+            "-display",
+            "none",
+            "-S",
+            "-nodefaults",
+            *a.qemu_args,
+            pass_fds=(ours.fileno(),),
+        )
         ours.close()
 
         # 4. Run, then shut down: QEMU first, then the backend (which also goes away by

@@ -69,7 +69,9 @@ def wait_for(cond: Callable[[], T], what: str | Callable[[], str], timeout: floa
         time.sleep(POLL)
 
 
-async def await_for(cond: Callable[[], Any], what: str | Callable[[], str], timeout: float = 10.0) -> Any:
+async def await_for(
+    cond: Callable[[], Any], what: str | Callable[[], str], timeout: float = 10.0
+) -> Any:
     """Async `wait_for`; ``cond`` may return an awaitable."""
     deadline = time.monotonic() + timeout
     while True:
@@ -103,7 +105,9 @@ def run(coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
 class PrivateBus:
     """A real dbus-daemon on a socket in a temporary directory, with its own servicedir."""
 
-    def __init__(self, kind: str = "session", extra_config: str = "", env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, kind: str = "session", extra_config: str = "", env: dict[str, str] | None = None
+    ) -> None:
         if shutil.which("dbus-daemon") is None:
             raise RuntimeError("dbus-daemon is not installed (scripts/setup installs it)")
         self.dir = Path(tempfile.mkdtemp(prefix="vhostuserd-bus-"))
@@ -111,8 +115,11 @@ class PrivateBus:
         self.servicedir = self.dir / "services"
         self.servicedir.mkdir()
         self.config = self.dir / "bus.conf"
-        self.config.write_text(BUS_CONFIG.format(type=kind, socket=self.socket, servicedir=self.servicedir,
-                                                 extra=extra_config))
+        self.config.write_text(
+            BUS_CONFIG.format(
+                type=kind, socket=self.socket, servicedir=self.servicedir, extra=extra_config
+            )
+        )
         self.address = f"unix:path={self.socket}"
         # Its complaints ("Rejected: destination has a full message queue", ...) go to a file: a
         # pipe nobody reads would fill, and dbus-daemon would block in write(2) for good.
@@ -120,7 +127,10 @@ class PrivateBus:
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 ["dbus-daemon", f"--config-file={self.config}", "--nofork", "--print-address=1"],
-                stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env=env,
             )
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         if not line.startswith("unix:"):
@@ -128,8 +138,13 @@ class PrivateBus:
 
     def reload(self) -> None:
         """Re-read the config and servicedir (synchronous, unlike SIGHUP)."""
-        self.busctl("call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                    "ReloadConfig")
+        self.busctl(
+            "call",
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "ReloadConfig",
+        )
 
     def close(self) -> None:
         stop_process(self.proc)
@@ -138,13 +153,27 @@ class PrivateBus:
                 f.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def busctl(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["busctl", f"--address={self.address}", *args], capture_output=True,
-                              text=True, check=check, timeout=timeout)
+    def busctl(
+        self, *args: str, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["busctl", f"--address={self.address}", *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
+        )
 
     def name_has_owner(self, name: str = BUS_NAME) -> bool:
-        r = self.busctl("call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                        "NameHasOwner", "s", name)
+        r = self.busctl(
+            "call",
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "NameHasOwner",
+            "s",
+            name,
+        )
         return r.stdout.strip() == "b true"
 
 
@@ -188,9 +217,20 @@ class Tree:
         )
         return env
 
-    def write(self, tier: str, name: str, doc: dict[str, Any] | str | bytes, i: int = 0, atomic: bool = False) -> Path:
+    def write(
+        self,
+        tier: str,
+        name: str,
+        doc: dict[str, Any] | str | bytes,
+        i: int = 0,
+        atomic: bool = False,
+    ) -> Path:
         path = self.dir(tier, i) / name
-        data = doc if isinstance(doc, bytes) else (doc if isinstance(doc, str) else json.dumps(doc)).encode()
+        data = (
+            doc
+            if isinstance(doc, bytes)
+            else (doc if isinstance(doc, str) else json.dumps(doc)).encode()
+        )
         if atomic:
             tmp = path.parent / f".{name}.tmp"
             tmp.write_bytes(data)
@@ -200,7 +240,9 @@ class Tree:
         return path
 
 
-def descriptor(btype: str = "gpu", binary: str = "/usr/bin/true", description: str = "test") -> dict[str, Any]:
+def descriptor(
+    btype: str = "gpu", binary: str = "/usr/bin/true", description: str = "test"
+) -> dict[str, Any]:
     return {"description": description, "type": btype, "binary": binary}
 
 
@@ -225,9 +267,19 @@ class Daemon:
         self.log_path = tree.root / f"vhostuserd-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - the daemon's stdout until stop()
         self.proc = subprocess.Popen(
-            [VHOSTUSERD, "--address", bus.address, "--sysconfdir", str(tree.sysconfdir),
-             "--log-level", "debug", *args],
-            env=tree.env(), stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                VHOSTUSERD,
+                "--address",
+                bus.address,
+                "--sysconfdir",
+                str(tree.sysconfdir),
+                "--log-level",
+                "debug",
+                *args,
+            ],
+            env=tree.env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         if wait:
             try:
@@ -264,7 +316,10 @@ class Daemon:
         assert "exception" not in text.lower(), text
 
 
-def ctl(bus: PrivateBus | None, tree: Tree, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def ctl(
+    bus: PrivateBus | None, tree: Tree, *args: str, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     cmd = [VHOSTUSERCTL] + (["--address", bus.address] if bus else []) + list(args)
-    return subprocess.run(cmd, env=tree.env(), capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    return subprocess.run(
+        cmd, env=tree.env(), capture_output=True, text=True, timeout=timeout, check=False
+    )

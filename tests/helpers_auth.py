@@ -65,9 +65,9 @@ TIMEOUT = 20.0
 
 
 def wait_for(cond: Callable[[], T], what: str | Callable[[], str], timeout: float = TIMEOUT) -> T:
-    """`busutil.wait_for` with this module's longer default (polkit and setpriv callers are slow)."""
+    """`busutil.wait_for` with this module's longer default (polkit and setpriv callers are
+    slow)."""
     return busutil.wait_for(cond, what, timeout)
-
 
 
 def public_dir(prefix: str) -> Path:
@@ -279,8 +279,9 @@ async def main():
     reader = asyncio.StreamReader(limit=1 << 26)  # tests send calls of several MB
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     # One warm-up call, so that nothing is imported lazily after a chroot.
-    await call(bus, {"id": -1, "destination": "org.freedesktop.DBus", "path": "/org/freedesktop/DBus",
-                     "interface": "org.freedesktop.DBus", "member": "GetId"})
+    await call(bus, {"id": -1, "destination": "org.freedesktop.DBus",
+                     "path": "/org/freedesktop/DBus", "interface": "org.freedesktop.DBus",
+                     "member": "GetId"})
     out({"hello": bus.unique_name, "uid": os.getuid(), "pid": os.getpid()})
     tasks = set()
 
@@ -346,7 +347,8 @@ class Reply:
         return f"<ok {self.body!r}>"
 
     def expect_error(self, short: str) -> str:
-        """Assert the reply is org.vhostuserd.Broker1.Error.<short> (or a full name); return the message."""
+        """Assert the reply is org.vhostuserd.Broker1.Error.<short> (or a full name); return
+        the message."""
         name = short if "." in short else ERROR + short
         assert self.error == name, f"expected {name}, got {self}"
         return self.message
@@ -358,8 +360,13 @@ _ids = itertools.count(1)
 class Caller:
     """A D-Bus client process running as ``uid`` (see the module docstring)."""
 
-    def __init__(self, address: str, uid: int = NOBODY, gid: int | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        uid: int = NOBODY,
+        gid: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         script = agent_path()
         cmd = [sys.executable, str(script), address]
         if uid != 0:
@@ -367,10 +374,20 @@ class Caller:
                 gid = pwd.getpwuid(uid).pw_gid if uid in (NOBODY, OTHER_UID) else uid
             cmd = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *cmd]
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the child
-        base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent", "LANG": "C.UTF-8"}
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.stderr, text=True, cwd=str(script.parent),
-                                     env={**base, **(env or {})})
+        base = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": "/nonexistent",
+            "LANG": "C.UTF-8",
+        }
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            cwd=str(script.parent),
+            env={**base, **(env or {})},
+        )
         self._q: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._results: dict[int, dict[str, Any]] = {}
         threading.Thread(target=self._read, daemon=True).start()
@@ -392,7 +409,9 @@ class Caller:
         try:
             return self._q.get(timeout=timeout)
         except queue.Empty:
-            raise AssertionError(f"caller (uid) gave no answer in {timeout}s; stderr: {self.err()}") from None
+            raise AssertionError(
+                f"caller (uid) gave no answer in {timeout}s; stderr: {self.err()}"
+            ) from None
 
     def err(self) -> str:
         self.stderr.seek(0)
@@ -407,7 +426,9 @@ class Caller:
 
     def send(self, member: str, signature: str = "", body: Sequence[Any] = (), **kw: Any) -> int:
         """Send a call; its reply is collected by `result`."""
-        return self._send({"op": "call", "member": member, "signature": signature, "body": list(body), **kw})
+        return self._send(
+            {"op": "call", "member": member, "signature": signature, "body": list(body), **kw}
+        )
 
     def result(self, n: int, timeout: float = TIMEOUT) -> Reply:
         deadline = time.monotonic() + timeout
@@ -420,11 +441,21 @@ class Caller:
                 raise AssertionError(f"caller exited before replying; stderr: {self.err()}")
             self._results[item["id"]] = item
         r = self._results.pop(n)
-        return Reply(body=r.get("body", []), error=r.get("error"), message=r.get("message", ""),
-                     local_error=r.get("local_error"))
+        return Reply(
+            body=r.get("body", []),
+            error=r.get("error"),
+            message=r.get("message", ""),
+            local_error=r.get("local_error"),
+        )
 
-    def call(self, member: str, signature: str = "", body: Sequence[Any] = (), timeout: float = TIMEOUT,
-             **kw: Any) -> Reply:
+    def call(
+        self,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+        timeout: float = TIMEOUT,
+        **kw: Any,
+    ) -> Reply:
         return self.result(self.send(member, signature, body, **kw), timeout)
 
     def fake_root(self, directory: Path) -> Reply:
@@ -432,12 +463,23 @@ class Caller:
 
     # -- the broker's API
 
-    def spawn(self, name: str, options: dict[str, tuple[str, Any]] | None = None, fd: str = "socketpair",
-              timeout: float = TIMEOUT, **kw: Any) -> Reply:
+    def spawn(
+        self,
+        name: str,
+        options: dict[str, tuple[str, Any]] | None = None,
+        fd: str = "socketpair",
+        timeout: float = TIMEOUT,
+        **kw: Any,
+    ) -> Reply:
         return self.result(self.send_spawn(name, options, fd, **kw), timeout)
 
-    def send_spawn(self, name: str, options: dict[str, tuple[str, Any]] | None = None, fd: str = "socketpair",
-                   **kw: Any) -> int:
+    def send_spawn(
+        self,
+        name: str,
+        options: dict[str, tuple[str, Any]] | None = None,
+        fd: str = "socketpair",
+        **kw: Any,
+    ) -> int:
         opts = {k: {"$v": list(sv)} for k, sv in (options or {}).items()}
         return self.send("Spawn", "sa{sv}h", [name, opts, {"$fd": fd}], **kw)
 
@@ -515,26 +557,50 @@ class DbusmockPolkit:
     """python-dbusmock's polkitd template, run by Debian's python3 as a separate process."""
 
     def __init__(self, bus: PrivateBus) -> None:
-        if not os.access(DEBIAN_PYTHON, os.X_OK) or subprocess.run(
+        if (
+            not os.access(DEBIAN_PYTHON, os.X_OK)
+            or subprocess.run(
                 [DEBIAN_PYTHON, "-c", "import dbusmock"], capture_output=True, check=False
-        ).returncode != 0:
-            raise RuntimeError("python3-dbusmock is not installed for /usr/bin/python3 "
-                               "(scripts/setup installs it)")
+            ).returncode
+            != 0
+        ):
+            raise RuntimeError(
+                "python3-dbusmock is not installed for /usr/bin/python3 (scripts/setup installs it)"
+            )
         self.bus = bus
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DBUS_", "PYTHON", "VIRTUAL_ENV"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("DBUS_", "PYTHON", "VIRTUAL_ENV"))
+        }
         env["DBUS_SYSTEM_BUS_ADDRESS"] = bus.address
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - the mock's output, until close()
-        self.proc = subprocess.Popen([DEBIAN_PYTHON, "-m", "dbusmock", "--system", "--template", "polkitd"],
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.proc.poll() is not None or bus.name_has_owner(POLKIT_NAME),
-                 "the polkitd mock to take its name")
+        self.proc = subprocess.Popen(
+            [DEBIAN_PYTHON, "-m", "dbusmock", "--system", "--template", "polkitd"],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(
+            lambda: self.proc.poll() is not None or bus.name_has_owner(POLKIT_NAME),
+            "the polkitd mock to take its name",
+        )
         if self.proc.poll() is not None:
             self.log.seek(0)
-            raise RuntimeError(f"the polkitd mock exited: {self.log.read().decode(errors='replace')}")
+            raise RuntimeError(
+                f"the polkitd mock exited: {self.log.read().decode(errors='replace')}"
+            )
 
     def _mock(self, member: str, signature: str = "", *args: str) -> Any:
-        return busctl_json(self.bus, "call", POLKIT_NAME, POLKIT_PATH, "org.freedesktop.DBus.Mock",
-                           member, *([signature, *args] if signature else []))
+        return busctl_json(
+            self.bus,
+            "call",
+            POLKIT_NAME,
+            POLKIT_PATH,
+            "org.freedesktop.DBus.Mock",
+            member,
+            *([signature, *args] if signature else []),
+        )
 
     def set_allowed(self, *actions: str) -> None:
         self._mock("SetAllowed", "as", str(len(actions)), *actions)
@@ -574,7 +640,7 @@ class DbusmockPolkit:
         self.log.close()
 
 
-RECORDING_POLKIT = r'''
+RECORDING_POLKIT = r"""
 import asyncio, json, os, sys
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
@@ -600,7 +666,8 @@ async def main():
                 or msg.interface != "org.freedesktop.PolicyKit1.Authority"):
             return None
         if msg.member != "CheckAuthorization" or msg.signature != "(sa{sv})sa{ss}us":
-            return Message.new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod", msg.member or "")
+            return Message.new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod",
+                                     msg.member or "")
         subject, action, details, flags, cancel = msg.body
         with open(record, "a") as f:
             f.write(json.dumps({"sender": msg.sender, "path": msg.path, "subject": plain(subject),
@@ -620,7 +687,7 @@ async def main():
 
 
 asyncio.run(main())
-'''
+"""
 
 
 class RecordingPolkit:
@@ -634,9 +701,12 @@ class RecordingPolkit:
         self.answer({})
         script = directory / "recording_polkit.py"
         script.write_text(RECORDING_POLKIT)
-        self.proc = subprocess.Popen([sys.executable, str(script), bus.address, str(self.record),
-                                      str(self.answers)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), bus.address, str(self.record), str(self.answers)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if line.strip() != "ready":
@@ -699,8 +769,12 @@ def standard_tree(tree: Tree, bindir: Path) -> None:
     tree.write("sysconf", "50-input.json", descriptor_doc("input", inp))
 
 
-def setup(bus: PrivateBus, tree: Tree, *daemon_args: str,
-          prepare: Callable[[Tree, Path], None] | None = None) -> Iterator[SystemSetup]:
+def setup(
+    bus: PrivateBus,
+    tree: Tree,
+    *daemon_args: str,
+    prepare: Callable[[Tree, Path], None] | None = None,
+) -> Iterator[SystemSetup]:
     """A generator for fixtures: yields a `SystemSetup`, then stops everything it started."""
     bindir = public_dir("vhostuserd-bin-")
     callers = Callers(bus.address)

@@ -61,9 +61,13 @@ def unwrap(value: Any) -> Any:
 def search_dirs(tree: Tree) -> tuple[lookup.Directory, ...]:
     """The search path the daemon started for ``tree`` uses (tiers as --user)."""
     env = tree.env()
-    return lookup.search_path(system=False, sysconfdir=str(tree.sysconfdir),
-                              xdg_data_dirs=env["XDG_DATA_DIRS"],
-                              xdg_config_home=env["XDG_CONFIG_HOME"], home=env["HOME"])
+    return lookup.search_path(
+        system=False,
+        sysconfdir=str(tree.sysconfdir),
+        xdg_data_dirs=env["XDG_DATA_DIRS"],
+        xdg_config_home=env["XDG_CONFIG_HOME"],
+        home=env["HOME"],
+    )
 
 
 def on_disk(tree: Tree) -> lookup.LookupResult:
@@ -74,8 +78,15 @@ def on_disk(tree: Tree) -> lookup.LookupResult:
 def row(d: Any) -> Row:
     """The descriptor fields of a `Descriptor` or of an (unwrapped) ListDescriptors dict."""
     if isinstance(d, dict):
-        return (d["name"], d["path"], d["tier"], d["type"], d["description"], d["binary"],
-                tuple(d["tags"]))
+        return (
+            d["name"],
+            d["path"],
+            d["tier"],
+            d["type"],
+            d["description"],
+            d["binary"],
+            tuple(d["tags"]),
+        )
     return (d.name, d.path, d.tier, d.type, d.description, d.binary, tuple(d.tags))
 
 
@@ -153,23 +164,52 @@ class Listener:
     # ---- calls
 
     async def dbus(self, member: str, signature: str = "", body: Sequence[Any] = ()) -> list[Any]:
-        reply = await self.bus.call(Message(
-            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus", member=member, signature=signature, body=list(body)))
+        reply = await self.bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member=member,
+                signature=signature,
+                body=list(body),
+            )
+        )
         assert reply is not None and reply.message_type is MessageType.METHOD_RETURN, reply
         return list(reply.body)
 
-    async def raw(self, member: str, signature: str = "", body: Sequence[Any] = (), *,
-                  path: str = MANAGER_PATH, interface: str | None = MANAGER_IFACE,
-                  unix_fds: Sequence[int] = ()) -> Message:
-        reply = await self.bus.call(Message(
-            destination=BUS_NAME, path=path, interface=interface, member=member,
-            signature=signature, body=list(body), unix_fds=list(unix_fds)))
+    async def raw(
+        self,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+        *,
+        path: str = MANAGER_PATH,
+        interface: str | None = MANAGER_IFACE,
+        unix_fds: Sequence[int] = (),
+    ) -> Message:
+        reply = await self.bus.call(
+            Message(
+                destination=BUS_NAME,
+                path=path,
+                interface=interface,
+                member=member,
+                signature=signature,
+                body=list(body),
+                unix_fds=list(unix_fds),
+            )
+        )
         assert reply is not None
         return reply
 
-    async def call(self, member: str, signature: str = "", body: Sequence[Any] = (), *,
-                   path: str = MANAGER_PATH, interface: str = MANAGER_IFACE) -> list[Any]:
+    async def call(
+        self,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+        *,
+        path: str = MANAGER_PATH,
+        interface: str = MANAGER_IFACE,
+    ) -> list[Any]:
         reply = await self.raw(member, signature, body, path=path, interface=interface)
         if reply.message_type is MessageType.ERROR:
             raise CallFailed(reply.error_name or "", reply.body[0] if reply.body else "")
@@ -197,18 +237,28 @@ class Listener:
     def mark(self) -> int:
         return len(self.signals)
 
-    def since(self, mark: int, member: str | None = None, path: str | None = None,
-              interface: str | None = None) -> list[Message]:
-        return [m for m in self.signals[mark:]
-                if (member is None or m.member == member) and (path is None or m.path == path)
-                and (interface is None or m.interface == interface)]
+    def since(
+        self,
+        mark: int,
+        member: str | None = None,
+        path: str | None = None,
+        interface: str | None = None,
+    ) -> list[Message]:
+        return [
+            m
+            for m in self.signals[mark:]
+            if (member is None or m.member == member)
+            and (path is None or m.path == path)
+            and (interface is None or m.interface == interface)
+        ]
 
     def index_changed(self, mark: int) -> list[int]:
         signals = self.since(mark, "IndexChanged", MANAGER_PATH, MANAGER_IFACE)
         return [int(m.body[0]) for m in signals]
 
-    async def wait_signal(self, pred: Callable[[Message], bool], what: str, mark: int = 0,
-                          timeout: float = TIMEOUT) -> Message:
+    async def wait_signal(
+        self, pred: Callable[[Message], bool], what: str, mark: int = 0, timeout: float = TIMEOUT
+    ) -> Message:
         def found() -> Message | None:
             return next((m for m in self.signals[mark:] if pred(m)), None)
 
@@ -217,8 +267,9 @@ class Listener:
 
     # ---- the daemon's view against the disk
 
-    async def wait_rows(self, want: Callable[[list[Row]], bool] | list[Row],
-                        what: str) -> list[Row]:
+    async def wait_rows(
+        self, want: Callable[[list[Row]], bool] | list[Row], what: str
+    ) -> list[Row]:
         last: list[Row] = []
 
         async def ok() -> bool:
@@ -251,8 +302,9 @@ class Listener:
         path.write_text("{barrier")
         await await_for(self._has_diag(str(path), True), f"the barrier diagnostic for {path}")
         path.unlink()
-        await await_for(self._has_diag(str(path), False),
-                        f"the barrier diagnostic for {path} to go")
+        await await_for(
+            self._has_diag(str(path), False), f"the barrier diagnostic for {path} to go"
+        )
 
     def _has_diag(self, path: str, present: bool) -> Callable[[], Awaitable[bool]]:
         async def check() -> bool:
@@ -274,7 +326,8 @@ class Listener:
         and the Generation property agrees."""
         got = self.index_changed(mark)
         assert got == list(range(before + 1, before + 1 + changes)), (
-            f"expected {changes} IndexChanged after generation {before}, got {got}")
+            f"expected {changes} IndexChanged after generation {before}, got {got}"
+        )
         assert await self.generation() == before + changes
 
 
@@ -299,10 +352,16 @@ class MatchWatcher:
     async def open(cls, address: str) -> MatchWatcher:
         bus = await MessageBus(bus_address=address).connect()
         watcher = cls(bus)
-        reply = await bus.call(Message(
-            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus.Monitoring", member="BecomeMonitor", signature="asu",
-            body=[["type='method_call',interface='org.freedesktop.DBus',member='AddMatch'"], 0]))
+        reply = await bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus.Monitoring",
+                member="BecomeMonitor",
+                signature="asu",
+                body=[["type='method_call',interface='org.freedesktop.DBus',member='AddMatch'"], 0],
+            )
+        )
         assert reply is not None and reply.message_type is MessageType.METHOD_RETURN, reply
         return watcher
 
@@ -328,7 +387,8 @@ class MatchWatcher:
             return None
 
         sender: str = await await_for(
-            found, lambda: f"match rules with {fragments}; seen {self.rules}")
+            found, lambda: f"match rules with {fragments}; seen {self.rules}"
+        )
         return sender
 
     async def close(self) -> None:

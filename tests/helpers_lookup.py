@@ -44,7 +44,8 @@ def _as_bytes(content: Content) -> bytes:
 
 @dataclass
 class Tree:
-    """Tier directories under ``root``: ``data`` (one per XDG_DATA_DIRS entry), ``sysconf``, ``user``."""
+    """Tier directories under ``root``: ``data`` (one per XDG_DATA_DIRS entry), ``sysconf``,
+    ``user``."""
 
     root: Path
     data_count: int = 1
@@ -63,8 +64,11 @@ class Tree:
 
     def dir(self, tier: str, index: int = 0) -> Path:
         """The ``qemu/vhost-user`` directory of a tier (created)."""
-        base = {"data": self.data_roots[index] if tier == "data" else None,
-                "sysconf": self.sysconfdir, "user": self.config_home}[tier]
+        base = {
+            "data": self.data_roots[index] if tier == "data" else None,
+            "sysconf": self.sysconfdir,
+            "user": self.config_home,
+        }[tier]
         assert base is not None, tier
         path = base / SUBDIR
         path.mkdir(parents=True, exist_ok=True)
@@ -161,8 +165,9 @@ def write_backend(directory: Path, body: str, *, name: str | None = None) -> Bac
     return Backend(path, marker, pidfile)
 
 
-def capabilities_backend(directory: Path, btype: str, features: Sequence[str] | None = None,
-                         *, name: str | None = None) -> Backend:
+def capabilities_backend(
+    directory: Path, btype: str, features: Sequence[str] | None = None, *, name: str | None = None
+) -> Backend:
     """A well-behaved backend whose ``--print-capabilities`` prints type and features."""
     caps: dict[str, Any] = {"type": btype}
     if features is not None:
@@ -218,8 +223,9 @@ def vhostuserctl_argv() -> list[str]:
     return [sys.executable, "-c", "from vhostuserd.cli import main; main()"]
 
 
-def run_ctl(args: Sequence[str], env: Mapping[str, str], *, timeout: float = 30.0
-            ) -> subprocess.CompletedProcess[str]:
+def run_ctl(
+    args: Sequence[str], env: Mapping[str, str], *, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*vhostuserctl_argv(), *args],
         env=dict(env),
@@ -240,6 +246,10 @@ def run_unprivileged(code: str, *, timeout: float = 30.0) -> subprocess.Complete
         prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
     return subprocess.run(
         [*prefix, sys.executable, "-c", code],
-        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-        env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"},
+        check=False,
     )

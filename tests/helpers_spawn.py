@@ -66,9 +66,17 @@ class Fake:
         return [json.loads(p.read_text()) for p in sorted(self.report_dir.glob("*.json"))]
 
 
-def install(tree: Tree, kind: str, btype: str = "gpu", features: Sequence[str] | None = (),
-            *, short: str | None = None, priority: int = 50, write_descriptor: bool = True,
-            **config: Any) -> Fake:
+def install(
+    tree: Tree,
+    kind: str,
+    btype: str = "gpu",
+    features: Sequence[str] | None = (),
+    *,
+    short: str | None = None,
+    priority: int = 50,
+    write_descriptor: bool = True,
+    **config: Any,
+) -> Fake:
     """Install tests/fake_backends/KIND.py (or .sh) for ``tree`` with a descriptor
     ``PRIORITY-SHORT.json`` in the first data directory. ``features`` None: the probe
     prints no features list at all."""
@@ -139,8 +147,11 @@ def marked(tree: Tree) -> list[tuple[int, str, str, int]]:
 
 
 def wait_none_marked(tree: Tree, timeout: float = TIMEOUT) -> None:
-    wait_for(lambda: not marked(tree), lambda: f"no process of this test's fakes left; have {marked(tree)}",
-             timeout)
+    wait_for(
+        lambda: not marked(tree),
+        lambda: f"no process of this test's fakes left; have {marked(tree)}",
+        timeout,
+    )
 
 
 def kill_marked(tree: Tree) -> None:
@@ -203,8 +214,14 @@ def settle_fd_count(daemon: Daemon, baseline: int, timeout: float = 5.0) -> None
         last[0] = daemon.fd_count()
         return last[0] == baseline
 
-    wait_for(back, lambda: f"the daemon's fd count to return to {baseline}; it is {last[0]}: "
-             f"{fds_of(daemon.proc.pid)}", timeout)
+    wait_for(
+        back,
+        lambda: (
+            f"the daemon's fd count to return to {baseline}; it is {last[0]}: "
+            f"{fds_of(daemon.proc.pid)}"
+        ),
+        timeout,
+    )
 
 
 # ---------------------------------------------------------------- sockets
@@ -260,14 +277,27 @@ class Client(BrokerClient):
         return str(self.bus.unique_name)
 
     def since(self, mark: int, member: str, path: str | None = None) -> list[Message]:
-        return [m for m in self.signals[mark:] if m.member == member and (path is None or m.path == path)]
+        return [
+            m
+            for m in self.signals[mark:]
+            if m.member == member and (path is None or m.path == path)
+        ]
 
-    async def raw_spawn(self, name: str, options: dict[str, Variant], fds: Sequence[int],
-                        index: int = 0) -> Message:
+    async def raw_spawn(
+        self, name: str, options: dict[str, Variant], fds: Sequence[int], index: int = 0
+    ) -> Message:
         """Spawn with exactly these fds and this index: the reply, error or not."""
-        reply = await self.bus.call(Message(
-            destination=BUS_NAME, path=MANAGER_PATH, interface=MANAGER_IFACE, member="Spawn",
-            signature="sa{sv}h", body=[name, options, index], unix_fds=list(fds)))
+        reply = await self.bus.call(
+            Message(
+                destination=BUS_NAME,
+                path=MANAGER_PATH,
+                interface=MANAGER_IFACE,
+                member="Spawn",
+                signature="sa{sv}h",
+                body=[name, options, index],
+                unix_fds=list(fds),
+            )
+        )
         assert reply is not None
         return reply
 
@@ -278,8 +308,9 @@ class Client(BrokerClient):
         return [b["id"] for b in await self.list_backends()]
 
 
-async def spawn(c: BrokerClient, fake: Fake, tmp: Path, options: dict[str, Any] | None = None
-                ) -> tuple[str, dict[str, Any]]:
+async def spawn(
+    c: BrokerClient, fake: Fake, tmp: Path, options: dict[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
     """Spawn ``fake`` on a fresh socket of the right kind; (object path, its properties)."""
     s = socket_for(fake, tmp)
     try:
@@ -301,4 +332,3 @@ class Timer:
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.start
-

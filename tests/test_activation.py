@@ -30,11 +30,14 @@ def activation_bus(tree: Tree) -> Iterator[tuple[PrivateBus, Path]]:
     b = PrivateBus(env=env)
     wrapper = tree.root / "vhostuserd-activated"
     # The activation file's Exec has no shell: a wrapper keeps the daemons' logs for the test.
-    wrapper.write_text(f"#!/bin/sh\nexec {VHOSTUSERD} --user --idle-timeout {IDLE} "
-                       f"--sysconfdir {tree.sysconfdir} --log-level debug 2>>{log}\n")
+    wrapper.write_text(
+        f"#!/bin/sh\nexec {VHOSTUSERD} --user --idle-timeout {IDLE} "
+        f"--sysconfdir {tree.sysconfdir} --log-level debug 2>>{log}\n"
+    )
     wrapper.chmod(0o755)
     (b.servicedir / f"{BUS_NAME}.service").write_text(
-        f"[D-BUS Service]\nName={BUS_NAME}\nExec={wrapper}\n")
+        f"[D-BUS Service]\nName={BUS_NAME}\nExec={wrapper}\n"
+    )
     b.reload()
     tree.write("data", "50-gpu.json", descriptor("gpu"))
     yield b, log
@@ -46,16 +49,30 @@ def activation_bus(tree: Tree) -> Iterator[tuple[PrivateBus, Path]]:
 
 
 async def _owner_pid(bus: MessageBus) -> int | None:
-    r = await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                               interface="org.freedesktop.DBus", member="GetConnectionUnixProcessID",
-                               signature="s", body=[BUS_NAME]))
+    r = await bus.call(
+        Message(
+            destination="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus",
+            member="GetConnectionUnixProcessID",
+            signature="s",
+            body=[BUS_NAME],
+        )
+    )
     return int(r.body[0]) if r.message_type is MessageType.METHOD_RETURN else None
 
 
 async def _resolve(bus: MessageBus) -> Message:
-    return await bus.call(Message(destination=BUS_NAME, path=MANAGER_PATH,
-                                  interface="org.vhostuserd.Broker1.Manager", member="Resolve",
-                                  signature="sas", body=["gpu", []]))
+    return await bus.call(
+        Message(
+            destination=BUS_NAME,
+            path=MANAGER_PATH,
+            interface="org.vhostuserd.Broker1.Manager",
+            member="Resolve",
+            signature="sas",
+            body=["gpu", []],
+        )
+    )
 
 
 def test_first_call_activates_and_daemon_exits_when_idle(activation_bus) -> None:  # type: ignore[no-untyped-def]

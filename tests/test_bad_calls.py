@@ -33,15 +33,17 @@ StartDaemon = Callable[..., Daemon]
 BAD_ARGS = {"org.freedesktop.DBus.Error.UnknownMethod", "org.freedesktop.DBus.Error.InvalidArgs"}
 
 
-async def error_of(L: Listener, member: str, signature: str = "", body: list[Any] | None = None,
-                   **kw: Any) -> tuple[str, str]:
+async def error_of(
+    L: Listener, member: str, signature: str = "", body: list[Any] | None = None, **kw: Any
+) -> tuple[str, str]:
     reply = await L.raw(member, signature, body or [], **kw)
     assert reply.message_type is MessageType.ERROR, (member, signature, reply.body)
     return reply.error_name or "", reply.body[0] if reply.body else ""
 
 
 def test_resolve_of_an_unknown_type_is_not_found_and_says_why(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     tree.write("data", "50-gpu.json", descriptor("gpu"))
     tree.write("data", "60-input.json", descriptor("input"))
     d = start_daemon()
@@ -59,7 +61,8 @@ def test_resolve_of_an_unknown_type_is_not_found_and_says_why(
 
 
 def test_resolve_not_found_lists_each_candidates_rejection(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     virgl = fake_backend(tree.root / "virgl", "gpu", ["virgl"])
     wrong = fake_backend(tree.root / "wrong", "input", [])
     tree.write("data", "10-virgl.json", descriptor("gpu", virgl))
@@ -110,15 +113,22 @@ def test_get_capabilities_errors(bus: PrivateBus, tree: Tree, start_daemon: Star
             assert name == ERROR_PREFIX + "ProbeFailed", (name, message)
             assert "50-failing.json" in message and str(failing) in message, message
             # The object reports the same failure.
-            await await_for(lambda: L.prop("ProbeError", descriptor_path("50-failing.json"),
-                                           "org.vhostuserd.Broker1.Descriptor"), "ProbeError")
+            await await_for(
+                lambda: L.prop(
+                    "ProbeError",
+                    descriptor_path("50-failing.json"),
+                    "org.vhostuserd.Broker1.Descriptor",
+                ),
+                "ProbeError",
+            )
 
     run(main())
     d.assert_clean_log()
 
 
-def test_wrong_argument_types_are_rejected(bus: PrivateBus, tree: Tree,
-                                           start_daemon: StartDaemon) -> None:
+def test_wrong_argument_types_are_rejected(
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     tree.write("data", "50-gpu.json", descriptor("gpu"))
     d = start_daemon()
     obj = descriptor_path("50-gpu.json")
@@ -140,12 +150,17 @@ def test_wrong_argument_types_are_rejected(bus: PrivateBus, tree: Tree,
                 assert name in BAD_ARGS, (member, signature, name)
             name, _ = await error_of(L, "Get", "s", ["Generation"], interface=PROPS_IFACE)
             assert name in BAD_ARGS, name
-            name, _ = await error_of(L, "Get", "ss", [MANAGER_IFACE, "NoSuchProperty"],
-                                     interface=PROPS_IFACE)
+            name, _ = await error_of(
+                L, "Get", "ss", [MANAGER_IFACE, "NoSuchProperty"], interface=PROPS_IFACE
+            )
             assert name.startswith("org.freedesktop.DBus.Error."), name
-            name, _ = await error_of(L, "Set", "ssv",
-                                     [MANAGER_IFACE, "Generation", Variant("t", 7)],
-                                     interface=PROPS_IFACE)
+            name, _ = await error_of(
+                L,
+                "Set",
+                "ssv",
+                [MANAGER_IFACE, "Generation", Variant("t", 7)],
+                interface=PROPS_IFACE,
+            )
             assert name.startswith("org.freedesktop.DBus.Error."), name
             name, _ = await error_of(L, "Resolve", "sas", ["gpu", []], path=obj)
             assert name in BAD_ARGS | {"org.freedesktop.DBus.Error.UnknownObject"}, name
@@ -175,26 +190,45 @@ def _fd_calls(obj: str) -> list[tuple[str, str, str, str, list[Any]]]:
     ]
 
 
-async def _send_with_fd(conn: MessageBus, dest: str, call: tuple[str, str, str, str, list[Any]],
-                        signal: bool = False) -> Message | None:
+async def _send_with_fd(
+    conn: MessageBus, dest: str, call: tuple[str, str, str, str, list[Any]], signal: bool = False
+) -> Message | None:
     path, interface, member, signature, body = call
     r, w = os.pipe()
     try:
         if signal:
-            await conn.send(Message(message_type=MessageType.SIGNAL, destination=dest, path=path,
-                                    interface=interface, member=member, signature=signature,
-                                    body=body, unix_fds=[r]))
+            await conn.send(
+                Message(
+                    message_type=MessageType.SIGNAL,
+                    destination=dest,
+                    path=path,
+                    interface=interface,
+                    member=member,
+                    signature=signature,
+                    body=body,
+                    unix_fds=[r],
+                )
+            )
             return None
-        return await conn.call(Message(destination=dest, path=path, interface=interface,
-                                       member=member, signature=signature, body=body,
-                                       unix_fds=[r]))
+        return await conn.call(
+            Message(
+                destination=dest,
+                path=path,
+                interface=interface,
+                member=member,
+                signature=signature,
+                body=body,
+                unix_fds=[r],
+            )
+        )
     finally:
         os.close(r)
         os.close(w)
 
 
 def test_fd_carrying_bad_calls_get_errors_and_leak_no_fd(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     gpu = fake_backend(tree.root / "gpu", "gpu", ["virgl"])
     tree.write("data", "50-gpu.json", descriptor("gpu", gpu))
     d = start_daemon()
@@ -203,8 +237,10 @@ def test_fd_carrying_bad_calls_get_errors_and_leak_no_fd(
 
     async def main() -> None:
         async with await listen(bus.address) as L:
-            await await_for(lambda: L.prop("Probed", obj, "org.vhostuserd.Broker1.Descriptor"),
-                            "the probe to finish")
+            await await_for(
+                lambda: L.prop("Probed", obj, "org.vhostuserd.Broker1.Descriptor"),
+                "the probe to finish",
+            )
             (unique,) = await L.dbus("GetNameOwner", "s", [BUS_NAME])
             await L.generation()
             before = d.fd_count()
@@ -219,8 +255,9 @@ def test_fd_carrying_bad_calls_get_errors_and_leak_no_fd(
                 batch = [calls[(n + k) % len(calls)] for k in range(50)]
                 replies = await asyncio.gather(*(_send_with_fd(L.bus, BUS_NAME, c) for c in batch))
                 assert all(r is not None and r.message_type is MessageType.ERROR for r in replies)
-                await asyncio.gather(*(_send_with_fd(L.bus, unique, c, signal=True)
-                                       for c in batch[:10]))
+                await asyncio.gather(
+                    *(_send_with_fd(L.bus, unique, c, signal=True) for c in batch[:10])
+                )
                 n += 50
             # Messages are handled in order: after this reply, every one above was handled.
             await L.generation()
@@ -232,8 +269,10 @@ def test_fd_carrying_bad_calls_get_errors_and_leak_no_fd(
                 return last == before
 
             await await_for(
-                settled, lambda: f"the daemon's fd count to return to {before}; it is {last}",
-                timeout=5)
+                settled,
+                lambda: f"the daemon's fd count to return to {before}; it is {last}",
+                timeout=5,
+            )
             # And it still works.
             (path, _d) = await L.call("Resolve", "sas", ["gpu", ["virgl"]])
             assert path == obj
@@ -242,8 +281,9 @@ def test_fd_carrying_bad_calls_get_errors_and_leak_no_fd(
     d.assert_clean_log()
 
 
-def test_odd_names_and_an_empty_index_are_not_found(bus: PrivateBus, tree: Tree,
-                                                 start_daemon: StartDaemon) -> None:
+def test_odd_names_and_an_empty_index_are_not_found(
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     d = start_daemon()
 
     async def main() -> None:

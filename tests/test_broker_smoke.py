@@ -11,6 +11,16 @@ def test_busctl_introspect_and_resolve(bus: PrivateBus, tree: Tree, start_daemon
     d: Daemon = start_daemon()
     out = bus.busctl("introspect", BUS_NAME, MANAGER_PATH).stdout
     assert "org.vhostuserd.Broker1.Manager" in out and ".Resolve" in out
-    r = bus.busctl("call", BUS_NAME, MANAGER_PATH, "org.vhostuserd.Broker1.Manager", "Resolve", "sas", "gpu", "1", "virgl")
+    r = bus.busctl(
+        "call",
+        BUS_NAME,
+        MANAGER_PATH,
+        "org.vhostuserd.Broker1.Manager",
+        "Resolve",
+        "sas",
+        "gpu",
+        "1",
+        "virgl",
+    )
     assert '"name" s "50-gpu.json"' in r.stdout
     assert d.proc.poll() is None

@@ -22,14 +22,33 @@ FLAG = "--allow-interactive-authorization"
 
 def ctl_as_nobody(address: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", VHOSTUSERCTL,
-         "--address", address, *args],
-        capture_output=True, text=True, timeout=60, cwd="/", stdin=subprocess.DEVNULL, check=False,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent", "LANG": "C.UTF-8"})
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            VHOSTUSERCTL,
+            "--address",
+            address,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+        check=False,
+        env={
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": "/nonexistent",
+            "LANG": "C.UTF-8",
+        },
+    )
 
 
 def test_spawn_without_the_flag_says_how_to_allow_authentication_and_with_it_asks(
-        polkitd, sys_env: SystemSetup) -> None:  # noqa: F811 - the imported fixtures
+    polkitd, sys_env: SystemSetup
+) -> None:  # noqa: F811 - the imported fixtures
     if os.geteuid() != 0:
         pytest.skip("needs root, to run the CLI as uid 65534")
     polkitd("")
@@ -47,5 +66,7 @@ def test_spawn_without_the_flag_says_how_to_allow_authentication_and_with_it_ask
     # The subcommand takes the flag too, and --json gives the typed error name.
     r = ctl_as_nobody(address, "--json", *spawn[:2], FLAG, *spawn[2:])
     assert r.returncode == 1, r
-    assert '"error": "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"' in r.stderr, r.stderr
+    assert '"error": "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"' in r.stderr, (
+        r.stderr
+    )
     assert sys_env.running() == []

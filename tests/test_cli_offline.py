@@ -1,4 +1,5 @@
-"""``vhostuserctl ... --offline`` and ``vhostuserctl check`` as real subprocesses (docs/contract.md section 4).
+"""``vhostuserctl ... --offline`` and ``vhostuserctl check`` as real subprocesses
+(docs/contract.md section 4).
 
 Every run gets an isolated environment: XDG_DATA_DIRS, XDG_CONFIG_HOME and HOME point into
 the test's tree and --sysconfdir at its scratch sysconf root, so the machine's own
@@ -18,8 +19,19 @@ from helpers_lookup import Tree, capabilities_backend, descriptor, run_ctl, writ
 from vhostuserd.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 # docs/json.md: every key of a Descriptor is always there, null when unknown.
-DICT_KEYS = {"name", "path", "tier", "type", "description", "binary", "tags", "object", "probed", "features",
-             "probe_error"}
+DICT_KEYS = {
+    "name",
+    "path",
+    "tier",
+    "type",
+    "description",
+    "binary",
+    "tags",
+    "object",
+    "probed",
+    "features",
+    "probe_error",
+}
 
 
 class Ctl:
@@ -55,10 +67,16 @@ def populated(t: Tree) -> Tree:
     bindir.mkdir()
     gpu_plain = capabilities_backend(bindir, "gpu", ["render-node"], name="gpu-plain")
     gpu_virgl = capabilities_backend(bindir, "gpu", ["render-node", "virgl"], name="gpu-virgl")
-    fs = capabilities_backend(bindir, "fs", ["separate-options", "migrate-precopy"], name="virtiofsd")
-    t.write("data", "50-qemu-gpu.json", descriptor("gpu", str(gpu_plain.path), tags=["qemu"]), index=1)
+    fs = capabilities_backend(
+        bindir, "fs", ["separate-options", "migrate-precopy"], name="virtiofsd"
+    )
+    t.write(
+        "data", "50-qemu-gpu.json", descriptor("gpu", str(gpu_plain.path), tags=["qemu"]), index=1
+    )
     t.write("data", "60-virgl-gpu.json", descriptor("gpu", str(gpu_virgl.path)), index=0)
-    t.write("data", "50-virtiofsd.json", descriptor("fs", str(fs.path), features=["separate-options"]))
+    t.write(
+        "data", "50-virtiofsd.json", descriptor("fs", str(fs.path), features=["separate-options"])
+    )
     t.write("sysconf", "70-input.json", descriptor("input", "/usr/libexec/vhost-user-input"))
     t.write("user", "80-user-gpu.json", descriptor("gpu", str(gpu_virgl.path)))
     return t
@@ -76,7 +94,9 @@ def table_columns(text: str) -> list[list[str]]:
             end = starts[i + 1] if i + 1 < len(starts) else len(line)
             cell = line[start:end]
             assert start == 0 or line[start - 1] == " ", f"column {i} misaligned in {line!r}"
-            assert not cell.startswith(" ") or cell.strip() == "", f"column {i} misaligned in {line!r}"
+            assert not cell.startswith(" ") or cell.strip() == "", (
+                f"column {i} misaligned in {line!r}"
+            )
             cells.append(cell.strip())
         rows.append(cells)
     return rows
@@ -106,12 +126,20 @@ def test_list_offline_json_has_the_dbus_keys(populated: Tree, ctl: Ctl) -> None:
     assert proc.returncode == EXIT_OK, proc.stderr
     items = json.loads(proc.stdout)
     assert [i["name"] for i in items] == [
-        "50-qemu-gpu.json", "50-virtiofsd.json", "60-virgl-gpu.json", "70-input.json",
+        "50-qemu-gpu.json",
+        "50-virtiofsd.json",
+        "60-virgl-gpu.json",
+        "70-input.json",
         "80-user-gpu.json",
     ]
     for item in items:
         assert set(item) == DICT_KEYS, item
-        assert (item["probed"], item["features"], item["probe_error"], item["object"]) == (False, None, None, None)
+        assert (item["probed"], item["features"], item["probe_error"], item["object"]) == (
+            False,
+            None,
+            None,
+            None,
+        )
     first = items[0]
     assert first["path"] == str(populated.dir("data", 1) / "50-qemu-gpu.json")
     assert (first["tier"], first["type"], first["tags"]) == ("data", "gpu", ["qemu"])
@@ -121,7 +149,9 @@ def test_list_offline_json_has_the_dbus_keys(populated: Tree, ctl: Ctl) -> None:
 def test_list_offline_type_filter(populated: Tree, ctl: Ctl) -> None:
     proc = ctl("--json", "list", "--type", "gpu")
     assert [i["name"] for i in json.loads(proc.stdout)] == [
-        "50-qemu-gpu.json", "60-virgl-gpu.json", "80-user-gpu.json",
+        "50-qemu-gpu.json",
+        "60-virgl-gpu.json",
+        "80-user-gpu.json",
     ]
     proc = ctl("list", "--type", "scsi")
     assert proc.returncode == EXIT_OK
@@ -162,12 +192,18 @@ def test_list_offline_sees_nothing_outside_its_environment(t: Tree, ctl: Ctl) ->
 def test_show_offline_probes_and_prints_every_key(populated: Tree, ctl: Ctl) -> None:
     proc = ctl("show", "60-virgl-gpu.json")
     assert proc.returncode == EXIT_OK, proc.stderr
-    fields = dict(line.split(None, 1) if " " in line else (line, "") for line in proc.stdout.splitlines())
+    fields = dict(
+        line.split(None, 1) if " " in line else (line, "") for line in proc.stdout.splitlines()
+    )
     assert fields["name:"] == "60-virgl-gpu.json"
     assert fields["tier:"] == "data"
     assert fields["features:"] == "render-node, virgl"
-    values_start = {line.index(v) for line, v in
-                    ((line, line.split(None, 1)[1]) for line in proc.stdout.splitlines() if " " in line)}
+    values_start = {
+        line.index(v)
+        for line, v in (
+            (line, line.split(None, 1)[1]) for line in proc.stdout.splitlines() if " " in line
+        )
+    }
     assert len(values_start) == 1, f"values not aligned:\n{proc.stdout}"
 
 
@@ -231,8 +267,11 @@ def test_resolve_offline_no_match_exits_1_with_every_reason(populated: Tree, ctl
 def test_resolve_offline_skips_backends_whose_probe_fails(t: Tree, ctl: Ctl) -> None:
     good = capabilities_backend(t.root, "gpu", ["virgl"], name="good")
     t.write("data", "10-missing.json", descriptor("gpu", str(t.root / "no-such-binary")))
-    t.write("data", "20-wrong-type.json", descriptor("gpu", str(capabilities_backend(
-        t.root, "input", ["virgl"], name="input").path)))
+    t.write(
+        "data",
+        "20-wrong-type.json",
+        descriptor("gpu", str(capabilities_backend(t.root, "input", ["virgl"], name="input").path)),
+    )
     t.write("data", "30-good.json", descriptor("gpu", str(good.path)))
     proc = ctl("resolve", "gpu", "--feature", "virgl")
     assert (proc.returncode, proc.stdout) == (EXIT_OK, "30-good.json\n"), proc.stderr
@@ -244,7 +283,10 @@ def test_resolve_offline_skips_backends_whose_probe_fails(t: Tree, ctl: Ctl) -> 
 def test_capabilities_offline_prints_the_backend_json(populated: Tree, ctl: Ctl) -> None:
     proc = ctl("capabilities", "50-virtiofsd.json")
     assert proc.returncode == EXIT_OK, proc.stderr
-    assert json.loads(proc.stdout) == {"type": "fs", "features": ["separate-options", "migrate-precopy"]}
+    assert json.loads(proc.stdout) == {
+        "type": "fs",
+        "features": ["separate-options", "migrate-precopy"],
+    }
     as_json = ctl("--json", "capabilities", "50-virtiofsd.json")
     assert as_json.stdout == proc.stdout  # indented like every other --json output
 
@@ -265,15 +307,18 @@ def test_capabilities_offline_unknown_name_exits_1(populated: Tree, ctl: Ctl) ->
 # ---------------------------------------------------------------- usage
 
 
-@pytest.mark.parametrize("argv", [
-    [],
-    ["frobnicate"],
-    ["list", "--offline", "--bogus"],
-    ["show", "--offline"],
-    ["resolve", "--offline"],
-    ["--system", "--user", "list", "--offline"],
-    ["check", "--probe=yes"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["list", "--offline", "--bogus"],
+        ["show", "--offline"],
+        ["resolve", "--offline"],
+        ["--system", "--user", "list", "--offline"],
+        ["check", "--probe=yes"],
+    ],
+)
 def test_bad_usage_exits_2(t: Tree, argv: list[str]) -> None:
     proc = run_ctl(argv, t.env())
     assert proc.returncode == EXIT_USAGE, (argv, proc.stdout, proc.stderr)
@@ -343,7 +388,8 @@ def test_check_json_report(t: Tree, ctl: Ctl) -> None:
     by_path = {f["path"]: f for f in report["files"]}
     assert by_path[str(bad)]["status"] == "error"
     assert by_path[str(bad)]["diagnostics"] == [
-        {"path": str(bad), "level": "error", "message": "/: must be a JSON object"}]
+        {"path": str(bad), "level": "error", "message": "/: must be a JSON object"}
+    ]
     assert by_path[str(bad)]["shadowed_by"] is None
     shadowed = by_path[str(t.dir("data", 0) / "10-ok.json")]
     assert (shadowed["status"], shadowed["shadowed_by"]) == ("ok", str(bad))
@@ -351,7 +397,7 @@ def test_check_json_report(t: Tree, ctl: Ctl) -> None:
 
 def test_check_probe_reports_probe_failures_as_errors(t: Tree, ctl: Ctl) -> None:
     good = capabilities_backend(t.root, "gpu", ["virgl"], name="good")
-    bad = write_backend(t.root, "echo '{\"type\": \"gpu\"'", name="bad")
+    bad = write_backend(t.root, 'echo \'{"type": "gpu"\'', name="bad")
     t.write("data", "10-good.json", descriptor("gpu", str(good.path)))
     broken = t.write("data", "20-bad.json", descriptor("gpu", str(bad.path)))
     assert ctl.check().returncode == EXIT_OK, "without --probe nothing is run"

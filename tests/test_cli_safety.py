@@ -72,13 +72,16 @@ def backends(bus: PrivateBus, tree: Tree) -> list[dict[str, object]]:
 
 
 def test_spawn_listen_refuses_a_regular_file_and_leaves_it_untouched(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     fake = install(tree, "honours_sigterm", "fs", short="fs")
     start_daemon()
     precious = tree.root / "f.txt"
     precious.write_text("precious\n")
     for extra in ([], ["--replace"]):
-        line = one_line(ctl(bus, tree, "spawn", fake.name, "--listen", str(precious), "--detach", *extra))
+        line = one_line(
+            ctl(bus, tree, "spawn", fake.name, "--listen", str(precious), "--detach", *extra)
+        )
         assert str(precious) in line and "a regular file" in line, line
         assert stat.S_ISREG(precious.lstat().st_mode) and precious.read_text() == "precious\n"
     assert backends(bus, tree) == []
@@ -88,7 +91,8 @@ def test_spawn_listen_refuses_a_regular_file_and_leaves_it_untouched(
 
 
 def test_spawn_listen_never_connects_to_a_socket_something_listens_on(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     fake = install(tree, "honours_sigterm", "fs", short="fs")
     start_daemon()
     path = tree.root / "live.sock"
@@ -110,7 +114,8 @@ def test_spawn_listen_never_connects_to_a_socket_something_listens_on(
 
 
 def test_spawn_listen_replaces_a_stale_socket_only_when_asked(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     fake = install(tree, "honours_sigterm", "fs", short="fs")
     start_daemon()
     path = tree.root / "stale.sock"
@@ -124,7 +129,9 @@ def test_spawn_listen_replaces_a_stale_socket_only_when_asked(
     backend_id = r.stdout.strip()
     assert [b["id"] for b in backends(bus, tree)] == [backend_id]
     # Now the socket is live (the backend listens on it): another spawn is refused.
-    line = one_line(ctl(bus, tree, "spawn", fake.name, "--listen", str(path), "--detach", "--replace"))
+    line = one_line(
+        ctl(bus, tree, "spawn", fake.name, "--listen", str(path), "--detach", "--replace")
+    )
     assert "is listening" in line, line
     assert [b["state"] for b in backends(bus, tree)] == ["running"]
     stop = ctl(bus, tree, "stop", backend_id)
@@ -137,7 +144,8 @@ def test_spawn_listen_replaces_a_stale_socket_only_when_asked(
 
 
 def test_check_probe_copes_with_files_of_different_tiers_sharing_a_name(
-        bus: PrivateBus, tree: Tree) -> None:
+    bus: PrivateBus, tree: Tree
+) -> None:
     good = install(tree, "honours_sigterm", "gpu", ["virgl"], short="gpu", write_descriptor=False)
     tree.write("data", "50-gpu.json", descriptor("gpu", str(good.path)))
     tree.write("sysconf", "50-gpu.json", descriptor("gpu", "/nonexistent/gpu"))
@@ -147,16 +155,22 @@ def test_check_probe_copes_with_files_of_different_tiers_sharing_a_name(
     assert r.returncode == 1, (r.stdout, r.stderr)  # the sysconf file's binary does not exist
     lines = r.stdout.splitlines()
     sysconf = str(tree.dir("sysconf") / "50-gpu.json")
-    assert any(x.startswith(f"{sysconf}: error: probe failed: missing-binary") for x in lines), r.stdout
+    assert any(x.startswith(f"{sysconf}: error: probe failed: missing-binary") for x in lines), (
+        r.stdout
+    )
     assert f"{tree.dir('user') / '50-gpu.json'}: ok" in lines, r.stdout
-    assert f"{tree.dir('data') / '50-gpu.json'}: ok (shadowed by {tree.dir('user') / '50-gpu.json'})" in lines
+    assert (
+        f"{tree.dir('data') / '50-gpu.json'}: ok (shadowed by {tree.dir('user') / '50-gpu.json'})"
+        in lines
+    )
 
 
 # ---------------------------------------------------------------- 4: unknown backend ids
 
 
 def test_an_unknown_backend_id_is_not_found_in_the_cli_and_the_client(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     d = start_daemon()
     for verb in ("stop", "log"):
         assert one_line(ctl(bus, tree, verb, "999")) == "vhostuserctl: no backend 999"
@@ -180,7 +194,8 @@ def test_an_unknown_backend_id_is_not_found_in_the_cli_and_the_client(
 
 @pytest.mark.parametrize("offline", [False, True], ids=["online", "offline"])
 def test_list_and_show_name_the_broken_file_that_hides_a_descriptor(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon, offline: bool) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon, offline: bool
+) -> None:
     tree.write("data", "50-qemu-gpu.json", descriptor("gpu", description="the system's"))
     tree.write("data", "60-input.json", descriptor("input"))
     broken = tree.write("user", "50-qemu-gpu.json", b'{"type": "gpu", "bin')  # truncated
@@ -190,7 +205,11 @@ def test_list_and_show_name_the_broken_file_that_hides_a_descriptor(
     r = ctl(None if offline else bus, tree, "list", *where)
     assert r.returncode == 0, r.stderr
     assert "50-qemu-gpu.json" not in r.stdout and "60-input.json" in r.stdout
-    notes = [x for x in r.stderr.splitlines() if x.startswith("vhostuserctl: 50-qemu-gpu.json: not listed")]
+    notes = [
+        x
+        for x in r.stderr.splitlines()
+        if x.startswith("vhostuserctl: 50-qemu-gpu.json: not listed")
+    ]
     assert len(notes) == 1 and str(broken) in notes[0] and "broken" in notes[0], r.stderr
     line = one_line(ctl(None if offline else bus, tree, "show", "50-qemu-gpu.json", *where))
     assert str(broken) in line and "broken" in line and "hides the name" in line, line
@@ -202,28 +221,48 @@ def test_list_and_show_name_the_broken_file_that_hides_a_descriptor(
 
 
 def test_spawn_exec_reports_a_backend_that_dies_under_the_command_and_fails(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     fake = install(tree, "chatty", "gpu", short="chatty", lines=4)
     d = start_daemon()
     # The command outlives the backend, and exits 0 on SIGTERM: only the backend failed.
-    code = "import signal, sys; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); signal.pause()"
+    code = (
+        "import signal, sys; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); signal.pause()"
+    )
     cmd = [sys.executable, "-c", code]
     err = tree.root / "ctl.err"
     with open(err, "w") as f:
-        proc = subprocess.Popen([VHOSTUSERCTL, "--address", bus.address, "spawn", fake.name, "--exec", "--", *cmd],
-                                env=tree.env(), stdout=subprocess.DEVNULL, stderr=f, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [VHOSTUSERCTL, "--address", bus.address, "spawn", fake.name, "--exec", "--", *cmd],
+            env=tree.env(),
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+            stdin=subprocess.DEVNULL,
+        )
     try:
-        started = wait_for(lambda: re.search(r"backend (\d+) started; .*\(pid (\d+)\)", err.read_text()),
-                           lambda: f"the command to start: {err.read_text()}")
+        started = wait_for(
+            lambda: re.search(r"backend (\d+) started; .*\(pid (\d+)\)", err.read_text()),
+            lambda: f"the command to start: {err.read_text()}",
+        )
         backend_id, cmd_pid = started.group(1), int(started.group(2))
-        log = wait_for(lambda: (r := ctl(bus, tree, "log", backend_id)).returncode == 0
-                       and "chatty: END OF OUTPUT" in r.stdout, "the backend's output")
+        log = wait_for(
+            lambda: (
+                (r := ctl(bus, tree, "log", backend_id)).returncode == 0
+                and "chatty: END OF OUTPUT" in r.stdout
+            ),
+            "the backend's output",
+        )
         assert log
         (b,) = backends(bus, tree)
         os.kill(int(str(b["pid"])), signal.SIGKILL)  # the backend crashes mid-run
-        report = wait_for(lambda: "killed by signal 9 (SIGKILL) while" in err.read_text()
-                          and "chatty: END OF OUTPUT" in err.read_text() and err.read_text(),
-                          lambda: f"the CLI's report of the crash: {err.read_text()}")
+        report = wait_for(
+            lambda: (
+                "killed by signal 9 (SIGKILL) while" in err.read_text()
+                and "chatty: END OF OUTPUT" in err.read_text()
+                and err.read_text()
+            ),
+            lambda: f"the CLI's report of the crash: {err.read_text()}",
+        )
         assert f"backend {backend_id} killed by signal 9 (SIGKILL)" in report, report
         assert proc.poll() is None, "the command goes on: the CLI waits for it"
         os.kill(cmd_pid, signal.SIGTERM)
@@ -236,11 +275,18 @@ def test_spawn_exec_reports_a_backend_that_dies_under_the_command_and_fails(
 
 
 def test_spawn_exec_a_backend_that_exits_0_as_its_front_end_goes_is_no_failure(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     # As vhost-user backends do when QEMU exits: which exit the CLI sees first is a race.
-    fake = install(tree, "exits", "gpu", short="done", delay=1, status=0, message="done: front-end gone")
+    fake = install(
+        tree, "exits", "gpu", short="done", delay=1, status=0, message="done: front-end gone"
+    )
     d = start_daemon()
-    cmd = [sys.executable, "-c", "import os\nwhile os.read(3, 4096): pass"]  # until the backend's end closes
+    cmd = [
+        sys.executable,
+        "-c",
+        "import os\nwhile os.read(3, 4096): pass",
+    ]  # until the backend's end closes
     r = ctl(bus, tree, "spawn", fake.name, "--exec", "--", *cmd)
     assert r.returncode == 0, r.stderr
     last = r.stderr.splitlines()[-1]
@@ -253,7 +299,9 @@ def test_spawn_exec_a_backend_that_exits_0_as_its_front_end_goes_is_no_failure(
 # ---------------------------------------------------------------- 8: socket path errors
 
 
-def test_socket_path_errors_say_what_is_wrong(bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+def test_socket_path_errors_say_what_is_wrong(
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     fake = install(tree, "honours_sigterm", "fs", short="fs")
     start_daemon()
     long_path = tree.root / ("x" * (120 - len(str(tree.root)) - 1))
@@ -272,7 +320,9 @@ def test_socket_path_errors_say_what_is_wrong(bus: PrivateBus, tree: Tree, start
     assert backends(bus, tree) == []
 
 
-def test_a_failed_spawn_removes_the_socket_it_bound(bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+def test_a_failed_spawn_removes_the_socket_it_bound(
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     start_daemon()
     tree.write("data", "50-fs.json", descriptor("fs", "/nonexistent/virtiofsd"))
     path = tree.root / "fs.sock"

@@ -46,7 +46,8 @@ def no_leftovers(tree: Tree) -> Iterator[None]:
 
 
 def test_a_disconnecting_client_loses_its_backends_but_not_the_detached_one(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     polite = install(tree, "honours_sigterm", "gpu", [], short="polite")
     stubborn = install(tree, "ignores_sigterm", "gpu", [], short="stubborn")
     start_daemon("--grace-period", str(GRACE))
@@ -64,7 +65,9 @@ def test_a_disconnecting_client_loses_its_backends_but_not_the_detached_one(
         t = Timer()
         await owner.close()
         for props in (a, b):
-            await await_for(lambda p=props["Pid"]: gone(p), f"backend {props['Id']} to be gone", GRACE + 1)
+            await await_for(
+                lambda p=props["Pid"]: gone(p), f"backend {props['Id']} to be gone", GRACE + 1
+            )
         elapsed = t.elapsed
         assert elapsed <= GRACE + 1, elapsed
         # The stubborn one took the grace period to die; had the detached one (which honours
@@ -111,14 +114,19 @@ CLIENT = textwrap.dedent("""
 
 
 def test_a_sigkilled_client_loses_its_backends_but_not_the_detached_one(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     polite = install(tree, "honours_sigterm", "gpu", [], short="polite")
     stubborn = install(tree, "ignores_sigterm", "gpu", [], short="stubborn")
     start_daemon("--grace-period", str(GRACE))
     script = tree.root / "client.py"
     script.write_text(CLIENT)
-    client = subprocess.Popen([sys.executable, str(script), bus.address, polite.name, stubborn.name],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tree.env())
+    client = subprocess.Popen(
+        [sys.executable, str(script), bus.address, polite.name, stubborn.name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=tree.env(),
+    )
     try:
         assert client.stdout is not None
         ready, _, _ = select.select([client.stdout], [], [], 20)
@@ -151,7 +159,11 @@ def test_a_sigkilled_client_loses_its_backends_but_not_the_detached_one(
             c = await Client.open(bus.address, record=False)
             listed = {x["object"]: x for x in await c.list_backends()}
             kept = listed[paths["detached"]]
-            assert (kept["state"], kept["owner_uid"], kept["detached"]) == ("running", os.getuid(), True)
+            assert (kept["state"], kept["owner_uid"], kept["detached"]) == (
+                "running",
+                os.getuid(),
+                True,
+            )
             assert not gone(kept["pid"])
             await c.stop(paths["detached"])
             assert gone(kept["pid"])
@@ -169,7 +181,8 @@ def test_a_sigkilled_client_loses_its_backends_but_not_the_detached_one(
 
 
 def test_a_second_connection_of_the_same_uid_may_stop_a_backend(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     fake = install(tree, "honours_sigterm", "gpu", [], short="polite")
     start_daemon()
 
@@ -206,9 +219,20 @@ def as_nobody(bus: PrivateBus, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def nobody(*cmd: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([shutil.which("setpriv") or "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
-                           "--clear-groups", *cmd], capture_output=True, text=True, timeout=30,
-                          env=env, check=False)
+    return subprocess.run(
+        [
+            shutil.which("setpriv") or "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            *cmd,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=False,
+    )
 
 
 def require_nobody(bus: PrivateBus) -> None:
@@ -216,19 +240,27 @@ def require_nobody(bus: PrivateBus) -> None:
         pytest.skip("needs root to run a client as another uid")
     if shutil.which("setpriv") is None or shutil.which("busctl") is None:
         pytest.skip("needs setpriv (util-linux) and busctl (systemd) to act as another uid")
-    probe = as_nobody(bus, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                      "GetId")
+    probe = as_nobody(
+        bus,
+        "call",
+        "org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus",
+        "GetId",
+    )
     if probe.returncode != 0:
         pytest.skip(f"uid {NOBODY} cannot reach the private bus here: {probe.stderr.strip()}")
 
 
 def test_another_uid_may_not_stop_a_backend_read_its_log_or_see_it(
-        open_bus: PrivateBus, tree: Tree) -> None:
+    open_bus: PrivateBus, tree: Tree
+) -> None:
     bus = open_bus
     require_nobody(bus)
     fake = install(tree, "honours_sigterm", "gpu", [], short="polite")
     d = Daemon(bus, tree)
     try:
+
         async def start() -> tuple[str, dict[str, object]]:
             c = await Client.open(bus.address, record=False)
             out = await spawn(c, fake, tree.root, {"detach": True})
@@ -241,8 +273,14 @@ def test_another_uid_may_not_stop_a_backend_read_its_log_or_see_it(
         assert stop.returncode != 0 and "may not stop it" in stop.stderr, stop
         log = as_nobody(bus, "call", *obj, "GetLog")
         assert log.returncode != 0 and "may not read its log" in log.stderr, log
-        listed = as_nobody(bus, "call", "org.vhostuserd.Broker1", "/org/vhostuserd/Broker1",
-                           "org.vhostuserd.Broker1.Manager", "ListBackends")
+        listed = as_nobody(
+            bus,
+            "call",
+            "org.vhostuserd.Broker1",
+            "/org/vhostuserd/Broker1",
+            "org.vhostuserd.Broker1.Manager",
+            "ListBackends",
+        )
         assert listed.returncode == 0 and listed.stdout.strip() == "aa{sv} 0", listed
         assert [p for p, *_ in marked(tree)] == [props["Pid"]], "only root's backend runs"
 
@@ -283,11 +321,16 @@ def test_a_session_daemon_spawns_for_its_own_uid_only(open_bus: PrivateBus, tree
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     site = Path(sys.executable).parent.parent / "lib" / f"python{version}" / "site-packages"
     system_python = f"/usr/bin/python{version}"
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{site}:{Path(__file__).resolve().parent.parent}"}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": f"{site}:{Path(__file__).resolve().parent.parent}",
+    }
     check = nobody(system_python, "-c", "import dbus_fast, vhostuserd.client", env=env)
     if check.returncode != 0:
-        pytest.skip(f"uid {NOBODY} cannot run a dbus-fast client here ({system_python}): "
-                    f"{check.stderr.strip()[-200:]}")
+        pytest.skip(
+            f"uid {NOBODY} cannot run a dbus-fast client here ({system_python}): "
+            f"{check.stderr.strip()[-200:]}"
+        )
     fake = install(tree, "honours_sigterm", "gpu", [], short="polite")
     d = Daemon(bus, tree)
     try:

@@ -35,17 +35,23 @@ from vhostuserd.options import OPTIONS
 
 @pytest.mark.parametrize("page", sorted(manpage.PAGES))
 def test_shipped_man_page_is_generated_from_the_parser(page: str) -> None:
-    assert (REPO / "man" / page).read_text() == manpage.PAGES[page](), \
+    assert (REPO / "man" / page).read_text() == manpage.PAGES[page](), (
         f"man/{page} is stale: run python -m vhostuserd.manpage man"
+    )
 
 
 @pytest.mark.parametrize("page", sorted(manpage.PAGES))
 def test_man_renders_the_page(page: str) -> None:
     if shutil.which("man") is None:
         pytest.skip("man is not installed (Debian package man-db)")
-    r = subprocess.run(["man", "--warnings", str(REPO / "man" / page)], capture_output=True, text=True,
-                       env={**os.environ, "MANWIDTH": "100", "MANPAGER": "cat", "PAGER": "cat"},
-                       timeout=60, check=False)
+    r = subprocess.run(
+        ["man", "--warnings", str(REPO / "man" / page)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MANWIDTH": "100", "MANPAGER": "cat", "PAGER": "cat"},
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     assert "NAME" in r.stdout and "SYNOPSIS" in r.stdout and "OPTIONS" in r.stdout
     assert "warning" not in r.stderr.lower(), r.stderr
@@ -53,7 +59,17 @@ def test_man_renders_the_page(page: str) -> None:
     for option in ("--system", "--address"):
         assert option in r.stdout, f"{option} missing from {page}"
     if name == "vhostuserctl":
-        for command in ("list", "resolve", "spawn", "backends", "stop", "monitor", "check", "status", "reload"):
+        for command in (
+            "list",
+            "resolve",
+            "spawn",
+            "backends",
+            "stop",
+            "monitor",
+            "check",
+            "status",
+            "reload",
+        ):
             assert f"\n       {command}" in r.stdout, f"{command} missing from the COMMANDS section"
         assert "check [PATH...]" in r.stdout and "--exec -- CMD" in r.stdout
     else:
@@ -65,12 +81,24 @@ def test_man_renders_the_page(page: str) -> None:
 
 
 def test_manpage_help_prints_usage_and_writes_nothing(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "vhostuserd.manpage", "--help"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "vhostuserd.manpage", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 0 and r.stdout.startswith("usage: python -m vhostuserd.manpage DIR"), r
     assert list(tmp_path.iterdir()) == []
-    r = subprocess.run([sys.executable, "-m", "vhostuserd.manpage", "--bogus"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "vhostuserd.manpage", "--bogus"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 1 and list(tmp_path.iterdir()) == []
 
 
@@ -101,20 +129,36 @@ def test_help_describes_every_positional_the_types_and_the_spawn_options() -> No
 
 
 def test_a_usage_error_prints_the_commands_usage(tree: Tree) -> None:
-    for argv, usage in ((["spawn", "50-gpu.json", "--exec"], "usage: vhostuserctl spawn NAME"),
-                        (["stop"], "usage: vhostuserctl stop"),
-                        (["list", "--offline", "--address", "unix:path=/x"], "usage: vhostuserctl list")):
-        r = subprocess.run([VHOSTUSERCTL, *argv], env=tree.env(), capture_output=True, text=True,
-                           timeout=60, check=False)
+    for argv, usage in (
+        (["spawn", "50-gpu.json", "--exec"], "usage: vhostuserctl spawn NAME"),
+        (["stop"], "usage: vhostuserctl stop"),
+        (["list", "--offline", "--address", "unix:path=/x"], "usage: vhostuserctl list"),
+    ):
+        r = subprocess.run(
+            [VHOSTUSERCTL, *argv],
+            env=tree.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert r.returncode == 2 and r.stderr.startswith(usage), (argv, r.stderr)
 
 
 def test_resolve_of_an_unknown_type_says_the_type_is_unknown(tree: Tree) -> None:
     tree.write("data", "50-gpu.json", descriptor("gpu"))
-    r = subprocess.run([VHOSTUSERCTL, "resolve", "nonsense", "--offline", "--sysconfdir", str(tree.sysconfdir)],
-                       env=tree.env(), capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        [VHOSTUSERCTL, "resolve", "nonsense", "--offline", "--sysconfdir", str(tree.sysconfdir)],
+        env=tree.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 1, r
-    assert r.stderr.startswith("vhostuserctl: nonsense: unknown backend type; the types are "), r.stderr
+    assert r.stderr.startswith("vhostuserctl: nonsense: unknown backend type; the types are "), (
+        r.stderr
+    )
     assert all(t in r.stderr for t in KNOWN_TYPES)
 
 
@@ -122,12 +166,22 @@ OUTSIDE = re.compile(r"\.\./shared|shared/design|CONTRACT\.md|CONTRACT section|/
 
 
 def test_nothing_refers_outside_the_repository() -> None:
-    texts = {p.relative_to(REPO).as_posix(): p.read_text() for p in
-             [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "man").iterdir())]}
-    texts["--help"] = build_parser().format_help() + "".join(p.format_help() for p in _subparsers().values())
+    texts = {
+        p.relative_to(REPO).as_posix(): p.read_text()
+        for p in [
+            REPO / "README.md",
+            *sorted((REPO / "docs").glob("*.md")),
+            *sorted((REPO / "man").iterdir()),
+        ]
+    }
+    texts["--help"] = build_parser().format_help() + "".join(
+        p.format_help() for p in _subparsers().values()
+    )
     texts["pyproject.toml"] = (REPO / "pyproject.toml").read_text()
     for name, text in texts.items():
-        assert not OUTSIDE.search(text), f"{name} refers outside the repository: {OUTSIDE.search(text)}"
+        assert not OUTSIDE.search(text), (
+            f"{name} refers outside the repository: {OUTSIDE.search(text)}"
+        )
     # Every document a README or docs page links to is in the repository.
     for name, text in texts.items():
         for target in re.findall(r"\]\(([^)#]+)\)", text):
@@ -143,22 +197,33 @@ def test_every_example_in_the_json_doc_is_valid_output() -> None:
     assert {c for c, _ in examples} >= set(schema["$defs"]["command"]) - {"spawn"}
     for command, body in examples:
         validator = jsonschema.Draft202012Validator(
-            {"$defs": schema["$defs"], "$ref": f"#/$defs/command/{command}"})
-        docs = [json.loads(line) for line in body.splitlines()] if command == "monitor" else [json.loads(body)]
+            {"$defs": schema["$defs"], "$ref": f"#/$defs/command/{command}"}
+        )
+        docs = (
+            [json.loads(line) for line in body.splitlines()]
+            if command == "monitor"
+            else [json.loads(body)]
+        )
         for doc in docs:
             validator.validate(doc)
 
 
 def test_shipped_completion_is_generated_from_the_parser() -> None:
-    assert (REPO / "completions" / "vhostuserctl").read_text() == completion.render(), \
-        "completions/vhostuserctl is stale: run python -m vhostuserd.completion > completions/vhostuserctl"
+    assert (REPO / "completions" / "vhostuserctl").read_text() == completion.render(), (
+        "completions/vhostuserctl is stale: "
+        "run python -m vhostuserd.completion > completions/vhostuserctl"
+    )
 
 
 def _complete(words: list[str], env: dict[str, str]) -> list[str]:
-    script = (f"source {REPO / 'completions' / 'vhostuserctl'}\n"
-              f"COMP_WORDS=({' '.join(repr(w) if w else repr('') for w in words)})\n"
-              f"COMP_CWORD={len(words) - 1}\n_vhostuserctl\nprintf '%s\\n' \"${{COMPREPLY[@]}}\"\n")
-    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=60, check=True)
+    script = (
+        f"source {REPO / 'completions' / 'vhostuserctl'}\n"
+        f"COMP_WORDS=({' '.join(repr(w) if w else repr('') for w in words)})\n"
+        f"COMP_CWORD={len(words) - 1}\n_vhostuserctl\nprintf '%s\\n' \"${{COMPREPLY[@]}}\"\n"
+    )
+    r = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, env=env, timeout=60, check=True
+    )
     return [w for w in r.stdout.split("\n") if w]
 
 
@@ -168,7 +233,14 @@ def test_tab_completes_commands_and_descriptor_names(tree: Tree) -> None:
     tree.write("data", "50-test-gpu.json", descriptor("gpu"))
     tree.write("data", "60-local-fs.json", descriptor("fs"), i=1)
     env = {**tree.env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    assert set(_complete(["vhostuserctl", ""], env)) >= {"list", "show", "resolve", "spawn", "stop", "check"}
+    assert set(_complete(["vhostuserctl", ""], env)) >= {
+        "list",
+        "show",
+        "resolve",
+        "spawn",
+        "stop",
+        "check",
+    }
     assert sorted(_complete(["vhostuserctl", "re"], env)) == ["reload", "resolve"]
     assert _complete(["vhostuserctl", "show", ""], env) == ["50-test-gpu.json", "60-local-fs.json"]
     assert _complete(["vhostuserctl", "spawn", "60"], env) == ["60-local-fs.json"]
@@ -184,7 +256,9 @@ def test_tab_completes_types_features_and_option_keys(tree: Tree) -> None:
     assert _complete(["vhostuserctl", "list", "--type", "in"], env) == ["input"]
     assert _complete(["vhostuserctl", "resolve", "gpu", "--feature", "vi"], env) == ["virgl"]
     assert _complete(["vhostuserctl", "resolve", "fs", "-f", "sep"], env) == ["separate-options"]
-    assert _complete(["vhostuserctl", "spawn", "50-gpu.json", "-o", "render"], env) == ["render-node="]
+    assert _complete(["vhostuserctl", "spawn", "50-gpu.json", "-o", "render"], env) == [
+        "render-node="
+    ]
     assert _complete(["vhostuserctl", "spawn", "50-gpu.json", "-o", "vir"], env) == ["virgl"]
     # An empty result and the table's footnote are not descriptor names.
     assert _complete(["vhostuserctl", "show", ""], env) == []
@@ -192,8 +266,9 @@ def test_tab_completes_types_features_and_option_keys(tree: Tree) -> None:
     assert _complete(["vhostuserctl", "show", ""], env) == ["50-test-gpu.json"]
 
 
-def test_the_readme_python_snippet_runs_as_pasted(bus: PrivateBus, tree: Tree,
-                                                  start_daemon: Callable[..., Daemon]) -> None:
+def test_the_readme_python_snippet_runs_as_pasted(
+    bus: PrivateBus, tree: Tree, start_daemon: Callable[..., Daemon]
+) -> None:
     blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.DOTALL)
     assert len(blocks) == 1, "the README's Python example"
     gpu = fake_backend(tree.root / "gpu-backend", "gpu", ["virgl"])
@@ -202,11 +277,19 @@ def test_the_readme_python_snippet_runs_as_pasted(bus: PrivateBus, tree: Tree,
     script = tree.root / "snippet.py"
     script.write_text(blocks[0])
     env = {**tree.env(), "DBUS_SESSION_BUS_ADDRESS": bus.address}
-    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         first = proc.stdout.readline() if proc.stdout else ""
-        assert first == f"50-gpu.json {gpu} ('virgl',)\n", (first, proc.stderr.read() if proc.poll() else "")
+        assert first == f"50-gpu.json {gpu} ('virgl',)\n", (
+            first,
+            proc.stderr.read() if proc.poll() else "",
+        )
         tree.write("sysconf", "60-new.json", descriptor("input"))  # the loop prints the events
         line = proc.stdout.readline() if proc.stdout else ""
         assert "'event': 'descriptor-added'" in line or "'event': 'index-changed'" in line, line
@@ -221,7 +304,9 @@ def test_the_unit_comment_on_no_new_privileges_says_what_the_code_does() -> None
     block = re.search(r"^#   NoNewPrivileges=(.*?)\n#   [A-Z]", unit, re.MULTILINE | re.DOTALL)
     assert block, "no comment explains NoNewPrivileges="
     comment = " ".join(line.lstrip("# ").strip() for line in block.group(1).splitlines())
-    assert "setpriv --no-new-privs" in comment and "root callers' backends included" in comment, comment
+    assert "setpriv --no-new-privs" in comment and "root callers' backends included" in comment, (
+        comment
+    )
     for uid in (0, 65534):  # every system-mode backend gets no_new_privs, as the comment says
         run = run_as(uid, system=True)
         assert run.no_new_privs and "--no-new-privs" in run.exec_prefix(), (uid, run)
@@ -244,4 +329,6 @@ def test_the_documented_linger_of_an_exited_backend_is_the_daemons() -> None:
     said = f"{LINGER_S:g} seconds"
     assert said in (REPO / "docs" / "contract.md").read_text()
     assert said in (REPO / "README.md").read_text()
-    assert said in build_parser().format_help() + "".join(p.format_help() for p in _subparsers().values())
+    assert said in build_parser().format_help() + "".join(
+        p.format_help() for p in _subparsers().values()
+    )

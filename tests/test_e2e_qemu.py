@@ -29,9 +29,20 @@ pytestmark = pytest.mark.e2e
 REAL_DIR = Path("/usr/share/qemu/vhost-user")
 QEMU = "qemu-system-x86_64"
 # Paused from the start: no guest runs, so TCG costs nothing and KVM is not needed.
-MACHINE = ["-machine", "q35,accel=tcg", "-m", "256",
-           "-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem",
-           "-display", "none", "-S", "-nodefaults"]
+MACHINE = [
+    "-machine",
+    "q35,accel=tcg",
+    "-m",
+    "256",
+    "-object",
+    "memory-backend-memfd,id=mem,size=256M,share=on",
+    "-numa",
+    "node,memdev=mem",
+    "-display",
+    "none",
+    "-S",
+    "-nodefaults",
+]
 
 
 class RealTree(Tree):
@@ -51,7 +62,9 @@ def require(*descriptors: str, qemu: bool = True) -> str:
     for name in descriptors:
         path = REAL_DIR / name
         if not path.is_file():
-            pytest.skip(f"{path} is not installed (scripts/setup installs the Debian QEMU packages)")
+            pytest.skip(
+                f"{path} is not installed (scripts/setup installs the Debian QEMU packages)"
+            )
         binary = json.loads(path.read_text()).get("binary", "")
         if not os.access(binary, os.X_OK):
             pytest.skip(f"{path} names {binary!r}, which is not an executable here")
@@ -73,8 +86,14 @@ def daemon(bus: PrivateBus, real_tree: RealTree) -> Iterator[Daemon]:
 
 
 def backends(bus: PrivateBus, tree: Tree) -> list[dict[str, Any]]:
-    r = subprocess.run([VHOSTUSERCTL, "--address", bus.address, "--json", "backends"], env=tree.env(),
-                       capture_output=True, text=True, timeout=30, check=False)
+    r = subprocess.run(
+        [VHOSTUSERCTL, "--address", bus.address, "--json", "backends"],
+        env=tree.env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     items: list[dict[str, Any]] = json.loads(r.stdout)
     return items
@@ -92,8 +111,13 @@ def one_running(bus: PrivateBus, tree: Tree, descriptor: str) -> dict[str, Any]:
 def start_ctl(bus: PrivateBus, tree: Tree, log: Path, *args: str) -> subprocess.Popen[bytes]:
     """vhostuserctl in its own process group (for cleanup), its stderr in ``log``."""
     with open(log, "wb") as err:
-        return subprocess.Popen([VHOSTUSERCTL, "--address", bus.address, *args], env=tree.env(),
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        return subprocess.Popen(
+            [VHOSTUSERCTL, "--address", bus.address, *args],
+            env=tree.env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
 
 
 def kill_group(p: subprocess.Popen[bytes]) -> None:
@@ -106,7 +130,8 @@ def kill_group(p: subprocess.Popen[bytes]) -> None:
 
 
 def test_paused_qemu_connects_to_the_virtiofsd_that_vhostuserctl_listen_had_spawned(
-        bus: PrivateBus, real_tree: RealTree, daemon: Daemon, tmp_path: Path) -> None:
+    bus: PrivateBus, real_tree: RealTree, daemon: Daemon, tmp_path: Path
+) -> None:
     qemu_binary = require("50-qemu-virtiofsd.json")
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -114,27 +139,56 @@ def test_paused_qemu_connects_to_the_virtiofsd_that_vhostuserctl_listen_had_spaw
     sock = tmp_path / "virtiofsd.sock"
     qmp = tmp_path / "qmp.sock"
     log = real_tree.root / "ctl.log"
-    ctl = start_ctl(bus, real_tree, log, "spawn", "50-qemu-virtiofsd.json", "-o", f"shared-dir={shared}",
-                    "--listen", str(sock))
+    ctl = start_ctl(
+        bus,
+        real_tree,
+        log,
+        "spawn",
+        "50-qemu-virtiofsd.json",
+        "-o",
+        f"shared-dir={shared}",
+        "--listen",
+        str(sock),
+    )
     qemu: subprocess.Popen[bytes] | None = None
     try:
         backend = one_running(bus, real_tree, "50-qemu-virtiofsd.json")
         # The Debian (C) virtiofsd lists no separate-options: -o source=DIR.
-        assert backend["argv"][1:] in (["--fd=3", f"--shared-dir={shared}"],
-                                       ["--fd=3", "-o", f"source={shared}"])
+        assert backend["argv"][1:] in (
+            ["--fd=3", f"--shared-dir={shared}"],
+            ["--fd=3", "-o", f"source={shared}"],
+        )
         with open(real_tree.root / "qemu.log", "wb") as qlog:
-            qemu = subprocess.Popen([qemu_binary, *MACHINE, "-qmp", f"unix:{qmp},server=on,wait=off",
-                                     "-chardev", f"socket,id=fs,path={sock}",
-                                     "-device", "vhost-user-fs-pci,chardev=fs,tag=share"],
-                                    stdout=qlog, stderr=subprocess.STDOUT, start_new_session=True)
+            qemu = subprocess.Popen(
+                [
+                    qemu_binary,
+                    *MACHINE,
+                    "-qmp",
+                    f"unix:{qmp},server=on,wait=off",
+                    "-chardev",
+                    f"socket,id=fs,path={sock}",
+                    "-device",
+                    "vhost-user-fs-pci,chardev=fs,tag=share",
+                ],
+                stdout=qlog,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         # virtiofsd accepts QEMU on the socket vhostuserctl bound and the daemon passed on.
-        wait_for(lambda: "Received vhost-user socket connection" in daemon.log() or qemu.poll() is not None,
-                 "virtiofsd to accept QEMU", 20)
+        wait_for(
+            lambda: (
+                "Received vhost-user socket connection" in daemon.log() or qemu.poll() is not None
+            ),
+            "virtiofsd to accept QEMU",
+            20,
+        )
         assert qemu.poll() is None, (real_tree.root / "qemu.log").read_text()
         assert alive(backend["pid"]), daemon.log()[-3000:]
         # The Spawn call has settled (a backend gone within settle-ms would fail it).
-        wait_for(lambda: "Ctrl-C stops it" in log.read_text() or ctl.poll() is not None,
-                 "vhostuserctl to report the backend serving")
+        wait_for(
+            lambda: "Ctrl-C stops it" in log.read_text() or ctl.poll() is not None,
+            "vhostuserctl to report the backend serving",
+        )
         assert ctl.poll() is None, log.read_text()
 
         # QEMU goes; virtiofsd, its front-end gone, exits; then Ctrl-C to vhostuserctl (if
@@ -151,7 +205,9 @@ def test_paused_qemu_connects_to_the_virtiofsd_that_vhostuserctl_listen_had_spaw
             assert ctl.wait(20) == 0, log.read_text()
         assert not sock.exists(), "vhostuserctl removes the socket it bound"
         assert all(b["state"] == "exited" for b in backends(bus, real_tree))
-        wait_for(lambda: gone(backend["pid"]) and gone(qemu.pid), "QEMU and virtiofsd to be reaped", 5)
+        wait_for(
+            lambda: gone(backend["pid"]) and gone(qemu.pid), "QEMU and virtiofsd to be reaped", 5
+        )
     finally:
         if qemu is not None:
             kill_group(qemu)
@@ -159,14 +215,24 @@ def test_paused_qemu_connects_to_the_virtiofsd_that_vhostuserctl_listen_had_spaw
 
 
 def test_ctrl_c_to_vhostuserctl_listen_stops_virtiofsd(
-        bus: PrivateBus, real_tree: RealTree, daemon: Daemon, tmp_path: Path) -> None:
+    bus: PrivateBus, real_tree: RealTree, daemon: Daemon, tmp_path: Path
+) -> None:
     require("50-qemu-virtiofsd.json", qemu=False)
     shared = tmp_path / "shared"
     shared.mkdir()
     sock = tmp_path / "virtiofsd.sock"
     log = real_tree.root / "ctl.log"
-    ctl = start_ctl(bus, real_tree, log, "spawn", "50-qemu-virtiofsd.json", "-o", f"shared-dir={shared}",
-                    "--listen", str(sock))
+    ctl = start_ctl(
+        bus,
+        real_tree,
+        log,
+        "spawn",
+        "50-qemu-virtiofsd.json",
+        "-o",
+        f"shared-dir={shared}",
+        "--listen",
+        str(sock),
+    )
     try:
         backend = one_running(bus, real_tree, "50-qemu-virtiofsd.json")
         wait_for(lambda: "Ctrl-C stops it" in log.read_text(), "vhostuserctl to wait for Ctrl-C")

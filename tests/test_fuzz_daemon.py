@@ -45,42 +45,91 @@ from vhostuserd.options import OPTIONS
 
 MIN_CASES = 250
 ALLOWED_FREEDESKTOP = {
-    "org.freedesktop.DBus.Error." + n for n in (
-        "UnknownMethod", "UnknownInterface", "UnknownObject", "UnknownProperty", "InvalidArgs",
-        "PropertyReadOnly", "AccessDenied", "InteractiveAuthorizationRequired", "NotSupported",
-        "InvalidSignature")
+    "org.freedesktop.DBus.Error." + n
+    for n in (
+        "UnknownMethod",
+        "UnknownInterface",
+        "UnknownObject",
+        "UnknownProperty",
+        "InvalidArgs",
+        "PropertyReadOnly",
+        "AccessDenied",
+        "InteractiveAuthorizationRequired",
+        "NotSupported",
+        "InvalidSignature",
+    )
 }
 BROKER_ERRORS = "org.vhostuserd.Broker1.Error."
-OUR_PATHS = ["/org/vhostuserd/Broker1", "/org/vhostuserd/Broker1/descriptor/_350_2dgpu_2ejson",
-             "/org/vhostuserd/Broker1/backend/1", "/org/vhostuserd", "/"]
-OUR_INTERFACES = ["org.vhostuserd.Broker1.Manager", "org.vhostuserd.Broker1.Descriptor",
-                  "org.vhostuserd.Broker1.Backend", "org.freedesktop.DBus.Properties",
-                  "org.freedesktop.DBus.Introspectable", "org.freedesktop.DBus.ObjectManager",
-                  "org.freedesktop.DBus.Peer", "org.example.Nothing"]
+OUR_PATHS = [
+    "/org/vhostuserd/Broker1",
+    "/org/vhostuserd/Broker1/descriptor/_350_2dgpu_2ejson",
+    "/org/vhostuserd/Broker1/backend/1",
+    "/org/vhostuserd",
+    "/",
+]
+OUR_INTERFACES = [
+    "org.vhostuserd.Broker1.Manager",
+    "org.vhostuserd.Broker1.Descriptor",
+    "org.vhostuserd.Broker1.Backend",
+    "org.freedesktop.DBus.Properties",
+    "org.freedesktop.DBus.Introspectable",
+    "org.freedesktop.DBus.ObjectManager",
+    "org.freedesktop.DBus.Peer",
+    "org.example.Nothing",
+]
 FD_KINDS = ["socketpair", "listen", "dgram", "seqpacket", "tcp", "pipe", "devnull", "opath", "dir"]
-NAMES = ["50-gpu.json", "50-fs.json", "50-fs-o.json", "50-input.json", "/bin/sh", "../50-gpu.json", ""]
+NAMES = [
+    "50-gpu.json",
+    "50-fs.json",
+    "50-fs-o.json",
+    "50-input.json",
+    "/bin/sh",
+    "../50-gpu.json",
+    "",
+]
 
 # ---------------------------------------------------------------- strategies for D-Bus values
 
-text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=24)
-paths_ish = st.sampled_from(["/dev/null", "/dev/dri/../null", "/srv", "/srv,x", "/srv --x", "/" * 3,
-                             "/dev/dri/renderD128", "/dev/input/event0", "relative", "/tmp/\u00e9"])
+text = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=24
+)
+paths_ish = st.sampled_from(
+    [
+        "/dev/null",
+        "/dev/dri/../null",
+        "/srv",
+        "/srv,x",
+        "/srv --x",
+        "/" * 3,
+        "/dev/dri/renderD128",
+        "/dev/input/event0",
+        "relative",
+        "/tmp/\u00e9",
+    ]
+)
 object_paths = st.sampled_from(["/", "/a", "/org/vhostuserd/Broker1", "/a/b_c/D9"])
 
 
 def values_for(sig: str, depth: int = 0) -> st.SearchStrategy[Any]:
     """JSON for the caller process (see helpers_auth AGENT) that becomes a value of ``sig``."""
     simple: dict[str, st.SearchStrategy[Any]] = {
-        "s": text | paths_ish, "b": st.booleans(), "y": st.integers(0, 255),
-        "n": st.integers(-2**15, 2**15 - 1), "q": st.integers(0, 2**16 - 1),
-        "i": st.integers(-2**31, 2**31 - 1), "u": st.integers(0, 2**32 - 1),
-        "x": st.integers(-2**63, 2**63 - 1), "t": st.integers(0, 2**64 - 1),
-        "d": st.floats(allow_nan=False, allow_infinity=False), "o": object_paths,
+        "s": text | paths_ish,
+        "b": st.booleans(),
+        "y": st.integers(0, 255),
+        "n": st.integers(-(2**15), 2**15 - 1),
+        "q": st.integers(0, 2**16 - 1),
+        "i": st.integers(-(2**31), 2**31 - 1),
+        "u": st.integers(0, 2**32 - 1),
+        "x": st.integers(-(2**63), 2**63 - 1),
+        "t": st.integers(0, 2**64 - 1),
+        "d": st.floats(allow_nan=False, allow_infinity=False),
+        "o": object_paths,
         "g": st.sampled_from(["", "s", "a{sv}", "(ii)"]),
         "h": st.sampled_from(FD_KINDS).map(lambda k: {"$fd": k}),
-        "as": st.lists(text, max_size=3), "ay": st.binary(max_size=8).map(lambda b: {"$bytes": b.hex()}),
-        "a{ss}": st.dictionaries(text, text, max_size=3), "(si)": st.tuples(text, st.integers(-5, 5)).map(
-            lambda t: {"$tuple": list(t)}),
+        "as": st.lists(text, max_size=3),
+        "ay": st.binary(max_size=8).map(lambda b: {"$bytes": b.hex()}),
+        "a{ss}": st.dictionaries(text, text, max_size=3),
+        "(si)": st.tuples(text, st.integers(-5, 5)).map(lambda t: {"$tuple": list(t)}),
         "ah": st.lists(st.sampled_from(FD_KINDS).map(lambda k: {"$fd": k}), max_size=2),
     }
     if sig == "v":
@@ -88,24 +137,49 @@ def values_for(sig: str, depth: int = 0) -> st.SearchStrategy[Any]:
             return variants(depth + 1, plain_only=True)
         return variants(depth + 1)
     if sig == "a{sv}":
-        return st.dictionaries(text | st.sampled_from(list(OPTIONS)), variants(depth + 1), max_size=3)
+        return st.dictionaries(
+            text | st.sampled_from(list(OPTIONS)), variants(depth + 1), max_size=3
+        )
     return simple[sig]
 
 
-VARIANT_SIGS = ["s", "b", "y", "n", "q", "i", "u", "x", "t", "d", "o", "g", "h", "as", "ay", "a{ss}",
-                "(si)", "v", "a{sv}"]
+VARIANT_SIGS = [
+    "s",
+    "b",
+    "y",
+    "n",
+    "q",
+    "i",
+    "u",
+    "x",
+    "t",
+    "d",
+    "o",
+    "g",
+    "h",
+    "as",
+    "ay",
+    "a{ss}",
+    "(si)",
+    "v",
+    "a{sv}",
+]
 
 
 def variants(depth: int = 0, plain_only: bool = False) -> st.SearchStrategy[Any]:
     sigs = [s for s in VARIANT_SIGS if not plain_only or s not in ("v", "a{sv}")]
     return st.sampled_from(sigs).flatmap(
-        lambda sig: values_for(sig, depth).map(lambda v: {"$v": [sig, v]}))
+        lambda sig: values_for(sig, depth).map(lambda v: {"$v": [sig, v]})
+    )
 
 
 def spawn_options() -> st.SearchStrategy[dict[str, Any]]:
     """Keys mostly real options, values mostly of the right type, sometimes not."""
     right = st.sampled_from(sorted(OPTIONS)).flatmap(
-        lambda k: values_for(OPTIONS[k].signature).map(lambda v: (k, {"$v": [OPTIONS[k].signature, v]})))
+        lambda k: values_for(OPTIONS[k].signature).map(
+            lambda v: (k, {"$v": [OPTIONS[k].signature, v]})
+        )
+    )
     wrong = st.tuples(st.sampled_from(sorted(OPTIONS)) | text, variants())
     return st.lists(right | wrong, max_size=5).map(dict)
 
@@ -115,27 +189,60 @@ def calls(draw: st.DrawFn) -> dict[str, Any]:
     kind = draw(st.sampled_from(["resolve", "spawn", "spawn", "member", "manager-member"]))
     if kind == "resolve":
         btype = draw(st.sampled_from(["gpu", "fs", "input", "", "sound"]) | text)
-        features = draw(st.lists(st.sampled_from(["virgl", "render-node", "separate-options"]) | text,
-                                 max_size=4))
+        features = draw(
+            st.lists(
+                st.sampled_from(["virgl", "render-node", "separate-options"]) | text, max_size=4
+            )
+        )
         return {"member": "Resolve", "signature": "sas", "body": [btype, features]}
     if kind == "spawn":
         name = draw(st.sampled_from(NAMES[:4]) | st.sampled_from(NAMES) | text)
         # Mostly the kind of socket some backend takes, so that calls get past the socket check.
         fd = draw(st.sampled_from(["socketpair", "listen"]) | st.sampled_from(FD_KINDS))
-        return {"member": "Spawn", "signature": "sa{sv}h", "body": [name, draw(spawn_options()), {"$fd": fd}],
-                "interactive": draw(st.booleans())}
-    sig = draw(st.sampled_from(["", "s", "ss", "sas", "sa{sv}h", "h", "ah", "u", "v", "a{sv}", "(si)", "as"]))
+        return {
+            "member": "Spawn",
+            "signature": "sa{sv}h",
+            "body": [name, draw(spawn_options()), {"$fd": fd}],
+            "interactive": draw(st.booleans()),
+        }
+    sig = draw(
+        st.sampled_from(
+            ["", "s", "ss", "sas", "sa{sv}h", "h", "ah", "u", "v", "a{sv}", "(si)", "as"]
+        )
+    )
     body = []
     for part in _split(sig):
         body.append(draw(values_for(part)))
-    member = draw(st.sampled_from(["Spawn", "Resolve", "Stop", "GetLog", "Reload", "Get", "Set", "GetAll",
-                                   "ListDescriptors", "ListBackends", "GetCapabilities", "Introspect",
-                                   "GetManagedObjects", "Ping"])
-                  | st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,30}\Z"))
+    member = draw(
+        st.sampled_from(
+            [
+                "Spawn",
+                "Resolve",
+                "Stop",
+                "GetLog",
+                "Reload",
+                "Get",
+                "Set",
+                "GetAll",
+                "ListDescriptors",
+                "ListBackends",
+                "GetCapabilities",
+                "Introspect",
+                "GetManagedObjects",
+                "Ping",
+            ]
+        )
+        | st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,30}\Z")
+    )
     if kind == "manager-member":
         return {"member": member, "signature": sig, "body": body}
-    return {"member": member, "signature": sig, "body": body, "path": draw(st.sampled_from(OUR_PATHS)),
-            "interface": draw(st.sampled_from(OUR_INTERFACES))}
+    return {
+        "member": member,
+        "signature": sig,
+        "body": body,
+        "path": draw(st.sampled_from(OUR_PATHS)),
+        "interface": draw(st.sampled_from(OUR_INTERFACES)),
+    }
 
 
 def _split(sig: str) -> list[str]:
@@ -173,8 +280,12 @@ def fuzz_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SystemSetup]:
 
 
 def check_reply(call: dict[str, Any], caller: Caller) -> str:
-    r = caller.call(call["member"], call.get("signature", ""), call.get("body", []),
-                    **{k: v for k, v in call.items() if k in ("path", "interface", "interactive")})
+    r = caller.call(
+        call["member"],
+        call.get("signature", ""),
+        call.get("body", []),
+        **{k: v for k, v in call.items() if k in ("path", "interface", "interactive")},
+    )
     assert r.local_error is None, f"{call}: the client could not send it: {r.local_error}"
     if r.error is not None:
         assert r.error.startswith(BROKER_ERRORS) or r.error in ALLOWED_FREEDESKTOP, f"{call} -> {r}"
@@ -193,9 +304,16 @@ def test_fuzz_the_running_daemon_with_random_calls(fuzz_env: SystemSetup) -> Non
     baseline = env.daemon.fd_count()
     outcomes: dict[str, int] = {}
 
-    @settings(max_examples=300, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                     HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=300,
+        deadline=None,
+        database=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.function_scoped_fixture,
+        ],
+    )
     @given(calls())
     def one(call: dict[str, Any]) -> None:
         outcome = check_reply(call, caller)
@@ -204,10 +322,15 @@ def test_fuzz_the_running_daemon_with_random_calls(fuzz_env: SystemSetup) -> Non
 
     one()
     total = sum(outcomes.values())
-    print(f"\nfuzz: {total} random calls against the daemon; outcomes {dict(sorted(outcomes.items()))}")
+    print(
+        f"\nfuzz: {total} random calls against the daemon; "
+        f"outcomes {dict(sorted(outcomes.items()))}"
+    )
     assert total >= MIN_CASES, outcomes
     # Calls that reached each layer: argument checks, the option checks, and polkit.
-    assert {"NotFound", "InvalidOption", "InvalidSocket", "UnknownMethod"} <= set(outcomes), outcomes
+    assert {"NotFound", "InvalidOption", "InvalidSocket", "UnknownMethod"} <= set(outcomes), (
+        outcomes
+    )
     assert env.daemon.proc.poll() is None
     assert len(caller.descriptors()) == 4
     assert env.running() == [], "the fuzz started a backend although polkit said no"
@@ -216,8 +339,10 @@ def test_fuzz_the_running_daemon_with_random_calls(fuzz_env: SystemSetup) -> Non
     def open_fds() -> str:
         return str(sorted(os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)))
 
-    wait_for(lambda: env.daemon.fd_count() == baseline,
-             lambda: f"the daemon's fds to be back at {baseline}, not {open_fds()}")
+    wait_for(
+        lambda: env.daemon.fd_count() == baseline,
+        lambda: f"the daemon's fds to be back at {baseline}, not {open_fds()}",
+    )
     # No traceback, and no line a caller's input forged: each one is the daemon's own.
     log = env.daemon.log()
     assert "Traceback" not in log, log[-5000:]
@@ -225,7 +350,9 @@ def test_fuzz_the_running_daemon_with_random_calls(fuzz_env: SystemSetup) -> Non
     assert not forged, forged[:10]
 
 
-def test_names_that_are_not_utf8_are_diagnosed_and_the_daemon_survives(fuzz_env: SystemSetup) -> None:
+def test_names_that_are_not_utf8_are_diagnosed_and_the_daemon_survives(
+    fuzz_env: SystemSetup,
+) -> None:
     """D-Bus strings are UTF-8. A descriptor file whose name is not used to make the
     daemon exit: at start-up (exporting it failed) and live (the directory watch died)."""
     env = fuzz_env
@@ -238,14 +365,18 @@ def test_names_that_are_not_utf8_are_diagnosed_and_the_daemon_survives(fuzz_env:
         shown = str(env.tree.dir("data")) + "/\\xff-late.json"
 
         def diagnosed() -> bool:
-            return any(p == shown and level == "error" for p, level, _ in caller.prop("Diagnostics"))
+            return any(
+                p == shown and level == "error" for p, level, _ in caller.prop("Diagnostics")
+            )
 
         wait_for(diagnosed, "the live index to diagnose the file")
         assert env.daemon.proc.poll() is None
         assert len(caller.descriptors()) == 4
         # And a later, ordinary change is still seen: the watch works again.
         good = env.tree.write("data", "60-late.json", descriptor_doc("gpu", "/usr/bin/true"))
-        wait_for(lambda: "60-late.json" in {d["name"] for d in caller.descriptors()}, "a new descriptor")
+        wait_for(
+            lambda: "60-late.json" in {d["name"] for d in caller.descriptors()}, "a new descriptor"
+        )
         good.unlink()
         wait_for(lambda: len(caller.descriptors()) == 4, "the descriptor to go")
     finally:
@@ -256,24 +387,56 @@ def test_names_that_are_not_utf8_are_diagnosed_and_the_daemon_survives(fuzz_env:
 
 # ---------------------------------------------------------------- the lookup core
 
-ENTRY_KINDS = ["bytes", "bytes", "json", "empty", "devnull", "fifo", "dir", "loop", "dangling", "sparse"]
-FILE_NAMES = [b"10-a.json", b"20-b.json", b"\xff.json", b"caf\xc3\xa9.json", b"\xe9t\xe9.json", b".h.json",
-              b"x.txt", b".json"]
+ENTRY_KINDS = [
+    "bytes",
+    "bytes",
+    "json",
+    "empty",
+    "devnull",
+    "fifo",
+    "dir",
+    "loop",
+    "dangling",
+    "sparse",
+]
+FILE_NAMES = [
+    b"10-a.json",
+    b"20-b.json",
+    b"\xff.json",
+    b"caf\xc3\xa9.json",
+    b"\xe9t\xe9.json",
+    b".h.json",
+    b"x.txt",
+    b".json",
+]
 
 
 def json_docs() -> st.SearchStrategy[bytes]:
-    doc = st.fixed_dictionaries({}, optional={
-        "type": st.sampled_from(["gpu", "fs", "", 3]), "binary": st.sampled_from(["/usr/bin/x", "x", "/", None]),
-        "description": st.text(max_size=5), "tags": st.lists(st.text(max_size=3), max_size=2)})
+    doc = st.fixed_dictionaries(
+        {},
+        optional={
+            "type": st.sampled_from(["gpu", "fs", "", 3]),
+            "binary": st.sampled_from(["/usr/bin/x", "x", "/", None]),
+            "description": st.text(max_size=5),
+            "tags": st.lists(st.text(max_size=3), max_size=2),
+        },
+    )
     return doc.map(lambda d: json.dumps(d).encode())
 
 
 @st.composite
 def listings(draw: st.DrawFn) -> list[dict[bytes, tuple[str, bytes]]]:
     n = draw(st.integers(1, 3))
-    return [draw(st.dictionaries(st.sampled_from(FILE_NAMES),
-                                 st.tuples(st.sampled_from(ENTRY_KINDS), st.binary(max_size=64) | json_docs()),
-                                 max_size=6)) for _ in range(n)]
+    return [
+        draw(
+            st.dictionaries(
+                st.sampled_from(FILE_NAMES),
+                st.tuples(st.sampled_from(ENTRY_KINDS), st.binary(max_size=64) | json_docs()),
+                max_size=6,
+            )
+        )
+        for _ in range(n)
+    ]
 
 
 def _write(d: bytes, name: bytes, kind: str, data: bytes) -> None:
@@ -306,11 +469,16 @@ def _sendable(s: str) -> bool:
     return "\0" not in s
 
 
-@settings(max_examples=200, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=200,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(listings())
 def test_fuzz_scan_and_merge_never_raise_and_explain_every_rejection(
-        contents: list[dict[bytes, tuple[str, bytes]]]) -> None:
+    contents: list[dict[bytes, tuple[str, bytes]]],
+) -> None:
     with tempfile.TemporaryDirectory() as root:
         dirs = []
         for i, entries in enumerate(contents):
@@ -341,7 +509,9 @@ def test_fuzz_scan_and_merge_never_raise_and_explain_every_rejection(
         index = Index(dirs)
         index.rescan()
         unsendable = {d.name for d in result.descriptors if not _sendable(d.path)}
-        assert [d for d in index.descriptors] == [d for d in result.descriptors if d.name not in unsendable]
+        assert [d for d in index.descriptors] == [
+            d for d in result.descriptors if d.name not in unsendable
+        ]
         index_errors = [x.path for x in index.diagnostics if x.level == ERROR]
         for i, entries in enumerate(contents):
             for name, (kind, _) in entries.items():
@@ -350,7 +520,9 @@ def test_fuzz_scan_and_merge_never_raise_and_explain_every_rejection(
                 try:
                     name.decode("utf-8")
                 except UnicodeDecodeError:
-                    shown = (os.fsencode(dirs[i].path) + b"/" + name).decode("utf-8", "backslashreplace")
+                    shown = (os.fsencode(dirs[i].path) + b"/" + name).decode(
+                        "utf-8", "backslashreplace"
+                    )
                     assert index_errors.count(shown) == 1, (shown, index.diagnostics)
         for d in index.descriptors:
             for s in (d.name, d.path, d.type, d.binary, d.description, *d.tags):

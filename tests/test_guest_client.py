@@ -44,7 +44,9 @@ def accelerator(request: pytest.FixtureRequest) -> str:
         pytest.skip(reason)
     path = REAL_DIR / DESCRIPTOR
     if not path.is_file() or not os.access(json.loads(path.read_text()).get("binary", ""), os.X_OK):
-        pytest.skip(f"{path} or its virtiofsd is not installed (scripts/setup installs qemu-system-common)")
+        pytest.skip(
+            f"{path} or its virtiofsd is not installed (scripts/setup installs qemu-system-common)"
+        )
     if os.geteuid() != 0:
         pytest.skip("Debian's virtiofsd runs only as root")
     guest.assets()
@@ -52,7 +54,8 @@ def accelerator(request: pytest.FixtureRequest) -> str:
 
 
 def test_boot_guest_example_boots_a_guest_on_the_share_of_the_backend_the_broker_spawned(
-        bus: PrivateBus, tmp_path: Path, accelerator: str) -> None:
+    bus: PrivateBus, tmp_path: Path, accelerator: str
+) -> None:
     tree = RealTree.make(tmp_path / "tree")
     daemon = Daemon(bus, tree)
     shared = tmp_path / "shared"
@@ -62,11 +65,29 @@ def test_boot_guest_example_boots_a_guest_on_the_share_of_the_backend_the_broker
     token = guest.build_initramfs(tmp_path / "initrd", GUEST, guest.MODULES_FS)
     try:
         r = subprocess.run(
-            [sys.executable, str(REPO / "examples" / "boot_guest.py"), "--address", bus.address,
-             "--kernel", str(guest.assets().kernel), "--initrd", str(tmp_path / "initrd"), "--share", str(shared),
-             "--accel", accelerator, "--seconds", str(guest.BOOT_TIMEOUT)],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=guest.BOOT_TIMEOUT + 60,
-            env=tree.env(), check=False)
+            [
+                sys.executable,
+                str(REPO / "examples" / "boot_guest.py"),
+                "--address",
+                bus.address,
+                "--kernel",
+                str(guest.assets().kernel),
+                "--initrd",
+                str(tmp_path / "initrd"),
+                "--share",
+                str(shared),
+                "--accel",
+                accelerator,
+                "--seconds",
+                str(guest.BOOT_TIMEOUT),
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=guest.BOOT_TIMEOUT + 60,
+            env=tree.env(),
+            check=False,
+        )
         out = f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
         assert r.returncode == 0, out
         # The broker chose Debian's virtiofsd and started it with the share.
@@ -77,8 +98,14 @@ def test_boot_guest_example_boots_a_guest_on_the_share_of_the_backend_the_broker
         assert f"GUEST: host wrote: {host_token}" in r.stdout, out
         assert (shared / "from-guest.txt").read_text() == token + "\n"
         assert "QEMU exited with 0; backend" in r.stderr, out
-        listed = subprocess.run([VHOSTUSERCTL, "--address", bus.address, "--json", "backends"], env=tree.env(),
-                                capture_output=True, text=True, timeout=30, check=True)
+        listed = subprocess.run(
+            [VHOSTUSERCTL, "--address", bus.address, "--json", "backends"],
+            env=tree.env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
         assert [b for b in json.loads(listed.stdout) if b["state"] == "running"] == []
         daemon.assert_clean_log()
     finally:

@@ -103,8 +103,12 @@ def workdir() -> Iterator[Path]:
 
 
 def test_guest_draws_on_the_vhost_user_gpu_the_system_service_spawned_for_an_unprivileged_caller(
-        sysbus: PrivateBus, polkitd: Callable[[str], None], tmp_path: Path, workdir: Path,  # noqa: F811
-        accelerator: str) -> None:
+    sysbus: PrivateBus,
+    polkitd: Callable[[str], None],
+    tmp_path: Path,
+    workdir: Path,  # noqa: F811
+    accelerator: str,
+) -> None:
     polkitd(NOBODY_MAY_SPAWN_DEBIANS_GPU)
     tree_root = tmp_path / "tree"
     tree_root.mkdir()
@@ -120,16 +124,37 @@ def test_guest_draws_on_the_vhost_user_gpu_the_system_service_spawned_for_an_unp
     os.chmod(workdir / "initrd", 0o644)
     argv = g.argv("-chardev", "socket,id=gpu,fd={fd}", "-device", "vhost-user-gpu-pci,chardev=gpu")
     try:
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent", "LANG": "C.UTF-8"}
-        proc = g.popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                        VHOSTUSERCTL, "--address", sysbus.address, "spawn", DESCRIPTOR, "--exec", "--", *argv],
-                       env=env)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": "/nonexistent",
+            "LANG": "C.UTF-8",
+        }
+        proc = g.popen(
+            [
+                "setpriv",
+                f"--reuid={NOBODY}",
+                f"--regid={NOBODY}",
+                "--clear-groups",
+                VHOSTUSERCTL,
+                "--address",
+                sysbus.address,
+                "spawn",
+                DESCRIPTOR,
+                "--exec",
+                "--",
+                *argv,
+            ],
+            env=env,
+        )
         # vhostuserctl's own messages go to its stderr, as QEMU's do: qemu.err.
 
         def started() -> int | None:
             m = re.search(r"\(pid (\d+)\)", g.stderr())
             if proc.poll() is not None:
-                raise AssertionError(f"vhostuserctl exited with {proc.returncode}: {g.stderr()}\n{daemon.log()[-3000:]}")
+                raise AssertionError(
+                    f"vhostuserctl exited with {proc.returncode}: {g.stderr()}\n"
+                    f"{daemon.log()[-3000:]}"
+                )
             return int(m.group(1)) if m else None
 
         qemu_pid = wait_for(started, "vhostuserctl to start QEMU", 30)
@@ -171,14 +196,16 @@ def test_guest_draws_on_the_vhost_user_gpu_the_system_service_spawned_for_an_unp
         last = g.stderr().rstrip().splitlines()[-1]
         qemu_done = f"{argv[0]} exited with status 0; backend {backend['id']} "
         assert last.startswith(qemu_done), g.stderr()
-        assert (rc, last[len(qemu_done):]) in ((0, "stopped"), (0, "exited with status 0")), g.stderr()
+        assert (rc, last[len(qemu_done) :]) in ((0, "stopped"), (0, "exited with status 0")), (
+            g.stderr()
+        )
         wait_for(lambda: gone(backend["pid"]), "vhost-user-gpu to be stopped and reaped", 20)
         daemon.assert_clean_log()
     finally:
         g.kill()
         if g.proc is not None and g.proc.poll() is None:
             os.killpg(g.proc.pid, signal.SIGKILL)
-        for b in (admin(0).backends() if daemon.proc.poll() is None else []):
+        for b in admin(0).backends() if daemon.proc.poll() is None else []:
             if alive(b["pid"]):
                 os.kill(b["pid"], signal.SIGKILL)
         admin.close()

@@ -73,8 +73,14 @@ def daemon(bus: PrivateBus, real_tree: RealTree) -> Iterator[Daemon]:
 
 
 def ctl(bus: PrivateBus, tree: Tree, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([VHOSTUSERCTL, "--address", bus.address, *args], env=tree.env(),
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [VHOSTUSERCTL, "--address", bus.address, *args],
+        env=tree.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def backends(bus: PrivateBus, tree: Tree) -> list[dict[str, Any]]:
@@ -95,9 +101,24 @@ class Listen:
         self.log = tree.root / f"ctl-{secrets.token_hex(3)}.log"
         with open(self.log, "wb") as err:
             self.proc = subprocess.Popen(
-                [VHOSTUSERCTL, "--address", bus.address, "spawn", DESCRIPTOR, "-o", f"shared-dir={shared}",
-                 "--listen", str(sock), *extra], env=tree.env(), stdout=subprocess.PIPE, stderr=err,
-                start_new_session=True, text=True)
+                [
+                    VHOSTUSERCTL,
+                    "--address",
+                    bus.address,
+                    "spawn",
+                    DESCRIPTOR,
+                    "-o",
+                    f"shared-dir={shared}",
+                    "--listen",
+                    str(sock),
+                    *extra,
+                ],
+                env=tree.env(),
+                stdout=subprocess.PIPE,
+                stderr=err,
+                start_new_session=True,
+                text=True,
+            )
 
     def text(self) -> str:
         return self.log.read_text()
@@ -114,7 +135,12 @@ class Listen:
 
 
 def fs_device(sock: Path) -> list[str]:
-    return ["-chardev", f"socket,id=fs,path={sock}", "-device", f"vhost-user-fs-pci,chardev=fs,tag={TAG}"]
+    return [
+        "-chardev",
+        f"socket,id=fs,path={sock}",
+        "-device",
+        f"vhost-user-fs-pci,chardev=fs,tag={TAG}",
+    ]
 
 
 MOUNT_READ_WRITE = f"""
@@ -128,23 +154,32 @@ pass
 
 
 def test_guest_mounts_the_share_of_the_virtiofsd_vhostuserctl_spawned_and_writes_back(
-        bus: PrivateBus, real_tree: RealTree, daemon: Daemon, tmp_path: Path, accelerator: str) -> None:
+    bus: PrivateBus, real_tree: RealTree, daemon: Daemon, tmp_path: Path, accelerator: str
+) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
     host_token = secrets.token_hex(8)
     (shared / "from-host.txt").write_text(f"{host_token}\n")
     sock = tmp_path / "fs.sock"
     ctl_run = Listen(bus, real_tree, shared, sock)
-    g = guest.Guest(tmp_path, tmp_path / "initrd", guest.build_initramfs(tmp_path / "initrd", MOUNT_READ_WRITE,
-                                                                        guest.MODULES_FS))
+    g = guest.Guest(
+        tmp_path,
+        tmp_path / "initrd",
+        guest.build_initramfs(tmp_path / "initrd", MOUNT_READ_WRITE, guest.MODULES_FS),
+    )
     try:
-        wait_for(lambda: "Ctrl-C stops it" in ctl_run.text() or ctl_run.proc.poll() is not None,
-                 "vhostuserctl to serve the socket")
+        wait_for(
+            lambda: "Ctrl-C stops it" in ctl_run.text() or ctl_run.proc.poll() is not None,
+            "vhostuserctl to serve the socket",
+        )
         assert ctl_run.proc.poll() is None, ctl_run.text()
         [backend] = running(bus, real_tree)
         # The daemon started it, with the share as Debian's virtiofsd spells it.
         assert backend["descriptor"] == DESCRIPTOR
-        assert backend["argv"][1:] in (["--fd=3", f"--shared-dir={shared}"], ["--fd=3", "-o", f"source={shared}"])
+        assert backend["argv"][1:] in (
+            ["--fd=3", f"--shared-dir={shared}"],
+            ["--fd=3", "-o", f"source={shared}"],
+        )
         st = proc_stat(backend["pid"])
         assert st is not None and st[2] == daemon.proc.pid, "virtiofsd is the daemon's child"
 
@@ -156,7 +191,9 @@ def test_guest_mounts_the_share_of_the_virtiofsd_vhostuserctl_spawned_and_writes
         assert (shared / "from-guest.txt").read_text() == f"{g.token} written by the guest\n"
         assert (shared / "guest-dir").is_dir()
         # QEMU gone, virtiofsd exits; vhostuserctl sees it, says so, and removes its socket.
-        wait_for(lambda: not alive(backend["pid"]), "virtiofsd to exit after the guest powered off", 20)
+        wait_for(
+            lambda: not alive(backend["pid"]), "virtiofsd to exit after the guest powered off", 20
+        )
         assert ctl_run.proc.wait(20) == 1 and "backend exited" in ctl_run.text(), ctl_run.text()
         assert not sock.exists()
         wait_for(lambda: gone(backend["pid"]), "virtiofsd to be reaped")
@@ -196,7 +233,8 @@ fail "the console closed"
 
 
 def test_guest_keeps_its_share_across_a_sigkilled_daemon_and_its_next_access_times_out_once_the_backend_stops(
-        bus: PrivateBus, real_tree: RealTree, tmp_path: Path, accelerator: str) -> None:
+    bus: PrivateBus, real_tree: RealTree, tmp_path: Path, accelerator: str
+) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
     sock = tmp_path / "fs.sock"
@@ -205,8 +243,11 @@ def test_guest_keeps_its_share_across_a_sigkilled_daemon_and_its_next_access_tim
     second: Daemon | None = None
     # --detach: the backend outlives this command (a VM manager's long-lived backend).
     ctl_run = Listen(bus, real_tree, shared, sock, "--detach")
-    g = guest.Guest(tmp_path, tmp_path / "initrd", guest.build_initramfs(tmp_path / "initrd", LOOP,
-                                                                        guest.MODULES_FS))
+    g = guest.Guest(
+        tmp_path,
+        tmp_path / "initrd",
+        guest.build_initramfs(tmp_path / "initrd", LOOP, guest.MODULES_FS),
+    )
     try:
         assert ctl_run.proc.wait(30) == 0, ctl_run.text()
         assert ctl_run.proc.stdout is not None

@@ -26,8 +26,9 @@ NAMES = ("10-a.json", "20-b.json", "30-c.json", "b.json")
 
 CONTENT = {
     "valid-gpu": json.dumps({"description": "gpu", "type": "gpu", "binary": "/usr/bin/gpu"}),
-    "valid-gpu-2": json.dumps({"description": "gpu two", "type": "gpu", "binary": "/usr/bin/gpu",
-                               "tags": ["x"]}),
+    "valid-gpu-2": json.dumps(
+        {"description": "gpu two", "type": "gpu", "binary": "/usr/bin/gpu", "tags": ["x"]}
+    ),
     "valid-input": json.dumps({"description": "input", "type": "input", "binary": "/usr/bin/in"}),
     # Valid with a warning: an unknown type and no description.
     "warning": json.dumps({"type": "frobnicator", "binary": "/usr/bin/frob"}),
@@ -40,7 +41,8 @@ OPS = (*CONTENT, "delete", "dangling-symlink", "directory")
 
 step = st.lists(
     st.tuples(st.integers(0, len(TIERS) - 1), st.sampled_from(NAMES), st.sampled_from(OPS)),
-    min_size=1, max_size=3,
+    min_size=1,
+    max_size=3,
 )
 
 
@@ -61,11 +63,14 @@ def apply(path: Path, op: str) -> None:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(initial=st.lists(step, max_size=2), steps=st.lists(step, min_size=1, max_size=12),
-       noise=st.booleans())
+@given(
+    initial=st.lists(step, max_size=2),
+    steps=st.lists(step, min_size=1, max_size=12),
+    noise=st.booleans(),
+)
 def test_index_equals_a_fresh_merge_after_every_step(
-        initial: list[list[tuple[int, str, str]]], steps: list[list[tuple[int, str, str]]],
-        noise: bool) -> None:
+    initial: list[list[tuple[int, str, str]]], steps: list[list[tuple[int, str, str]]], noise: bool
+) -> None:
     with tempfile.TemporaryDirectory(prefix="vhostuserd-model-") as root:
         dirs = tuple(lookup.Directory(tier, f"{root}/{tier}/qemu/vhost-user") for tier in TIERS)
         for d in dirs:
@@ -94,8 +99,11 @@ def test_index_equals_a_fresh_merge_after_every_step(
                 paths.append(str(path))
             if noise:
                 # What the watcher also passes along: temporaries, other names, other dirs.
-                paths += [f"{dirs[0].path}/.{NAMES[0]}.tmp", f"{dirs[1].path}/README",
-                          f"{root}/elsewhere/{NAMES[0]}"]
+                paths += [
+                    f"{dirs[0].path}/.{NAMES[0]}.tmp",
+                    f"{dirs[1].path}/README",
+                    f"{root}/elsewhere/{NAMES[0]}",
+                ]
             change = index.update_files(paths)
             where = f"after step {n}: {ops}"
             check(where)
@@ -110,7 +118,8 @@ def test_index_equals_a_fresh_merge_after_every_step(
             assert sorted(d.name for d in change.added) == sorted(new.keys() - old.keys()), where
             assert sorted(d.name for d in change.removed) == sorted(old.keys() - new.keys()), where
             assert sorted(d.name for d in change.changed) == sorted(
-                k for k in old.keys() & new.keys() if old[k] != new[k]), where
+                k for k in old.keys() & new.keys() if old[k] != new[k]
+            ), where
         # A full rescan at the end finds nothing the incremental updates missed.
         generation = index.generation
         assert not index.rescan().effective

@@ -27,9 +27,21 @@ HEADER = """<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspectio
 
 def introspect(address: str, path: str) -> str:
     out = subprocess.run(
-        ["busctl", f"--address={address}", "--json=short", "call", BUS_NAME, path,
-         "org.freedesktop.DBus.Introspectable", "Introspect"],
-        capture_output=True, text=True, check=True, timeout=30).stdout
+        [
+            "busctl",
+            f"--address={address}",
+            "--json=short",
+            "call",
+            BUS_NAME,
+            path,
+            "org.freedesktop.DBus.Introspectable",
+            "Introspect",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
     import json
 
     return str(json.loads(out)["data"][0])
@@ -37,7 +49,9 @@ def introspect(address: str, path: str) -> str:
 
 def our_interfaces(xml_text: str) -> dict[str, str]:
     """name -> canonical text of each org.vhostuserd.Broker1.* interface."""
-    root = ET.fromstring(xml_text.split("\n", 2)[2] if xml_text.startswith("<!DOCTYPE") else xml_text)
+    root = ET.fromstring(
+        xml_text.split("\n", 2)[2] if xml_text.startswith("<!DOCTYPE") else xml_text
+    )
     out = {}
     for iface in root.iter("interface"):
         name = iface.get("name", "")
@@ -51,8 +65,12 @@ def our_interfaces(xml_text: str) -> dict[str, str]:
 def live_interfaces(address: str) -> dict[str, str]:
     found: dict[str, str] = {}
     found.update(our_interfaces(introspect(address, MANAGER_PATH)))
-    tree = subprocess.run(["busctl", f"--address={address}", "--list", "tree", BUS_NAME],
-                          capture_output=True, text=True, check=True).stdout.split()
+    tree = subprocess.run(
+        ["busctl", f"--address={address}", "--list", "tree", BUS_NAME],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for prefix in ("/descriptor/", "/backend/"):
         paths = [p for p in tree if p.startswith(MANAGER_PATH + prefix)]
         if paths:
@@ -79,9 +97,13 @@ def test_xml_file_equals_running_service(bus: PrivateBus, tree: Tree, start_daem
     # Backend objects exist only while backends run; every shipped interface must match
     # what the service exports wherever it is exported.
     for name, text in live.items():
-        assert shipped.get(name) == text, f"{name} differs from {XML_FILE.name}; regenerate it (see docstring)"
+        assert shipped.get(name) == text, (
+            f"{name} differs from {XML_FILE.name}; regenerate it (see docstring)"
+        )
     missing = set(shipped) - set(live) - {"org.vhostuserd.Broker1.Backend"}
-    assert not missing, f"{XML_FILE.name} documents interfaces the service does not export: {missing}"
+    assert not missing, (
+        f"{XML_FILE.name} documents interfaces the service does not export: {missing}"
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,11 @@ StartDaemon = Callable[..., Daemon]
 
 
 def validate(command: str, value: Any) -> None:
-    schema = {"$schema": SCHEMA["$schema"], "$defs": SCHEMA["$defs"], "$ref": f"#/$defs/command/{command}"}
+    schema = {
+        "$schema": SCHEMA["$schema"],
+        "$defs": SCHEMA["$defs"],
+        "$ref": f"#/$defs/command/{command}",
+    }
     jsonschema.Draft202012Validator(schema).validate(value)
 
 
@@ -60,17 +64,32 @@ def test_the_schema_is_itself_valid() -> None:
 
 
 def test_the_schema_rejects_a_missing_or_an_unknown_key() -> None:
-    d = {"name": "50-a.json", "path": "/a/50-a.json", "tier": "data", "type": "gpu", "description": "",
-         "binary": "/usr/bin/true", "tags": [], "object": None, "probed": False, "features": None,
-         "probe_error": None}
+    d = {
+        "name": "50-a.json",
+        "path": "/a/50-a.json",
+        "tier": "data",
+        "type": "gpu",
+        "description": "",
+        "binary": "/usr/bin/true",
+        "tags": [],
+        "object": None,
+        "probed": False,
+        "features": None,
+        "probe_error": None,
+    }
     validate("show", d)
-    for bad in ({k: v for k, v in d.items() if k != "features"}, {**d, "Name": "x"}, {**d, "tier": "home"}):
+    for bad in (
+        {k: v for k, v in d.items() if k != "features"},
+        {**d, "Name": "x"},
+        {**d, "tier": "home"},
+    ):
         with pytest.raises(jsonschema.ValidationError):
             validate("show", bad)
 
 
 def test_every_query_command_json_validates_online_and_offline(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     gpu = fake_backend(tree.root / "gpu-backend", "gpu", ["virgl"])
     tree.write("data", "50-gpu.json", descriptor("gpu", gpu, "a gpu"))
     tree.write("data", "60-gone.json", descriptor("gpu", "/nonexistent/gpu"))
@@ -90,8 +109,13 @@ def test_every_query_command_json_validates_online_and_offline(
         out(ctl(b, tree, "--json", "resolve", "gpu", "-f", "virgl", *where), "resolve")
         out(ctl(b, tree, "--json", "resolve", "input", *where), "resolve")
         out(ctl(b, tree, "--json", "capabilities", "50-gpu.json", *where), "capabilities")
-        for args in (["show", "nosuch.json"], ["show", "80-broken.json"], ["resolve", "gpu", "-f", "nosuch"],
-                     ["resolve", "nonsense"], ["capabilities", "60-gone.json"]):
+        for args in (
+            ["show", "nosuch.json"],
+            ["show", "80-broken.json"],
+            ["resolve", "gpu", "-f", "nosuch"],
+            ["resolve", "nonsense"],
+            ["capabilities", "60-gone.json"],
+        ):
             e = err(ctl(b, tree, "--json", *args, *where))
             assert e["error"].startswith("org.vhostuserd.Broker1.Error."), e
     status = out(ctl(bus, tree, "--json", "status"), "status")
@@ -108,13 +132,21 @@ def test_every_query_command_json_validates_online_and_offline(
     assert e["error"].startswith("org.freedesktop.DBus.Error."), e
 
 
-def test_every_backend_command_json_validates(bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+def test_every_backend_command_json_validates(
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     fs = install(tree, "honours_sigterm", "fs", short="fs")
     gpu = install(tree, "chatty", "gpu", short="chatty", lines=2)
     start_daemon()
     sock = tree.root / "fs.sock"
-    spawned = out(ctl(bus, tree, "--json", "spawn", fs.name, "--listen", str(sock), "--detach"), "spawn")
-    assert spawned["state"] == "running" and spawned["exit_status"] is None and spawned["detached"] is True
+    spawned = out(
+        ctl(bus, tree, "--json", "spawn", fs.name, "--listen", str(sock), "--detach"), "spawn"
+    )
+    assert (
+        spawned["state"] == "running"
+        and spawned["exit_status"] is None
+        and spawned["detached"] is True
+    )
     listed = out(ctl(bus, tree, "--json", "backends"), "backends")
     assert [b["id"] for b in listed] == [spawned["id"]]
     log = out(ctl(bus, tree, "--json", "log", spawned["id"]), "log")
@@ -124,19 +156,29 @@ def test_every_backend_command_json_validates(bus: PrivateBus, tree: Tree, start
     r = ctl(bus, tree, "--json", "spawn", gpu.name, "--exec", "--", sys.executable, "-c", "pass")
     assert r.returncode == 0, r.stderr
     validate("spawn", json.loads(r.stdout))
-    for args in (["stop", "999"], ["log", "999"], ["spawn", fs.name, "--listen", str(tree.root), "--detach"],
-                 ["spawn", "nosuch.json", "--exec", "--", "true"]):
+    for args in (
+        ["stop", "999"],
+        ["log", "999"],
+        ["spawn", fs.name, "--listen", str(tree.root), "--detach"],
+        ["spawn", "nosuch.json", "--exec", "--", "true"],
+    ):
         e = err(ctl(bus, tree, "--json", *args))
         assert e["error"].startswith("org.vhostuserd.Broker1.Error."), e
 
 
 def test_monitor_json_lines_validate_for_every_kind_of_event(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     fs = install(tree, "honours_sigterm", "fs", short="fs")
     start_daemon()
     lines: queue.Queue[str] = queue.Queue()
-    proc = subprocess.Popen([VHOSTUSERCTL, "--address", bus.address, "--json", "monitor"], env=tree.env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [VHOSTUSERCTL, "--address", bus.address, "--json", "monitor"],
+        env=tree.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout or ()], daemon=True).start()
     seen: dict[str, dict[str, Any]] = {}
 
@@ -160,15 +202,36 @@ def test_monitor_json_lines_validate_for_every_kind_of_event(
             tree.write("sysconf", f"40-new-{probe}.json", descriptor("input"))
             return "descriptor-added" in drain()
 
-        wait_for(index_event_seen, lambda: f"the monitor to see a new descriptor; saw {sorted(seen)}")
+        wait_for(
+            index_event_seen, lambda: f"the monitor to see a new descriptor; saw {sorted(seen)}"
+        )
         for p in tree.dir("sysconf").glob("40-new-*.json"):
             p.unlink()
-        spawned = json.loads(ctl(bus, tree, "--json", "spawn", fs.name, "--listen", str(tree.root / "m.sock"),
-                                 "--detach").stdout)
+        spawned = json.loads(
+            ctl(
+                bus,
+                tree,
+                "--json",
+                "spawn",
+                fs.name,
+                "--listen",
+                str(tree.root / "m.sock"),
+                "--detach",
+            ).stdout
+        )
         assert ctl(bus, tree, "stop", spawned["id"]).returncode == 0
-        want = {"index-changed", "descriptor-added", "descriptor-removed", "backend-added", "backend-changed",
-                "backend-exited", "backend-removed"}
-        wait_for(lambda: want <= drain(), lambda: f"every kind of event; saw {sorted(seen)}", timeout=20)
+        want = {
+            "index-changed",
+            "descriptor-added",
+            "descriptor-removed",
+            "backend-added",
+            "backend-changed",
+            "backend-exited",
+            "backend-removed",
+        }
+        wait_for(
+            lambda: want <= drain(), lambda: f"every kind of event; saw {sorted(seen)}", timeout=20
+        )
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(10)

@@ -55,8 +55,9 @@ def live(bus: PrivateBus, tree: Tree, d: Daemon, body: Callable[[Listener], Any]
     d.assert_clean_log()
 
 
-def test_added_file_appears_with_one_index_changed(bus: PrivateBus, tree: Tree,
-                                                   start_daemon: StartDaemon) -> None:
+def test_added_file_appears_with_one_index_changed(
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     tree.write("data", "50-a.json", descriptor("gpu"))
     d = start_daemon()
 
@@ -74,8 +75,9 @@ def test_added_file_appears_with_one_index_changed(bus: PrivateBus, tree: Tree,
     live(bus, tree, d, body)
 
 
-def test_file_modified_in_place_changes_the_descriptor(bus: PrivateBus, tree: Tree,
-                                                       start_daemon: StartDaemon) -> None:
+def test_file_modified_in_place_changes_the_descriptor(
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     path = tree.write("data", "50-a.json", descriptor("gpu", description="before"))
     d = start_daemon()
 
@@ -96,7 +98,8 @@ def test_file_modified_in_place_changes_the_descriptor(bus: PrivateBus, tree: Tr
 
 
 def test_truncating_a_file_masks_the_name_and_rewriting_it_unmasks(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     tree.write("data", "50-a.json", descriptor("gpu", description="data tier"))
     over = tree.write("sysconf", "50-a.json", descriptor("gpu", description="sysconf tier"))
     d = start_daemon()
@@ -123,7 +126,8 @@ def test_truncating_a_file_masks_the_name_and_rewriting_it_unmasks(
 
 
 def test_deleting_the_winner_uncovers_the_less_specific_file_and_then_the_name_goes(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     low = tree.write("data", "50-a.json", descriptor("gpu", description="data tier"))
     high = tree.write("user", "50-a.json", descriptor("gpu", description="user tier"))
     d = start_daemon()
@@ -146,8 +150,9 @@ def test_deleting_the_winner_uncovers_the_less_specific_file_and_then_the_name_g
     live(bus, tree, d, body)
 
 
-def test_atomic_rename_gives_exactly_one_index_changed(bus: PrivateBus, tree: Tree,
-                                                       start_daemon: StartDaemon) -> None:
+def test_atomic_rename_gives_exactly_one_index_changed(
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     path = tree.write("sysconf", "50-a.json", descriptor("gpu", description="v1"))
     d = start_daemon()
 
@@ -155,8 +160,10 @@ def test_atomic_rename_gives_exactly_one_index_changed(bus: PrivateBus, tree: Tr
         for version, target in enumerate([path, path, path.parent / "60-new.json"], start=2):
             g0, m = await L.generation(), L.mark()
             write_atomic(target, doc("gpu", description=f"v{version}"))
-            await L.wait_rows(lambda rows, v=version: any(r[4] == f"v{v}" for r in rows),
-                              f"description v{version}")
+            await L.wait_rows(
+                lambda rows, v=version: any(r[4] == f"v{v}" for r in rows),
+                f"description v{version}",
+            )
             await L.settle(path.parent)
             await L.assert_generation(m, g0, 1)
             await L.assert_matches_disk(tree)
@@ -169,7 +176,8 @@ def test_atomic_rename_gives_exactly_one_index_changed(bus: PrivateBus, tree: Tr
 
 @pytest.mark.parametrize("missing", ["vhost-user", "qemu", "sysconfdir"])
 def test_directory_created_after_start_is_picked_up(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon, missing: str) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon, missing: str
+) -> None:
     sysdir = tree.dir("sysconf")
     gone = {"vhost-user": sysdir, "qemu": sysdir.parent, "sysconfdir": tree.sysconfdir}[missing]
     shutil.rmtree(gone)
@@ -196,8 +204,9 @@ def test_directory_created_after_start_is_picked_up(
     live(bus, tree, d, body)
 
 
-def test_directory_deleted_and_recreated_keeps_being_watched(bus: PrivateBus, tree: Tree,
-                                                             start_daemon: StartDaemon) -> None:
+def test_directory_deleted_and_recreated_keeps_being_watched(
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     sysdir = tree.dir("sysconf")
     tree.write("sysconf", "50-a.json", descriptor("gpu", description="first"))
     tree.write("data", "60-b.json", descriptor("input"))
@@ -287,7 +296,8 @@ def test_symlink_retargeted(bus: PrivateBus, tree: Tree, start_daemon: StartDaem
 
 
 def test_broken_sysconf_file_shadows_valid_data_file_until_fixed(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     tree.write("data", "50-a.json", descriptor("gpu", description="data tier"))
     d = start_daemon()
 
@@ -300,9 +310,11 @@ def test_broken_sysconf_file_shadows_valid_data_file_until_fixed(
         await L.assert_matches_disk(tree)
         (diag,) = await L.diagnostics()
         assert diag[:2] == (str(bad), "error") and "/binary" in diag[2], diag
-        diag_signals = [unwrap(s.body[1])
-                        for s in L.since(m, "PropertiesChanged", interface=PROPS_IFACE)
-                        if s.body[0] == MANAGER_IFACE and "Diagnostics" in s.body[1]]
+        diag_signals = [
+            unwrap(s.body[1])
+            for s in L.since(m, "PropertiesChanged", interface=PROPS_IFACE)
+            if s.body[0] == MANAGER_IFACE and "Diagnostics" in s.body[1]
+        ]
         assert diag_signals and [tuple(x) for x in diag_signals[-1]["Diagnostics"]] == [diag]
         m1 = L.mark()
         write_atomic(bad, doc("gpu", description="fixed"))
@@ -317,7 +329,8 @@ def test_broken_sysconf_file_shadows_valid_data_file_until_fixed(
 
 
 def test_touching_a_file_without_changing_it_signals_nothing(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     path = tree.write("sysconf", "50-a.json", descriptor("gpu"))
     data = path.read_bytes()
     d = start_daemon()
@@ -334,16 +347,21 @@ def test_touching_a_file_without_changing_it_signals_nothing(
         # "never when nothing effective changed": no IndexChanged, no object signal.
         assert L.index_changed(m) == []
         assert await L.generation() == g0
-        assert not [s for s in L.since(m) if s.path != "/org/vhostuserd/Broker1"
-                    or s.member != "PropertiesChanged" or "Diagnostics" not in s.body[1]], \
-            [(s.path, s.member, s.body) for s in L.since(m)]
+        assert not [
+            s
+            for s in L.since(m)
+            if s.path != "/org/vhostuserd/Broker1"
+            or s.member != "PropertiesChanged"
+            or "Diagnostics" not in s.body[1]
+        ], [(s.path, s.member, s.body) for s in L.since(m)]
         assert await L.assert_matches_disk(tree) == before
 
     live(bus, tree, d, body)
 
 
-def test_burst_of_20_writes_coalesces(bus: PrivateBus, tree: Tree,
-                                      start_daemon: StartDaemon) -> None:
+def test_burst_of_20_writes_coalesces(
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     path = tree.write("sysconf", "50-a.json", descriptor("gpu", description="start"))
     d = start_daemon()
 
@@ -368,8 +386,9 @@ STORM_CLIENTS = 50
 STORM_FILES = 5
 
 
-def test_rename_storm_with_concurrent_resolvers(bus: PrivateBus, tree: Tree,
-                                                start_daemon: StartDaemon) -> None:
+def test_rename_storm_with_concurrent_resolvers(
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     """1,000 atomic replacements while 50 clients resolve: every answer was real, the
     daemon survives, and the final index is exactly what is on disk."""
     sysdir = tree.dir("sysconf")
@@ -459,8 +478,9 @@ def test_rename_storm_with_concurrent_resolvers(bus: PrivateBus, tree: Tree,
     d.assert_clean_log()
 
 
-def test_directory_moved_away_and_back_is_followed(bus: PrivateBus, tree: Tree,
-                                                   start_daemon: StartDaemon) -> None:
+def test_directory_moved_away_and_back_is_followed(
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     """A tier directory renamed away is no longer that tier (its watch follows the inode,
     which is elsewhere now); renamed back, it is watched again."""
     sysdir = tree.dir("sysconf")
@@ -495,7 +515,8 @@ def test_directory_moved_away_and_back_is_followed(bus: PrivateBus, tree: Tree,
 
 
 def test_name_that_is_not_utf8_is_diagnosed_live_and_the_watch_goes_on(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     directory = os.fsencode(tree.dir("sysconf"))
     bad = directory + b"/\xff-late.json"
     shown = str(tree.dir("sysconf")) + "/\\xff-late.json"
@@ -528,8 +549,9 @@ def _tasks(pid: int) -> list[str]:
     return sorted(os.listdir(f"/proc/{pid}/task"))
 
 
-def test_daemon_watches_with_no_thread_of_its_own(bus: PrivateBus, tree: Tree,
-                                                  start_daemon: StartDaemon) -> None:
+def test_daemon_watches_with_no_thread_of_its_own(
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     """The watcher is an fd on the event loop: the daemon is one thread, before and after
     changes (watchfiles used to add a polling thread of its own)."""
     d = start_daemon()

@@ -24,13 +24,50 @@ from vhostuserd.descriptors import ERROR, WARNING, parse_descriptor
 
 # ---------------------------------------------------------------- the reference model
 
-QEMU_TYPES = {"9p", "balloon", "block", "caif", "console", "crypto", "gpu", "input", "net", "rng",
-              "rpmsg", "rproc-serial", "scsi", "vsock", "fs"}
+QEMU_TYPES = {
+    "9p",
+    "balloon",
+    "block",
+    "caif",
+    "console",
+    "crypto",
+    "gpu",
+    "input",
+    "net",
+    "rng",
+    "rpmsg",
+    "rproc-serial",
+    "scsi",
+    "vsock",
+    "fs",
+}
 
-KINDS = ["valid", "valid", "unknown-type", "empty", "bad-json", "bad-schema", "dir", "dangling",
-         "link-valid", "link-empty"]
-NAMES = ["10-a.json", "2-b.json", "100-c.json", "A.json", "a.json", "_x.json", "z\u00e9.json",
-         "50-qemu-gpu.json", ".hidden.json", "README", "50-qemu-gpu.json~", "x.json.rpmsave"]
+KINDS = [
+    "valid",
+    "valid",
+    "unknown-type",
+    "empty",
+    "bad-json",
+    "bad-schema",
+    "dir",
+    "dangling",
+    "link-valid",
+    "link-empty",
+]
+NAMES = [
+    "10-a.json",
+    "2-b.json",
+    "100-c.json",
+    "A.json",
+    "a.json",
+    "_x.json",
+    "z\u00e9.json",
+    "50-qemu-gpu.json",
+    ".hidden.json",
+    "README",
+    "50-qemu-gpu.json~",
+    "x.json.rpmsave",
+]
 TYPES = ["gpu", "fs", "input"]
 
 
@@ -59,8 +96,9 @@ def reference_dirs(tree: Path, data_entries: list[str], system: bool) -> list[tu
     return dirs + [("data", f"{d}/qemu/vhost-user") for d in seen]
 
 
-def reference_lookup(dirs: list[tuple[str, str]], files: dict[tuple[str, str], Entry]
-                     ) -> tuple[list[tuple[str, str, str, str]], list[str], list[str]]:
+def reference_lookup(
+    dirs: list[tuple[str, str]], files: dict[tuple[str, str], Entry]
+) -> tuple[list[tuple[str, str, str, str]], list[str], list[str]]:
     """(entries as (name, path, tier, type) in order, error paths, warning paths)."""
     winners: dict[str, tuple[str, str, Entry]] = {}
     for tier, directory in dirs:
@@ -96,11 +134,13 @@ def trees(draw: st.DrawFn) -> tuple[int, list[int | str], bool, dict[tuple[int, 
     if draw(st.booleans()):
         entries.insert(draw(st.integers(0, len(entries))), "relative/share")
     system = draw(st.booleans())
-    files = draw(st.dictionaries(
-        st.tuples(st.integers(0, 1 + n_data), st.sampled_from(NAMES)),
-        st.builds(Entry, st.sampled_from(KINDS), st.sampled_from(TYPES)),
-        max_size=14,
-    ))
+    files = draw(
+        st.dictionaries(
+            st.tuples(st.integers(0, 1 + n_data), st.sampled_from(NAMES)),
+            st.builds(Entry, st.sampled_from(KINDS), st.sampled_from(TYPES)),
+            max_size=14,
+        )
+    )
     return n_data, entries, system, files
 
 
@@ -147,8 +187,11 @@ def test_merge_matches_reference_model(
         slots = write_tree(root, n_data, files)
         data_entries = [e if isinstance(e, str) else str(root / f"data{e}") for e in data_order]
         dirs = lookup.search_path(
-            system=system, sysconfdir=str(root / "etc"), xdg_data_dirs=":".join(data_entries),
-            xdg_config_home=str(root / "home/.config"), home=str(root / "home"),
+            system=system,
+            sysconfdir=str(root / "etc"),
+            xdg_data_dirs=":".join(data_entries),
+            xdg_config_home=str(root / "home/.config"),
+            home=str(root / "home"),
         )
         expected_dirs = reference_dirs(root, data_entries, system)
         assert [(d.tier, d.path) for d in dirs] == expected_dirs
@@ -160,9 +203,10 @@ def test_merge_matches_reference_model(
         got = [(d.name, d.path, d.tier, d.type) for d in result.descriptors]
         assert got == want
         assert sorted(d.path for d in result.diagnostics if d.level == ERROR) == sorted(want_errors)
-        assert sorted(d.path for d in result.diagnostics if d.level == WARNING) == sorted(want_warnings)
+        assert sorted(d.path for d in result.diagnostics if d.level == WARNING) == sorted(
+            want_warnings
+        )
         assert len(result.diagnostics) == len(want_errors) + len(want_warnings)
-
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -204,7 +248,12 @@ def reference_accepts(document: Any) -> bool:
     btype, binary = document.get("type"), document.get("binary")
     if not isinstance(btype, str) or btype == "":
         return False
-    if not isinstance(binary, str) or not binary.startswith("/") or len(binary) < 2 or "\0" in binary:
+    if (
+        not isinstance(binary, str)
+        or not binary.startswith("/")
+        or len(binary) < 2
+        or "\0" in binary
+    ):
         return False
     if "description" in document and not isinstance(document["description"], str):
         return False
@@ -258,19 +307,25 @@ def test_fuzz_parse_descriptor_random_bytes_never_raises(data: bytes) -> None:
 
 
 json_scalars = (
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
     | st.text(max_size=8)
     | st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=2)
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 field_values = {
     "type": st.sampled_from(["gpu", "fs", "sound", "", "GPU"]) | json_values,
     "binary": st.sampled_from(["/usr/bin/x", "/", "//", "rel", "", "/a\0b", "/\u00e9", "/x\udc80"])
-    | st.text(max_size=6).map(lambda s: "/" + s) | json_values,
+    | st.text(max_size=6).map(lambda s: "/" + s)
+    | json_values,
     "description": st.text(max_size=10) | json_values,
     "tags": st.lists(st.text(max_size=4), max_size=3) | json_values,
     "features": json_values,

@@ -50,7 +50,9 @@ def only_error(diagnostics: tuple[Diagnostic, ...], path: Path) -> Diagnostic:
     return errs[0]
 
 
-def parse(doc: object, path: str = "/x/50-test.json") -> tuple[Descriptor | None, tuple[Diagnostic, ...]]:
+def parse(
+    doc: object, path: str = "/x/50-test.json"
+) -> tuple[Descriptor | None, tuple[Diagnostic, ...]]:
     data = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
     parsed = parse_descriptor(data, path=path, name=os.path.basename(path), tier="data")
     return parsed.descriptor, parsed.diagnostics
@@ -61,8 +63,15 @@ def parse(doc: object, path: str = "/x/50-test.json") -> tuple[Descriptor | None
 
 def test_rule1_only_json_files_directly_in_dir_are_candidates(t: Tree) -> None:
     t.write("data", "50-a.json", descriptor())
-    for other in ["README", "50-b.json~", "50-b.json.rpmsave", "50-b.JSON", "50-b.jsonx", "json",
-                  "50-b.json.dpkg-new"]:
+    for other in [
+        "README",
+        "50-b.json~",
+        "50-b.json.rpmsave",
+        "50-b.JSON",
+        "50-b.jsonx",
+        "json",
+        "50-b.json.dpkg-new",
+    ]:
         t.write("data", other, descriptor())
     sub = t.dir("data") / "sub"
     sub.mkdir()
@@ -145,13 +154,21 @@ def test_rule1_symlink_to_file_is_listed_under_its_own_name_and_path(t: Tree) ->
     target.write_text(json.dumps(descriptor(binary="/opt/real")))
     link = t.symlink("sysconf", "40-linked.json", target)
     [d] = t.lookup().descriptors
-    assert (d.name, d.path, d.tier, d.binary) == ("40-linked.json", str(link), "sysconf", "/opt/real")
+    assert (d.name, d.path, d.tier, d.binary) == (
+        "40-linked.json",
+        str(link),
+        "sysconf",
+        "/opt/real",
+    )
 
 
 def test_rule1_missing_directory_is_empty_without_diagnostic(tmp_path: Path) -> None:
     dirs = lookup.search_path(
-        system=False, sysconfdir=str(tmp_path / "no-etc"), xdg_data_dirs=str(tmp_path / "no-data"),
-        xdg_config_home=str(tmp_path / "no-config"), home=str(tmp_path),
+        system=False,
+        sysconfdir=str(tmp_path / "no-etc"),
+        xdg_data_dirs=str(tmp_path / "no-data"),
+        xdg_config_home=str(tmp_path / "no-config"),
+        home=str(tmp_path),
     )
     result = lookup.merge(scan.list_all(dirs))
     assert result == lookup.LookupResult((), ())
@@ -213,7 +230,9 @@ def test_rule1_socket_named_x_json_is_diagnosed(t: Tree) -> None:
 def world_tree() -> Iterator[Tree]:
     """A tree uid 65534 can reach (tmp_path's parents are private to root)."""
     if os.geteuid() == 0 and shutil.which("setpriv") is None:
-        pytest.skip("running as root and setpriv (util-linux) is missing: modes 000 cannot be enforced")
+        pytest.skip(
+            "running as root and setpriv (util-linux) is missing: modes 000 cannot be enforced"
+        )
     root = Path(tempfile.mkdtemp(prefix="vhu-nobody-"))
     root.chmod(0o755)
     try:
@@ -257,9 +276,9 @@ def test_rule1_unreadable_file_is_diagnosed(world_tree: Tree) -> None:
     secret.chmod(0o000)
     out = lookup_as_nobody(t)
     assert out["names"] == ["60-b.json"], "an unreadable sysconf file must still shadow"
-    assert out["diagnostics"] == [
-        [str(secret), ERROR, "cannot be read: permission denied"]
-    ], out["diagnostics"]
+    assert out["diagnostics"] == [[str(secret), ERROR, "cannot be read: permission denied"]], out[
+        "diagnostics"
+    ]
 
 
 def test_rule1_unlistable_directory_is_diagnosed(world_tree: Tree) -> None:
@@ -269,7 +288,9 @@ def test_rule1_unlistable_directory_is_diagnosed(world_tree: Tree) -> None:
     t.dir("user")
     out = lookup_as_nobody(t, locked=t.dir("sysconf"))
     assert out["names"] == ["50-a.json"]
-    assert out["diagnostics"] == [[str(t.dir("sysconf")), ERROR, "cannot be listed: Permission denied"]]
+    assert out["diagnostics"] == [
+        [str(t.dir("sysconf")), ERROR, "cannot be listed: Permission denied"]
+    ]
 
 
 def test_rule1_every_unusable_entry_is_a_diagnostic_never_an_exception(t: Tree) -> None:
@@ -294,7 +315,9 @@ def test_rule1_every_unusable_entry_is_a_diagnostic_never_an_exception(t: Tree) 
     bad["17-deep.json"] = "not valid JSON"
     (d / "18-nul.json").write_text(json.dumps(descriptor(binary="/usr/bin/a\0b")))
     bad["18-nul.json"] = "/binary"
-    (d / "19-surrogate.json").write_text('{"type": "gpu", "binary": "/x\\ud800", "description": ""}')
+    (d / "19-surrogate.json").write_text(
+        '{"type": "gpu", "binary": "/x\\ud800", "description": ""}'
+    )
     bad["19-surrogate.json"] = "lone surrogate"
     (d / "20-dir.json").mkdir()
     t.write("data", "99-good.json", descriptor())
@@ -358,7 +381,8 @@ def test_rule2_system_mode_has_no_user_tier(t: Tree) -> None:
     result = t.lookup(system=True)
     assert [(d.name, d.binary) for d in result.descriptors] == [("50-a.json", "/usr/bin/data")]
     assert [(d.name, d.tier) for d in t.lookup().descriptors] == [
-        ("40-mine.json", "user"), ("50-a.json", "user"),
+        ("40-mine.json", "user"),
+        ("50-a.json", "user"),
     ]
 
 
@@ -375,8 +399,13 @@ def test_rule2_shadowed_names_the_losers_and_their_winner(tmp_path: Path) -> Non
 
 def test_rule2_search_path_order_and_xdg_defaults(tmp_path: Path) -> None:
     def tiers(**kw: object) -> list[tuple[str, str]]:
-        args: dict[str, object] = {"system": False, "sysconfdir": "/etc", "xdg_data_dirs": None,
-                                   "xdg_config_home": None, "home": "/home/u"}
+        args: dict[str, object] = {
+            "system": False,
+            "sysconfdir": "/etc",
+            "xdg_data_dirs": None,
+            "xdg_config_home": None,
+            "home": "/home/u",
+        }
         args.update(kw)
         return [(d.tier, d.path) for d in lookup.search_path(**args)]  # type: ignore[arg-type]
 
@@ -424,7 +453,9 @@ def test_rule2_masking_goes_by_basename_never_by_target(t: Tree) -> None:
     t.symlink("user", "20-my-gpu.json", "../../../../" + str(real.relative_to(t.root)))
     result = t.lookup()
     assert names(result) == ["10-local-gpu.json", "20-my-gpu.json", "50-qemu-virtiofsd.json"]
-    assert {d.binary for d in result.descriptors if d.type == "gpu"} == {"/usr/lib/qemu/vhost-user-gpu"}
+    assert {d.binary for d in result.descriptors if d.type == "gpu"} == {
+        "/usr/lib/qemu/vhost-user-gpu"
+    }
 
 
 def test_rule2_symlinked_name_overrides_same_name_below(t: Tree) -> None:
@@ -513,7 +544,9 @@ def test_rule4_broken_sysconf_file_shadows_valid_data_file(t: Tree) -> None:
     t.write("data", "60-other.json", descriptor())
     broken = t.write("sysconf", "50-qemu-gpu.json", b'{"type": "gpu", "binary": "/usr/bin/x",')
     result = t.lookup()
-    assert names(result) == ["60-other.json"], "the admin's broken file must not let the data file through"
+    assert names(result) == ["60-other.json"], (
+        "the admin's broken file must not let the data file through"
+    )
     error = only_error(result.diagnostics, broken)
     assert error.message.startswith("not valid JSON"), error
     assert "line 1 column" in error.message, error
@@ -575,11 +608,26 @@ def test_rule4_shadowed_broken_file_does_not_hide_the_winner(t: Tree) -> None:
 
 
 def test_rule5_byte_order_sort(t: Tree) -> None:
-    for name in ["20-x.json", "100-x.json", "a.json", "B.json", "Z.json", "_.json", "z\u00e9.json",
-                 "zz.json"]:
+    for name in [
+        "20-x.json",
+        "100-x.json",
+        "a.json",
+        "B.json",
+        "Z.json",
+        "_.json",
+        "z\u00e9.json",
+        "zz.json",
+    ]:
         t.write("data", name, descriptor())
     assert names(t.lookup()) == [
-        "100-x.json", "20-x.json", "B.json", "Z.json", "_.json", "a.json", "zz.json", "z\u00e9.json",
+        "100-x.json",
+        "20-x.json",
+        "B.json",
+        "Z.json",
+        "_.json",
+        "a.json",
+        "zz.json",
+        "z\u00e9.json",
     ]
 
 
@@ -590,7 +638,8 @@ def test_rule5_byte_order_sort_is_by_bytes_on_disk_not_code_points(t: Tree) -> N
     (d / "50-\ue000.json").write_text(json.dumps(descriptor()))
     (Path(os.fsdecode(os.fsencode(d) + b"/50-\xff.json"))).write_text(json.dumps(descriptor()))
     assert [os.fsencode(n) for n in names(t.lookup())] == [
-        "50-\ue000.json".encode(), b"50-\xff.json",
+        "50-\ue000.json".encode(),
+        b"50-\xff.json",
     ]
 
 
@@ -671,15 +720,23 @@ def test_rule6_every_known_type_is_accepted_without_warning() -> None:
 
 def test_rule6_virtiofsd_extra_features_key_accepted(t: Tree) -> None:
     # Rust virtiofsd's 50-virtiofsd.json, verbatim shape.
-    t.write("data", "50-virtiofsd.json", {
-        "description": "virtiofsd vhost-user-fs",
-        "type": "fs",
-        "binary": "/usr/libexec/virtiofsd",
-        "features": ["migrate-precopy", "separate-options"],
-    })
+    t.write(
+        "data",
+        "50-virtiofsd.json",
+        {
+            "description": "virtiofsd vhost-user-fs",
+            "type": "fs",
+            "binary": "/usr/libexec/virtiofsd",
+            "features": ["migrate-precopy", "separate-options"],
+        },
+    )
     result = t.lookup()
     [d] = result.descriptors
-    assert (d.type, d.binary, d.description) == ("fs", "/usr/libexec/virtiofsd", "virtiofsd vhost-user-fs")
+    assert (d.type, d.binary, d.description) == (
+        "fs",
+        "/usr/libexec/virtiofsd",
+        "virtiofsd vhost-user-fs",
+    )
     assert result.diagnostics == ()
 
 
@@ -697,7 +754,12 @@ def test_rule6_relative_binary_rejected_with_pointer(t: Tree) -> None:
 
 
 def test_rule6_binary_must_be_a_nonempty_absolute_string() -> None:
-    for binary, pointer in [("", "/binary"), ("/", "/binary"), ("./gpu", "/binary"), (7, "/binary")]:
+    for binary, pointer in [
+        ("", "/binary"),
+        ("/", "/binary"),
+        ("./gpu", "/binary"),
+        (7, "/binary"),
+    ]:
         d, diags = parse(descriptor(binary=binary))
         assert d is None
         assert [x.message.split(":")[0] for x in diags] == [pointer], (binary, diags)
@@ -709,7 +771,8 @@ def test_rule6_missing_type_or_binary_is_rejected_with_pointer() -> None:
     assert d is None
     [diag] = diags
     assert sorted(diag.message.split("; ")) == [
-        "/: missing required key 'binary'", "/: missing required key 'type'",
+        "/: missing required key 'binary'",
+        "/: missing required key 'type'",
     ]
 
 
@@ -767,13 +830,17 @@ def test_rule6_file_whose_size_lies_is_still_capped_at_1mib(t: Tree) -> None:
         with open(source, "rb") as f:
             big = len(f.read(MAX_DESCRIPTOR_SIZE + 1)) > MAX_DESCRIPTOR_SIZE
     except OSError as e:
-        pytest.skip(f"{source} cannot be read here ({e.strerror}): no regular file that lies about its size")
+        pytest.skip(
+            f"{source} cannot be read here ({e.strerror}): no regular file that lies about its size"
+        )
     if not big or source.stat().st_size != 0:
         pytest.skip(f"{source} is not a >1 MiB file reporting size 0 on this kernel")
     link = t.symlink("data", "50-proc.json", source)
     result = t.lookup()
     assert names(result) == []
-    assert only_error(result.diagnostics, link).message == f"larger than {MAX_DESCRIPTOR_SIZE} bytes"
+    assert (
+        only_error(result.diagnostics, link).message == f"larger than {MAX_DESCRIPTOR_SIZE} bytes"
+    )
 
 
 # ================================================================ capabilities paragraph
@@ -804,8 +871,11 @@ def test_capabilities_type_must_equal_descriptor_type() -> None:
 
 def test_capabilities_must_be_a_json_object_with_type() -> None:
     for printed, code in [
-        (b"", "invalid-json"), (b"gpu", "invalid-json"), (b"\xff", "invalid-json"),
-        (b"[]", "invalid-capabilities"), (b"{}", "invalid-capabilities"),
+        (b"", "invalid-json"),
+        (b"gpu", "invalid-json"),
+        (b"\xff", "invalid-json"),
+        (b"[]", "invalid-capabilities"),
+        (b"{}", "invalid-capabilities"),
         (b'{"type": "gpu", "features": [1]}', "invalid-capabilities"),
         (b'{"type": "gpu", "features": {"virgl": true}}', "invalid-capabilities"),
     ]:
@@ -838,7 +908,9 @@ def test_rule3_symlink_to_dev_null_masks_like_an_empty_file(tmp_path) -> None:  
     etc = tmp_path / "etc"
     data.mkdir()
     etc.mkdir()
-    (data / "50-gpu.json").write_text('{"type": "gpu", "binary": "/usr/bin/true", "description": "d"}')
+    (data / "50-gpu.json").write_text(
+        '{"type": "gpu", "binary": "/usr/bin/true", "description": "d"}'
+    )
     (etc / "50-gpu.json").symlink_to("/dev/null")
     result = merge(scan.list_all([Directory("sysconf", str(etc)), Directory("data", str(data))]))
     assert result.descriptors == ()

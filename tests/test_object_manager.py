@@ -30,16 +30,32 @@ StartDaemon = Callable[..., Daemon]
 
 MANAGER_ONLY = f"type='signal',sender='{BUS_NAME}',path='{MANAGER_PATH}'"
 DESCRIPTORS = f"type='signal',sender='{BUS_NAME}',path_namespace='{MANAGER_PATH}/descriptor'"
-PROPERTY_NAMES = {"Name", "Path", "Tier", "Type", "Description", "Binary", "Tags", "Probed",
-                  "Features", "ProbeError"}
+PROPERTY_NAMES = {
+    "Name",
+    "Path",
+    "Tier",
+    "Type",
+    "Description",
+    "Binary",
+    "Tags",
+    "Probed",
+    "Features",
+    "ProbeError",
+}
 
 
 def descriptor_props(d: dict[str, Any]) -> dict[str, Any]:
     """The Descriptor properties that correspond to a ListDescriptors dict."""
     return {
-        "Name": d["name"], "Path": d["path"], "Tier": d["tier"], "Type": d["type"],
-        "Description": d["description"], "Binary": d["binary"], "Tags": d["tags"],
-        "Probed": "features" in d or "probe_error" in d, "Features": d.get("features", []),
+        "Name": d["name"],
+        "Path": d["path"],
+        "Tier": d["tier"],
+        "Type": d["type"],
+        "Description": d["description"],
+        "Binary": d["binary"],
+        "Tags": d["tags"],
+        "Probed": "features" in d or "probe_error" in d,
+        "Features": d.get("features", []),
         "ProbeError": d.get("probe_error", ""),
     }
 
@@ -71,41 +87,62 @@ async def wait_probed(L: Listener, n: int) -> list[dict[str, Any]]:
 
 
 def test_manager_path_listener_sees_descriptors_added_and_removed(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     gpu = fake_backend(tree.root / "gpu", "gpu", ["virgl"])
     tree.write("data", "50-a.json", descriptor("gpu", gpu))
     d = start_daemon()
     backend = fake_backend(tree.root / "input", "input", ["evdev-path"])
 
     async def main() -> None:
-        async with await listen(bus.address, [MANAGER_ONLY]) as om, \
-                await listen(bus.address, [DESCRIPTORS]) as own_path:
-            path = tree.write("sysconf", "40-b.json",
-                              {"description": "keyboard", "type": "input", "binary": backend,
-                               "tags": ["x", "y"]})
+        async with (
+            await listen(bus.address, [MANAGER_ONLY]) as om,
+            await listen(bus.address, [DESCRIPTORS]) as own_path,
+        ):
+            path = tree.write(
+                "sysconf",
+                "40-b.json",
+                {"description": "keyboard", "type": "input", "binary": backend, "tags": ["x", "y"]},
+            )
             obj = descriptor_path("40-b.json")
             added = await om.wait_signal(lambda s: s.member == "InterfacesAdded", "InterfacesAdded")
-            assert (added.path, added.interface, added.signature) == \
-                (MANAGER_PATH, OM_IFACE, "oa{sa{sv}}")
+            assert (added.path, added.interface, added.signature) == (
+                MANAGER_PATH,
+                OM_IFACE,
+                "oa{sa{sv}}",
+            )
             assert added.body[0] == obj
             props = unwrap(added.body[1])[DESCRIPTOR_IFACE]
             assert props == {
-                "Name": "40-b.json", "Path": str(path), "Tier": "sysconf", "Type": "input",
-                "Description": "keyboard", "Binary": backend, "Tags": ["x", "y"],
-                "Probed": False, "Features": [], "ProbeError": "",
+                "Name": "40-b.json",
+                "Path": str(path),
+                "Tier": "sysconf",
+                "Type": "input",
+                "Description": "keyboard",
+                "Binary": backend,
+                "Tags": ["x", "y"],
+                "Probed": False,
+                "Features": [],
+                "ProbeError": "",
             }
             mark = om.mark()
             path.unlink()
-            removed = await om.wait_signal(lambda s: s.member == "InterfacesRemoved",
-                                           "InterfacesRemoved", mark)
-            assert (removed.path, removed.interface, removed.signature) == \
-                (MANAGER_PATH, OM_IFACE, "oas")
+            removed = await om.wait_signal(
+                lambda s: s.member == "InterfacesRemoved", "InterfacesRemoved", mark
+            )
+            assert (removed.path, removed.interface, removed.signature) == (
+                MANAGER_PATH,
+                OM_IFACE,
+                "oas",
+            )
             assert removed.body == [obj, [DESCRIPTOR_IFACE]]
             await om.settle(tree.dir("sysconf"))
             await own_path.generation()  # every signal sent before this reply has arrived
             # Exactly one of each on the manager path, none from the objects' own paths.
-            assert [s.member for s in om.signals if s.interface == OM_IFACE] == \
-                ["InterfacesAdded", "InterfacesRemoved"]
+            assert [s.member for s in om.signals if s.interface == OM_IFACE] == [
+                "InterfacesAdded",
+                "InterfacesRemoved",
+            ]
             assert not [s for s in own_path.signals if s.interface == OM_IFACE]
 
     run(main())
@@ -113,7 +150,8 @@ def test_manager_path_listener_sees_descriptors_added_and_removed(
 
 
 def test_get_managed_objects_lists_every_descriptor_with_its_properties(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     gpu = fake_backend(tree.root / "gpu", "gpu", ["virgl", "render-node"])
     fs = fake_backend(tree.root / "fs", "fs", [])
     tree.write("data", "50-gpu.json", {**descriptor("gpu", gpu, "a gpu"), "tags": ["fast"]})
@@ -137,11 +175,13 @@ def test_get_managed_objects_lists_every_descriptor_with_its_properties(
                 assert set(props) == PROPERTY_NAMES
                 assert props == descriptor_props(i)
                 # GetAll on the object agrees with the ObjectManager's view.
-                (all_props,) = await L.call("GetAll", "s", [DESCRIPTOR_IFACE], path=i["object"],
-                                            interface=PROPS_IFACE)
+                (all_props,) = await L.call(
+                    "GetAll", "s", [DESCRIPTOR_IFACE], path=i["object"], interface=PROPS_IFACE
+                )
                 assert unwrap(all_props) == props
-            by_name = {p["Name"]: p
-                       for p in (objects[i["object"]][DESCRIPTOR_IFACE] for i in items)}
+            by_name = {
+                p["Name"]: p for p in (objects[i["object"]][DESCRIPTOR_IFACE] for i in items)
+            }
             assert by_name["50-gpu.json"]["Features"] == ["virgl", "render-node"]
             assert by_name["50-gpu.json"]["Tags"] == ["fast"]
             fs_props = by_name["60-fs.json"]
@@ -152,15 +192,18 @@ def test_get_managed_objects_lists_every_descriptor_with_its_properties(
             # A change shows up in the next GetManagedObjects.
             tree.write("sysconf", "50-gpu.json", "")
             await L.wait_names(["60-fs.json", "70-broken.json"])
-            assert set(await managed_objects(L)) == {descriptor_path("60-fs.json"),
-                                                     descriptor_path("70-broken.json")}
+            assert set(await managed_objects(L)) == {
+                descriptor_path("60-fs.json"),
+                descriptor_path("70-broken.json"),
+            }
 
     run(main())
     d.assert_clean_log()
 
 
 def test_properties_changed_when_a_file_changes_in_place(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     first = fake_backend(tree.root / "gpu1", "gpu", ["virgl"])
     second = fake_backend(tree.root / "gpu2", "gpu", ["render-node", "virgl"])
     path = tree.write("sysconf", "50-gpu.json", descriptor("gpu", first, "before"))
@@ -179,23 +222,29 @@ def test_properties_changed_when_a_file_changes_in_place(
             m = L.mark()
             overwrite(path, json.dumps({**descriptor("gpu", second, "after"), "tags": ["t"]}))
             # A new binary: not probed yet, then probed with its own features.
-            await await_for(lambda: len(props_changed(L, m, obj)) == 2,
-                            lambda: f"two PropertiesChanged; have {props_changed(L, m, obj)}")
+            await await_for(
+                lambda: len(props_changed(L, m, obj)) == 2,
+                lambda: f"two PropertiesChanged; have {props_changed(L, m, obj)}",
+            )
             await L.settle(tree.dir("sysconf"))
             assert props_changed(L, m, obj) == [
                 {"Binary": second, "Probed": False, "Features": []},
                 {"Probed": True, "Features": ["render-node", "virgl"]},
             ]
             props = (await managed_objects(L))[obj][DESCRIPTOR_IFACE]
-            assert (props["Binary"], props["Features"], props["Probed"]) == \
-                (second, ["render-node", "virgl"], True)
+            assert (props["Binary"], props["Features"], props["Probed"]) == (
+                second,
+                ["render-node", "virgl"],
+                True,
+            )
 
     run(main())
     d.assert_clean_log()
 
 
 def test_properties_changed_when_a_probe_completes(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     d = start_daemon()
     good = fake_backend(tree.root / "blk", "block", ["read-only"])
     bad = fake_backend(tree.root / "bad", "block", [], body="")
@@ -212,8 +261,11 @@ def test_properties_changed_when_a_probe_completes(
                 m = L.mark()
                 obj = descriptor_path(name)
                 tree.write("data", name, descriptor("block", binary))
-                added = await L.wait_signal(lambda s, o=obj: s.member == "InterfacesAdded"
-                                            and s.body[0] == o, f"InterfacesAdded for {name}", m)
+                added = await L.wait_signal(
+                    lambda s, o=obj: s.member == "InterfacesAdded" and s.body[0] == o,
+                    f"InterfacesAdded for {name}",
+                    m,
+                )
                 assert unwrap(added.body[1])[DESCRIPTOR_IFACE]["Probed"] is False
                 await await_for(lambda o=obj, m=m: props_changed(L, m, o), f"the probe of {name}")
                 (changed,) = props_changed(L, m, obj)
@@ -224,7 +276,8 @@ def test_properties_changed_when_a_probe_completes(
                     assert "type-mismatch" in changed["ProbeError"], changed
                 # The signal came after the object was announced.
                 assert L.signals.index(added) < L.signals.index(
-                    L.since(m, "PropertiesChanged", obj)[0])
+                    L.since(m, "PropertiesChanged", obj)[0]
+                )
                 assert await L.prop("Probed", obj, DESCRIPTOR_IFACE) is True
 
     run(main())

@@ -43,7 +43,8 @@ def sys_env(sysbus: PrivateBus, polkit: DbusmockPolkit, tmp_path: Path) -> Itera
 
 
 def test_allowed_spawn_runs_the_backend_as_the_caller_with_no_new_privs(
-        sys_env: SystemSetup, polkit: DbusmockPolkit) -> None:
+    sys_env: SystemSetup, polkit: DbusmockPolkit
+) -> None:
     polkit.set_allowed(SPAWN)
     caller = sys_env.callers(NOBODY)
     r = caller.spawn("50-gpu.json")
@@ -65,7 +66,8 @@ def test_allowed_spawn_runs_the_backend_as_the_caller_with_no_new_privs(
 
 
 def test_denied_spawn_is_not_authorized_and_names_the_action(
-        sys_env: SystemSetup, polkit: DbusmockPolkit) -> None:
+    sys_env: SystemSetup, polkit: DbusmockPolkit
+) -> None:
     polkit.set_allowed()  # the template's default, made explicit
     caller = sys_env.callers(NOBODY)
     message = caller.spawn("50-gpu.json").expect_error("NotAuthorized")
@@ -79,16 +81,20 @@ def test_denied_spawn_is_not_authorized_and_names_the_action(
     assert sys_env.running() == []
 
 
-@pytest.mark.parametrize("descriptor,option,value", [
-    ("50-gpu.json", "render-node", "/dev/null"),
-    ("50-gpu.json", "render-node", "/dev/dri/../null"),
-    ("50-gpu.json", "render-node", "/dev/dri/../../tmp"),
-    ("50-gpu.json", "render-node", "/dev/dri/renderD99999"),
-    ("50-input.json", "evdev-path", "/dev/input/../null"),
-    ("50-input.json", "evdev-path", "/dev/zero"),
-])
+@pytest.mark.parametrize(
+    "descriptor,option,value",
+    [
+        ("50-gpu.json", "render-node", "/dev/null"),
+        ("50-gpu.json", "render-node", "/dev/dri/../null"),
+        ("50-gpu.json", "render-node", "/dev/dri/../../tmp"),
+        ("50-gpu.json", "render-node", "/dev/dri/renderD99999"),
+        ("50-input.json", "evdev-path", "/dev/input/../null"),
+        ("50-input.json", "evdev-path", "/dev/zero"),
+    ],
+)
 def test_device_option_that_is_not_such_a_device_fails_before_polkit_is_asked(
-        sys_env: SystemSetup, polkit: DbusmockPolkit, descriptor: str, option: str, value: str) -> None:
+    sys_env: SystemSetup, polkit: DbusmockPolkit, descriptor: str, option: str, value: str
+) -> None:
     polkit.set_allowed(SPAWN, SPAWN_DEVICE)
     caller = sys_env.callers(NOBODY)
     message = caller.spawn(descriptor, {option: ("s", value)}).expect_error("InvalidOption")
@@ -104,14 +110,20 @@ def _render_node() -> str | None:
     return None
 
 
-def test_device_option_needs_spawn_device_as_well(sys_env: SystemSetup, polkit: DbusmockPolkit) -> None:
+def test_device_option_needs_spawn_device_as_well(
+    sys_env: SystemSetup, polkit: DbusmockPolkit
+) -> None:
     node = _render_node()
     if node is None:
-        pytest.skip("no /dev/dri/renderD* character device on this machine (and tests cannot make one); "
-                    "the non-device cases above still run")
+        pytest.skip(
+            "no /dev/dri/renderD* character device on this machine (and tests cannot make one); "
+            "the non-device cases above still run"
+        )
     polkit.set_allowed(SPAWN)
     caller = sys_env.callers(NOBODY)
-    message = caller.spawn("50-gpu.json", {"render-node": ("s", node)}).expect_error("NotAuthorized")
+    message = caller.spawn("50-gpu.json", {"render-node": ("s", node)}).expect_error(
+        "NotAuthorized"
+    )
     assert SPAWN_DEVICE in message, message
     assert polkit.actions() == [SPAWN, SPAWN_DEVICE]
     assert sys_env.running() == []
@@ -125,7 +137,8 @@ def test_device_option_needs_spawn_device_as_well(sys_env: SystemSetup, polkit: 
 
 
 def test_caller_that_leaves_during_a_slow_polkit_answer_gets_nothing_started(
-        sys_env: SystemSetup, polkit: DbusmockPolkit) -> None:
+    sys_env: SystemSetup, polkit: DbusmockPolkit
+) -> None:
     polkit.set_allowed(SPAWN)
     polkit.simulate_hang(True)
     leaver = sys_env.callers(NOBODY)
@@ -137,8 +150,10 @@ def test_caller_that_leaves_during_a_slow_polkit_answer_gets_nothing_started(
     wait_for(lambda: not sys_env.bus.name_has_owner(leaver.name), "the caller to leave the bus")
     polkit.release()  # the answer is "yes", for a caller that is gone
     polkit.simulate_hang(False)
-    wait_for(lambda: f"{leaver.name} (uid {NOBODY}) may {SPAWN}" in sys_env.daemon.log(),
-             "the daemon to get polkit's answer")
+    wait_for(
+        lambda: f"{leaver.name} (uid {NOBODY}) may {SPAWN}" in sys_env.daemon.log(),
+        "the daemon to get polkit's answer",
+    )
     assert admin.backends() == []  # a round trip after the answer: the daemon has acted on it
     assert sys_env.running() == []
     assert " started: pid " not in sys_env.daemon.log(), sys_env.daemon.log()
@@ -177,7 +192,9 @@ def test_reload_needs_manage(sys_env: SystemSetup, polkit: DbusmockPolkit) -> No
     assert r.ok and isinstance(r.body[0], int), str(r)
 
 
-def test_stop_of_another_uids_backend_needs_manage(sys_env: SystemSetup, polkit: DbusmockPolkit) -> None:
+def test_stop_of_another_uids_backend_needs_manage(
+    sys_env: SystemSetup, polkit: DbusmockPolkit
+) -> None:
     polkit.set_allowed(SPAWN)
     owner = sys_env.callers(OTHER_UID)
     r = owner.spawn("50-gpu.json")
@@ -201,7 +218,8 @@ def test_stop_of_another_uids_backend_needs_manage(sys_env: SystemSetup, polkit:
 
 
 def test_list_backends_shows_only_the_callers_own_unless_manage(
-        sys_env: SystemSetup, polkit: DbusmockPolkit) -> None:
+    sys_env: SystemSetup, polkit: DbusmockPolkit
+) -> None:
     polkit.set_allowed(SPAWN)
     a, b = sys_env.callers(OTHER_UID), sys_env.callers(NOBODY)
     path_a = a.spawn("50-gpu.json").body[0]

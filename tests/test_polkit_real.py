@@ -79,12 +79,19 @@ def polkitd(sysbus: PrivateBus, tmp_path: Path) -> Iterator[Callable[[str], None
         if rules:
             (rules_dir / "50-test.rules").write_text(rules)
         env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": sysbus.address}
-        script = (f"mount --bind {actions} /usr/share/polkit-1/actions && "
-                  f"mount --bind {rules_dir} /etc/polkit-1/rules.d && "
-                  f"mount --bind {empty} /usr/share/polkit-1/rules.d && "
-                  f"exec {POLKITD} --no-debug")
-        proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        script = (
+            f"mount --bind {actions} /usr/share/polkit-1/actions && "
+            f"mount --bind {rules_dir} /etc/polkit-1/rules.d && "
+            f"mount --bind {empty} /usr/share/polkit-1/rules.d && "
+            f"exec {POLKITD} --no-debug"
+        )
+        proc = subprocess.Popen(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         procs.append(proc)
         deadline = time.monotonic() + 20
         while not sysbus.name_has_owner(POLKIT_NAME):
@@ -114,7 +121,8 @@ def sys_env(sysbus: PrivateBus, tmp_path: Path) -> Iterator[SystemSetup]:
 
 
 def test_without_a_rule_the_unprivileged_caller_is_refused(
-        polkitd: Callable[[str], None], sys_env: SystemSetup) -> None:
+    polkitd: Callable[[str], None], sys_env: SystemSetup
+) -> None:
     polkitd("")
     caller = sys_env.callers(NOBODY)
     # auth_admin with no interaction allowed: polkit's answer is a challenge.
@@ -131,7 +139,8 @@ def test_without_a_rule_the_unprivileged_caller_is_refused(
 
 
 def test_a_rule_for_the_caller_lets_it_spawn_as_itself(
-        polkitd: Callable[[str], None], sys_env: SystemSetup) -> None:
+    polkitd: Callable[[str], None], sys_env: SystemSetup
+) -> None:
     polkitd(NOBODY_MAY_SPAWN_GPU)
     caller = sys_env.callers(NOBODY)
     r = caller.spawn("50-gpu.json")

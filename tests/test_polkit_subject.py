@@ -40,7 +40,9 @@ INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequi
 
 
 @pytest.fixture(scope="module")
-def polkit(sysbus: PrivateBus, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RecordingPolkit]:
+def polkit(
+    sysbus: PrivateBus, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RecordingPolkit]:
     p = RecordingPolkit(sysbus, tmp_path_factory.mktemp("polkit"))
     yield p
     p.close()
@@ -54,8 +56,15 @@ def sys_env(sysbus: PrivateBus, polkit: RecordingPolkit, tmp_path: Path) -> Iter
 
 
 def daemon_name(env: SystemSetup) -> str:
-    r = env.bus.busctl("call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                       "GetNameOwner", "s", "org.vhostuserd.Broker1")
+    r = env.bus.busctl(
+        "call",
+        "org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus",
+        "GetNameOwner",
+        "s",
+        "org.vhostuserd.Broker1",
+    )
     return r.stdout.split('"')[1]
 
 
@@ -64,13 +73,15 @@ def subject_of(caller: Caller) -> list[Any]:
 
 
 def test_spawn_check_names_the_caller_by_its_unique_name_with_the_rule_details(
-        sys_env: SystemSetup, polkit: RecordingPolkit) -> None:
+    sys_env: SystemSetup, polkit: RecordingPolkit
+) -> None:
     polkit.answer({SPAWN: [True, False]})
     caller = sys_env.callers(NOBODY)
     gpu = caller.spawn("50-gpu.json", {"virgl": ("b", True)})
     assert gpu.ok, str(gpu)
-    fs = caller.spawn("50-fs-o.json", {"shared-dir": ("s", "/srv/share"), "detach": ("b", False)},
-                      fd="listen")
+    fs = caller.spawn(
+        "50-fs-o.json", {"shared-dir": ("s", "/srv/share"), "detach": ("b", False)}, fd="listen"
+    )
     assert fs.ok, str(fs)
     calls = polkit.calls()
     assert len(calls) == 2, calls
@@ -82,15 +93,23 @@ def test_spawn_check_names_the_caller_by_its_unique_name_with_the_rule_details(
         assert call["cancellation_id"] == ""
         assert call["sender"] == daemon_name(sys_env)
         assert call["path"] == "/org/freedesktop/PolicyKit1/Authority"
-    assert calls[0]["details"] == {"descriptor": "50-gpu.json", "type": "gpu",
-                                   "binary": binary["50-gpu.json"]}
+    assert calls[0]["details"] == {
+        "descriptor": "50-gpu.json",
+        "type": "gpu",
+        "binary": binary["50-gpu.json"],
+    }
     # flatpak-app-id is absent for a process that is not in a Flatpak sandbox.
-    assert calls[1]["details"] == {"descriptor": "50-fs-o.json", "type": "fs",
-                                   "binary": binary["50-fs-o.json"], "shared-dir": "/srv/share"}
+    assert calls[1]["details"] == {
+        "descriptor": "50-fs-o.json",
+        "type": "fs",
+        "binary": binary["50-fs-o.json"],
+        "shared-dir": "/srv/share",
+    }
 
 
 def test_flags_are_1_only_when_the_call_allows_interactive_authorization(
-        sys_env: SystemSetup, polkit: RecordingPolkit) -> None:
+    sys_env: SystemSetup, polkit: RecordingPolkit
+) -> None:
     polkit.answer({SPAWN: [True, False], MANAGE: [True, False]})
     caller = sys_env.callers(NOBODY)
     assert caller.spawn("50-gpu.json").ok
@@ -98,13 +117,19 @@ def test_flags_are_1_only_when_the_call_allows_interactive_authorization(
     assert caller.call("Reload", interactive=True).ok
     assert caller.call("Reload").ok
     calls = polkit.calls()
-    assert [(c["action"], c["flags"]) for c in calls] == [(SPAWN, 0), (SPAWN, 1), (MANAGE, 1), (MANAGE, 0)]
+    assert [(c["action"], c["flags"]) for c in calls] == [
+        (SPAWN, 0),
+        (SPAWN, 1),
+        (MANAGE, 1),
+        (MANAGE, 0),
+    ]
     assert all(c["subject"] == subject_of(caller) for c in calls)
     assert calls[2]["details"] == {"request": "reload"}
 
 
 def test_challenge_becomes_interactive_authorization_required(
-        sys_env: SystemSetup, polkit: RecordingPolkit) -> None:
+    sys_env: SystemSetup, polkit: RecordingPolkit
+) -> None:
     caller = sys_env.callers(NOBODY)
     polkit.answer({SPAWN: [False, True]})
     r = caller.spawn("50-gpu.json")
@@ -120,7 +145,8 @@ def test_challenge_becomes_interactive_authorization_required(
 
 
 def test_manage_check_for_stop_names_the_backend_and_its_owner(
-        sys_env: SystemSetup, polkit: RecordingPolkit) -> None:
+    sys_env: SystemSetup, polkit: RecordingPolkit
+) -> None:
     polkit.answer({SPAWN: [True, False]})
     owner, other = sys_env.callers(OTHER_UID), sys_env.callers(NOBODY)
     path = owner.spawn("50-gpu.json").body[0]
@@ -140,7 +166,8 @@ def test_manage_check_for_stop_names_the_backend_and_its_owner(
 
 
 def test_flatpak_app_id_detail_comes_from_the_callers_root(
-        sys_env: SystemSetup, polkit: RecordingPolkit) -> None:
+    sys_env: SystemSetup, polkit: RecordingPolkit
+) -> None:
     """A Flatpak app sees its /.flatpak-info at its root; the daemon reads it through
     /proc/PID/root. Any user can build such a root (user namespace + chroot), so the detail
     can only narrow what rules allow, never widen it (docs/threat-model.md)."""
@@ -151,7 +178,9 @@ def test_flatpak_app_id_detail_comes_from_the_callers_root(
         caller = sys_env.callers(NOBODY)
         r = caller.fake_root(root)
         if not r.ok:
-            pytest.skip(f"this machine does not allow unprivileged user namespaces: {r.local_error}")
+            pytest.skip(
+                f"this machine does not allow unprivileged user namespaces: {r.local_error}"
+            )
         assert caller.spawn("50-gpu.json").ok
         [call] = polkit.calls()
         assert call["details"]["flatpak-app-id"] == "org.example.Viewer"
@@ -160,7 +189,8 @@ def test_flatpak_app_id_detail_comes_from_the_callers_root(
 
 
 def test_app_id_lookup_that_hangs_fails_closed_without_blocking_the_loop(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A /.flatpak-info on a FUSE mount that never answers hangs open(2); the lookup runs
     in a thread of its own and the call is refused after the timeout, while the event loop
     goes on serving others."""

@@ -66,24 +66,59 @@ def start(sysbus: PrivateBus, polkit: DbusmockPolkit, tmp_path: Path) -> Iterato
 # ---------------------------------------------------------------- nothing but descriptor names
 
 
-def test_spawn_takes_a_descriptor_name_never_a_program(start: Start, polkit: DbusmockPolkit) -> None:
+def test_spawn_takes_a_descriptor_name_never_a_program(
+    start: Start, polkit: DbusmockPolkit
+) -> None:
     env = start()
     caller = env.callers(NOBODY)
-    xml = caller.call("Introspect", path="/org/vhostuserd/Broker1",
-                      interface="org.freedesktop.DBus.Introspectable").body[0]
-    manager = next(i for i in ET.fromstring(xml).iter("interface") if i.get("name") == MANAGER_IFACE)
+    xml = caller.call(
+        "Introspect",
+        path="/org/vhostuserd/Broker1",
+        interface="org.freedesktop.DBus.Introspectable",
+    ).body[0]
+    manager = next(
+        i for i in ET.fromstring(xml).iter("interface") if i.get("name") == MANAGER_IFACE
+    )
     spawn = next(m for m in manager.iter("method") if m.get("name") == "Spawn")
-    ins = [(a.get("name"), a.get("type")) for a in spawn.iter("arg") if a.get("direction", "in") == "in"]
+    ins = [
+        (a.get("name"), a.get("type"))
+        for a in spawn.iter("arg")
+        if a.get("direction", "in") == "in"
+    ]
     assert [t for _, t in ins] == ["s", "a{sv}", "h"], ins
     # No method anywhere takes something that names a program, its arguments or an identity.
-    suspicious = {"binary", "path", "argv", "args", "command", "exec", "program", "uid", "user", "env"}
+    suspicious = {
+        "binary",
+        "path",
+        "argv",
+        "args",
+        "command",
+        "exec",
+        "program",
+        "uid",
+        "user",
+        "env",
+    }
     for method in ET.fromstring(xml).iter("method"):
         for arg in method.iter("arg"):
             if arg.get("direction", "in") == "in":
-                assert (arg.get("name") or "").lower() not in suspicious, (method.get("name"), arg.attrib)
+                assert (arg.get("name") or "").lower() not in suspicious, (
+                    method.get("name"),
+                    arg.attrib,
+                )
     gpu_path = str(env.tree.dir("data") / "50-gpu.json")
-    for name in ("/bin/sh", "../../bin/sh", "sh", "/usr/bin/env", gpu_path, "../50-gpu.json",
-                 "50-gpu.json/..", "./50-gpu.json", "50-gpu", ""):
+    for name in (
+        "/bin/sh",
+        "../../bin/sh",
+        "sh",
+        "/usr/bin/env",
+        gpu_path,
+        "../50-gpu.json",
+        "50-gpu.json/..",
+        "./50-gpu.json",
+        "50-gpu",
+        "",
+    ):
         message = caller.spawn(name).expect_error("NotFound")
         assert "no such descriptor" in message, (name, message)
     assert polkit.checks() == [], "a name that is no descriptor got as far as polkit"
@@ -97,15 +132,20 @@ def test_option_values_cannot_add_arguments(start: Start) -> None:
     env = start()
     caller = env.callers(NOBODY)
     # -o source=DIR: a comma would start another -o option.
-    message = caller.spawn("50-fs-o.json", {"shared-dir": ("s", "/srv,--socket-path=/tmp/x")},
-                           fd="listen").expect_error("InvalidOption")
+    message = caller.spawn(
+        "50-fs-o.json", {"shared-dir": ("s", "/srv,--socket-path=/tmp/x")}, fd="listen"
+    ).expect_error("InvalidOption")
     assert "','" in message, message
     for value in ("/srv\n--socket-path=/tmp/x", "/srv\r--x", "--socket-path=/tmp/x", "srv", ""):
         for name in ("50-fs-o.json", "50-fs.json"):
-            caller.spawn(name, {"shared-dir": ("s", value)}, fd="listen").expect_error("InvalidOption")
+            caller.spawn(name, {"shared-dir": ("s", value)}, fd="listen").expect_error(
+                "InvalidOption"
+            )
     # An option name is looked up, never turned into a flag.
     for key in ("--socket-path", "socket-path", "shared-dir=/x --socket-path", "fd", "uid"):
-        caller.spawn("50-fs.json", {key: ("s", "/tmp/x")}, fd="listen").expect_error("InvalidOption")
+        caller.spawn("50-fs.json", {key: ("s", "/tmp/x")}, fd="listen").expect_error(
+            "InvalidOption"
+        )
     # NUL: D-Bus strings cannot carry it; the client library refuses to send one (the bus
     # would drop the message and the sender), and the daemon's check is there regardless.
     r = caller.spawn("50-fs-o.json", {"shared-dir": ("s", "/srv\0--x")}, fd="listen")
@@ -128,8 +168,15 @@ def test_option_values_cannot_add_arguments(start: Start) -> None:
 
 def test_option_checker_rejects_nul_and_line_breaks_itself() -> None:
     """The same check without the bus in front of it (a NUL cannot cross D-Bus)."""
-    d = Descriptor(name="50-fs.json", path="/x/50-fs.json", tier="data", type="fs", binary="/usr/bin/x",
-                   description="", tags=())
+    d = Descriptor(
+        name="50-fs.json",
+        path="/x/50-fs.json",
+        tier="data",
+        type="fs",
+        binary="/usr/bin/x",
+        description="",
+        tags=(),
+    )
     caps = Capabilities(type="fs", features=("separate-options",), json="{}")
     for value in ("/srv\0x", "/srv\nx", "/srv\rx"):
         with pytest.raises(OptionError) as e:
@@ -153,15 +200,22 @@ def test_user_tier_descriptors_are_not_seen_by_the_system_service(start: Start) 
             for base in (tree.config_home, tree.root / "home/.config", home / ".config"):
                 (base / "qemu/vhost-user").mkdir(parents=True, exist_ok=True)
                 (base / "qemu/vhost-user/10-user.json").write_text(
-                    __import__("json").dumps(descriptor_doc("gpu", trusted)))
+                    __import__("json").dumps(descriptor_doc("gpu", trusted))
+                )
             (home / ".config/qemu/vhost-user/10-mine.json").write_text(
-                __import__("json").dumps(descriptor_doc("gpu", trusted)))
+                __import__("json").dumps(descriptor_doc("gpu", trusted))
+            )
 
         env = start(prepare=prepare)
-        caller = env.callers(NOBODY, env={"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")})
+        caller = env.callers(
+            NOBODY, env={"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")}
+        )
         search = caller.prop("SearchPath")
-        assert search == [str(env.tree.dir("sysconf")), str(env.tree.dir("data", 0)),
-                          str(env.tree.dir("data", 1))], search
+        assert search == [
+            str(env.tree.dir("sysconf")),
+            str(env.tree.dir("data", 0)),
+            str(env.tree.dir("data", 1)),
+        ], search
         names = {d["name"] for d in caller.descriptors()}
         assert "50-gpu.json" in names and not names & {"10-user.json", "10-mine.json"}, names
         assert {d["tier"] for d in caller.descriptors()} <= {"sysconf", "data"}
@@ -194,7 +248,9 @@ def test_cannot_stop_or_read_another_users_backend(start: Start, polkit: Dbusmoc
     assert set(env.running()) == pids, "a refused Stop stopped a backend"
 
 
-def test_quota_per_user_holds_even_for_concurrent_spawns(start: Start, polkit: DbusmockPolkit) -> None:
+def test_quota_per_user_holds_even_for_concurrent_spawns(
+    start: Start, polkit: DbusmockPolkit
+) -> None:
     env = start("--max-backends-per-user", "2")
     fast = {"settle-ms": ("u", 0)}
     a, b = env.callers(NOBODY), env.callers(NOBODY)
@@ -208,7 +264,9 @@ def test_quota_per_user_holds_even_for_concurrent_spawns(start: Start, polkit: D
     # answer at once; the quota must still hold (no window between check and start).
     for x in a.backends():
         assert a.stop_backend(x["object"]).ok
-    wait_for(lambda: not [x for x in a.backends() if x["state"] != "exited"], "the backends to exit")
+    wait_for(
+        lambda: not [x for x in a.backends() if x["state"] != "exited"], "the backends to exit"
+    )
     polkit.clear_calls()
     polkit.simulate_hang(True)
     sent = [(c, c.send_spawn("50-gpu.json", fast)) for _ in range(4) for c in (a, b)]
@@ -218,7 +276,9 @@ def test_quota_per_user_holds_even_for_concurrent_spawns(start: Start, polkit: D
     replies = [c.result(n) for c, n in sent]
     assert sum(r.ok for r in replies) == 2, [str(r) for r in replies]
     assert all(r.ok or r.error == "org.vhostuserd.Broker1.Error.QuotaExceeded" for r in replies)
-    mine = [x for x in env.admin().backends() if x["owner_uid"] == NOBODY and x["state"] == "running"]
+    mine = [
+        x for x in env.admin().backends() if x["owner_uid"] == NOBODY and x["state"] == "running"
+    ]
     assert len(mine) == 2, mine
 
 
@@ -226,8 +286,12 @@ def test_backend_always_runs_as_the_caller(start: Start) -> None:
     env = start()
     for uid, gid in ((NOBODY, NOBODY), (OTHER_UID, OTHER_GID)):
         caller = env.callers(uid)
-        for key, value in (("uid", ("u", 0)), ("user", ("s", "root")), ("run-as", ("s", "0")),
-                           ("owner_uid", ("u", 0))):
+        for key, value in (
+            ("uid", ("u", 0)),
+            ("user", ("s", "root")),
+            ("run-as", ("s", "0")),
+            ("owner_uid", ("u", 0)),
+        ):
             caller.spawn("50-gpu.json", {key: value}).expect_error("InvalidOption")
         r = caller.spawn("50-gpu.json")
         assert r.ok, str(r)
@@ -301,7 +365,10 @@ def test_binaries_a_user_could_replace_are_refused(start: Start, polkit: Dbusmoc
             path = str(env.tree.dir("data") / name)
             errors = [m for p, level, m in diagnostics if p == path and level == "error"]
             assert len(errors) == 1 and binary in errors[0], (name, diagnostics)
-            assert listed[name].get("probe_error", "").startswith("untrusted-binary:"), (name, listed[name])
+            assert listed[name].get("probe_error", "").startswith("untrusted-binary:"), (
+                name,
+                listed[name],
+            )
             caller.call("GetCapabilities", "s", [name]).expect_error("ProbeFailed")
         assert sorted(os.listdir(ran)) == [], f"an untrusted binary ran: {sorted(os.listdir(ran))}"
         assert polkit.checks() == [], "polkit was asked about an untrusted binary"
@@ -316,7 +383,9 @@ def test_binaries_a_user_could_replace_are_refused(start: Start, polkit: Dbusmoc
 # ---------------------------------------------------------------- the daemon cannot be blocked
 
 
-def test_a_fifo_as_flatpak_info_cannot_block_the_daemon(start: Start, polkit: DbusmockPolkit) -> None:
+def test_a_fifo_as_flatpak_info_cannot_block_the_daemon(
+    start: Start, polkit: DbusmockPolkit
+) -> None:
     """Any user can give a process a root of its own (user namespace + chroot) holding a
     FIFO at /.flatpak-info; the daemon reads that file through /proc/PID/root, as root,
     before asking polkit. Opening a FIFO waits for a writer: the whole daemon would hang."""
@@ -328,7 +397,9 @@ def test_a_fifo_as_flatpak_info_cannot_block_the_daemon(start: Start, polkit: Db
         caller = env.callers(NOBODY)
         r = caller.fake_root(fake_root)
         if not r.ok:
-            pytest.skip(f"this machine does not allow unprivileged user namespaces: {r.local_error}")
+            pytest.skip(
+                f"this machine does not allow unprivileged user namespaces: {r.local_error}"
+            )
         n = caller.send_spawn("50-gpu.json")
         admin = env.admin()
         # The daemon keeps serving others...
@@ -358,17 +429,25 @@ def test_a_backend_left_running_by_a_caller_is_stopped_when_it_leaves(start: Sta
     assert env.running() == []
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: Backend objects are exported to everyone, so "
-                   "GetManagedObjects, Properties.Get and InterfacesAdded show other users' backends "
-                   "(argv with shared-dir/blk-file paths, pid, owner) that ListBackends hides; the "
-                   "same as /proc/PID/cmdline shows without hidepid. See docs/threat-model.md.")
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: Backend objects are exported to everyone, so "
+    "GetManagedObjects, Properties.Get and InterfacesAdded show other users' backends "
+    "(argv with shared-dir/blk-file paths, pid, owner) that ListBackends hides; the "
+    "same as /proc/PID/cmdline shows without hidepid. See docs/threat-model.md.",
+)
 def test_other_users_backends_are_not_visible_through_the_object_manager(start: Start) -> None:
     env = start()
     r = env.admin().spawn("50-fs.json", {"shared-dir": ("s", "/root/private-project")}, fd="listen")
     assert r.ok, str(r)
     caller = env.callers(NOBODY)
     assert caller.backends() == []  # ListBackends hides it...
-    objects = caller.call("GetManagedObjects", path="/org/vhostuserd/Broker1",
-                          interface="org.freedesktop.DBus.ObjectManager").body[0]
+    objects = caller.call(
+        "GetManagedObjects",
+        path="/org/vhostuserd/Broker1",
+        interface="org.freedesktop.DBus.ObjectManager",
+    ).body[0]
     shown = [p for p, ifaces in objects.items() if BACKEND_IFACE in ifaces]
-    assert shown == [], f"uid {NOBODY} sees root's backend: {objects[shown[0]][BACKEND_IFACE]['Argv']}"
+    assert shown == [], (
+        f"uid {NOBODY} sees root's backend: {objects[shown[0]][BACKEND_IFACE]['Argv']}"
+    )

@@ -49,8 +49,9 @@ def with_reaper(body: Callable[[procs.Reaper], Awaitable[T]]) -> T:
     return asyncio.run(main())
 
 
-def probe(backend: Backend | Path, expected_type: str = "gpu", timeout: float = TIMEOUT
-          ) -> tuple[ProbeResult, float]:
+def probe(
+    backend: Backend | Path, expected_type: str = "gpu", timeout: float = TIMEOUT
+) -> tuple[ProbeResult, float]:
     """Probe once; (result, seconds taken)."""
     binary = str(backend.path if isinstance(backend, Backend) else backend)
 
@@ -97,7 +98,8 @@ def test_probe_passes_print_capabilities_and_minimal_environment(tmp_path: Path)
         "for fd in os.listdir('/proc/self/fd'):\n"
         "    try: fds[fd] = os.readlink(f'/proc/self/fd/{fd}')\n"
         "    except OSError: pass  # the fd listdir itself used\n"
-        f"json.dump({{'argv': sys.argv[1:], 'env': dict(os.environ), 'fds': fds}}, open({str(seen)!r}, 'w'))\n"
+        "seen = {'argv': sys.argv[1:], 'env': dict(os.environ), 'fds': fds}\n"
+        f"json.dump(seen, open({str(seen)!r}, 'w'))\n"
         "print(json.dumps({'type': 'fs'}))\n"
     )
     binary.chmod(0o755)
@@ -132,7 +134,7 @@ def test_probe_output_of_exactly_64kib_is_accepted(tmp_path: Path) -> None:
 
 
 def test_probe_hanging_binary_is_timeout(tmp_path: Path) -> None:
-    backend = write_backend(tmp_path, "sleep 30 & echo $! >>\"$PIDFILE\"; wait")
+    backend = write_backend(tmp_path, 'sleep 30 & echo $! >>"$PIDFILE"; wait')
     result, took = probe(backend)
     assert_probe_error(result, "timeout")
     assert TIMEOUT <= took < TIMEOUT + SLACK, took
@@ -140,7 +142,7 @@ def test_probe_hanging_binary_is_timeout(tmp_path: Path) -> None:
 
 
 def test_probe_binary_that_closes_stdout_and_hangs_is_timeout(tmp_path: Path) -> None:
-    backend = write_backend(tmp_path, "exec >&- 2>&-\nsleep 30 & echo $! >>\"$PIDFILE\"; wait")
+    backend = write_backend(tmp_path, 'exec >&- 2>&-\nsleep 30 & echo $! >>"$PIDFILE"; wait')
     result, took = probe(backend)
     assert_probe_error(result, "timeout")
     assert took < TIMEOUT + SLACK, took
@@ -148,7 +150,7 @@ def test_probe_binary_that_closes_stdout_and_hangs_is_timeout(tmp_path: Path) ->
 
 
 def test_probe_binary_printing_100mb_is_output_too_large(tmp_path: Path) -> None:
-    backend = write_backend(tmp_path, "head -c 100000000 /dev/zero & echo $! >>\"$PIDFILE\"; wait")
+    backend = write_backend(tmp_path, 'head -c 100000000 /dev/zero & echo $! >>"$PIDFILE"; wait')
     result, took = probe(backend)
     assert_probe_error(result, "output-too-large")
     assert took < TIMEOUT + SLACK, took
@@ -165,7 +167,7 @@ def test_probe_one_byte_over_64kib_is_output_too_large(tmp_path: Path) -> None:
 
 
 def test_probe_invalid_json_is_invalid_json(tmp_path: Path) -> None:
-    backend = write_backend(tmp_path, "echo '{\"type\": \"gpu\", features'")
+    backend = write_backend(tmp_path, 'echo \'{"type": "gpu", features\'')
     result, _ = probe(backend)
     error = assert_probe_error(result, "invalid-json")
     assert "line 1" in error.message, error
@@ -173,14 +175,14 @@ def test_probe_invalid_json_is_invalid_json(tmp_path: Path) -> None:
 
 
 def test_probe_non_utf8_output_is_invalid_json(tmp_path: Path) -> None:
-    backend = write_backend(tmp_path, "printf '{\"type\": \"gpu\\377\"}'")
+    backend = write_backend(tmp_path, 'printf \'{"type": "gpu\\377"}\'')
     result, _ = probe(backend)
     error = assert_probe_error(result, "invalid-json")
     assert "UTF-8" in error.message, error
 
 
 def test_probe_lone_surrogate_escape_is_invalid_json(tmp_path: Path) -> None:
-    backend = write_backend(tmp_path, "echo '{\"type\": \"gpu\", \"features\": [\"\\ud800\"]}'")
+    backend = write_backend(tmp_path, 'echo \'{"type": "gpu", "features": ["\\ud800"]}\'')
     result, _ = probe(backend)
     assert_probe_error(result, "invalid-json")
 
@@ -194,7 +196,9 @@ def test_probe_other_type_is_type_mismatch(tmp_path: Path) -> None:
 
 
 def test_probe_json_that_is_not_capabilities_is_invalid_capabilities(tmp_path: Path) -> None:
-    for i, printed in enumerate(['["gpu"]', '{"features": []}', '{"type": "gpu", "features": "virgl"}']):
+    for i, printed in enumerate(
+        ['["gpu"]', '{"features": []}', '{"type": "gpu", "features": "virgl"}']
+    ):
         backend = write_backend(tmp_path, f"echo '{printed}'", name=f"b{i}")
         result, _ = probe(backend)
         assert_probe_error(result, "invalid-capabilities")
@@ -220,7 +224,7 @@ def test_probe_killed_by_signal_is_exit_status(tmp_path: Path) -> None:
 
 def test_probe_child_lingering_with_stdout_is_lingering_process(tmp_path: Path) -> None:
     backend = write_backend(
-        tmp_path, "sleep 30 & echo $! >>\"$PIDFILE\"\necho '{\"type\": \"gpu\"}'; exit 0"
+        tmp_path, 'sleep 30 & echo $! >>"$PIDFILE"\necho \'{"type": "gpu"}\'; exit 0'
     )
     result, took = probe(backend)
     assert_probe_error(result, "lingering-process")
@@ -231,8 +235,8 @@ def test_probe_child_lingering_with_stdout_is_lingering_process(tmp_path: Path) 
 def test_probe_child_lingering_detached_from_stdout_is_lingering_process(tmp_path: Path) -> None:
     backend = write_backend(
         tmp_path,
-        "sleep 30 </dev/null >/dev/null 2>&1 & echo $! >>\"$PIDFILE\"\n"
-        "echo '{\"type\": \"gpu\"}'; exit 0",
+        'sleep 30 </dev/null >/dev/null 2>&1 & echo $! >>"$PIDFILE"\n'
+        'echo \'{"type": "gpu"}\'; exit 0',
     )
     result, took = probe(backend)
     assert_probe_error(result, "lingering-process")
@@ -285,7 +289,7 @@ def test_probe_cache_probes_unchanged_binary_once(tmp_path: Path) -> None:
 
 
 def test_probe_cache_deduplicates_concurrent_requests(tmp_path: Path) -> None:
-    backend = write_backend(tmp_path, "sleep 0.2; echo '{\"type\": \"gpu\"}'")
+    backend = write_backend(tmp_path, 'sleep 0.2; echo \'{"type": "gpu"}\'')
 
     async def body(reaper: procs.Reaper) -> int:
         cache = ProbeCache(reaper, TIMEOUT)
@@ -372,7 +376,7 @@ def test_probe_leaks_no_fds_after_many_probes(tmp_path: Path) -> None:
     bad_json = write_backend(tmp_path, "echo nope")
     failing = write_backend(tmp_path, "echo oops >&2; exit 3")
     flood = write_backend(tmp_path, "head -c 1000000 /dev/zero")
-    lingering = write_backend(tmp_path, "sleep 30 & echo '{\"type\": \"gpu\"}'")
+    lingering = write_backend(tmp_path, 'sleep 30 & echo \'{"type": "gpu"}\'')
     not_exec = tmp_path / "not-executable"
     not_exec.write_text("#!/bin/sh\n")
     binaries = [good.path, bad_json.path, failing.path, flood.path, lingering.path, not_exec]
@@ -385,7 +389,11 @@ def test_probe_leaks_no_fds_after_many_probes(tmp_path: Path) -> None:
                 *(run_probe(str(b), "gpu", reaper, TIMEOUT) for b in binaries)
             )
             assert [r.code if isinstance(r, ProbeError) else "ok" for r in results] == [
-                "ok", "invalid-json", "exit-status", "output-too-large", "lingering-process",
+                "ok",
+                "invalid-json",
+                "exit-status",
+                "output-too-large",
+                "lingering-process",
                 "exec-failed",
             ]
         return before, open_fds()

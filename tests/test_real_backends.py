@@ -34,8 +34,11 @@ def require(path: Path) -> None:
 def real_lookup(tmp_path: Path) -> lookup.LookupResult:
     """The search path with XDG_DATA_DIRS=/usr/share and scratch sysconf and user tiers."""
     dirs = lookup.search_path(
-        system=False, sysconfdir=str(tmp_path / "etc"), xdg_data_dirs="/usr/share",
-        xdg_config_home=None, home=str(tmp_path / "home"),
+        system=False,
+        sysconfdir=str(tmp_path / "etc"),
+        xdg_data_dirs="/usr/share",
+        xdg_config_home=None,
+        home=str(tmp_path / "home"),
     )
     return lookup.merge(scan.list_all(dirs))
 
@@ -59,7 +62,9 @@ def test_real_descriptors_are_valid_and_listed(tmp_path: Path) -> None:
     by_name = {d.name: d for d in result.descriptors}
     assert by_name["50-qemu-gpu.json"].path == str(GPU)
     assert by_name["50-qemu-virtiofsd.json"].path == str(VIRTIOFSD)
-    assert {d.path for d in result.diagnostics}.isdisjoint({str(GPU), str(VIRTIOFSD)}), result.diagnostics
+    assert {d.path for d in result.diagnostics}.isdisjoint({str(GPU), str(VIRTIOFSD)}), (
+        result.diagnostics
+    )
 
 
 def test_real_virtiofsd_probe_gives_type_fs(tmp_path: Path) -> None:
@@ -85,17 +90,48 @@ def test_real_vhostuserctl_resolve_gpu_virgl_offline_picks_50_qemu_gpu(tmp_path:
     require(GPU)
     home = tmp_path / "home"
     home.mkdir()
-    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "HOME": str(home),
-           "XDG_DATA_DIRS": "/usr/share"}
-    proc = run_ctl(["resolve", "gpu", "--feature", "virgl", "--offline",
-                    "--sysconfdir", str(tmp_path / "etc")], env)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "LC_ALL": "C.UTF-8",
+        "HOME": str(home),
+        "XDG_DATA_DIRS": "/usr/share",
+    }
+    proc = run_ctl(
+        [
+            "resolve",
+            "gpu",
+            "--feature",
+            "virgl",
+            "--offline",
+            "--sysconfdir",
+            str(tmp_path / "etc"),
+        ],
+        env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "50-qemu-gpu.json\n"
-    proc = run_ctl(["--json", "resolve", "gpu", "-f", "virgl", "-f", "render-node", "--offline",
-                    "--sysconfdir", str(tmp_path / "etc")], env)
+    proc = run_ctl(
+        [
+            "--json",
+            "resolve",
+            "gpu",
+            "-f",
+            "virgl",
+            "-f",
+            "render-node",
+            "--offline",
+            "--sysconfdir",
+            str(tmp_path / "etc"),
+        ],
+        env,
+    )
     assert proc.returncode == 0, proc.stderr
     chosen = json.loads(proc.stdout)
-    assert (chosen["name"], chosen["path"], chosen["tier"]) == ("50-qemu-gpu.json", str(GPU), "data")
+    assert (chosen["name"], chosen["path"], chosen["tier"]) == (
+        "50-qemu-gpu.json",
+        str(GPU),
+        "data",
+    )
     assert {"virgl", "render-node"} <= set(chosen["features"])
 
 
@@ -103,10 +139,24 @@ def test_real_vhostuserctl_resolve_fs_with_missing_feature_says_why(tmp_path: Pa
     require(VIRTIOFSD)
     home = tmp_path / "home"
     home.mkdir()
-    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "HOME": str(home),
-           "XDG_DATA_DIRS": "/usr/share"}
-    proc = run_ctl(["resolve", "fs", "--feature", "x-no-such-feature", "--offline",
-                    "--sysconfdir", str(tmp_path / "etc")], env)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "LC_ALL": "C.UTF-8",
+        "HOME": str(home),
+        "XDG_DATA_DIRS": "/usr/share",
+    }
+    proc = run_ctl(
+        [
+            "resolve",
+            "fs",
+            "--feature",
+            "x-no-such-feature",
+            "--offline",
+            "--sysconfdir",
+            str(tmp_path / "etc"),
+        ],
+        env,
+    )
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert "50-qemu-virtiofsd.json: feature missing: x-no-such-feature" in proc.stderr, proc.stderr

@@ -59,7 +59,9 @@ def test_the_sweep_runs_the_hook_before_it_reaps_a_watched_child() -> None:
             assert _state(pid) is None  # reaped now, by the sweep
             await asyncio.sleep(0)
             assert seen == ["Z"], "the hook ran twice"
-            wait_for(lambda: _state(helper) in (None, "Z"), "the helper to be killed with the group")
+            wait_for(
+                lambda: _state(helper) in (None, "Z"), "the helper to be killed with the group"
+            )
             os.close(pidfd)
         finally:
             reaper.uninstall()
@@ -76,20 +78,29 @@ def test_a_group_signal_through_a_pidfd_reaches_the_group_after_the_leader_is_re
     os.waitpid(pid, 0)  # the leader is reaped: its number is free to be reused from here on
     try:
         procs.signal_group(pidfd, pid, signal.SIGKILL, leader_unreaped=False)
-        wait_for(lambda: _state(helper) in (None, "Z"), "the helper of the reaped leader's group to be killed")
+        wait_for(
+            lambda: _state(helper) in (None, "Z"),
+            "the helper of the reaped leader's group to be killed",
+        )
         # The group is empty now: no error either.
         procs.signal_group(pidfd, pid, signal.SIGKILL, leader_unreaped=False)
     finally:
         os.close(pidfd)
 
 
-def test_a_child_starts_with_every_signal_at_its_default_even_when_the_daemon_ignores_some() -> None:
+def test_a_child_starts_with_every_signal_at_its_default_even_when_the_daemon_ignores_some() -> (
+    None
+):
     """A daemon started from a background shell has SIGINT and SIGQUIT ignored; its backends
     must not inherit that (only SIGPIPE stays ignored when asked for)."""
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)}
+    old = {
+        s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+    }
     null = procs.open_devnull()
     try:
-        pid = procs.spawn(["/bin/sleep", "30"], fds={0: null, 1: null, 2: null}, keep_sigpipe_ignored=True)
+        pid = procs.spawn(
+            ["/bin/sleep", "30"], fds={0: null, 1: null, 2: null}, keep_sigpipe_ignored=True
+        )
     finally:
         os.close(null)
         for s, h in old.items():

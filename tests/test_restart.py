@@ -31,7 +31,18 @@ from helpers_spawn import (
 
 StartDaemon = Callable[..., Daemon]
 GRACE = 1.0
-KEYS = ("id", "descriptor", "binary", "argv", "pid", "owner_uid", "owner", "detached", "started_at", "object")
+KEYS = (
+    "id",
+    "descriptor",
+    "binary",
+    "argv",
+    "pid",
+    "owner_uid",
+    "owner",
+    "detached",
+    "started_at",
+    "object",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -46,15 +57,25 @@ def state_dir(tree: Tree) -> str:
 
 def as_listed(props: dict[str, Any], path: str) -> dict[str, Any]:
     """Backend properties as the ListBackends keys of docs/contract.md section 3."""
-    names = {"Id": "id", "Descriptor": "descriptor", "Binary": "binary", "Argv": "argv", "Pid": "pid",
-             "OwnerUid": "owner_uid", "Owner": "owner", "Detached": "detached", "StartedAt": "started_at"}
+    names = {
+        "Id": "id",
+        "Descriptor": "descriptor",
+        "Binary": "binary",
+        "Argv": "argv",
+        "Pid": "pid",
+        "OwnerUid": "owner_uid",
+        "Owner": "owner",
+        "Detached": "detached",
+        "StartedAt": "started_at",
+    }
     out = {names[k]: v for k, v in props.items() if k in names}
     out["object"] = path
     return out
 
 
 def test_a_sigkilled_daemon_restarted_readopts_every_live_backend(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     polite = install(tree, "honours_sigterm", "gpu", [], short="polite")
     stubborn = install(tree, "ignores_sigterm", "gpu", [], short="stubborn")
     forks = install(tree, "forks_grandchild", "gpu", [], short="forks")
@@ -63,12 +84,22 @@ def test_a_sigkilled_daemon_restarted_readopts_every_live_backend(
     async def main() -> None:
         # a: detached backends, then leaves before the crash. b: stays connected throughout.
         # c: leaves while no daemon runs.
-        a, b, c = (await Client.open(bus.address, record=False), await Client.open(bus.address, record=False),
-                   await Client.open(bus.address, record=False))
+        a, b, c = (
+            await Client.open(bus.address, record=False),
+            await Client.open(bus.address, record=False),
+            await Client.open(bus.address, record=False),
+        )
         plan: list[tuple[Client, Fake, bool, str]] = [
-            (a, polite, True, "a"), (a, polite, True, "a"), (a, stubborn, True, "a"), (a, forks, True, "a"),
-            (b, polite, False, "b"), (b, stubborn, False, "b"), (b, forks, False, "b"),
-            (c, polite, False, "c"), (c, stubborn, False, "c"), (c, forks, False, "c"),
+            (a, polite, True, "a"),
+            (a, polite, True, "a"),
+            (a, stubborn, True, "a"),
+            (a, forks, True, "a"),
+            (b, polite, False, "b"),
+            (b, stubborn, False, "b"),
+            (b, forks, False, "b"),
+            (c, polite, False, "c"),
+            (c, stubborn, False, "c"),
+            (c, forks, False, "c"),
         ]
         started: dict[str, dict[str, Any]] = {}
         group: dict[str, str] = {}
@@ -90,7 +121,7 @@ def test_a_sigkilled_daemon_restarted_readopts_every_live_backend(
 
         # Every one of them is back, under its id, as it was.
         listed = {x["object"]: x for x in await b.list_backends()}
-        assert set(listed) == set(started), (set(started) ^ set(listed))
+        assert set(listed) == set(started), set(started) ^ set(listed)
         for path, before in started.items():
             assert {k: listed[path][k] for k in KEYS} == before, path
 
@@ -99,8 +130,11 @@ def test_a_sigkilled_daemon_restarted_readopts_every_live_backend(
         t = Timer()
         for path, who in group.items():
             if who == "c":
-                await await_for(lambda p=started[path]["pid"]: not alive(p),
-                                f"{path} of the departed owner to die", GRACE + 1)
+                await await_for(
+                    lambda p=started[path]["pid"]: not alive(p),
+                    f"{path} of the departed owner to die",
+                    GRACE + 1,
+                )
         assert t.elapsed <= GRACE + 1, t.elapsed
         # Listed as exited for a moment (they may have exited before the daemon took its
         # name, so no Exited signal reached a match on the name), status unknown.
@@ -112,7 +146,9 @@ def test_a_sigkilled_daemon_restarted_readopts_every_live_backend(
             return all(last[p]["state"] == "exited" for p in gone_ones)
 
         await await_for(all_exited, lambda: f"c's backends listed as exited: {last}")
-        assert all((last[p]["exit_status"], last[p]["exit_signal"]) == (-1, -1) for p in gone_ones), last
+        assert all(
+            (last[p]["exit_status"], last[p]["exit_signal"]) == (-1, -1) for p in gone_ones
+        ), last
         for path, who in group.items():
             if who != "c":
                 assert alive(started[path]["pid"]), (path, who)
@@ -127,8 +163,14 @@ def test_a_sigkilled_daemon_restarted_readopts_every_live_backend(
             assert not alive(started[path]["pid"]), path
             assert t.elapsed < GRACE + 1.5
             after = await b.backend(path)
-            assert (after["State"], after["ExitStatus"], after["ExitSignal"]) == ("exited", -1, -1), after
-        await await_for(lambda: not any(alive(g) for g in grandchildren), "the forked helpers to die", 2.0)
+            assert (after["State"], after["ExitStatus"], after["ExitSignal"]) == (
+                "exited",
+                -1,
+                -1,
+            ), after
+        await await_for(
+            lambda: not any(alive(g) for g in grandchildren), "the forked helpers to die", 2.0
+        )
         await b.close()
         assert second.proc.poll() is None
         second.assert_clean_log()
@@ -141,7 +183,8 @@ def test_a_sigkilled_daemon_restarted_readopts_every_live_backend(
 
 
 def test_sigterm_to_the_daemon_leaves_backends_running_and_recorded(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     polite = install(tree, "honours_sigterm", "gpu", [], short="polite")
     first = start_daemon()
 
@@ -158,7 +201,13 @@ def test_sigterm_to_the_daemon_leaves_backends_running_and_recorded(
             record_path = os.path.join(state_dir(tree), f"backend-{props['Id']}.json")
             with open(record_path) as f:  # noqa: ASYNC230 - a small local file; nothing else waits
                 record = json.load(f)
-            got = (record["id"], record["pid"], record["descriptor"], record["argv"], record["detached"])
+            got = (
+                record["id"],
+                record["pid"],
+                record["descriptor"],
+                record["argv"],
+                record["detached"],
+            )
             assert got == (props["Id"], props["Pid"], polite.name, props["Argv"], props["Detached"])
 
         # The next daemon takes both back; the owner of the attached one is still here,

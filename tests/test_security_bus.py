@@ -80,9 +80,21 @@ def _raw_peer(d: Path, *args: str) -> subprocess.Popen[str]:
     """rawbus.py as uid 65534."""
     script = d / "rawbus.py"
     return subprocess.Popen(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", DEBIAN_PYTHON, str(script),
-         *args],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(d))
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            DEBIAN_PYTHON,
+            str(script),
+            *args,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(d),
+    )
 
 
 def _messages(path: Path, msgs: list[Message]) -> Path:
@@ -96,12 +108,27 @@ def _messages(path: Path, msgs: list[Message]) -> Path:
 
 def _oversized_resolves(n: int, features: int, size: int) -> list[Message]:
     feats = [f"f{i:05d}" + "x" * (size - 6) for i in range(features)]
-    return [Message(destination=BUS_NAME, path=MANAGER_PATH, interface=MANAGER_IFACE, member="Resolve",
-                    signature="sas", body=["gpu", feats], serial=i + 2) for i in range(n)]
+    return [
+        Message(
+            destination=BUS_NAME,
+            path=MANAGER_PATH,
+            interface=MANAGER_IFACE,
+            member="Resolve",
+            signature="sas",
+            body=["gpu", feats],
+            serial=i + 2,
+        )
+        for i in range(n)
+    ]
 
 
-def _answered_within(caller: object, seconds: float, member: str = "ListDescriptors", signature: str = "s",
-                     body: tuple[object, ...] = ("",)) -> float:
+def _answered_within(
+    caller: object,
+    seconds: float,
+    member: str = "ListDescriptors",
+    signature: str = "s",
+    body: tuple[object, ...] = ("",),
+) -> float:
     t0 = time.monotonic()
     r = caller.call(member, signature, list(body), timeout=seconds)  # type: ignore[attr-defined]
     took = time.monotonic() - t0
@@ -128,14 +155,19 @@ def test_every_error_the_daemon_sends_is_bounded_in_size(start: Start) -> None:
     s = start()
     c = s.callers(NOBODY)
     huge = "n" * 1_000_000
-    for member, signature, body in (("GetCapabilities", "s", [huge]), ("Resolve", "sas", [huge, []]),
-                                    ("Resolve", "sas", [huge, ["virgl"]]), ("ListDescriptors", "s", [huge])):
+    for member, signature, body in (
+        ("GetCapabilities", "s", [huge]),
+        ("Resolve", "sas", [huge, []]),
+        ("Resolve", "sas", [huge, ["virgl"]]),
+        ("ListDescriptors", "s", [huge]),
+    ):
         r = c.call(member, signature, body)
         assert len(r.message) <= 8192, (member, len(r.message))
 
 
 def test_a_peer_that_never_reads_150_oversized_errors_does_not_take_the_daemon_off_the_bus(
-        start: Start, public: Path) -> None:
+    start: Start, public: Path
+) -> None:
     s = start()
     admin = s.admin()
     # 150 calls of about 1.1 MB each; today's main answered each with a 2 MB error.
@@ -144,7 +176,9 @@ def test_a_peer_that_never_reads_150_oversized_errors_does_not_take_the_daemon_o
     try:
         assert flooder.stdout is not None
         line = flooder.stdout.readline()
-        assert line.startswith("sent 150"), f"{line} {flooder.stderr.read() if flooder.stderr else ''}"
+        assert line.startswith("sent 150"), (
+            f"{line} {flooder.stderr.read() if flooder.stderr else ''}"
+        )
         # The bus delivers the admin's call after the flood that was sent before it: when it
         # is answered, the daemon has read and answered all 150.
         _answered_within(admin, 120.0)
@@ -164,16 +198,21 @@ def test_a_peer_that_never_reads_150_oversized_errors_does_not_take_the_daemon_o
 def _chatty(tree: Tree, bindir: Path) -> None:
     """A gpu backend that writes 64 KiB of output and then idles: each GetLog is that big."""
     path = bindir / "chatty"
-    path.write_text("#!/bin/sh\n"
-                    "if [ \"$1\" = --print-capabilities ]; then echo '{\"type\":\"gpu\",\"features\":[]}'; exit 0; fi\n"
-                    "head -c 65536 /dev/zero | tr '\\0' x; echo\n"
-                    "while :; do sleep 1; done\n")
+    path.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = --print-capabilities ]; then\n'
+        '  echo \'{"type":"gpu","features":[]}\'; exit 0\n'
+        "fi\n"
+        "head -c 65536 /dev/zero | tr '\\0' x; echo\n"
+        "while :; do sleep 1; done\n"
+    )
     path.chmod(0o755)
     tree.write("data", "60-chatty.json", descriptor_doc("gpu", str(path)))
 
 
 def test_a_peer_that_never_reads_2000_full_size_logs_does_not_take_the_daemon_off_the_bus(
-        start: Start, public: Path) -> None:
+    start: Start, public: Path
+) -> None:
     # Each reply is legitimately 64 KiB: bounding replies does not help here, only writing
     # to a full socket patiently does (dbus-fast 5.2 disconnects on EAGAIN).
     s = start(prepare=_chatty)
@@ -181,15 +220,25 @@ def test_a_peer_that_never_reads_2000_full_size_logs_does_not_take_the_daemon_of
     r = owner.spawn("60-chatty.json", {"settle-ms": ("u", 0)})
     assert r.ok, str(r)
     path = r.body[0]
-    wait_for(lambda: len(owner.call("GetLog", path=path, interface=BACKEND_IFACE).body[0]) >= 65536,
-             "the backend's 64 KiB of output")
-    msgs = [Message(destination=BUS_NAME, path=path, interface=BACKEND_IFACE, member="GetLog", serial=i + 2)
-            for i in range(2000)]
-    flooder = _raw_peer(public, "flood", _socket_path(s.bus), str(_messages(public / "getlog.bin", msgs)))
+    wait_for(
+        lambda: len(owner.call("GetLog", path=path, interface=BACKEND_IFACE).body[0]) >= 65536,
+        "the backend's 64 KiB of output",
+    )
+    msgs = [
+        Message(
+            destination=BUS_NAME, path=path, interface=BACKEND_IFACE, member="GetLog", serial=i + 2
+        )
+        for i in range(2000)
+    ]
+    flooder = _raw_peer(
+        public, "flood", _socket_path(s.bus), str(_messages(public / "getlog.bin", msgs))
+    )
     try:
         assert flooder.stdout is not None
         line = flooder.stdout.readline()
-        assert line.startswith("sent 2000"), f"{line} {flooder.stderr.read() if flooder.stderr else ''}"
+        assert line.startswith("sent 2000"), (
+            f"{line} {flooder.stderr.read() if flooder.stderr else ''}"
+        )
         admin = s.admin()
         _answered_within(admin, 120.0)
         _answered_within(s.callers(OTHER_UID), 1.0)
@@ -220,7 +269,9 @@ def test_a_daemon_whose_bus_connection_is_lost_says_so_and_exits_non_zero(tmp_pa
 # ---------------------------------------------------------------- item 5: pending polkit checks
 
 
-def _replies_so_far(caller: Caller, sent: list[int], want: int, timeout: float = 20.0) -> list[Reply]:
+def _replies_so_far(
+    caller: Caller, sent: list[int], want: int, timeout: float = 20.0
+) -> list[Reply]:
     """The first ``want`` replies to the calls ``sent``, in whatever order they come (which
     calls get a polkit slot depends on the order their tasks run); removes them from ``sent``."""
     got: list[Reply] = []
@@ -239,7 +290,8 @@ def _replies_so_far(caller: Caller, sent: list[int], want: int, timeout: float =
 
 
 def test_a_caller_flooding_polkit_checks_is_bounded_and_others_are_still_authorized(
-        start: Start, polkit: DbusmockPolkit) -> None:
+    start: Start, polkit: DbusmockPolkit
+) -> None:
     s = start()
     polkit.set_allowed(SPAWN)  # not manage: the flooder's Reloads are all denied
     polkit.simulate_hang(True)
@@ -249,21 +301,30 @@ def test_a_caller_flooding_polkit_checks_is_bounded_and_others_are_still_authori
     # 130 may instead be refused by the bus itself: 128 pending calls per connection).
     over = _replies_so_far(flooder, sent, want=len(sent) - 8)
     ours = "org.vhostuserd.Broker1.Error.LimitsExceeded"
-    assert all(r.error in (ours, "org.freedesktop.DBus.Error.LimitsExceeded") for r in over), \
-        [str(r) for r in over if r.error != ours]
+    assert all(r.error in (ours, "org.freedesktop.DBus.Error.LimitsExceeded") for r in over), [
+        str(r) for r in over if r.error != ours
+    ]
     assert sum(r.error == ours for r in over) >= 100
-    assert "uid 65534 already has 8 authorization checks" in next(r.message for r in over if r.error == ours)
+    assert "uid 65534 already has 8 authorization checks" in next(
+        r.message for r in over if r.error == ours
+    )
     wait_for(polkit.hanging, "the flooder's checks to reach polkit")
     victim = s.callers(OTHER_UID)
     n = victim.send_spawn("50-gpu.json", {"settle-ms": ("u", 0)})
-    wait_for(lambda: sum(1 for a in polkit.actions() if a == SPAWN) == 1, "the victim's check to reach polkit")
+    wait_for(
+        lambda: sum(1 for a in polkit.actions() if a == SPAWN) == 1,
+        "the victim's check to reach polkit",
+    )
     polkit.release()
     polkit.simulate_hang(False)
     r = victim.result(n)
     assert r.ok, str(r)
     answered = [flooder.result(x) for x in sent]
-    assert all(a.error in (f"org.vhostuserd.Broker1.Error.{e}" for e in ("NotAuthorized", "LimitsExceeded"))
-               for a in answered), [str(a) for a in answered]
+    assert all(
+        a.error
+        in (f"org.vhostuserd.Broker1.Error.{e}" for e in ("NotAuthorized", "LimitsExceeded"))
+        for a in answered
+    ), [str(a) for a in answered]
     assert sum(1 for a in polkit.actions() if a == MANAGE) <= 16
     assert s.daemon.proc.poll() is None
 
@@ -271,8 +332,9 @@ def test_a_caller_flooding_polkit_checks_is_bounded_and_others_are_still_authori
 # ---------------------------------------------------------------- item 6: departed callers
 
 
-def test_a_caller_who_left_during_polkit_gets_nothing_even_after_8400_other_connections_came_and_went(
-        start: Start, polkit: DbusmockPolkit, public: Path) -> None:
+def test_a_caller_who_left_during_polkit_gets_nothing_even_after_8400_others_came_and_went(
+    start: Start, polkit: DbusmockPolkit, public: Path
+) -> None:
     s = start()
     polkit.set_allowed(SPAWN)
     polkit.simulate_hang(True)
@@ -286,24 +348,32 @@ def test_a_caller_who_left_during_polkit_gets_nothing_even_after_8400_other_conn
     assert out.strip() == "done", err
     polkit.release()
     polkit.simulate_hang(False)
-    wait_for(lambda: f"{leaver.name} (uid {NOBODY}) may {SPAWN}" in s.daemon.log(), "polkit's answer")
+    wait_for(
+        lambda: f"{leaver.name} (uid {NOBODY}) may {SPAWN}" in s.daemon.log(), "polkit's answer"
+    )
     admin = s.admin()
     assert admin.backends() == []
-    wait_for(lambda: "left the bus; nothing was started" in s.daemon.log(), "the refusal in the log")
+    wait_for(
+        lambda: "left the bus; nothing was started" in s.daemon.log(), "the refusal in the log"
+    )
     assert s.running() == []
 
 
-# ---------------------------------------------------------------- item 8: backends that do not exist
+# ------------------------------------------------------------ item 8: backends that do not exist
 
 
-@pytest.mark.parametrize(("member", "interface", "signature", "body"), [
-    ("Stop", BACKEND_IFACE, "", []),
-    ("GetLog", BACKEND_IFACE, "", []),
-    ("Get", PROPS_IFACE, "ss", [BACKEND_IFACE, "State"]),
-    ("GetAll", PROPS_IFACE, "s", [BACKEND_IFACE]),
-])
+@pytest.mark.parametrize(
+    ("member", "interface", "signature", "body"),
+    [
+        ("Stop", BACKEND_IFACE, "", []),
+        ("GetLog", BACKEND_IFACE, "", []),
+        ("Get", PROPS_IFACE, "ss", [BACKEND_IFACE, "State"]),
+        ("GetAll", PROPS_IFACE, "s", [BACKEND_IFACE]),
+    ],
+)
 def test_a_call_to_a_backend_that_does_not_exist_is_not_found(
-        start: Start, member: str, interface: str, signature: str, body: list[object]) -> None:
+    start: Start, member: str, interface: str, signature: str, body: list[object]
+) -> None:
     s = start()
     c = s.callers(NOBODY)
     r = c.call(member, signature, body, path=f"{MANAGER_PATH}/backend/999", interface=interface)

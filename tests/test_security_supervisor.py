@@ -249,8 +249,9 @@ class FdStoreManager:
         fdsize = array.array("i").itemsize
         while not self.closed:
             try:
-                msg, anc, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(253 * fdsize)
-                                                             + socket.CMSG_SPACE(12))
+                msg, anc, _flags, _addr = self.sock.recvmsg(
+                    4096, socket.CMSG_SPACE(253 * fdsize) + socket.CMSG_SPACE(12)
+                )
             except OSError:
                 return
             fds: list[int] = []
@@ -320,21 +321,46 @@ class StoreDaemon(Daemon):
     socket and an fd store: NOTIFY_SOCKET set, stored fds from 3 on with their names, and
     LISTEN_PID the daemon's own (the launcher execs it, keeping its pid)."""
 
-    def __init__(self, manager: FdStoreManager, bus: PrivateBus, tree: Tree, stored: list[tuple[str, int]],
-                 *args: str) -> None:
+    def __init__(
+        self,
+        manager: FdStoreManager,
+        bus: PrivateBus,
+        tree: Tree,
+        stored: list[tuple[str, int]],
+        *args: str,
+    ) -> None:
         from busutil import VHOSTUSERD
 
         self.bus, self.tree = bus, tree
         self.log_path = tree.root / f"vhostuserd-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - the daemon's stdout until stop()
-        cmd = [sys.executable, "-c", LAUNCHER, str(len(stored)), ":".join(n for n, _ in stored),
-               *(str(fd) for _, fd in stored),
-               VHOSTUSERD, "--address", bus.address, "--sysconfdir", str(tree.sysconfdir), "--log-level", "debug",
-               "--system", "--state-dir", str(tree.root / "state"), *args]
+        cmd = [
+            sys.executable,
+            "-c",
+            LAUNCHER,
+            str(len(stored)),
+            ":".join(n for n, _ in stored),
+            *(str(fd) for _, fd in stored),
+            VHOSTUSERD,
+            "--address",
+            bus.address,
+            "--sysconfdir",
+            str(tree.sysconfdir),
+            "--log-level",
+            "debug",
+            "--system",
+            "--state-dir",
+            str(tree.root / "state"),
+            *args,
+        ]
         with manager.lock:
-            self.proc = subprocess.Popen(cmd, env={**tree.env(), "NOTIFY_SOCKET": manager.path},
-                                         stdout=self._log, stderr=subprocess.STDOUT,
-                                         pass_fds=[fd for _, fd in stored])
+            self.proc = subprocess.Popen(
+                cmd,
+                env={**tree.env(), "NOTIFY_SOCKET": manager.path},
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                pass_fds=[fd for _, fd in stored],
+            )
             manager.main_pid = self.proc.pid
         try:
             self.wait_ready()
@@ -379,8 +405,10 @@ def secret() -> Iterator[tuple[Path, str]]:
 
 def install(s: SystemSetup, name: str, binary: str) -> str:
     s.tree.write("data", f"50-{name}.json", descriptor_doc("gpu", binary))
-    wait_for(lambda: any(d["name"] == f"50-{name}.json" for d in s.admin().descriptors()),
-             f"the descriptor 50-{name}.json in the index")
+    wait_for(
+        lambda: any(d["name"] == f"50-{name}.json" for d in s.admin().descriptors()),
+        f"the descriptor 50-{name}.json in the index",
+    )
     return f"50-{name}.json"
 
 
@@ -400,8 +428,9 @@ def numbers(log: str, word: str) -> list[int]:
     return [int(m) for m in re.findall(rf"^{word} (\d+)$", log, re.MULTILINE)]
 
 
-def restart(s: SystemSetup, daemons: list[Daemon], current: Daemon, manager: FdStoreManager | None = None
-            ) -> Daemon:
+def restart(
+    s: SystemSetup, daemons: list[Daemon], current: Daemon, manager: FdStoreManager | None = None
+) -> Daemon:
     """SIGKILL ``current`` and start the next daemon on the same state directory."""
     assert current.stop(signal.SIGKILL) == -signal.SIGKILL
     if manager is not None:
@@ -421,16 +450,27 @@ def state_dir(s: SystemSetup) -> Path:
 # ------------------------------------------------------------------ item 2: re-adoption
 
 
-def _readoption_under_fd_swapping(s: SystemSetup, daemons: list[Daemon], secret: tuple[Path, str],
-                                  manager: FdStoreManager | None, restarts: int, attackers: int,
-                                  seen: dict[str, str] | None = None, attack: str = "self") -> dict[str, Any]:
+def _readoption_under_fd_swapping(
+    s: SystemSetup,
+    daemons: list[Daemon],
+    secret: tuple[Path, str],
+    manager: FdStoreManager | None,
+    restarts: int,
+    attackers: int,
+    seen: dict[str, str] | None = None,
+    attack: str = "self",
+) -> dict[str, Any]:
     """Backends of an unprivileged caller swapping their fd 1 with an O_PATH fd of a root-only
     file, and a legit one, through ``restarts`` SIGKILL-restarts; the secret must never be
     opened by the daemon, nor reach GetLog or the daemon's log, even once the swapping
     backends are stopped (when the daemon reads to the end of what it holds)."""
     path_secret, word = secret
-    swapper = install(s, "swapper", script(s.bin, "swapper", SWAPPER, secret=str(path_secret), word="attacker"))
-    legit = install(s, "legit", script(s.bin, "legit", SWAPPER, secret="/nonexistent", word="legit"))
+    swapper = install(
+        s, "swapper", script(s.bin, "swapper", SWAPPER, secret=str(path_secret), word="attacker")
+    )
+    legit = install(
+        s, "legit", script(s.bin, "legit", SWAPPER, secret="/nonexistent", word="legit")
+    )
     user = s.callers(NOBODY)
     admin = s.admin()
     d = s.daemon
@@ -453,46 +493,66 @@ def _readoption_under_fd_swapping(s: SystemSetup, daemons: list[Daemon], secret:
             tracer = s.bin / "ptracer.py"
             tracer.write_text(PTRACER)
             tracer.chmod(0o644)
-            t = subprocess.Popen([*as_caller, PY, "-S", str(tracer), str(pid), str(path_secret)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            t = subprocess.Popen(
+                [*as_caller, PY, "-S", str(tracer), str(pid), str(path_secret)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             tracers.append(t)
             assert t.stdout is not None
             line = t.stdout.readline()
             if not line.startswith("swapping"):
                 _stop_tracers(tracers)
-                pytest.skip(f"the caller cannot ptrace its backend here: {line.strip() or t.wait()}")
+                pytest.skip(
+                    f"the caller cannot ptrace its backend here: {line.strip() or t.wait()}"
+                )
             busy = [t.pid]
         else:
-            assert subprocess.run([*as_caller, "kill", "-USR1", str(pid)], check=False).returncode == 0
+            assert (
+                subprocess.run([*as_caller, "kill", "-USR1", str(pid)], check=False).returncode == 0
+            )
             busy = [pid]
         for p in busy:
             for task in os.listdir(f"/proc/{p}/task"):
                 os.setpriority(os.PRIO_PROCESS, int(task), -10)
         # The swapping runs: its fd 1 is seen pointing at the secret file now and then.
-        wait_for(lambda p=pid: _fd1_points_at(p, str(path_secret)), "the swapper to put the O_PATH fd on its fd 1")
+        wait_for(
+            lambda p=pid: _fd1_points_at(p, str(path_secret)),
+            "the swapper to put the O_PATH fd on its fd 1",
+        )
     for _ in range(restarts):
         before = max(numbers(get_log(user, good), "legit"))
         d = restart(s, daemons, d, manager)
-        assert [int(admin.prop("Pid", b, BACKEND_IFACE)) for b in bad] == bad_pids  # re-adopted, the same
+        assert [
+            int(admin.prop("Pid", b, BACKEND_IFACE)) for b in bad
+        ] == bad_pids  # re-adopted, the same
         # Root never holds the secret file open (an O_PATH copy taken by pidfd_getfd is the
         # caller's own fd object, checked with fstat and closed at once).
         held = [t for t in _fd_targets(d.proc.pid) if t == str(path_secret)]
         assert not held, f"the daemon opened {path_secret} through a backend's fd table"
         # The legit backend's output reaches the new daemon (numbers written after the restart).
-        wait_for(lambda b=before: any(n > b for n in numbers(get_log(user, good), "legit")),
-                 "the legit backend's log to flow again after the restart")
+        wait_for(
+            lambda b=before: any(n > b for n in numbers(get_log(user, good), "legit")),
+            "the legit backend's log to flow again after the restart",
+        )
         for who in (user, admin):
             assert all(word not in get_log(who, b) for b in bad), "the secret reached GetLog"
         assert word not in d.log(), "the secret reached the daemon's log"
     good_id = good.rsplit("/", 1)[1]
-    wait_for(lambda: f"backend {good_id}: legit " in d.log(), "a legit line in the new daemon's log")
+    wait_for(
+        lambda: f"backend {good_id}: legit " in d.log(), "a legit line in the new daemon's log"
+    )
     if manager is not None and seen is not None:
         seen["names"] = " ".join(manager.names())
+
         def flowing() -> str:
             text = get_log(user, bad[0])
             return text if numbers(text, "attacker") else ""
 
-        seen["bad_log"] = wait_for(flowing, "the swapping backend's own lines after the restarts (from the store)")
+        seen["bad_log"] = wait_for(
+            flowing, "the swapping backend's own lines after the restarts (from the store)"
+        )
     _stop_tracers(tracers)
     # Stopped, each attacker's output is read to its end: still no secret anywhere.
     logs_at_exit = []
@@ -503,7 +563,14 @@ def _readoption_under_fd_swapping(s: SystemSetup, daemons: list[Daemon], secret:
     assert all(word not in text for text in logs_at_exit), "the secret reached GetLog"
     for d_ in [s.daemon, *daemons]:
         assert word not in d_.log(), "the secret reached a daemon's log"
-    return {"bad": bad, "bad1": bad[0], "good": good, "bad_pids": bad_pids, "user": user, "daemon": d}
+    return {
+        "bad": bad,
+        "bad1": bad[0],
+        "good": good,
+        "bad_pids": bad_pids,
+        "user": user,
+        "daemon": d,
+    }
 
 
 def _stop_tracers(tracers: list[subprocess.Popen[str]]) -> None:
@@ -543,35 +610,42 @@ def _fd1_points_at(pid: int, target: str) -> bool:
 
 @pytest.mark.parametrize("attack", ["ptrace", "self"])
 def test_restart_without_fd_store_never_reads_a_root_file_through_a_backends_swapped_stdout(
-        s: SystemSetup, daemons: list[Daemon], secret: tuple[Path, str], attack: str) -> None:
+    s: SystemSetup, daemons: list[Daemon], secret: tuple[Path, str], attack: str
+) -> None:
     """pidfd_getfd takes the fd object itself and accepts only the pipe recorded at spawn:
     whatever the backend's fd 1 holds at that moment, root never opens the secret. The
     caller swaps it through ptrace (injected syscalls), or the backend swaps it itself (as
     ptrace can make any process do, and much faster)."""
     if attack == "ptrace" and os.uname().machine != "x86_64":
         pytest.skip("the syscall injection is written for x86_64")
-    got = _readoption_under_fd_swapping(s, daemons, secret, None, restarts=15, attackers=1, attack=attack)
+    got = _readoption_under_fd_swapping(
+        s, daemons, secret, None, restarts=15, attackers=1, attack=attack
+    )
     # Taking an attacker's pipe back either worked (its fd 1 held the pipe at that moment)
     # or was refused with a warning; never anything else.
     for daemon in daemons:
         text = daemon.log()
-        for b, pid in zip(got["bad"], got["bad_pids"]):
+        for b, pid in zip(got["bad"], got["bad_pids"], strict=True):
             assert f"backend {b.rsplit('/', 1)[1]} (pid {pid}, " in text
         assert "Traceback" not in text
 
 
 def test_restart_with_the_fd_store_keeps_both_logs_and_never_touches_the_backends_fds(
-        s: SystemSetup, daemons: list[Daemon], secret: tuple[Path, str], tmp_path: Path) -> None:
+    s: SystemSetup, daemons: list[Daemon], secret: tuple[Path, str], tmp_path: Path
+) -> None:
     """With a notify socket the daemon stores its read end and the pidfd at spawn, gets
     them back as LISTEN_FDS, and the attacker's own log keeps flowing too."""
     manager = FdStoreManager(tmp_path)
     try:
         seen: dict[str, str] = {}
-        got = _readoption_under_fd_swapping(s, daemons, secret, manager, restarts=2, attackers=1,
-                                            seen=seen)
+        got = _readoption_under_fd_swapping(
+            s, daemons, secret, manager, restarts=2, attackers=1, seen=seen
+        )
         bad_id, good_id = (got[k].rsplit("/", 1)[1] for k in ("bad1", "good"))
         # Both were in the store while they ran; the stopped attacker is removed from it.
-        assert {f"backend-{i}-{w}" for i in (bad_id, good_id) for w in ("pid", "log")} <= set(seen["names"].split())
+        assert {f"backend-{i}-{w}" for i in (bad_id, good_id) for w in ("pid", "log")} <= set(
+            seen["names"].split()
+        )
         assert not any(n.startswith(f"backend-{bad_id}-") for n in manager.names()), manager.names()
         # The attacker's own pipe came back from the store: its lines flowed after the restarts.
         assert numbers(seen["bad_log"], "attacker"), seen["bad_log"]
@@ -579,8 +653,10 @@ def test_restart_with_the_fd_store_keeps_both_logs_and_never_touches_the_backend
         # A backend that exits is removed from the store.
         r = s.admin().stop_backend(got["good"])
         assert r.ok, str(r)
-        wait_for(lambda: not any(n.startswith(f"backend-{good_id}-") for n in manager.names()),
-                 lambda: f"backend {good_id} removed from the fd store: {manager.names()}")
+        wait_for(
+            lambda: not any(n.startswith(f"backend-{good_id}-") for n in manager.names()),
+            lambda: f"backend {good_id} removed from the fd store: {manager.names()}",
+        )
         assert any(m == f"FDSTOREREMOVE=1\nFDNAME=backend-{good_id}-log" for m in manager.messages)
     finally:
         for d in daemons:
@@ -592,7 +668,8 @@ def test_restart_with_the_fd_store_keeps_both_logs_and_never_touches_the_backend
 
 
 def test_root_is_answered_within_a_second_while_a_backend_floods_and_the_log_is_rate_limited(
-        s: SystemSetup) -> None:
+    s: SystemSetup,
+) -> None:
     flood = install(s, "flood", script(s.bin, "flood", FLOOD))
     user = s.callers(NOBODY)
     admin = s.admin()
@@ -609,7 +686,9 @@ def test_root_is_answered_within_a_second_while_a_backend_floods_and_the_log_is_
     log = get_log(admin, path)
     assert len(log.encode()) <= 64 * 1024
     assert "flood line" in log
-    wait_for(lambda: f"backend {backend_id}: suppressed " in s.daemon.log(), "the suppressed-lines note")
+    wait_for(
+        lambda: f"backend {backend_id}: suppressed " in s.daemon.log(), "the suppressed-lines note"
+    )
     elapsed = time.monotonic() - t0
     text = s.daemon.log()
     logged = text.count(f"backend {backend_id}: flood line")
@@ -630,7 +709,8 @@ def _syscalls(trace: str) -> list[str]:
 
 
 def test_the_daemon_signals_backends_only_through_pidfds_never_by_number(
-        s: SystemSetup, tmp_path: Path) -> None:
+    s: SystemSetup, tmp_path: Path
+) -> None:
     """strace on the daemon: the group kill after an exit (which takes the helper with it)
     and the SIGTERM of a Stop are pidfd_send_signal calls; no kill(2) of any number."""
     if not os.access("/usr/bin/strace", os.X_OK):
@@ -639,16 +719,36 @@ def test_the_daemon_signals_backends_only_through_pidfds_never_by_number(
     user = s.callers(NOBODY)
     admin = s.admin()
     out = tmp_path / "strace.out"
-    tracer = subprocess.Popen(["strace", "-qq", "-e", "trace=kill,tkill,tgkill,pidfd_send_signal,rt_sigqueueinfo",
-                               "-o", str(out), "-p", str(s.daemon.proc.pid)], stderr=subprocess.PIPE)
+    tracer = subprocess.Popen(
+        [
+            "strace",
+            "-qq",
+            "-e",
+            "trace=kill,tkill,tgkill,pidfd_send_signal,rt_sigqueueinfo",
+            "-o",
+            str(out),
+            "-p",
+            str(s.daemon.proc.pid),
+        ],
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_for(lambda: _traced_by(s.daemon.proc.pid) == tracer.pid, "strace to attach")
         first = spawn(user, leaves)
         pid = int(admin.prop("Pid", first, BACKEND_IFACE))
-        helper = int(wait_for(lambda: re.search(r"helper (\d+)", get_log(user, first)), "the helper's pid")[1])
+        helper = int(
+            wait_for(lambda: re.search(r"helper (\d+)", get_log(user, first)), "the helper's pid")[
+                1
+            ]
+        )
         os.kill(pid, signal.SIGUSR1)  # it exits, leaving its helper in its group
-        wait_for(lambda: not os.path.exists(f"/proc/{helper}"), "the helper to be killed with the group")
-        wait_for(lambda: admin.prop("State", first, BACKEND_IFACE) == "exited", "the backend to be exited")
+        wait_for(
+            lambda: not os.path.exists(f"/proc/{helper}"), "the helper to be killed with the group"
+        )
+        wait_for(
+            lambda: admin.prop("State", first, BACKEND_IFACE) == "exited",
+            "the backend to be exited",
+        )
         second = spawn(user, leaves)
         r = admin.stop_backend(second)
         assert r.ok, str(r)
@@ -745,17 +845,40 @@ class NsDaemon(Daemon):
         self.log_path = tree.root / f"vhostuserd-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - the daemon's stdout until stop()
         self.proc = subprocess.Popen(
-            ["unshare", "--pid", "--mount-proc", "--kill-child", VHOSTUSERD, "--address", bus.address,
-             "--sysconfdir", str(tree.sysconfdir), "--log-level", "debug", "--system",
-             "--state-dir", str(tree.root / "state"), *args],
-            env=tree.env(), stdout=self._log, stderr=subprocess.STDOUT)
+            [
+                "unshare",
+                "--pid",
+                "--mount-proc",
+                "--kill-child",
+                VHOSTUSERD,
+                "--address",
+                bus.address,
+                "--sysconfdir",
+                str(tree.sysconfdir),
+                "--log-level",
+                "debug",
+                "--system",
+                "--state-dir",
+                str(tree.root / "state"),
+                *args,
+            ],
+            env=tree.env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             self.wait_ready()
         except BaseException:
             self.stop(signal.SIGKILL)
             raise
-        self.inner = int(wait_for(lambda: Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-                                  .read_text().split(), "the daemon under unshare")[0])
+        self.inner = int(
+            wait_for(
+                lambda: (
+                    Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+                ),
+                "the daemon under unshare",
+            )[0]
+        )
 
     def host_pid(self, ns_pid: int) -> int:
         ns = os.readlink(f"/proc/{self.inner}/ns/pid")
@@ -765,8 +888,11 @@ class NsDaemon(Daemon):
             try:
                 if os.readlink(f"/proc/{entry}/ns/pid") != ns:
                     continue
-                nspid = next(line.split()[1:] for line in Path(f"/proc/{entry}/status").read_text().splitlines()
-                             if line.startswith("NSpid:"))
+                nspid = next(
+                    line.split()[1:]
+                    for line in Path(f"/proc/{entry}/status").read_text().splitlines()
+                    if line.startswith("NSpid:")
+                )
             except (OSError, StopIteration):
                 continue
             if int(nspid[-1]) == ns_pid:
@@ -775,7 +901,8 @@ class NsDaemon(Daemon):
 
 
 def test_in_a_pid_namespace_a_recycled_pid_of_an_exited_backend_is_never_killed(
-        s: SystemSetup, daemons: list[Daemon]) -> None:
+    s: SystemSetup, daemons: list[Daemon]
+) -> None:
     """The pid cycle of the issue: a backend exits while others flood; once it is reaped,
     its pid goes to a new root process leading its own group. The daemon used to kill the
     old backend's group by number after reaping it, with a drain of the flood in between;
@@ -811,27 +938,41 @@ def _one_pid_cycle(d: NsDaemon, admin: Caller, exits: str, flood: str) -> None:
     n = int(admin.prop("Pid", victim_path, BACKEND_IFACE))
     exits_host = d.host_pid(n)
     flood_host = d.host_pid(int(admin.prop("Pid", flood_path, BACKEND_IFACE)))
-    recycler = subprocess.Popen(["nsenter", "-t", str(d.inner), "-p", "-m", sys.executable, "-c", RECYCLER, str(n)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    recycler = subprocess.Popen(
+        ["nsenter", "-t", str(d.inner), "-p", "-m", sys.executable, "-c", RECYCLER, str(n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         os.kill(exits_host, signal.SIGUSR1)
         os.kill(flood_host, signal.SIGUSR1)
         assert recycler.stdout is not None and recycler.stdin is not None
         line = recycler.stdout.readline().split()
         assert line[:1] == ["victim"], line
-        assert int(line[1]) == n, f"pid {n} went to another process first ({line}): cannot test the cycle"
+        assert int(line[1]) == n, (
+            f"pid {n} went to another process first ({line}): cannot test the cycle"
+        )
 
         # The daemon has dealt with the exit (answering between bursts, if at all) ...
         def exited() -> bool:
-            r = admin.call("Get", "ss", [BACKEND_IFACE, "State"], path=victim_path,
-                           interface="org.freedesktop.DBus.Properties", timeout=60)
+            r = admin.call(
+                "Get",
+                "ss",
+                [BACKEND_IFACE, "State"],
+                path=victim_path,
+                interface="org.freedesktop.DBus.Properties",
+                timeout=60,
+            )
             return not r.ok or r.body[0] == "exited"  # exited, or gone after its linger
 
         wait_for(exited, "the daemon to see the backend's exit", 60)
         # ... and the newcomer holding pid and group N was not hit.
         recycler.stdin.write("check\n")
         recycler.stdin.flush()
-        assert recycler.stdout.readline().strip() == "alive", "the daemon killed a recycled pid's group"
+        assert recycler.stdout.readline().strip() == "alive", (
+            "the daemon killed a recycled pid's group"
+        )
     finally:
         stop_process(recycler, signal.SIGKILL)
         if recycler.stdin:
@@ -851,20 +992,25 @@ def _traced_by(pid: int) -> int:
 
 
 def _spawn_and_crash(s: SystemSetup) -> tuple[str, int, str, Path]:
-    sleeper = install(s, "sleeper", script(s.bin, "sleeper", SWAPPER, secret="/nonexistent", word="tick"))
+    sleeper = install(
+        s, "sleeper", script(s.bin, "sleeper", SWAPPER, secret="/nonexistent", word="tick")
+    )
     user = s.callers(NOBODY)
     path = spawn(user, sleeper)
     admin = s.admin()
     pid = int(admin.prop("Pid", path, BACKEND_IFACE))
     backend_id = str(admin.prop("Id", path, BACKEND_IFACE))
     record = state_dir(s) / f"backend-{backend_id}.json"
-    wait_for(lambda: json.loads(record.read_text()).get("start_time"), "the backend to be identified")
+    wait_for(
+        lambda: json.loads(record.read_text()).get("start_time"), "the backend to be identified"
+    )
     assert s.daemon.stop(signal.SIGKILL) == -signal.SIGKILL
     return path, pid, backend_id, record
 
 
 def test_a_damaged_field_in_a_live_backends_record_is_quarantined_and_the_backend_readopted(
-        s: SystemSetup, daemons: list[Daemon]) -> None:
+    s: SystemSetup, daemons: list[Daemon]
+) -> None:
     path, pid, backend_id, record = _spawn_and_crash(s)
     rec = json.loads(record.read_text())
     del rec["descriptor"]  # the KeyError: 'descriptor' of the issue
@@ -889,13 +1035,19 @@ def test_a_damaged_field_in_a_live_backends_record_is_quarantined_and_the_backen
     wait_for(lambda: "tick " in get_log(admin, path), "its log after the restart")
     r = admin.stop_backend(path)
     assert r.ok, str(r)
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z",
-             "the re-adopted backend to be stopped")
+    wait_for(
+        lambda: (
+            not os.path.exists(f"/proc/{pid}")
+            or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+        ),
+        "the re-adopted backend to be stopped",
+    )
     assert "Traceback" not in d.log()
 
 
 def test_a_garbage_record_is_quarantined_and_reported_not_deleted(
-        s: SystemSetup, daemons: list[Daemon]) -> None:
+    s: SystemSetup, daemons: list[Daemon]
+) -> None:
     _path, pid, backend_id, record = _spawn_and_crash(s)
     record.write_text('{"id": "' + backend_id + '", "pid": tru')
     from helpers_auth import system_daemon
@@ -904,15 +1056,21 @@ def test_a_garbage_record_is_quarantined_and_reported_not_deleted(
     daemons.append(d)
     assert Path(f"{record}.bad").read_text().endswith('"pid": tru')
     assert not record.exists()
-    assert re.search(rf"backend-{backend_id}\.json: record of backend {backend_id} is damaged \(unreadable .*"
-                     r"cannot be identified, so it is not supervised; quarantined as", d.log()), d.log()
-    assert os.path.exists(f"/proc/{pid}"), "a backend whose record is bad is never killed on a guess"
+    assert re.search(
+        rf"backend-{backend_id}\.json: record of backend {backend_id} is damaged \(unreadable .*"
+        r"cannot be identified, so it is not supervised; quarantined as",
+        d.log(),
+    ), d.log()
+    assert os.path.exists(f"/proc/{pid}"), (
+        "a backend whose record is bad is never killed on a guess"
+    )
     assert s.admin().backends() == []
     os.kill(pid, signal.SIGKILL)
 
 
 def test_with_the_fd_store_a_backend_whose_record_is_garbage_is_still_readopted(
-        s: SystemSetup, daemons: list[Daemon], tmp_path: Path) -> None:
+    s: SystemSetup, daemons: list[Daemon], tmp_path: Path
+) -> None:
     manager = FdStoreManager(tmp_path)
     try:
         s.daemon.stop(signal.SIGKILL)

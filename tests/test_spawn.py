@@ -62,7 +62,8 @@ def sock_inode(s: socket.socket) -> int:
 
 
 def test_spawn_returns_a_backend_object_whose_properties_describe_the_child(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     fake = install(tree, "checks_socket", "gpu", ["render-node", "virgl"], short="gpu")
     start_daemon()
 
@@ -94,7 +95,12 @@ def test_spawn_returns_a_backend_object_whose_properties_describe_the_child(
         assert report["argv"] == props["Argv"][1:]
         got = report["got"]
         assert (got["fd"], got["inode"], got["family"], got["type"], got["listening"]) == (
-            3, inode, socket.AF_UNIX, socket.SOCK_STREAM, False), got
+            3,
+            inode,
+            socket.AF_UNIX,
+            socket.SOCK_STREAM,
+            False,
+        ), got
         ours.settimeout(5)
         assert ours.recv(100) == f"hello from backend {pid}\n".encode()
         assert got["greeted"] is True
@@ -102,13 +108,28 @@ def test_spawn_returns_a_backend_object_whose_properties_describe_the_child(
         # ListBackends says the same, with the keys of the D-Bus dict of docs/contract.md section 3.
         (listed,) = [b for b in await c.list_backends() if b["object"] == path]
         assert listed == {
-            "id": props["Id"], "descriptor": fake.name, "binary": str(fake.path), "argv": props["Argv"],
-            "pid": pid, "owner_uid": os.getuid(), "owner": c.unique_name, "state": "running",
-            "exit_status": -1, "exit_signal": -1, "started_at": props["StartedAt"], "detached": False,
-            "object": path, "cgroup": props["Cgroup"], "cpu_usec": listed["cpu_usec"],
-            "memory_current": props["MemoryCurrent"], "memory_peak": listed["memory_peak"], "tasks": props["Tasks"],
+            "id": props["Id"],
+            "descriptor": fake.name,
+            "binary": str(fake.path),
+            "argv": props["Argv"],
+            "pid": pid,
+            "owner_uid": os.getuid(),
+            "owner": c.unique_name,
+            "state": "running",
+            "exit_status": -1,
+            "exit_signal": -1,
+            "started_at": props["StartedAt"],
+            "detached": False,
+            "object": path,
+            "cgroup": props["Cgroup"],
+            "cpu_usec": listed["cpu_usec"],
+            "memory_current": props["MemoryCurrent"],
+            "memory_peak": listed["memory_peak"],
+            "tasks": props["Tasks"],
         }
-        assert listed["cpu_usec"] >= (0 if props["Cgroup"] else -1)  # tests/test_cgroup.py checks the numbers
+        assert listed["cpu_usec"] >= (
+            0 if props["Cgroup"] else -1
+        )  # tests/test_cgroup.py checks the numbers
         # The object was announced on the manager's path (ObjectManager), properties and all.
         added = [m for m in c.since(0, "InterfacesAdded", MANAGER_PATH) if m.body[0] == path]
         assert len(added) == 1 and added[0].interface == OM_IFACE
@@ -116,7 +137,8 @@ def test_spawn_returns_a_backend_object_whose_properties_describe_the_child(
         volatile = {"CpuUsec", "MemoryCurrent", "MemoryPeak", "Tasks"}  # measured when read
         assert set(announced) == set(props)
         assert {k: v for k, v in announced.items() if k not in volatile} == {
-            k: v for k, v in props.items() if k not in volatile}
+            k: v for k, v in props.items() if k not in volatile
+        }
 
         await c.stop(path)
         assert gone(pid)
@@ -127,7 +149,8 @@ def test_spawn_returns_a_backend_object_whose_properties_describe_the_child(
 
 
 def test_fs_backend_gets_a_listening_socket_and_shared_dir_in_the_form_its_probe_asks_for(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     separate = install(tree, "checks_socket", "fs", ["separate-options", "migrate"], short="fs-sep")
     classic = install(tree, "checks_socket", "fs", None, short="fs-o")
     shared = tree.root / "shared dir"
@@ -136,13 +159,17 @@ def test_fs_backend_gets_a_listening_socket_and_shared_dir_in_the_form_its_probe
 
     async def main() -> None:
         c = await Client.open(bus.address)
-        for fake, want in ((separate, [f"--shared-dir={shared}"]), (classic, ["-o", f"source={shared}"])):
+        for fake, want in (
+            (separate, [f"--shared-dir={shared}"]),
+            (classic, ["-o", f"source={shared}"]),
+        ):
             sock_path = tree.root / f"{fake.path.name}.sock"
             listener = listening(sock_path)
             inode = sock_inode(listener)
             try:
-                path = await c.spawn(fake.name, listener.fileno(),
-                                     {"shared-dir": str(shared), "detach": True})
+                path = await c.spawn(
+                    fake.name, listener.fileno(), {"shared-dir": str(shared), "detach": True}
+                )
             finally:
                 listener.close()
             props = await c.backend(path)
@@ -166,27 +193,39 @@ def test_fs_backend_gets_a_listening_socket_and_shared_dir_in_the_form_its_probe
 def test_options_map_to_backend_flags() -> None:
     """The option → argv mapping itself (options.plan), for the device options this machine
     may lack: render-node, evdev-path, blk-file and the boolean flags."""
-    def argv(btype: str, features: tuple[str, ...], opts: dict[str, tuple[str, object]]) -> list[str]:
+
+    def argv(
+        btype: str, features: tuple[str, ...], opts: dict[str, tuple[str, object]]
+    ) -> list[str]:
         d = Descriptor("50-x.json", "/x/50-x.json", "data", btype, "x", "/usr/libexec/x")
         return list(spawn_options.plan(d, Capabilities(btype, features, "{}"), opts).argv)
 
-    assert argv("gpu", ("render-node", "virgl"), {"render-node": ("s", "/dev/dri/renderD128"),
-                                                   "virgl": ("b", True)}) == [
-        "/usr/libexec/x", "--fd=3", "--render-node=/dev/dri/renderD128", "--virgl"]
+    assert argv(
+        "gpu",
+        ("render-node", "virgl"),
+        {"render-node": ("s", "/dev/dri/renderD128"), "virgl": ("b", True)},
+    ) == ["/usr/libexec/x", "--fd=3", "--render-node=/dev/dri/renderD128", "--virgl"]
     assert argv("gpu", ("virgl",), {"virgl": ("b", False)}) == ["/usr/libexec/x", "--fd=3"]
-    assert argv("input", ("evdev-path", "no-grab"), {"evdev-path": ("s", "/dev/input/event3"),
-                                                      "no-grab": ("b", True)}) == [
-        "/usr/libexec/x", "--fd=3", "--evdev-path=/dev/input/event3", "--no-grab"]
-    assert argv("block", ("blk-file", "read-only"), {"blk-file": ("s", "/srv/disk.img"),
-                                                      "read-only": ("b", True)}) == [
-        "/usr/libexec/x", "--fd=3", "--blk-file=/srv/disk.img", "--read-only"]
+    assert argv(
+        "input",
+        ("evdev-path", "no-grab"),
+        {"evdev-path": ("s", "/dev/input/event3"), "no-grab": ("b", True)},
+    ) == ["/usr/libexec/x", "--fd=3", "--evdev-path=/dev/input/event3", "--no-grab"]
+    assert argv(
+        "block",
+        ("blk-file", "read-only"),
+        {"blk-file": ("s", "/srv/disk.img"), "read-only": ("b", True)},
+    ) == ["/usr/libexec/x", "--fd=3", "--blk-file=/srv/disk.img", "--read-only"]
 
 
 def test_render_node_reaches_the_backend_as_its_flag(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     nodes = sorted(glob.glob("/dev/dri/renderD*"))
     if not nodes:
-        pytest.skip("no /dev/dri/renderD* on this machine: render-node must name a real render node")
+        pytest.skip(
+            "no /dev/dri/renderD* on this machine: render-node must name a real render node"
+        )
     fake = install(tree, "honours_sigterm", "gpu", ["render-node", "virgl"], short="gpu")
     start_daemon()
 
@@ -205,7 +244,8 @@ def test_render_node_reaches_the_backend_as_its_flag(
 
 
 def test_child_gets_only_its_socket_null_stdin_root_cwd_own_session_and_minimal_env(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     # A shell that execs sleep(1): no interpreter of ours touches fds, env or signals.
     fake = install(tree, "execs_sleep", "gpu", [], short="sleep")
     python = install(tree, "honours_sigterm", "gpu", [], short="python")
@@ -251,7 +291,9 @@ def test_child_gets_only_its_socket_null_stdin_root_cwd_own_session_and_minimal_
         masks = signal_masks(pid)
         assert masks["SigBlk"] == 0, masks
         allowed = (1 << (signal.SIGPIPE - 1)) | (1 << 31) | (1 << 32)
-        assert masks["SigIgn"] & ~allowed == 0, [n + 1 for n in range(64) if masks["SigIgn"] >> n & 1]
+        assert masks["SigIgn"] & ~allowed == 0, [
+            n + 1 for n in range(64) if masks["SigIgn"] >> n & 1
+        ]
 
         await c.stop(path)
         await c.stop(python_path)
@@ -266,7 +308,8 @@ def test_child_gets_only_its_socket_null_stdin_root_cwd_own_session_and_minimal_
 
 
 def test_stop_of_a_backend_that_honours_sigterm_returns_once_it_is_gone(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     fake = install(tree, "honours_sigterm", "gpu", [], short="term")
     start_daemon("--grace-period", "5")
 
@@ -282,7 +325,11 @@ def test_stop_of_a_backend_that_honours_sigterm_returns_once_it_is_gone(
         # SIGTERM did it: no waiting for the 5 s grace period.
         assert t.elapsed < 2.5, t.elapsed
         after = await c.backend(path)
-        assert (after["State"], after["ExitStatus"], after["ExitSignal"]) == ("exited", -1, signal.SIGTERM)
+        assert (after["State"], after["ExitStatus"], after["ExitSignal"]) == (
+            "exited",
+            -1,
+            signal.SIGTERM,
+        )
         await await_for(lambda: c.since(0, "Exited", path), "Exited")
         assert [m.body for m in c.since(0, "Exited", path)] == [[-1, signal.SIGTERM]]
         # A second Stop of an exited backend is harmless.
@@ -293,7 +340,8 @@ def test_stop_of_a_backend_that_honours_sigterm_returns_once_it_is_gone(
 
 
 def test_stop_of_a_backend_ignoring_sigterm_kills_its_whole_group_at_the_grace_period(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     fake = install(tree, "forks_grandchild", "gpu", [], short="stubborn", ignore_sigterm=True)
     start_daemon("--grace-period", "1")
 
@@ -321,7 +369,11 @@ def test_stop_of_a_backend_ignoring_sigterm_kills_its_whole_group_at_the_grace_p
         assert gone(pid), proc_stat(pid)
         assert "stopping" in states
         after = await c.backend(path)
-        assert (after["State"], after["ExitStatus"], after["ExitSignal"]) == ("exited", -1, signal.SIGKILL)
+        assert (after["State"], after["ExitStatus"], after["ExitSignal"]) == (
+            "exited",
+            -1,
+            signal.SIGKILL,
+        )
         # The helper it forked (same group, also ignoring SIGTERM) went with it, reaped too.
         wait_for(lambda: gone(grandchild), f"the grandchild {grandchild} to be gone", 2.0)
         wait_none_marked(tree, 2.0)
@@ -334,9 +386,14 @@ def test_stop_of_a_backend_ignoring_sigterm_kills_its_whole_group_at_the_grace_p
 
 
 def test_a_crashing_backend_emits_exited_once_and_its_object_goes_after_a_short_linger(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
-    by_status = install(tree, "forks_grandchild", "gpu", [], short="crash7", exit_after=0.5, status=7)
-    by_signal = install(tree, "exits", "gpu", [], short="crashsig", delay=0.5, signal=int(signal.SIGUSR1))
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
+    by_status = install(
+        tree, "forks_grandchild", "gpu", [], short="crash7", exit_after=0.5, status=7
+    )
+    by_signal = install(
+        tree, "exits", "gpu", [], short="crashsig", delay=0.5, signal=int(signal.SIGUSR1)
+    )
     start_daemon()
 
     async def main() -> None:
@@ -358,8 +415,10 @@ def test_a_crashing_backend_emits_exited_once_and_its_object_goes_after_a_short_
         wait_for(lambda: gone(grandchild), "the crashed backend's grandchild to be gone", 2.0)
 
         def removed(path: str) -> bool:
-            return any(m.body[0] == path and m.interface == OM_IFACE
-                       for m in c.since(0, "InterfacesRemoved", MANAGER_PATH))
+            return any(
+                m.body[0] == path and m.interface == OM_IFACE
+                for m in c.since(0, "InterfacesRemoved", MANAGER_PATH)
+            )
 
         await await_for(lambda: all(removed(p) for p in expect), "InterfacesRemoved of both", 8)
         linger = time.monotonic() - exited_at
@@ -367,9 +426,14 @@ def test_a_crashing_backend_emits_exited_once_and_its_object_goes_after_a_short_
         listed = [b["object"] for b in await c.list_backends()]
         for path, body in expect.items():
             assert path not in listed
-            assert [m.body for m in c.since(0, "Exited", path)] == [body], "Exited must come exactly once"
-            props_changes = [m for m in c.since(0, "PropertiesChanged", path)
-                             if m.body[1].get("State", Variant("s", "")).value == "exited"]
+            assert [m.body for m in c.since(0, "Exited", path)] == [body], (
+                "Exited must come exactly once"
+            )
+            props_changes = [
+                m
+                for m in c.since(0, "PropertiesChanged", path)
+                if m.body[1].get("State", Variant("s", "")).value == "exited"
+            ]
             assert len(props_changes) == 1
         wait_none_marked(tree, 2.0)
         await c.close()
@@ -378,7 +442,8 @@ def test_a_crashing_backend_emits_exited_once_and_its_object_goes_after_a_short_
 
 
 def test_an_early_exit_within_settle_time_is_spawn_failed_with_status_and_stderr_tail(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     message = "fake backend: cannot open /var/lib/nothing: No such file or directory"
     fake = install(tree, "exits", "gpu", [], short="dies", status=1, lines=200, message=message)
     late = install(tree, "exits", "gpu", [], short="dieslate", status=4, delay=0.4)
@@ -387,7 +452,10 @@ def test_an_early_exit_within_settle_time_is_spawn_failed_with_status_and_stderr
     async def main() -> None:
         c = await Client.open(bus.address)
         # At once with the default settle time, and after 0.4 s within settle-ms 2000.
-        for fk, opts, status, says in ((fake, {}, 1, message), (late, {"settle-ms": 2000}, 4, "giving up")):
+        for fk, opts, status, says in (
+            (fake, {}, 1, message),
+            (late, {"settle-ms": 2000}, 4, "giving up"),
+        ):
             s = connected_pair()[1]
             try:
                 with pytest.raises(SpawnFailed) as e:
@@ -410,7 +478,8 @@ def test_an_early_exit_within_settle_time_is_spawn_failed_with_status_and_stderr
 
 
 def test_settle_ms_0_returns_at_once_and_the_exit_comes_as_a_signal(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     fake = install(tree, "exits", "gpu", [], short="dies", status=5)
     start_daemon()
 
@@ -433,7 +502,8 @@ def test_settle_ms_0_returns_at_once_and_the_exit_comes_as_a_signal(
 
 
 def test_exec_failure_is_spawn_failed_naming_the_binary(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     missing = install(tree, "honours_sigterm", "gpu", [], short="missing")
     noexec = install(tree, "honours_sigterm", "gpu", [], short="noexec")
     d = start_daemon()
@@ -464,7 +534,8 @@ def test_exec_failure_is_spawn_failed_naming_the_binary(
 
 
 def test_get_log_returns_the_output_capped_at_64_kib(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     chatty = install(tree, "chatty", "gpu", [], short="chatty", lines=4000)
     quiet = install(tree, "honours_sigterm", "gpu", [], short="quiet")
     start_daemon()
@@ -473,13 +544,16 @@ def test_get_log_returns_the_output_capped_at_64_kib(
         c = await Client.open(bus.address)
         path, props = await spawn(c, chatty, tree.root)
         chatty.report(props["Pid"])
-        log = await await_for(lambda: _log_with(c, path, "fake backend report:"),
-                              "the whole output in GetLog")
+        log = await await_for(
+            lambda: _log_with(c, path, "fake backend report:"), "the whole output in GetLog"
+        )
         # About 256 KiB were written; the last 64 KiB are kept, the end intact.
         assert len(log.encode()) == 64 * 1024, len(log.encode())
         assert "line 0003999 " in log and "chatty: END OF OUTPUT\n" in log
         assert "line 0000000 " not in log
-        assert log.endswith("\n") and log.rstrip("\n").splitlines()[-1].startswith("fake backend report:")
+        assert log.endswith("\n") and log.rstrip("\n").splitlines()[-1].startswith(
+            "fake backend report:"
+        )
 
         qpath, qprops = await spawn(c, quiet, tree.root)
         quiet.report(qprops["Pid"])
@@ -501,7 +575,8 @@ async def _log_with(c: Client, path: str, text: str) -> str | None:
 
 
 def test_ids_are_never_reused_also_across_a_daemon_restart(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     fake = install(tree, "honours_sigterm", "gpu", [], short="term")
     dies = install(tree, "exits", "gpu", [], short="dies")
     seen: list[str] = []

@@ -53,7 +53,9 @@ def module_env(bus: PrivateBus, tmp_path_factory: pytest.TempPathFactory) -> Ite
     fakes = {
         "gpu": install(tree, "honours_sigterm", "gpu", ["virgl", "vendor-thing"], short="gpu"),
         "fs": install(tree, "honours_sigterm", "fs", [], short="fs"),
-        "input": install(tree, "honours_sigterm", "input", ["evdev-path", "no-grab"], short="input"),
+        "input": install(
+            tree, "honours_sigterm", "input", ["evdev-path", "no-grab"], short="input"
+        ),
     }
     d = Daemon(bus, tree, "--grace-period", "1")
     wait_for(lambda: "watching " in d.log(), "the daemon to watch its directories")
@@ -97,8 +99,9 @@ def env(module_env: Env) -> Iterator[Env]:
         env.baseline = env.daemon.fd_count()
 
 
-def bad_spawn(address: str, name: str, options: dict[str, Variant], fds: list[int],
-              index: int = 0) -> tuple[str, str]:
+def bad_spawn(
+    address: str, name: str, options: dict[str, Variant], fds: list[int], index: int = 0
+) -> tuple[str, str]:
     """(error name, message) of a Spawn that must fail."""
 
     async def main() -> tuple[str, str]:
@@ -159,7 +162,9 @@ def test_an_inet_udp_socket_is_invalid_socket(env: Env, bus: PrivateBus) -> None
     assert "AF_UNIX" in message, message
 
 
-def test_an_inet_tcp_listener_is_invalid_socket_even_for_an_fs_backend(env: Env, bus: PrivateBus) -> None:
+def test_an_inet_tcp_listener_is_invalid_socket_even_for_an_fs_backend(
+    env: Env, bus: PrivateBus
+) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         s.listen(1)
@@ -193,11 +198,15 @@ def test_an_fd_index_beyond_the_fds_sent_is_invalid_socket(env: Env, bus: Privat
     ours, theirs = connected_pair()
     with ours, theirs:
         for index in (1, 2**31 - 1, 2**32 - 1):
-            name, message = bad_spawn(bus.address, env.fakes["gpu"].name, {}, [theirs.fileno()], index)
+            name, message = bad_spawn(
+                bus.address, env.fakes["gpu"].name, {}, [theirs.fileno()], index
+            )
             assert name == ERROR + "InvalidSocket", (index, name, message)
 
 
-def test_an_fd_index_with_no_fd_sent_never_touches_the_daemons_own_fds(env: Env, bus: PrivateBus) -> None:
+def test_an_fd_index_with_no_fd_sent_never_touches_the_daemons_own_fds(
+    env: Env, bus: PrivateBus
+) -> None:
     """Spawn's 'h' is an index into the fds the call carries. Without any, the daemon must
     not read the index as an fd number of its own: each of its fds (its bus connection, a
     connected AF_UNIX socket, included) would be checked, handed to the backend and closed."""
@@ -205,7 +214,9 @@ def test_an_fd_index_with_no_fd_sent_never_touches_the_daemons_own_fds(env: Env,
     for index in sorted(own):
         name, message = bad_spawn(bus.address, env.fakes["gpu"].name, {}, [], index)
         assert name == ERROR + "InvalidSocket", (index, own[index], name, message)
-        assert fds_of(env.daemon.proc.pid) == own, f"index {index} ({own[index]}) touched the daemon's fds"
+        assert fds_of(env.daemon.proc.pid) == own, (
+            f"index {index} ({own[index]}) touched the daemon's fds"
+        )
 
 
 def test_extra_fds_beyond_the_one_named_are_closed(env: Env, bus: PrivateBus) -> None:
@@ -213,13 +224,19 @@ def test_extra_fds_beyond_the_one_named_are_closed(env: Env, bus: PrivateBus) ->
     ours, theirs = connected_pair()
     x, y = socket.socketpair()
     with ours, theirs, x, y:
+
         async def main() -> None:
             c = await Client.open(bus.address, record=False)
-            reply = await c.raw_spawn(env.fakes["gpu"].name, {}, [x.fileno(), theirs.fileno(), y.fileno()], 1)
+            reply = await c.raw_spawn(
+                env.fakes["gpu"].name, {}, [x.fileno(), theirs.fileno(), y.fileno()], 1
+            )
             assert reply.error_name is None, reply.body
             path = reply.body[0]
             props = await c.backend(path)
-            assert os.readlink(f"/proc/{props['Pid']}/fd/3") == f"socket:[{os.fstat(theirs.fileno()).st_ino}]"
+            assert (
+                os.readlink(f"/proc/{props['Pid']}/fd/3")
+                == f"socket:[{os.fstat(theirs.fileno()).st_ino}]"
+            )
             await c.stop(path)
             await c.close()
 
@@ -227,7 +244,8 @@ def test_extra_fds_beyond_the_one_named_are_closed(env: Env, bus: PrivateBus) ->
 
 
 def test_a_listening_socket_for_a_gpu_backend_says_it_needs_a_connected_one(
-        env: Env, bus: PrivateBus, tmp_path: Path) -> None:
+    env: Env, bus: PrivateBus, tmp_path: Path
+) -> None:
     with listening(tmp_path / "gpu.sock") as s:
         name, message = bad_spawn(bus.address, env.fakes["gpu"].name, {}, [s.fileno()])
     assert name == ERROR + "InvalidSocket"
@@ -235,13 +253,16 @@ def test_a_listening_socket_for_a_gpu_backend_says_it_needs_a_connected_one(
 
 
 def test_a_connected_socket_for_an_fs_backend_says_it_needs_a_listening_one(
-        env: Env, bus: PrivateBus) -> None:
+    env: Env, bus: PrivateBus
+) -> None:
     name, message = with_pair(env, bus, env.fakes["fs"].name, {})
     assert name == ERROR + "InvalidSocket"
     assert "needs a listening socket" in message and env.fakes["fs"].name in message, message
 
 
-def test_an_unconnected_unbound_stream_socket_for_a_gpu_backend_is_invalid(env: Env, bus: PrivateBus) -> None:
+def test_an_unconnected_unbound_stream_socket_for_a_gpu_backend_is_invalid(
+    env: Env, bus: PrivateBus
+) -> None:
     # Neither listening nor connected: nothing for a gpu backend to serve.
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         name, message = bad_spawn(bus.address, env.fakes["gpu"].name, {}, [s.fileno()])
@@ -260,45 +281,61 @@ def test_an_unknown_option_is_invalid_option_naming_it(env: Env, bus: PrivateBus
 
 
 def test_a_feature_the_probe_lists_is_not_an_option_unless_the_contract_names_it(
-        env: Env, bus: PrivateBus) -> None:
+    env: Env, bus: PrivateBus
+) -> None:
     name, message = with_pair(env, bus, env.fakes["gpu"].name, {"vendor-thing": Variant("b", True)})
     assert name == ERROR + "InvalidOption"
     assert "'vendor-thing'" in message, message
 
 
 def test_an_option_for_another_backend_type_is_invalid_option(env: Env, bus: PrivateBus) -> None:
-    name, message = with_pair(env, bus, env.fakes["gpu"].name,
-                              {"evdev-path": Variant("s", "/dev/input/event0")})
+    name, message = with_pair(
+        env, bus, env.fakes["gpu"].name, {"evdev-path": Variant("s", "/dev/input/event0")}
+    )
     assert name == ERROR + "InvalidOption"
     assert "'evdev-path'" in message and "only for input backends" in message, message
 
 
-def test_an_option_whose_feature_the_probe_does_not_list_is_invalid_option(env: Env, bus: PrivateBus) -> None:
-    name, message = with_pair(env, bus, env.fakes["gpu"].name,
-                              {"render-node": Variant("s", "/dev/dri/renderD128")})
+def test_an_option_whose_feature_the_probe_does_not_list_is_invalid_option(
+    env: Env, bus: PrivateBus
+) -> None:
+    name, message = with_pair(
+        env, bus, env.fakes["gpu"].name, {"render-node": Variant("s", "/dev/dri/renderD128")}
+    )
     assert name == ERROR + "InvalidOption"
     assert "'render-node'" in message and "does not list" in message, message
 
 
-@pytest.mark.parametrize("value, why", [
-    ("dev/input/event0", "absolute path"),
-    ("./event0", "absolute path"),
-    ("", "absolute path"),
-    ("/dev/input/event0\n--grab", "NUL or line breaks"),
-    ("/dev/input/event0\r", "NUL or line breaks"),
-    ("/dev/input/" + "e" * (64 * 1024), "longer than"),
-], ids=["relative", "dot-relative", "empty", "newline", "carriage-return", "64KiB"])
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        ("dev/input/event0", "absolute path"),
+        ("./event0", "absolute path"),
+        ("", "absolute path"),
+        ("/dev/input/event0\n--grab", "NUL or line breaks"),
+        ("/dev/input/event0\r", "NUL or line breaks"),
+        ("/dev/input/" + "e" * (64 * 1024), "longer than"),
+    ],
+    ids=["relative", "dot-relative", "empty", "newline", "carriage-return", "64KiB"],
+)
 def test_a_bad_evdev_path_is_invalid_option_naming_it(
-        env: Env, bus: PrivateBus, value: str, why: str) -> None:
-    name, message = with_pair(env, bus, env.fakes["input"].name, {"evdev-path": Variant("s", value)})
+    env: Env, bus: PrivateBus, value: str, why: str
+) -> None:
+    name, message = with_pair(
+        env, bus, env.fakes["input"].name, {"evdev-path": Variant("s", value)}
+    )
     assert name == ERROR + "InvalidOption", (name, message)
     assert "'evdev-path'" in message and why in message, message
     assert len(message) < 1024, "the message must not echo a huge value back"
 
 
-def test_an_evdev_path_outside_dev_input_or_not_a_device_is_invalid_option(env: Env, bus: PrivateBus) -> None:
+def test_an_evdev_path_outside_dev_input_or_not_a_device_is_invalid_option(
+    env: Env, bus: PrivateBus
+) -> None:
     for value in ("/dev/input/../../etc/passwd", "/etc/passwd", "/dev/input/event9999"):
-        name, message = with_pair(env, bus, env.fakes["input"].name, {"evdev-path": Variant("s", value)})
+        name, message = with_pair(
+            env, bus, env.fakes["input"].name, {"evdev-path": Variant("s", value)}
+        )
         assert name == ERROR + "InvalidOption", (value, name, message)
         assert "'evdev-path'" in message, message
 
@@ -310,31 +347,41 @@ def test_a_nul_in_a_path_option_is_refused_by_the_option_rules() -> None:
     caps = Capabilities("input", ("evdev-path",), "{}")
     with pytest.raises(spawn_options.OptionError) as e:
         spawn_options.plan(d, caps, {"evdev-path": ("s", "/dev/input/event0\0--grab")})
-    assert e.value.kind == "InvalidOption" and "'evdev-path'" in str(e.value) and "NUL" in str(e.value)
+    assert (
+        e.value.kind == "InvalidOption" and "'evdev-path'" in str(e.value) and "NUL" in str(e.value)
+    )
 
 
-def test_a_64_kib_option_name_is_invalid_option_without_echoing_it(env: Env, bus: PrivateBus) -> None:
+def test_a_64_kib_option_name_is_invalid_option_without_echoing_it(
+    env: Env, bus: PrivateBus
+) -> None:
     name, message = with_pair(env, bus, env.fakes["gpu"].name, {"x" * 65536: Variant("b", True)})
     assert name == ERROR + "InvalidOption"
     assert "unknown option" in message and len(message) < 1024, message[:200]
 
 
-@pytest.mark.parametrize("option, variant, want", [
-    ("virgl", Variant("s", "true"), "'b'"),
-    ("virgl", Variant("u", 1), "'b'"),
-    ("detach", Variant("s", "yes"), "'b'"),
-    ("settle-ms", Variant("i", 100), "'u'"),
-    ("settle-ms", Variant("s", "100"), "'u'"),
-])
-def test_a_wrongly_typed_option_is_invalid_option(env: Env, bus: PrivateBus, option: str, variant: Variant,
-                                                   want: str) -> None:
+@pytest.mark.parametrize(
+    "option, variant, want",
+    [
+        ("virgl", Variant("s", "true"), "'b'"),
+        ("virgl", Variant("u", 1), "'b'"),
+        ("detach", Variant("s", "yes"), "'b'"),
+        ("settle-ms", Variant("i", 100), "'u'"),
+        ("settle-ms", Variant("s", "100"), "'u'"),
+    ],
+)
+def test_a_wrongly_typed_option_is_invalid_option(
+    env: Env, bus: PrivateBus, option: str, variant: Variant, want: str
+) -> None:
     name, message = with_pair(env, bus, env.fakes["gpu"].name, {option: variant})
     assert name == ERROR + "InvalidOption"
     assert f"'{option}'" in message and want in message, message
 
 
 def test_a_settle_time_over_the_limit_is_invalid_option(env: Env, bus: PrivateBus) -> None:
-    name, message = with_pair(env, bus, env.fakes["gpu"].name, {"settle-ms": Variant("u", 2**32 - 1)})
+    name, message = with_pair(
+        env, bus, env.fakes["gpu"].name, {"settle-ms": Variant("u", 2**32 - 1)}
+    )
     assert name == ERROR + "InvalidOption"
     assert "'settle-ms'" in message, message
 
@@ -349,7 +396,9 @@ def test_too_many_options_is_invalid_option(env: Env, bus: PrivateBus) -> None:
 # ---------------------------------------------------------------- the descriptor
 
 
-@pytest.mark.parametrize("descriptor", ["50-nosuch.json", "", "../50-gpu.json", "/etc/passwd", "n" * 4096])
+@pytest.mark.parametrize(
+    "descriptor", ["50-nosuch.json", "", "../50-gpu.json", "/etc/passwd", "n" * 4096]
+)
 def test_an_unknown_descriptor_is_not_found(env: Env, bus: PrivateBus, descriptor: str) -> None:
     name, message = with_pair(env, bus, descriptor, {})
     assert name == ERROR + "NotFound"

@@ -62,7 +62,7 @@ POLKIT_DEFAULTS = {
 # Stands in for the vhostuserd program: records its arguments, takes the bus name and
 # answers one method on the Manager interface, so that activation and policy are checked
 # without depending on the daemon itself.
-STUB = '''#!{python}
+STUB = """#!{python}
 import asyncio, json, os, sys
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface, method
@@ -84,7 +84,7 @@ async def main():
     await bus.wait_for_disconnect()
 
 asyncio.run(main())
-'''
+"""
 
 # What /usr/share/dbus-1/system.conf says about everyone, without the includes.
 SYSTEM_BUS_CONFIG = """<busconfig>
@@ -143,8 +143,9 @@ class Installed:
 
 
 def run_install(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(INSTALL), *args], capture_output=True, text=True,
-                          timeout=60, check=False)
+    return subprocess.run(
+        ["bash", str(INSTALL), *args], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def tree_listing(root: Path) -> dict[str, str]:
@@ -198,16 +199,30 @@ def test_install_creates_exactly_the_documented_files(installed: Installed) -> N
         **{f"usr/{m}": "file" for m in MAN_PAGES},
         f"usr/{COMPLETION}": "file",
     }
-    for rel in (POLICY, SYSTEM_ACTIVATION, SESSION_ACTIVATION, SYSTEM_UNIT, USER_UNIT,
-                POLKIT_ACTIONS, *MAN_PAGES, COMPLETION):
+    for rel in (
+        POLICY,
+        SYSTEM_ACTIVATION,
+        SESSION_ACTIVATION,
+        SYSTEM_UNIT,
+        USER_UNIT,
+        POLKIT_ACTIONS,
+        *MAN_PAGES,
+        COMPLETION,
+    ):
         assert installed.path(rel).stat().st_mode & 0o777 == 0o644, rel
         assert str(installed.path(rel)) in installed.output, f"install did not report {rel}"
 
 
 def test_install_substitutes_bindir_everywhere(installed: Installed) -> None:
     prog = installed.bindir / "vhostuserd"
-    for rel in (POLICY, SYSTEM_ACTIVATION, SESSION_ACTIVATION, SYSTEM_UNIT, USER_UNIT,
-                POLKIT_ACTIONS):
+    for rel in (
+        POLICY,
+        SYSTEM_ACTIVATION,
+        SESSION_ACTIVATION,
+        SYSTEM_UNIT,
+        USER_UNIT,
+        POLKIT_ACTIONS,
+    ):
         assert "@bindir@" not in installed.text(rel), rel
     assert f"\nExec={prog} --system\n" in installed.text(SYSTEM_ACTIVATION)
     assert f"\nExec={prog} --user --idle-timeout 30\n" in installed.text(SESSION_ACTIVATION)
@@ -232,8 +247,10 @@ def test_install_defaults_bindir_to_prefix_bin(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     root = tmp_path / "opt/vhu"
     assert "\nExec=/opt/vhu/bin/vhostuserd --system\n" in (root / SYSTEM_ACTIVATION).read_text()
-    assert "\nExecStart=/opt/vhu/bin/vhostuserd --user --idle-timeout 30\n" in (
-        root / USER_UNIT).read_text()
+    assert (
+        "\nExecStart=/opt/vhu/bin/vhostuserd --user --idle-timeout 30\n"
+        in (root / USER_UNIT).read_text()
+    )
     assert not (tmp_path / "opt/vhu/bin").exists(), "the program itself must not be installed"
 
 
@@ -274,13 +291,16 @@ def test_policy_lets_everyone_call_exactly_our_interfaces(installed: Installed) 
     default = policy_rules(installed)["context=default"]
     assert all(tag == "allow" for tag, _ in default)
     sends = [a for _, a in default if "send_destination" in a]
-    assert all(a == {"send_destination": BUS_NAME, "send_interface": a["send_interface"]}
-               for a in sends), "every send rule must name our destination and one interface"
+    assert all(
+        a == {"send_destination": BUS_NAME, "send_interface": a["send_interface"]} for a in sends
+    ), "every send rule must name our destination and one interface"
     assert {a["send_interface"] for a in sends} == INTERFACES
     assert {"receive_sender": BUS_NAME} in [a for _, a in default]
     # A rule without send_destination would open other services to everyone.
-    assert all(set(a) <= {"send_destination", "send_interface", "receive_sender"} for a in
-               (a for _, a in default))
+    assert all(
+        set(a) <= {"send_destination", "send_interface", "receive_sender"}
+        for a in (a for _, a in default)
+    )
 
 
 def test_policy_covers_every_interface_in_the_introspection_xml(installed: Installed) -> None:
@@ -311,17 +331,23 @@ def desktop_entries(text: str) -> dict[str, str]:
 
 def test_system_activation_file_names_the_alias(installed: Installed) -> None:
     e = desktop_entries(installed.text(SYSTEM_ACTIVATION))
-    assert e == {"Name": BUS_NAME, "Exec": f"{installed.bindir}/vhostuserd --system",
-                 "User": "root", "SystemdService": "dbus-org.vhostuserd.Broker1.service"}
+    assert e == {
+        "Name": BUS_NAME,
+        "Exec": f"{installed.bindir}/vhostuserd --system",
+        "User": "root",
+        "SystemdService": "dbus-org.vhostuserd.Broker1.service",
+    }
     alias = installed.path(ALIAS)
     assert alias.name == e["SystemdService"] and alias.resolve() == installed.path(SYSTEM_UNIT)
 
 
 def test_session_activation_file_names_the_user_unit(installed: Installed) -> None:
     e = desktop_entries(installed.text(SESSION_ACTIVATION))
-    assert e == {"Name": BUS_NAME,
-                 "Exec": f"{installed.bindir}/vhostuserd --user --idle-timeout 30",
-                 "SystemdService": "vhostuserd.service"}
+    assert e == {
+        "Name": BUS_NAME,
+        "Exec": f"{installed.bindir}/vhostuserd --user --idle-timeout 30",
+        "SystemdService": "vhostuserd.service",
+    }
     assert installed.path(f"lib/systemd/user/{e['SystemdService']}").is_file()
 
 
@@ -334,7 +360,11 @@ class Bus:
     def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             ["dbus-daemon", f"--config-file={config}", "--nofork", "--print-address=1"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], 15)
         self.address = self.proc.stdout.readline().strip() if ready else ""
@@ -372,26 +402,35 @@ def write_config(path: Path, template: str, **fields: str) -> Path:
     return path
 
 
-def test_dbus_daemon_refuses_a_broken_policy(installed: Installed, tmp_path: Path,
-                                             buses: list[Bus]) -> None:
+def test_dbus_daemon_refuses_a_broken_policy(
+    installed: Installed, tmp_path: Path, buses: list[Bus]
+) -> None:
     """The control for the next test: dbus-daemon does reject a bad rule in an included file."""
     need("dbus-daemon")
     broken = tmp_path / "broken.conf"
     broken.write_text(installed.text(POLICY).replace("receive_sender=", "recieve_sender=", 1))
-    bus = Bus(write_config(tmp_path / "bus.conf", SYSTEM_BUS_CONFIG,
-                           include=f"<include>{broken}</include>"))
+    bus = Bus(
+        write_config(
+            tmp_path / "bus.conf", SYSTEM_BUS_CONFIG, include=f"<include>{broken}</include>"
+        )
+    )
     buses.append(bus)
     assert not bus.started()
     assert "recieve_sender" in bus.stop()
 
 
-def test_dbus_daemon_accepts_the_installed_policy(installed: Installed, tmp_path: Path,
-                                                  buses: list[Bus]) -> None:
+def test_dbus_daemon_accepts_the_installed_policy(
+    installed: Installed, tmp_path: Path, buses: list[Bus]
+) -> None:
     need("dbus-daemon")
     # <include> makes any error fatal; <includedir> (how system.conf reads system.d) only
     # warns and skips the file, so its stderr must be free of that warning too.
-    for n, element in enumerate((f"<include>{installed.path(POLICY)}</include>",
-                                 f"<includedir>{installed.path(POLICY).parent}</includedir>")):
+    for n, element in enumerate(
+        (
+            f"<include>{installed.path(POLICY)}</include>",
+            f"<includedir>{installed.path(POLICY).parent}</includedir>",
+        )
+    ):
         bus = Bus(write_config(tmp_path / f"bus{n}.conf", SYSTEM_BUS_CONFIG, include=element))
         buses.append(bus)
         assert bus.started(), bus.stop()
@@ -400,8 +439,13 @@ def test_dbus_daemon_accepts_the_installed_policy(installed: Installed, tmp_path
 
 
 def as_nobody(*cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                           *cmd], capture_output=True, text=True, timeout=30, check=False)
+    return subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 def dbus_send(address: str, *args: str, nobody: bool = True) -> subprocess.CompletedProcess[str]:
@@ -418,7 +462,8 @@ def stub_env(record: Path) -> dict[str, str]:
 
 
 def test_system_bus_policy_and_activation_for_an_unprivileged_caller(
-        installed: Installed, tmp_path: Path, buses: list[Bus]) -> None:
+    installed: Installed, tmp_path: Path, buses: list[Bus]
+) -> None:
     """On a bus configured like the system bus, with our policy and activation file: the
     first call from an ordinary user starts the service as `vhostuserd --system` (running as
     root, which may own the name), reaches our interfaces and nothing else, and cannot take
@@ -427,47 +472,67 @@ def test_system_bus_policy_and_activation_for_an_unprivileged_caller(
     need_root("to run the unprivileged caller as another user (setpriv)")
     record = tmp_path / "argv.jsonl"
     config = write_config(
-        tmp_path / "bus.conf", SYSTEM_BUS_CONFIG,
+        tmp_path / "bus.conf",
+        SYSTEM_BUS_CONFIG,
         servicedir=f"<servicedir>{installed.path(SYSTEM_ACTIVATION).parent}</servicedir>",
-        include=f"<include>{installed.path(POLICY)}</include>")
+        include=f"<include>{installed.path(POLICY)}</include>",
+    )
     bus = Bus(config, env=stub_env(record))
     buses.append(bus)
     assert bus.started(), bus.stop()
 
-    ours = dbus_send(bus.address, f"--dest={BUS_NAME}", OBJECT_PATH,
-                     "org.vhostuserd.Broker1.Manager.Ping")
+    ours = dbus_send(
+        bus.address, f"--dest={BUS_NAME}", OBJECT_PATH, "org.vhostuserd.Broker1.Manager.Ping"
+    )
     assert ours.returncode == 0, ours.stderr
     assert '"stub"' in ours.stdout
     assert record.read_text().splitlines() == ['["--system"]']
 
-    peer = dbus_send(bus.address, f"--dest={BUS_NAME}", OBJECT_PATH,
-                     "org.freedesktop.DBus.Peer.Ping")
+    peer = dbus_send(
+        bus.address, f"--dest={BUS_NAME}", OBJECT_PATH, "org.freedesktop.DBus.Peer.Ping"
+    )
     assert peer.returncode == 0, peer.stderr
 
     other = dbus_send(bus.address, f"--dest={BUS_NAME}", OBJECT_PATH, "org.example.NotOurs.Ping")
     assert other.returncode != 0
     assert "org.freedesktop.DBus.Error.AccessDenied" in other.stderr, other.stderr
 
-    own = dbus_send(bus.address, "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
-                    "org.freedesktop.DBus.RequestName", f"string:{BUS_NAME}", "uint32:0")
+    own = dbus_send(
+        bus.address,
+        "--dest=org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus.RequestName",
+        f"string:{BUS_NAME}",
+        "uint32:0",
+    )
     assert own.returncode != 0
     assert "org.freedesktop.DBus.Error.AccessDenied" in own.stderr, own.stderr
     assert record.read_text().splitlines() == ['["--system"]'], "activated more than once"
 
 
-def test_session_activation_runs_the_user_instance(installed: Installed, tmp_path: Path,
-                                                   buses: list[Bus]) -> None:
+def test_session_activation_runs_the_user_instance(
+    installed: Installed, tmp_path: Path, buses: list[Bus]
+) -> None:
     need("dbus-daemon", "dbus-send")
     record = tmp_path / "argv.jsonl"
     config = write_config(
-        tmp_path / "bus.conf", OPEN_BUS_CONFIG, type="session",
-        servicedir=f"<servicedir>{installed.path(SESSION_ACTIVATION).parent}</servicedir>")
+        tmp_path / "bus.conf",
+        OPEN_BUS_CONFIG,
+        type="session",
+        servicedir=f"<servicedir>{installed.path(SESSION_ACTIVATION).parent}</servicedir>",
+    )
     bus = Bus(config, env=stub_env(record))
     buses.append(bus)
     assert bus.started(), bus.stop()
-    r = dbus_send(bus.address, "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
-                  "org.freedesktop.DBus.StartServiceByName", f"string:{BUS_NAME}", "uint32:0",
-                  nobody=False)
+    r = dbus_send(
+        bus.address,
+        "--dest=org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus.StartServiceByName",
+        f"string:{BUS_NAME}",
+        "uint32:0",
+        nobody=False,
+    )
     assert r.returncode == 0, r.stderr
     assert "uint32 1" in r.stdout, r.stdout  # DBUS_START_REPLY_SUCCESS: started just now
     assert record.read_text().splitlines() == ['["--user", "--idle-timeout", "30"]']
@@ -497,8 +562,14 @@ def unit_values(text: str, key: str, section: str = "Service") -> list[str]:
 
 
 def analyze(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True, timeout=120,
-                          env=env, check=False)
+    return subprocess.run(
+        ["systemd-analyze", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
 
 
 def complaints_about_us(r: subprocess.CompletedProcess[str]) -> list[str]:
@@ -537,7 +608,8 @@ def test_system_unit_is_a_bus_activated_service(installed: Installed) -> None:
     assert unit_values(text, "Type") == ["dbus"]
     assert unit_values(text, "BusName") == [BUS_NAME]
     assert unit_values(text, "ExecStart") == [
-        f"{installed.bindir}/vhostuserd --system --idle-timeout 30"]
+        f"{installed.bindir}/vhostuserd --system --idle-timeout 30"
+    ]
     assert unit_values(text, "Alias", "Install") == ["dbus-org.vhostuserd.Broker1.service"]
     assert not unit_values(text, "WantedBy", "Install"), "activation starts it, nothing else"
     assert unit_values(text, "RuntimeDirectory") == ["vhostuserd"]
@@ -598,11 +670,25 @@ def test_system_unit_sets_nothing_that_breaks_backends(installed: Installed) -> 
 
 def test_every_hardening_setting_has_a_comment(installed: Installed) -> None:
     lines = installed.text(SYSTEM_UNIT).splitlines()
-    hardening = ("KillMode", "OOMPolicy", "Restart", "RuntimeDirectory", "DevicePolicy",
-                 "DeviceAllow", "RestrictAddressFamilies", "SystemCallArchitectures",
-                 "SystemCallFilter", "LockPersonality", "ProtectKernelModules", "ProtectClock",
-                 "ProtectHostname", "ProtectControlGroups", "ProtectSystem", "RestrictRealtime",
-                 "ProtectProc")
+    hardening = (
+        "KillMode",
+        "OOMPolicy",
+        "Restart",
+        "RuntimeDirectory",
+        "DevicePolicy",
+        "DeviceAllow",
+        "RestrictAddressFamilies",
+        "SystemCallArchitectures",
+        "SystemCallFilter",
+        "LockPersonality",
+        "ProtectKernelModules",
+        "ProtectClock",
+        "ProtectHostname",
+        "ProtectControlGroups",
+        "ProtectSystem",
+        "RestrictRealtime",
+        "ProtectProc",
+    )
     for i, line in enumerate(lines):
         if line.split("=", 1)[0] in hardening:
             assert lines[i - 1].startswith("#"), f"no comment right above {line!r}"
@@ -613,7 +699,8 @@ def test_user_unit_is_a_bus_activated_service(installed: Installed) -> None:
     assert unit_values(text, "Type") == ["dbus"]
     assert unit_values(text, "BusName") == [BUS_NAME]
     assert unit_values(text, "ExecStart") == [
-        f"{installed.bindir}/vhostuserd --user --idle-timeout 30"]
+        f"{installed.bindir}/vhostuserd --user --idle-timeout 30"
+    ]
     assert not [s for s, _, _ in unit_lines(text) if s == "Install"]
 
 
@@ -632,8 +719,10 @@ def test_polkit_actions_have_the_documented_defaults(installed: Installed) -> No
     for action_id, expected in POLKIT_DEFAULTS.items():
         defaults = actions[action_id].find("defaults")
         assert defaults is not None, action_id
-        got = tuple((defaults.findtext(k) or "").strip()
-                    for k in ("allow_any", "allow_inactive", "allow_active"))
+        got = tuple(
+            (defaults.findtext(k) or "").strip()
+            for k in ("allow_any", "allow_inactive", "allow_active")
+        )
         assert got == expected, action_id
 
 
@@ -645,15 +734,20 @@ def test_polkit_actions_explain_themselves(installed: Installed) -> None:
         assert message.startswith("Authentication is required to"), action_id
         assert "virtual machine" in message, action_id
     assert "start a virtual machine device backend" in (
-        polkit_actions(installed)["org.vhostuserd.spawn"].findtext("message") or "")
+        polkit_actions(installed)["org.vhostuserd.spawn"].findtext("message") or ""
+    )
 
 
 def test_example_rule_matches_gpu_spawns_by_kvm_members() -> None:
     text = EXAMPLE_RULE.read_text()
     assert "polkit.addRule(" in text
-    for needle in ('"org.vhostuserd.spawn"', '"org.vhostuserd.spawn-device"',
-                   'action.lookup("type") === "gpu"', 'subject.isInGroup("kvm")',
-                   "polkit.Result.YES"):
+    for needle in (
+        '"org.vhostuserd.spawn"',
+        '"org.vhostuserd.spawn-device"',
+        'action.lookup("type") === "gpu"',
+        'subject.isInGroup("kvm")',
+        "polkit.Result.YES",
+    ):
         assert needle in text, needle
 
 
@@ -666,8 +760,9 @@ class Polkitd:
         args = ["pkcheck", "--action-id", action, "--process", str(pid)]
         for k, v in details.items():
             args += ["--detail", k.replace("_", "-"), v]
-        return subprocess.run(args, capture_output=True, text=True, env=self.env,
-                              timeout=30, check=False).returncode
+        return subprocess.run(
+            args, capture_output=True, text=True, env=self.env, timeout=30, check=False
+        ).returncode
 
 
 def unused_gid() -> int:
@@ -683,8 +778,11 @@ def polkitd(installed: Installed, tmp_path: Path, buses: list[Bus]) -> Iterator[
     database in which `nobody` is a member of `kvm`."""
     need("dbus-daemon", "/usr/lib/polkit-1/polkitd", "pkaction", "pkcheck", "unshare", "setpriv")
     need_root("to bind-mount our files over polkitd's fixed directories")
-    for d in ("/usr/share/polkit-1/actions", "/usr/share/polkit-1/rules.d",
-              "/etc/polkit-1/rules.d"):
+    for d in (
+        "/usr/share/polkit-1/actions",
+        "/usr/share/polkit-1/rules.d",
+        "/etc/polkit-1/rules.d",
+    ):
         if not os.path.isdir(d):
             pytest.skip(f"{d} does not exist here, so there is nothing to bind-mount over")
     if subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False).returncode != 0:
@@ -706,18 +804,31 @@ def polkitd(installed: Installed, tmp_path: Path, buses: list[Bus]) -> Iterator[
     buses.append(bus)
     assert bus.started(), bus.stop()
     env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus.address}
-    script = (f"mount --bind {actions} /usr/share/polkit-1/actions && "
-              f"mount --bind {rules} /etc/polkit-1/rules.d && "
-              f"mount --bind {empty} /usr/share/polkit-1/rules.d && "
-              f"mount --bind {group} /etc/group && "
-              "exec /usr/lib/polkit-1/polkitd --no-debug")
-    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    script = (
+        f"mount --bind {actions} /usr/share/polkit-1/actions && "
+        f"mount --bind {rules} /etc/polkit-1/rules.d && "
+        f"mount --bind {empty} /usr/share/polkit-1/rules.d && "
+        f"mount --bind {group} /etc/group && "
+        "exec /usr/lib/polkit-1/polkitd --no-debug"
+    )
+    proc = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 20
         while True:
-            r = subprocess.run(["pkaction", "--action-id", "org.vhostuserd.spawn"],
-                               capture_output=True, text=True, env=env, timeout=30, check=False)
+            r = subprocess.run(
+                ["pkaction", "--action-id", "org.vhostuserd.spawn"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=30,
+                check=False,
+            )
             if r.returncode == 0:
                 break
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -733,13 +844,19 @@ def polkitd(installed: Installed, tmp_path: Path, buses: list[Bus]) -> Iterator[
                 f.close()
 
 
-def test_polkitd_reads_our_actions_with_their_defaults(polkitd: Polkitd,
-                                                       installed: Installed) -> None:
+def test_polkitd_reads_our_actions_with_their_defaults(
+    polkitd: Polkitd, installed: Installed
+) -> None:
     actions = polkit_actions(installed)
     for action_id, (any_, inactive, active) in POLKIT_DEFAULTS.items():
-        r = subprocess.run(["pkaction", "--verbose", "--action-id", action_id],
-                           capture_output=True, text=True, env=polkitd.env, timeout=30,
-                           check=False)
+        r = subprocess.run(
+            ["pkaction", "--verbose", "--action-id", action_id],
+            capture_output=True,
+            text=True,
+            env=polkitd.env,
+            timeout=30,
+            check=False,
+        )
         assert r.returncode == 0, r.stderr
         fields = dict(re.findall(r"^\s*([a-z_ ]+):\s*(.*?)\s*$", r.stdout, re.MULTILINE))
         assert fields["implicit any"] == any_, r.stdout
@@ -751,22 +868,37 @@ def test_polkitd_reads_our_actions_with_their_defaults(polkitd: Polkitd,
 def test_polkitd_applies_the_example_rule(polkitd: Polkitd) -> None:
     """pkcheck: 0 authorized, 2 authentication needed. Neither subject is in a login session,
     so the allow_any defaults apply unless the rule says yes."""
-    kvm = subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                            "sleep", "60"])
+    kvm = subprocess.Popen(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sleep", "60"]
+    )
     other_uid = next(u.pw_uid for u in pwd.getpwall() if u.pw_uid not in (0, NOBODY))
-    outsider = subprocess.Popen(["setpriv", f"--reuid={other_uid}", f"--regid={other_uid}",
-                                 "--clear-groups", "sleep", "60"])
+    outsider = subprocess.Popen(
+        ["setpriv", f"--reuid={other_uid}", f"--regid={other_uid}", "--clear-groups", "sleep", "60"]
+    )
     try:
         time.sleep(0.2)  # let setpriv switch uid before polkitd looks at /proc
         check = polkitd.pkcheck
         assert check("org.vhostuserd.spawn", kvm.pid, type="gpu") == 0
-        assert check("org.vhostuserd.spawn-device", kvm.pid, type="gpu",
-                     render_node="/dev/dri/renderD128") == 0
+        assert (
+            check(
+                "org.vhostuserd.spawn-device",
+                kvm.pid,
+                type="gpu",
+                render_node="/dev/dri/renderD128",
+            )
+            == 0
+        )
         # Not a render node: a primary node allows modesetting, so an admin must approve.
-        assert check("org.vhostuserd.spawn-device", kvm.pid, type="gpu",
-                     render_node="/dev/dri/card0") == 2
-        assert check("org.vhostuserd.spawn-device", kvm.pid, type="input",
-                     evdev_path="/dev/input/event0") == 2
+        assert (
+            check("org.vhostuserd.spawn-device", kvm.pid, type="gpu", render_node="/dev/dri/card0")
+            == 2
+        )
+        assert (
+            check(
+                "org.vhostuserd.spawn-device", kvm.pid, type="input", evdev_path="/dev/input/event0"
+            )
+            == 2
+        )
         assert check("org.vhostuserd.spawn", kvm.pid, type="fs") == 2
         assert check("org.vhostuserd.manage", kvm.pid) == 2
         assert check("org.vhostuserd.spawn", outsider.pid, type="gpu") == 2

@@ -28,8 +28,10 @@ DOC = json.dumps({"description": "d", "type": "gpu", "binary": "/usr/bin/true"})
 
 
 def tiers(root: Path) -> tuple[Directory, ...]:
-    dirs = (Directory("sysconf", str(root / "etc/qemu/vhost-user")),
-            Directory("data", str(root / "share/qemu/vhost-user")))
+    dirs = (
+        Directory("sysconf", str(root / "etc/qemu/vhost-user")),
+        Directory("data", str(root / "share/qemu/vhost-user")),
+    )
     for d in dirs:
         os.makedirs(d.path)
     return dirs
@@ -77,8 +79,10 @@ def test_queue_overflow_is_answered_by_a_full_rescan(tmp_path: Path) -> None:
         late = tmp_path / "share/qemu/vhost-user/50-late.json"
         late.write_text(DOC)
         assert watcher.overflows == 0
-        await await_for(lambda: index.get("50-late.json") is not None,
-                        "the descriptor whose events were dropped to be found by a rescan")
+        await await_for(
+            lambda: index.get("50-late.json") is not None,
+            "the descriptor whose events were dropped to be found by a rescan",
+        )
         assert watcher.overflows == 1
         assert names(index) == ["50-late.json"]
         # And the watch goes on after the overflow.
@@ -88,23 +92,31 @@ def test_queue_overflow_is_answered_by_a_full_rescan(tmp_path: Path) -> None:
     watching(tmp_path, body)
 
 
-def test_name_that_is_not_utf8_is_diagnosed_then_forgotten_and_the_watch_goes_on(tmp_path: Path) -> None:
+def test_name_that_is_not_utf8_is_diagnosed_then_forgotten_and_the_watch_goes_on(
+    tmp_path: Path,
+) -> None:
     directory = os.fsencode(tmp_path / "etc/qemu/vhost-user")
     bad = directory + b"/\xff-bad.json"
     shown = os.fsdecode(directory) + "/\\xff-bad.json"
 
     def diagnosed(index: Index) -> bool:
-        return any(d.path == shown and d.level == "error" and "UTF-8" in d.message
-                   for d in index.diagnostics)
+        return any(
+            d.path == shown and d.level == "error" and "UTF-8" in d.message
+            for d in index.diagnostics
+        )
 
     async def body(index: Index, watcher: Watcher, changes: list[Change]) -> None:
         Path(os.fsdecode(bad)).write_text(DOC)
         await await_for(lambda: diagnosed(index), "the file to be diagnosed")
         assert names(index) == [] and changes and changes[-1].diagnostics_changed
         os.rename(bad, directory + b"/\xfe-renamed.json")
-        await await_for(lambda: not diagnosed(index)
-                        and any("\\xfe-renamed.json" in d.path for d in index.diagnostics),
-                        "the diagnostic to follow the rename")
+        await await_for(
+            lambda: (
+                not diagnosed(index)
+                and any("\\xfe-renamed.json" in d.path for d in index.diagnostics)
+            ),
+            "the diagnostic to follow the rename",
+        )
         os.unlink(directory + b"/\xfe-renamed.json")
         await await_for(lambda: index.diagnostics == (), "the diagnostic to go")
         Path(os.fsdecode(directory), "50-good.json").write_text(DOC)
@@ -117,7 +129,9 @@ def tasks_of_this_process() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-def test_watcher_runs_on_the_loop_with_no_thread_and_nothing_scheduled_when_idle(tmp_path: Path) -> None:
+def test_watcher_runs_on_the_loop_with_no_thread_and_nothing_scheduled_when_idle(
+    tmp_path: Path,
+) -> None:
     threads, tasks = threading.active_count(), tasks_of_this_process()
 
     async def body(index: Index, watcher: Watcher, changes: list[Change]) -> None:
@@ -153,7 +167,9 @@ def test_inotify_module_reads_events_with_their_raw_names(tmp_path: Path) -> Non
         os.unlink(raw)
         events = fd.read()
         assert [(e.wd, e.mask, e.name) for e in events] == [
-            (wd, inotify.IN_CREATE, b"caf\xe9.json"), (wd, inotify.IN_DELETE, b"caf\xe9.json")]
+            (wd, inotify.IN_CREATE, b"caf\xe9.json"),
+            (wd, inotify.IN_DELETE, b"caf\xe9.json"),
+        ]
         fd.rm_watch(wd)
         fd.rm_watch(wd)  # gone already: no error
         assert [e.mask for e in fd.read()] == [inotify.IN_IGNORED]

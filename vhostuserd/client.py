@@ -76,9 +76,19 @@ class Unavailable(BrokerError):
 
 INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 _ERRORS: dict[str, type[BrokerError]] = {
-    **{ERROR_PREFIX + c.__name__: c
-       for c in (NotFound, InvalidOption, InvalidSocket, SpawnFailed, ProbeFailed, QuotaExceeded, LimitsExceeded,
-                 NotAuthorized)},
+    **{
+        ERROR_PREFIX + c.__name__: c
+        for c in (
+            NotFound,
+            InvalidOption,
+            InvalidSocket,
+            SpawnFailed,
+            ProbeFailed,
+            QuotaExceeded,
+            LimitsExceeded,
+            NotAuthorized,
+        )
+    },
     INTERACTIVE_REQUIRED: InteractiveAuthorizationRequired,
 }
 # What a bus answers for an object path nothing is exported at (older daemons, and dbus-fast,
@@ -129,41 +139,102 @@ class DescriptorInfo:
     def from_dict(cls, d: dict[str, Any]) -> DescriptorInfo:
         d = _unwrap(d)
         return cls(
-            name=d["name"], path=d["path"], tier=d["tier"], type=d["type"],
-            description=d["description"], binary=d["binary"], tags=tuple(d.get("tags", ())),
+            name=d["name"],
+            path=d["path"],
+            tier=d["tier"],
+            type=d["type"],
+            description=d["description"],
+            binary=d["binary"],
+            tags=tuple(d.get("tags", ())),
             features=tuple(d["features"]) if "features" in d else None,
-            probe_error=d.get("probe_error"), object=d.get("object", ""),
+            probe_error=d.get("probe_error"),
+            object=d.get("object", ""),
         )
 
     def as_dict(self) -> dict[str, Any]:
         """The Descriptor object of docs/json.md: every key always present, null when unknown."""
         return descriptor_json(
-            name=self.name, path=self.path, tier=self.tier, type=self.type, description=self.description,
-            binary=self.binary, tags=list(self.tags), object=self.object or None,
-            features=None if self.features is None else list(self.features), probe_error=self.probe_error,
+            name=self.name,
+            path=self.path,
+            tier=self.tier,
+            type=self.type,
+            description=self.description,
+            binary=self.binary,
+            tags=list(self.tags),
+            object=self.object or None,
+            features=None if self.features is None else list(self.features),
+            probe_error=self.probe_error,
         )
 
 
-def descriptor_json(*, name: str, path: str, tier: str, type: str, description: str, binary: str,
-                    tags: list[str], object: str | None, features: list[str] | None,
-                    probe_error: str | None) -> dict[str, Any]:
+def descriptor_json(
+    *,
+    name: str,
+    path: str,
+    tier: str,
+    type: str,
+    description: str,
+    binary: str,
+    tags: list[str],
+    object: str | None,
+    features: list[str] | None,
+    probe_error: str | None,
+) -> dict[str, Any]:
     """The one JSON shape of a descriptor (docs/json.md), online and offline alike."""
     return {
-        "name": name, "path": path, "tier": tier, "type": type, "description": description,
-        "binary": binary, "tags": tags, "object": object,
+        "name": name,
+        "path": path,
+        "tier": tier,
+        "type": type,
+        "description": description,
+        "binary": binary,
+        "tags": tags,
+        "object": object,
         "probed": features is not None or probe_error is not None,
-        "features": features, "probe_error": probe_error,
+        "features": features,
+        "probe_error": probe_error,
     }
 
 
-BACKEND_KEYS = ("id", "object", "descriptor", "binary", "argv", "pid", "owner_uid", "owner", "state",
-                "exit_status", "exit_signal", "started_at", "detached",
-                "cgroup", "cpu_usec", "memory_current", "memory_peak", "tasks")
-_CAMEL = {"Id": "id", "Descriptor": "descriptor", "Binary": "binary", "Argv": "argv", "Pid": "pid",
-          "OwnerUid": "owner_uid", "Owner": "owner", "State": "state", "ExitStatus": "exit_status",
-          "ExitSignal": "exit_signal", "StartedAt": "started_at", "Detached": "detached",
-          "Cgroup": "cgroup", "CpuUsec": "cpu_usec", "MemoryCurrent": "memory_current",
-          "MemoryPeak": "memory_peak", "Tasks": "tasks"}
+BACKEND_KEYS = (
+    "id",
+    "object",
+    "descriptor",
+    "binary",
+    "argv",
+    "pid",
+    "owner_uid",
+    "owner",
+    "state",
+    "exit_status",
+    "exit_signal",
+    "started_at",
+    "detached",
+    "cgroup",
+    "cpu_usec",
+    "memory_current",
+    "memory_peak",
+    "tasks",
+)
+_CAMEL = {
+    "Id": "id",
+    "Descriptor": "descriptor",
+    "Binary": "binary",
+    "Argv": "argv",
+    "Pid": "pid",
+    "OwnerUid": "owner_uid",
+    "Owner": "owner",
+    "State": "state",
+    "ExitStatus": "exit_status",
+    "ExitSignal": "exit_signal",
+    "StartedAt": "started_at",
+    "Detached": "detached",
+    "Cgroup": "cgroup",
+    "CpuUsec": "cpu_usec",
+    "MemoryCurrent": "memory_current",
+    "MemoryPeak": "memory_peak",
+    "Tasks": "tasks",
+}
 
 
 def backend_dict(props: dict[str, Any], object: str | None = None) -> dict[str, Any]:
@@ -220,20 +291,34 @@ class Event:
         ``backend`` the whole object when one was added; ``state``, ``exit_status`` and
         ``exit_signal`` what a backend event says."""
         props = self.properties or {}
-        out: dict[str, Any] = {"event": self.kind, "object": self.object or None, "generation": self.generation,
-                               "name": None, "descriptor": None, "backend": None, "state": None,
-                               "exit_status": None, "exit_signal": None}
+        out: dict[str, Any] = {
+            "event": self.kind,
+            "object": self.object or None,
+            "generation": self.generation,
+            "name": None,
+            "descriptor": None,
+            "backend": None,
+            "state": None,
+            "exit_status": None,
+            "exit_signal": None,
+        }
         if self.kind.startswith("descriptor-"):
             out["name"] = props.get("Name")
             if self.kind == "descriptor-added":
                 probed = bool(props.get("Probed"))
                 error = props.get("ProbeError") or None
                 out["descriptor"] = descriptor_json(
-                    name=props.get("Name", ""), path=props.get("Path", ""), tier=props.get("Tier", ""),
-                    type=props.get("Type", ""), description=props.get("Description", ""),
-                    binary=props.get("Binary", ""), tags=list(props.get("Tags", [])), object=self.object or None,
+                    name=props.get("Name", ""),
+                    path=props.get("Path", ""),
+                    tier=props.get("Tier", ""),
+                    type=props.get("Type", ""),
+                    description=props.get("Description", ""),
+                    binary=props.get("Binary", ""),
+                    tags=list(props.get("Tags", [])),
+                    object=self.object or None,
                     features=list(props.get("Features", [])) if probed and not error else None,
-                    probe_error=error if probed else None)
+                    probe_error=error if probed else None,
+                )
         elif self.kind.startswith("backend-"):
             out["name"] = self.object.rsplit("/", 1)[-1] if self.object else None
             b = backend_dict(props, self.object or None)
@@ -298,7 +383,10 @@ class BrokerClient:
                 )
             await asyncio.wait_for(conn.connect(), 10)
         except Exception as e:  # noqa: BLE001 - every way of not connecting means the same
-            raise Unavailable("org.freedesktop.DBus.Error.NoServer", f"cannot connect to {where}: {e or type(e).__name__}") from None
+            raise Unavailable(
+                "org.freedesktop.DBus.Error.NoServer",
+                f"cannot connect to {where}: {e or type(e).__name__}",
+            ) from None
         return cls(conn, where)
 
     async def __aenter__(self) -> Self:
@@ -313,16 +401,27 @@ class BrokerClient:
             await asyncio.wait_for(self.bus.wait_for_disconnect(), 1)
 
     async def call(
-        self, member: str, signature: str = "", body: Sequence[Any] = (), *,
-        path: str = MANAGER_PATH, interface: str = MANAGER_IFACE, unix_fds: Sequence[int] = (),
+        self,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+        *,
+        path: str = MANAGER_PATH,
+        interface: str = MANAGER_IFACE,
+        unix_fds: Sequence[int] = (),
         interactive: bool = False,
     ) -> list[Any]:
         """Call a method of the broker; the reply body, or a `BrokerError`."""
         from dbus_fast import MessageFlag
 
         msg = Message(
-            destination=BUS_NAME, path=path, interface=interface, member=member,
-            signature=signature, body=list(body), unix_fds=list(unix_fds),
+            destination=BUS_NAME,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=list(body),
+            unix_fds=list(unix_fds),
             flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if interactive else MessageFlag.NONE,
         )
         reply = await self.bus.call(msg)
@@ -331,14 +430,20 @@ class BrokerClient:
             name = reply.error_name or "org.freedesktop.DBus.Error.Failed"
             text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else name
             if name in _UNAVAILABLE:
-                raise Unavailable(name, f"vhostuserd is not running on {self.where} and could not be "
-                                  f"activated ({name}: {text})")
+                raise Unavailable(
+                    name,
+                    f"vhostuserd is not running on {self.where} and could not be "
+                    f"activated ({name}: {text})",
+                )
             raise _ERRORS.get(name, BrokerError)(name, text)
         return list(reply.body)
 
-    async def get_property(self, name: str, path: str = MANAGER_PATH, interface: str = MANAGER_IFACE) -> Any:
-        body = await self.call("Get", "ss", [interface, name], path=path,
-                               interface="org.freedesktop.DBus.Properties")
+    async def get_property(
+        self, name: str, path: str = MANAGER_PATH, interface: str = MANAGER_IFACE
+    ) -> Any:
+        body = await self.call(
+            "Get", "ss", [interface, name], path=path, interface="org.freedesktop.DBus.Properties"
+        )
         return _unwrap(body[0])
 
     # ---- the index
@@ -356,7 +461,9 @@ class BrokerClient:
         for d in await self.list_descriptors():
             if d.name == name:
                 return d
-        raise NotFound(ERROR_PREFIX + "NotFound", f"{name}: no such descriptor in the effective index")
+        raise NotFound(
+            ERROR_PREFIX + "NotFound", f"{name}: no such descriptor in the effective index"
+        )
 
     async def resolve(self, type: str, features: Sequence[str] = ()) -> DescriptorInfo:
         _path, d = await self.call("Resolve", "sas", [type, list(features)])
@@ -392,8 +499,14 @@ class BrokerClient:
 
     # ---- backends
 
-    async def spawn(self, name: str, socket_fd: int, options: dict[str, Any] | None = None, *,
-                    interactive: bool = False) -> str:
+    async def spawn(
+        self,
+        name: str,
+        socket_fd: int,
+        options: dict[str, Any] | None = None,
+        *,
+        interactive: bool = False,
+    ) -> str:
         """Start the backend of descriptor ``name`` on ``socket_fd``; returns its object path.
 
         ``options`` values may be `Variant`s or plain bool/int/str (typed as docs/contract.md
@@ -402,9 +515,13 @@ class BrokerClient:
         authenticate (through their authentication agent) instead of the call failing with
         `InteractiveAuthorizationRequired`.
         """
-        typed = {k: v if isinstance(v, Variant) else option_variant(k, v) for k, v in (options or {}).items()}
-        (path,) = await self.call("Spawn", "sa{sv}h", [name, typed, 0], unix_fds=[socket_fd],
-                                  interactive=interactive)
+        typed = {
+            k: v if isinstance(v, Variant) else option_variant(k, v)
+            for k, v in (options or {}).items()
+        }
+        (path,) = await self.call(
+            "Spawn", "sa{sv}h", [name, typed, 0], unix_fds=[socket_fd], interactive=interactive
+        )
         return str(path)
 
     async def list_backends(self) -> list[dict[str, Any]]:
@@ -413,13 +530,21 @@ class BrokerClient:
         (items,) = await self.call("ListBackends")
         return [_unwrap(b) for b in items]
 
-    async def _backend_call(self, backend: str, member: str, signature: str = "", body: Sequence[Any] = (),
-                            interface: str = BACKEND_IFACE, interactive: bool = False) -> list[Any]:
+    async def _backend_call(
+        self,
+        backend: str,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+        interface: str = BACKEND_IFACE,
+        interactive: bool = False,
+    ) -> list[Any]:
         """A call to a backend object; `NotFound` ("no backend ID") when there is none."""
         path = backend_path(backend)
         try:
-            return await self.call(member, signature, body, path=path, interface=interface,
-                                   interactive=interactive)
+            return await self.call(
+                member, signature, body, path=path, interface=interface, interactive=interactive
+            )
         except NotFound as e:
             raise NotFound(e.name, f"no backend {backend}") from None
         except BrokerError as e:
@@ -441,16 +566,24 @@ class BrokerClient:
     async def backend(self, backend: str) -> dict[str, Any]:
         """The backend's D-Bus properties (``State``, ``ExitStatus``, ...); `backend_dict`
         makes the JSON shape of them."""
-        body = await self._backend_call(backend, "GetAll", "s", [BACKEND_IFACE],
-                                        interface="org.freedesktop.DBus.Properties")
+        body = await self._backend_call(
+            backend, "GetAll", "s", [BACKEND_IFACE], interface="org.freedesktop.DBus.Properties"
+        )
         return dict(_unwrap(body[0]))
 
     # ---- events
 
     async def _add_match(self, rule: str) -> None:
-        await self.bus.call(Message(
-            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus", member="AddMatch", signature="s", body=[rule]))
+        await self.bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="AddMatch",
+                signature="s",
+                body=[rule],
+            )
+        )
 
     async def events(self) -> AsyncIterator[Event]:
         """Index and object events, as they happen, until the connection closes.
@@ -470,7 +603,11 @@ class BrokerClient:
         def handler(msg: Message) -> bool:
             if msg.message_type is not MessageType.SIGNAL or msg.path is None:
                 return False
-            if msg.path == MANAGER_PATH and msg.member == "IndexChanged" and msg.interface == MANAGER_IFACE:
+            if (
+                msg.path == MANAGER_PATH
+                and msg.member == "IndexChanged"
+                and msg.interface == MANAGER_IFACE
+            ):
                 queue.put_nowait(Event("index-changed", generation=int(msg.body[0])))
             elif msg.path == MANAGER_PATH and msg.member == "InterfacesAdded":
                 path, ifaces = msg.body
@@ -485,16 +622,29 @@ class BrokerClient:
                 for iface in ifaces:
                     if iface == DESCRIPTOR_IFACE:
                         name = names.pop(path, None) or _name_from_path(path)
-                        queue.put_nowait(Event("descriptor-removed", object=path, properties={"Name": name}))
+                        queue.put_nowait(
+                            Event("descriptor-removed", object=path, properties={"Name": name})
+                        )
                     else:
                         queue.put_nowait(Event("backend-removed", object=path))
             elif msg.interface == BACKEND_IFACE and msg.member == "Exited":
                 status, sig = msg.body
-                queue.put_nowait(Event("backend-exited", object=msg.path,
-                                       properties={"ExitStatus": status, "ExitSignal": sig}))
-            elif (msg.member == "PropertiesChanged" and msg.path.startswith(MANAGER_PATH + "/backend/")
-                  and msg.body and msg.body[0] == BACKEND_IFACE):
-                queue.put_nowait(Event("backend-changed", object=msg.path, properties=_unwrap(msg.body[1])))
+                queue.put_nowait(
+                    Event(
+                        "backend-exited",
+                        object=msg.path,
+                        properties={"ExitStatus": status, "ExitSignal": sig},
+                    )
+                )
+            elif (
+                msg.member == "PropertiesChanged"
+                and msg.path.startswith(MANAGER_PATH + "/backend/")
+                and msg.body
+                and msg.body[0] == BACKEND_IFACE
+            ):
+                queue.put_nowait(
+                    Event("backend-changed", object=msg.path, properties=_unwrap(msg.body[1]))
+                )
             return False
 
         self.bus.add_message_handler(handler)
@@ -509,8 +659,12 @@ class BrokerClient:
         disconnected.add_done_callback(lambda _f: queue.put_nowait(None))
         return self._drain(queue, handler, disconnected)
 
-    async def _drain(self, queue: asyncio.Queue[Event | None], handler: Callable[[Message], bool],
-                     disconnected: asyncio.Future[Any]) -> AsyncIterator[Event]:
+    async def _drain(
+        self,
+        queue: asyncio.Queue[Event | None],
+        handler: Callable[[Message], bool],
+        disconnected: asyncio.Future[Any],
+    ) -> AsyncIterator[Event]:
         try:
             while True:
                 event = await queue.get()

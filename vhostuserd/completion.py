@@ -95,10 +95,15 @@ def _words() -> dict[str, str]:
     from .descriptors import KNOWN_TYPES
     from .options import OPTIONS
 
-    features = sorted({k for k, spec in OPTIONS.items() if spec.needs_feature} | {"separate-options"})
+    features = sorted(
+        {k for k, spec in OPTIONS.items() if spec.needs_feature} | {"separate-options"}
+    )
     keys = [k if spec.signature == "b" else f"{k}=" for k, spec in OPTIONS.items() if k != "detach"]
-    return {"@TYPES@": " ".join(sorted(KNOWN_TYPES)), "@FEATURES@": " ".join(features),
-            "@OPTION_KEYS@": " ".join(keys)}
+    return {
+        "@TYPES@": " ".join(sorted(KNOWN_TYPES)),
+        "@FEATURES@": " ".join(features),
+        "@OPTION_KEYS@": " ".join(keys),
+    }
 
 
 def render() -> str:
@@ -107,11 +112,14 @@ def render() -> str:
     commands = " ".join(sub.choices)
     global_opts = " ".join(_opts(parser))
     cases = "\n".join(
-        f"            {name}) COMPREPLY=($(compgen -W \"{' '.join(_opts(p))}\" -- \"$cur\")) ;;"
+        f'            {name}) COMPREPLY=($(compgen -W "{" ".join(_opts(p))}" -- "$cur")) ;;'
         for name, p in sub.choices.items()
     )
-    text = (TEMPLATE.replace("@COMMANDS@", commands).replace("@GLOBAL@", global_opts)
-            .replace("@OPTIONS@", cases))
+    text = (
+        TEMPLATE.replace("@COMMANDS@", commands)
+        .replace("@GLOBAL@", global_opts)
+        .replace("@OPTIONS@", cases)
+    )
     for marker, words in _words().items():
         text = text.replace(marker, words)
     return text

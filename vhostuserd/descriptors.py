@@ -22,8 +22,21 @@ MAX_DESCRIPTOR_SIZE = 1024 * 1024
 
 KNOWN_TYPES = frozenset(
     [
-        "9p", "balloon", "block", "caif", "console", "crypto", "gpu", "input", "net", "rng",
-        "rpmsg", "rproc-serial", "scsi", "vsock", "fs",
+        "9p",
+        "balloon",
+        "block",
+        "caif",
+        "console",
+        "crypto",
+        "gpu",
+        "input",
+        "net",
+        "rng",
+        "rpmsg",
+        "rproc-serial",
+        "scsi",
+        "vsock",
+        "fs",
     ]
 )
 
@@ -278,14 +291,17 @@ def parse_capabilities(data: bytes, expected_type: str) -> ProbeResult:
     if problem is not None:
         return ProbeError("invalid-json", f"--print-capabilities output is {problem}")
     if not isinstance(document, dict):
-        return ProbeError("invalid-capabilities", "--print-capabilities output must be a JSON object")
+        return ProbeError(
+            "invalid-capabilities", "--print-capabilities output must be a JSON object"
+        )
     errors = _schema_errors("capabilities", document)
     if errors:
         return ProbeError("invalid-capabilities", "; ".join(errors))
     if document["type"] != expected_type:
         return ProbeError(
             "type-mismatch",
-            f"backend says it is of type '{document['type']}', its descriptor says '{expected_type}'",
+            f"backend says it is of type '{document['type']}', "
+            f"its descriptor says '{expected_type}'",
         )
     features = tuple(document.get("features", ()))
     return Capabilities(document["type"], features, json.dumps(document, sort_keys=True))

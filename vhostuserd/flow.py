@@ -43,7 +43,11 @@ class ReplyCredit:
     def admit(self, peer: str, size: int) -> bool:
         """May a reply of ``size`` bytes be sent to ``peer``? Counts it when it may."""
         p = self.peers.setdefault(peer, _Peer())
-        limit = self.per_peer if self.unacked_total + size <= self.total else min(self.per_peer, self.squeezed)
+        limit = (
+            self.per_peer
+            if self.unacked_total + size <= self.total
+            else min(self.per_peer, self.squeezed)
+        )
         if p.unacked + size > limit and p.unacked > 0:
             p.dropped += 1
             return False

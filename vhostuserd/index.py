@@ -35,8 +35,15 @@ log = logging.getLogger("vhostuserd.index")
 COALESCE_S = 0.001
 MAX_DELAY_S = 0.010
 
-_FILE_EVENTS = (inotify.IN_CREATE | inotify.IN_DELETE | inotify.IN_MOVED_FROM | inotify.IN_MOVED_TO
-                | inotify.IN_MODIFY | inotify.IN_CLOSE_WRITE | inotify.IN_ATTRIB)
+_FILE_EVENTS = (
+    inotify.IN_CREATE
+    | inotify.IN_DELETE
+    | inotify.IN_MOVED_FROM
+    | inotify.IN_MOVED_TO
+    | inotify.IN_MODIFY
+    | inotify.IN_CLOSE_WRITE
+    | inotify.IN_ATTRIB
+)
 _SELF_EVENTS = inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF  # (IN_IGNORED, IN_UNMOUNT: always)
 # A tier directory: its entries and itself. IN_EXCL_UNLINK: a file unlinked but still open
 # somewhere is gone for us. An ancestor of a missing one: a new entry, or itself going.
@@ -205,15 +212,21 @@ def _sendable_listing(listing: Listing) -> tuple[dict[str, Parsed], tuple[Diagno
     path is not UTF-8 is left out with an error instead (lookup itself, which sorts such
     names by their bytes, keeps them: this is the one way the index differs from it)."""
     entries: dict[str, Parsed] = {}
-    diagnostics = [Diagnostic(_printable(d.path), d.level, _printable(d.message))
-                   for d in listing.diagnostics]
+    diagnostics = [
+        Diagnostic(_printable(d.path), d.level, _printable(d.message)) for d in listing.diagnostics
+    ]
     for name, parsed in listing.entries.items():
         path = f"{listing.directory.path}/{name}"
         if _sendable(path):
             entries[name] = parsed
         else:
-            diagnostics.append(Diagnostic(_printable(path), ERROR, "file name is not valid "
-                                          "UTF-8, which D-Bus cannot carry; ignored"))
+            diagnostics.append(
+                Diagnostic(
+                    _printable(path),
+                    ERROR,
+                    "file name is not valid UTF-8, which D-Bus cannot carry; ignored",
+                )
+            )
     return entries, tuple(diagnostics)
 
 
@@ -225,7 +238,7 @@ def _nearest_existing(path: str) -> str:
 
 def _next_component(root: str, path: str) -> str:
     """The first component of ``path`` below its existing ancestor ``root``."""
-    return path[len(root):].lstrip("/").split("/", 1)[0]
+    return path[len(root) :].lstrip("/").split("/", 1)[0]
 
 
 class Watcher:
@@ -308,8 +321,11 @@ class Watcher:
                     if e.errno in (errno.ENOENT, errno.ENOTDIR):
                         raced = True  # it went meanwhile: look again
                         break
-                    log.warning("cannot watch %s: %s; its changes are seen at the next "
-                                "re-arm only", path, e.strerror)
+                    log.warning(
+                        "cannot watch %s: %s; its changes are seen at the next re-arm only",
+                        path,
+                        e.strerror,
+                    )
                     continue
                 added.add(wd)
                 watches.setdefault(wd, []).append(path)
@@ -322,7 +338,9 @@ class Watcher:
             self._inotify.rm_watch(wd)
         self._watches, self._waiting = watches, waiting
         armed = [(root, wd_of.get(root, -1)) for root in roots]
-        changed = {i for i, (old, new) in enumerate(zip(self._armed, armed, strict=True)) if old != new}
+        changed = {
+            i for i, (old, new) in enumerate(zip(self._armed, armed, strict=True)) if old != new
+        }
         self._armed = list(armed)
         log.debug("watching %s", " ".join(sorted(masks)))
         return changed
@@ -346,8 +364,12 @@ class Watcher:
             paths = self._watches.get(e.wd)
             if paths is None:
                 continue  # a watch already replaced (its IN_IGNORED, say)
-            if e.mask & (inotify.IN_IGNORED | inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF
-                         | inotify.IN_UNMOUNT):
+            if e.mask & (
+                inotify.IN_IGNORED
+                | inotify.IN_DELETE_SELF
+                | inotify.IN_MOVE_SELF
+                | inotify.IN_UNMOUNT
+            ):
                 self._rearm = True  # the watched directory itself went
                 continue
             if not e.name:
@@ -361,13 +383,18 @@ class Watcher:
                 if i is not None:
                     if not _sendable(name):
                         if candidate:
-                            self._tiers.add(i)  # update_files cannot carry it; a listing diagnoses it
+                            self._tiers.add(
+                                i
+                            )  # update_files cannot carry it; a listing diagnoses it
                         continue
                     path = f"{p}/{name}"
                     self._paths.add(path)
                     if candidate:
                         self._touched.add(i)
-                        if e.mask & (inotify.IN_CREATE | inotify.IN_MODIFY) and not e.mask & inotify.IN_ISDIR:
+                        if (
+                            e.mask & (inotify.IN_CREATE | inotify.IN_MODIFY)
+                            and not e.mask & inotify.IN_ISDIR
+                        ):
                             self._writing.add(path)
                         elif not e.mask & inotify.IN_ATTRIB:
                             self._writing.discard(path)  # closed, renamed or deleted
@@ -395,8 +422,12 @@ class Watcher:
         """Whether what is pending can be applied without waiting for more."""
         # A directory that just appeared may hold files written before its watch existed:
         # wait for quiet there, unless events for its candidates came since, all complete.
-        return (bool(self._touched or self._tiers) and not self._writing and not self._rearm
-                and self._fresh <= self._touched)
+        return (
+            bool(self._touched or self._tiers)
+            and not self._writing
+            and not self._rearm
+            and self._fresh <= self._touched
+        )
 
     def _schedule(self) -> None:
         assert self._loop is not None

@@ -20,7 +20,9 @@ DATE = "2026-11"
 
 def _esc(text: str) -> str:
     text = text.replace("\\", "\\e").replace("-", "\\-")
-    return "\n".join("\\&" + line if line.startswith((".", "'")) else line for line in text.split("\n"))
+    return "\n".join(
+        "\\&" + line if line.startswith((".", "'")) else line for line in text.split("\n")
+    )
 
 
 def _invocation(action: argparse.Action) -> str:
@@ -51,13 +53,23 @@ def _options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> lis
     return out
 
 
-def _page(name: str, section: int, summary: str, synopsis: str, description: str,
-          body: list[str], extra: list[tuple[str, str]]) -> str:
+def _page(
+    name: str,
+    section: int,
+    summary: str,
+    synopsis: str,
+    description: str,
+    body: list[str],
+    extra: list[tuple[str, str]],
+) -> str:
     lines = [
         f'.TH {name.upper()} {section} "{DATE}" "vhostuserd {__version__}" "vhostuserd"',
-        ".SH NAME", f"{name} \\- {_esc(summary)}",
-        ".SH SYNOPSIS", synopsis,
-        ".SH DESCRIPTION", _esc(description),
+        ".SH NAME",
+        f"{name} \\- {_esc(summary)}",
+        ".SH SYNOPSIS",
+        synopsis,
+        ".SH DESCRIPTION",
+        _esc(description),
         *body,
     ]
     for title, text in extra:
@@ -66,11 +78,16 @@ def _page(name: str, section: int, summary: str, synopsis: str, description: str
 
 
 def _see_also(own: str) -> str:
-    pages = [p for p in ("\\fBvhostuserctl\\fR(1)", "\\fBvhostuserd\\fR(8)") if f"B{own}\\" not in p]
-    return (", ".join([*pages, "\\fBbusctl\\fR(1)", "\\fBpolkit\\fR(8)", "\\fBpkttyagent\\fR(1)"]) + ".\n.PP\n"
-            "The interface contract (lookup rules, D\\-Bus API, command line, JSON output, error names) "
-            "is \\fIdocs/contract.md\\fR, the JSON output \\fIdocs/json.md\\fR, in the vhostuserd "
-            "sources; QEMU's \\fIdocs/interop/vhost\\-user.rst\\fR (Backend program conventions).")
+    pages = [
+        p for p in ("\\fBvhostuserctl\\fR(1)", "\\fBvhostuserd\\fR(8)") if f"B{own}\\" not in p
+    ]
+    return (
+        ", ".join([*pages, "\\fBbusctl\\fR(1)", "\\fBpolkit\\fR(8)", "\\fBpkttyagent\\fR(1)"])
+        + ".\n.PP\n"
+        "The interface contract (lookup rules, D\\-Bus API, command line, JSON output, error names) "
+        "is \\fIdocs/contract.md\\fR, the JSON output \\fIdocs/json.md\\fR, in the vhostuserd "
+        "sources; QEMU's \\fIdocs/interop/vhost\\-user.rst\\fR (Backend program conventions)."
+    )
 
 
 ENVIRONMENT = """.TP
@@ -105,25 +122,44 @@ def vhostuserd_page() -> str:
 
     p = build_parser()
     return _page(
-        "vhostuserd", 8, "the vhost-user backend broker (a D-Bus service)",
+        "vhostuserd",
+        8,
+        "the vhost-user backend broker (a D-Bus service)",
         "\\fBvhostuserd\\fR [\\fB\\-\\-system\\fR | \\fB\\-\\-user\\fR | \\fB\\-\\-address\\fR \\fIADDR\\fR] "
         "[\\fIOPTION\\fR]...",
         p.description or "",
-        [".PP",
-         ("It owns \\fBorg.vhostuserd.Broker1\\fR, keeps a live index of the QEMU vhost\\-user "
-          "backend descriptors, answers which backend serves a device type with given features, "
-          "and starts backends for its clients with the socket they pass, supervising them "
-          "(SIGTERM, then SIGKILL after the grace period). On the system bus, requests are "
-          "authorized by polkit and backends run as the calling user. It is normally started by "
-          "D\\-Bus activation."),
-         ".SH OPTIONS", *_options(p)],
-        [("FILES", FILES),
-         ("SIGNALS", (".TP\n\\fBSIGTERM\\fR, \\fBSIGINT\\fR\nstop cleanly; running backends are "
-                      "left running and recorded, and are re\\-adopted by the next instance.")),
-         ("EXIT STATUS", ("0 after a clean stop; 1 with a one\\-line reason when it cannot start "
-                          "(no bus, the name already owned); 2 for bad usage.")),
-         ("ENVIRONMENT", ENVIRONMENT),
-         ("SEE ALSO", _see_also("vhostuserd"))],
+        [
+            ".PP",
+            (
+                "It owns \\fBorg.vhostuserd.Broker1\\fR, keeps a live index of the QEMU vhost\\-user "
+                "backend descriptors, answers which backend serves a device type with given features, "
+                "and starts backends for its clients with the socket they pass, supervising them "
+                "(SIGTERM, then SIGKILL after the grace period). On the system bus, requests are "
+                "authorized by polkit and backends run as the calling user. It is normally started by "
+                "D\\-Bus activation."
+            ),
+            ".SH OPTIONS",
+            *_options(p),
+        ],
+        [
+            ("FILES", FILES),
+            (
+                "SIGNALS",
+                (
+                    ".TP\n\\fBSIGTERM\\fR, \\fBSIGINT\\fR\nstop cleanly; running backends are "
+                    "left running and recorded, and are re\\-adopted by the next instance."
+                ),
+            ),
+            (
+                "EXIT STATUS",
+                (
+                    "0 after a clean stop; 1 with a one\\-line reason when it cannot start "
+                    "(no bus, the name already owned); 2 for bad usage."
+                ),
+            ),
+            ("ENVIRONMENT", ENVIRONMENT),
+            ("SEE ALSO", _see_also("vhostuserd")),
+        ],
     )
 
 
@@ -141,7 +177,8 @@ def vhostuserctl_page() -> str:
         args = " ".join(
             _invocation(a) if not a.option_strings else f"[{_invocation(a)}]"
             for a in cp._actions
-            if a.help != argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)
+            if a.help != argparse.SUPPRESS
+            and not isinstance(a, argparse._HelpAction)
             and not set(a.option_strings) & set(PER_COMMAND)
         )
         if cp.usage:  # a usage written out (spawn's: the two ways, and -- CMD)
@@ -153,26 +190,38 @@ def vhostuserctl_page() -> str:
         if opts:
             body += [".RS", *opts, ".RE"]
     return _page(
-        "vhostuserctl", 1, "query and drive vhostuserd, the vhost-user backend broker",
+        "vhostuserctl",
+        1,
+        "query and drive vhostuserd, the vhost-user backend broker",
         "\\fBvhostuserctl\\fR [\\fB\\-\\-system\\fR | \\fB\\-\\-user\\fR | \\fB\\-\\-address\\fR \\fIADDR\\fR] "
         "[\\fB\\-\\-json\\fR] [\\fB\\-\\-allow\\-interactive\\-authorization\\fR] \\fICOMMAND\\fR ...",
         p.description or "",
         body,
-        [("EXAMPLES", (
-            ".nf\nvhostuserctl list\nvhostuserctl resolve gpu \\-\\-feature virgl\n"
-            "vhostuserctl spawn 50\\-qemu\\-virtiofsd.json \\-o shared\\-dir=/srv/share "
-            "\\-\\-listen /run/vm1/fs.sock\n"
-            "vhostuserctl spawn 50\\-qemu\\-gpu.json \\-\\-exec \\-\\- qemu\\-system\\-x86_64 ... "
-            "\\-chardev socket,id=gpu,fd={fd} \\-device vhost\\-user\\-gpu\\-pci,chardev=gpu\n"
-            "vhostuserctl list \\-\\-offline\nvhostuserctl check \\-\\-probe\n.fi")),
-         ("EXIT STATUS", (
-             "0 when the request was done; 1 when it failed (the reason is printed on one line, or "
-             "under \\fB\\-\\-json\\fR as a JSON object on stderr); 2 for bad usage. "
-             "\\fBspawn \\-\\-exec\\fR exits with the command's status, or 1 when the backend died "
-             "under a command that succeeded.")),
-         ("FILES", FILES),
-         ("ENVIRONMENT", ENVIRONMENT),
-         ("SEE ALSO", _see_also("vhostuserctl"))],
+        [
+            (
+                "EXAMPLES",
+                (
+                    ".nf\nvhostuserctl list\nvhostuserctl resolve gpu \\-\\-feature virgl\n"
+                    "vhostuserctl spawn 50\\-qemu\\-virtiofsd.json \\-o shared\\-dir=/srv/share "
+                    "\\-\\-listen /run/vm1/fs.sock\n"
+                    "vhostuserctl spawn 50\\-qemu\\-gpu.json \\-\\-exec \\-\\- qemu\\-system\\-x86_64 ... "
+                    "\\-chardev socket,id=gpu,fd={fd} \\-device vhost\\-user\\-gpu\\-pci,chardev=gpu\n"
+                    "vhostuserctl list \\-\\-offline\nvhostuserctl check \\-\\-probe\n.fi"
+                ),
+            ),
+            (
+                "EXIT STATUS",
+                (
+                    "0 when the request was done; 1 when it failed (the reason is printed on one line, or "
+                    "under \\fB\\-\\-json\\fR as a JSON object on stderr); 2 for bad usage. "
+                    "\\fBspawn \\-\\-exec\\fR exits with the command's status, or 1 when the backend died "
+                    "under a command that succeeded."
+                ),
+            ),
+            ("FILES", FILES),
+            ("ENVIRONMENT", ENVIRONMENT),
+            ("SEE ALSO", _see_also("vhostuserctl")),
+        ],
     )
 
 

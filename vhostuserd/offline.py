@@ -36,8 +36,14 @@ def descriptor_dict(d: Descriptor, caps: ProbeResult | None) -> dict[str, Any]:
     from .client import descriptor_json
 
     return descriptor_json(
-        name=d.name, path=d.path, tier=d.tier, type=d.type, description=d.description, binary=d.binary,
-        tags=list(d.tags), object=None,
+        name=d.name,
+        path=d.path,
+        tier=d.tier,
+        type=d.type,
+        description=d.description,
+        binary=d.binary,
+        tags=list(d.tags),
+        object=None,
         features=list(caps.features) if isinstance(caps, Capabilities) else None,
         probe_error=str(caps) if isinstance(caps, ProbeError) else None,
     )
@@ -73,7 +79,11 @@ class OfflineLookup:
         """The results by descriptor name (for effective descriptors, whose names are unique)."""
         return {d.name: r for d, r in zip(descriptors, self.probe_each(descriptors), strict=True)}
 
-    def resolve(self, btype: str, features: Sequence[str]) -> tuple[Resolution, dict[str, ProbeResult]]:
+    def resolve(
+        self, btype: str, features: Sequence[str]
+    ) -> tuple[Resolution, dict[str, ProbeResult]]:
         candidates = [d for d in self.result.descriptors if d.type == btype] if features else []
         probed = self.probe(candidates)
-        return resolve(self.result.descriptors, btype, features, lambda d: probed.get(d.name)), probed
+        return resolve(
+            self.result.descriptors, btype, features, lambda d: probed.get(d.name)
+        ), probed

@@ -66,7 +66,9 @@ def resolve(
             continue
         result = caps(d) if features else None
         if not features:
-            return Resolution(d, result if isinstance(result, Capabilities) else None, tuple(rejections))
+            return Resolution(
+                d, result if isinstance(result, Capabilities) else None, tuple(rejections)
+            )
         if result is None:
             rejections.append(Rejection(d.name, "capabilities not probed yet"))
         elif isinstance(result, ProbeError):

@@ -31,7 +31,8 @@ _DEV_NULL = os.makedev(1, 3)
 
 
 def is_candidate_name(name: str) -> bool:
-    """Rule 1: ``*.json`` directly in the directory, not hidden (editor/atomic-write temporaries)."""
+    """Rule 1: ``*.json`` directly in the directory, not hidden (editor and atomic-write
+    temporaries)."""
     return name.endswith(".json") and not name.startswith(".") and len(name) > len(".json")
 
 
@@ -59,7 +60,9 @@ def _read(path: str, st: os.stat_result) -> bytes | str:
         # O_NONBLOCK: the file may have been swapped for a FIFO since the stat.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as e:
-        return _stat_error(path, e) if e.errno != errno.EACCES else "cannot be read: permission denied"
+        return (
+            _stat_error(path, e) if e.errno != errno.EACCES else "cannot be read: permission denied"
+        )
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return "not a regular file"

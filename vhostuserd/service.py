@@ -85,7 +85,9 @@ def features_error(features: list[str]) -> str | None:
         return f"{len(features)} features requested; at most {MAX_FEATURES} may be"
     for i, f in enumerate(features):
         if len(f.encode("utf-8", "surrogateescape")) > MAX_FEATURE_BYTES:
-            return f"feature #{i} is {len(f)} characters long; at most {MAX_FEATURE_BYTES} bytes each"
+            return (
+                f"feature #{i} is {len(f)} characters long; at most {MAX_FEATURE_BYTES} bytes each"
+            )
     return None
 
 
@@ -118,8 +120,11 @@ class _PatientWriter(_MessageWriter):
 
     def buffer_message(self, msg: Message, future: asyncio.Future[None] | None = None) -> None:
         data = msg._marshall(self.negotiate_unix_fd)
-        if (msg.message_type in _REPLIES and msg.destination
-                and not self.bus.admit_reply(msg.destination, len(data))):
+        if (
+            msg.message_type in _REPLIES
+            and msg.destination
+            and not self.bus.admit_reply(msg.destination, len(data))
+        ):
             if future is not None and not future.done():
                 future.set_result(None)
             return
@@ -142,7 +147,9 @@ class _PatientWriter(_MessageWriter):
                     self.fut = fut
                 try:
                     if self.unix_fds and self.negotiate_unix_fd:
-                        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.unix_fds))]
+                        rights = [
+                            (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.unix_fds))
+                        ]
                         sent = sock.sendmsg([self.buf[self.offset :]], rights)
                         self.unix_fds = None
                     else:
@@ -197,8 +204,11 @@ class Bus(MessageBus):
         credit = self.credit
         ok = credit.admit(peer, size)
         if not ok and credit.dropped(peer) == 1:
-            log.warning("%s does not read its replies (%d KiB unread): dropping them until it does",
-                        peer, credit.peers[peer].unacked // 1024)
+            log.warning(
+                "%s does not read its replies (%d KiB unread): dropping them until it does",
+                peer,
+                credit.peers[peer].unacked // 1024,
+            )
         if credit.want_ping(peer):
             self._loop.call_soon(self._ping, peer)
         return ok
@@ -219,8 +229,13 @@ class Bus(MessageBus):
         if msg.message_type is MessageType.SIGNAL and msg.unix_fds:
             # Anyone may send us a unicast signal carrying fds; nothing here takes them.
             self._close_fds(msg)
-        if (msg.message_type is MessageType.SIGNAL and msg.member == "NameOwnerChanged"
-                and msg.sender == "org.freedesktop.DBus" and len(msg.body) == 3 and msg.body[2] == ""):
+        if (
+            msg.message_type is MessageType.SIGNAL
+            and msg.member == "NameOwnerChanged"
+            and msg.sender == "org.freedesktop.DBus"
+            and len(msg.body) == 3
+            and msg.body[2] == ""
+        ):
             self.credit.gone(msg.body[0])
         if msg.message_type is not MessageType.METHOD_CALL:
             return False
@@ -230,12 +245,19 @@ class Bus(MessageBus):
         current_message.set(msg)
         if self.on_call is not None:
             self.on_call(msg)
-        if (msg.path is not None and msg.path.startswith(BACKEND_PREFIX) and msg.path not in self._path_exports
-                and msg.interface not in (INTROSPECTABLE_IFACE, PEER_IFACE)):
+        if (
+            msg.path is not None
+            and msg.path.startswith(BACKEND_PREFIX)
+            and msg.path not in self._path_exports
+            and msg.interface not in (INTROSPECTABLE_IFACE, PEER_IFACE)
+        ):
             # A backend that never was or is gone: say so in the project's words, not with
             # dbus-fast's UnknownMethod/UnknownObject.
-            return Message.new_error(msg, ERROR_PREFIX + "NotFound",
-                                     bounded(f"no backend {msg.path[len(BACKEND_PREFIX):]}", 256))
+            return Message.new_error(
+                msg,
+                ERROR_PREFIX + "NotFound",
+                bounded(f"no backend {msg.path[len(BACKEND_PREFIX) :]}", 256),
+            )
         fast = self.fast_paths.get((msg.path, msg.interface, msg.member, msg.signature))
         if fast is not None:
             reply = fast(msg)
@@ -252,8 +274,11 @@ class Bus(MessageBus):
     def _takes_fds(self, msg: Message) -> bool:
         """Listed in FD_TAKING_CALLS and exported: else no handler would own the fds."""
         path, name = msg.path, msg.interface
-        if (path is None or name is None
-                or (path, name, msg.member, msg.signature) not in FD_TAKING_CALLS):
+        if (
+            path is None
+            or name is None
+            or (path, name, msg.member, msg.signature) not in FD_TAKING_CALLS
+        ):
             return False
         interface = self._path_exports.get(path, {}).get(name)
         return interface is not None and any(
@@ -296,7 +321,9 @@ def _manager_for(path: str) -> str:
     return MANAGER_PATH if path.startswith(MANAGER_PATH + "/") else path
 
 
-def descriptor_variants(d: Descriptor, caps: ProbeResult | None, path: str | None) -> dict[str, Variant]:
+def descriptor_variants(
+    d: Descriptor, caps: ProbeResult | None, path: str | None
+) -> dict[str, Variant]:
     """The ListDescriptors/Resolve dict of docs/contract.md section 3."""
     out = {
         "name": Variant("s", d.name),
@@ -343,7 +370,9 @@ class DescriptorObject(ServiceInterface):
             "Binary": Variant("s", d.binary),
             "Tags": Variant("as", list(d.tags)),
             "Probed": Variant("b", caps is not None),
-            "Features": Variant("as", list(caps.features) if isinstance(caps, Capabilities) else []),
+            "Features": Variant(
+                "as", list(caps.features) if isinstance(caps, Capabilities) else []
+            ),
             "ProbeError": Variant("s", str(caps) if isinstance(caps, ProbeError) else ""),
         }
 
@@ -409,7 +438,9 @@ class Manager(ServiceInterface):
     @method()
     def ListDescriptors(self, type: "s") -> "aa{sv}":
         objs = self.broker.objects
-        return [objs[d.name].as_dict() for d in self.broker.index.descriptors if type in ("", d.type)]
+        return [
+            objs[d.name].as_dict() for d in self.broker.index.descriptors if type in ("", d.type)
+        ]
 
     @method()
     async def Resolve(self, type: "s", features: "as") -> "oa{sv}":
@@ -435,8 +466,11 @@ class Manager(ServiceInterface):
                 os.close(other)
         msg.unix_fds = []
         if fd is None:
-            raise error("InvalidSocket", f"the socket argument is fd #{index} of the call, "
-                        f"which carries {len(received)} fd(s)")
+            raise error(
+                "InvalidSocket",
+                f"the socket argument is fd #{index} of the call, "
+                f"which carries {len(received)} fd(s)",
+            )
         return await self.broker.spawner.spawn(name, options, fd)
 
     @method()
@@ -447,7 +481,9 @@ class Manager(ServiceInterface):
     async def Reload(self) -> "t":
         msg = current_message.get()
         caller = await self.broker.spawner.caller(msg.sender)
-        await self.broker.spawner.authority.check(msg, caller.uid, "org.vhostuserd.manage", {"request": "reload"})
+        await self.broker.spawner.authority.check(
+            msg, caller.uid, "org.vhostuserd.manage", {"request": "reload"}
+        )
         self.broker.reload()
         return self.broker.index.generation
 
@@ -541,7 +577,9 @@ class Broker:
             log.info("descriptor changed: %s", d.path)
         if change.diagnostics_changed:
             diags = self.diagnostics
-            self.manager.emit_properties_changed({"Diagnostics": [list(x.as_tuple()) for x in diags]})
+            self.manager.emit_properties_changed(
+                {"Diagnostics": [list(x.as_tuple()) for x in diags]}
+            )
             self.log_new_diagnostics(diags)
         if change.effective:
             self.manager.emit_properties_changed({"Generation": self.index.generation})
@@ -569,7 +607,9 @@ class Broker:
         for d in self.index.descriptors:
             why = untrusted(d.binary)
             if why is not None:
-                extra.append(Diagnostic(d.path, "error", f"/binary: not run by the system service: {why}"))
+                extra.append(
+                    Diagnostic(d.path, "error", f"/binary: not run by the system service: {why}")
+                )
         return self.index.diagnostics + tuple(extra)
 
     @property
@@ -621,7 +661,9 @@ class Broker:
                     probed[d.name] = result
         resolution = resolve(self.index.descriptors, btype, features, lambda d: probed.get(d.name))
         if resolution.chosen is None or resolution.chosen.name not in self.objects:
-            return Message.new_error(msg, ERROR_PREFIX + "NotFound", bounded(resolution.explain(btype, features)))
+            return Message.new_error(
+                msg, ERROR_PREFIX + "NotFound", bounded(resolution.explain(btype, features))
+            )
         obj = self.objects[resolution.chosen.name]
         return Message.new_method_return(msg, "oa{sv}", [obj.path, obj.as_dict()])
 

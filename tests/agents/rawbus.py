@@ -87,7 +87,9 @@ def churn(path: str, count: int) -> None:
             s.recv(4096)  # the Hello reply: the connection has its unique name now
             s.close()
 
-    threads = [threading.Thread(target=worker, args=(count // 4 + (i < count % 4),)) for i in range(4)]
+    threads = [
+        threading.Thread(target=worker, args=(count // 4 + (i < count % 4),)) for i in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -30,6 +30,11 @@ os.close(w)
 grandchild = int(os.read(r, 64).decode().strip())
 os.close(r)
 os.waitpid(-1, 0)
-report(cfg, behaviour="daemonizes", grandchild=grandchild, grandchild_sid=os.getsid(grandchild),
-       burned=time.process_time())
+report(
+    cfg,
+    behaviour="daemonizes",
+    grandchild=grandchild,
+    grandchild_sid=os.getsid(grandchild),
+    burned=time.process_time(),
+)
 forever()

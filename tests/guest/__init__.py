@@ -73,9 +73,10 @@ class Assets:
             return [shutil.which(QEMU) or QEMU], {}
         assert self.qemu8_data is not None and self.qemu8_modules is not None
         # Its own firmware first, then the system's (seabios, ipxe are not in the prefix).
-        return ([str(self.qemu8), "-L", str(self.qemu8_data), "-L", "/usr/share/qemu"],
-                {"QEMU_MODULE_DIR": str(self.qemu8_modules)})
-
+        return (
+            [str(self.qemu8), "-L", str(self.qemu8_data), "-L", "/usr/share/qemu"],
+            {"QEMU_MODULE_DIR": str(self.qemu8_modules)},
+        )
 
     def readable_by_all(self, dest: Path) -> Assets:
         """These assets under ``dest`` (hard links where possible, else copies), for a guest
@@ -98,16 +99,24 @@ class Assets:
             return target
 
         dest.mkdir(parents=True, exist_ok=True)
-        return Assets(self.kver, place(self.kernel, "vmlinuz") or self.kernel, self.modules, self.busybox,
-                      place(self.qemu8, "qemu-system-x86_64"), place(self.qemu8_data, "qemu-data"),
-                      place(self.qemu8_modules, "qemu-modules"))
+        return Assets(
+            self.kver,
+            place(self.kernel, "vmlinuz") or self.kernel,
+            self.modules,
+            self.busybox,
+            place(self.qemu8, "qemu-system-x86_64"),
+            place(self.qemu8_data, "qemu-data"),
+            place(self.qemu8_modules, "qemu-modules"),
+        )
 
 
 @functools.cache
 def assets() -> Assets:
     """The cached guest assets, fetched by scripts/guest-assets when missing."""
     stamp = cache_dir() / "assets.env"
-    r = subprocess.run(["bash", str(ASSETS_SCRIPT)], capture_output=True, text=True, timeout=900, check=False)
+    r = subprocess.run(
+        ["bash", str(ASSETS_SCRIPT)], capture_output=True, text=True, timeout=900, check=False
+    )
     if r.returncode != 0 or not stamp.exists():
         raise RuntimeError(f"scripts/guest-assets failed ({r.returncode}): {r.stderr[-2000:]}")
     env = dict(line.split("=", 1) for line in stamp.read_text().splitlines() if "=" in line)
@@ -115,8 +124,15 @@ def assets() -> Assets:
     def opt(key: str) -> Path | None:
         return Path(env[key]) if env.get(key) else None
 
-    return Assets(env["KVER"], Path(env["KERNEL"]), Path(env["MODULES"]), Path(env["BUSYBOX"]),
-                  opt("QEMU8"), opt("QEMU8_DATA"), opt("QEMU8_MODULES"))
+    return Assets(
+        env["KVER"],
+        Path(env["KERNEL"]),
+        Path(env["MODULES"]),
+        Path(env["BUSYBOX"]),
+        opt("QEMU8"),
+        opt("QEMU8_DATA"),
+        opt("QEMU8_MODULES"),
+    )
 
 
 # ------------------------------------------------------------------ the initramfs
@@ -182,7 +198,9 @@ for m in @MODULES@; do modprobe "$m" || fail "modprobe $m"; done
 """
 
 
-def build_initramfs(dest: Path, script: str, modules: Sequence[str] = (), token: str | None = None) -> str:
+def build_initramfs(
+    dest: Path, script: str, modules: Sequence[str] = (), token: str | None = None
+) -> str:
     """Write an initramfs whose /init is the prelude plus ``script``, with busybox and the
     ``modules`` (and their dependencies, a modules.dep made by busybox depmod); returns the
     boot's token."""
@@ -198,13 +216,17 @@ def build_initramfs(dest: Path, script: str, modules: Sequence[str] = (), token:
     for f in ("modules.order", "modules.builtin"):
         if (a.modules / f).exists():
             shutil.copyfile(a.modules / f, mod_root / f)
-    subprocess.run([str(a.busybox), "depmod", "-b", str(stage), a.kver], check=True, capture_output=True)
+    subprocess.run(
+        [str(a.busybox), "depmod", "-b", str(stage), a.kver], check=True, capture_output=True
+    )
     init = PRELUDE.replace("@TOKEN@", token).replace("@MODULES@", " ".join(modules)) + script
     entries: list[tuple[str, int, bytes]] = []
     for d in ("bin", "dev", "proc", "sys", "mnt", "tmp", "lib", "lib/modules"):
         entries.append((d, 0o040755, b""))
     entries.append(("bin/busybox", 0o100755, a.busybox.read_bytes()))
-    applets = subprocess.run([str(a.busybox), "--list"], capture_output=True, text=True, check=True).stdout.split()
+    applets = subprocess.run(
+        [str(a.busybox), "--list"], capture_output=True, text=True, check=True
+    ).stdout.split()
     for applet in applets:
         if applet != "busybox":
             entries.append((f"bin/{applet}", 0o120777, b"busybox"))
@@ -224,7 +246,8 @@ def build_initramfs(dest: Path, script: str, modules: Sequence[str] = (), token:
 
 def _hardware_kvm() -> bool:
     return any(os.path.isdir(f"/sys/module/{m}") for m in ("kvm_intel", "kvm_amd")) and os.access(
-        "/dev/kvm", os.R_OK | os.W_OK)
+        "/dev/kvm", os.R_OK | os.W_OK
+    )
 
 
 @functools.cache
@@ -269,9 +292,12 @@ def announce(request: Any, accelerator: str) -> str:
     """Say which accelerator the guests use: in the test's captured output, and once in the
     terminal summary of the run; returns it."""
     line = f"guest tests: accelerator {accelerator}" + (
-        f" (from ${ACCEL_ENV})" if os.environ.get(ACCEL_ENV) else
-        " (hardware KVM)" if accelerator == "kvm" else
-        " (no hardware KVM here: no kvm_intel/kvm_amd, or it cannot run a guest)")
+        f" (from ${ACCEL_ENV})"
+        if os.environ.get(ACCEL_ENV)
+        else " (hardware KVM)"
+        if accelerator == "kvm"
+        else " (no hardware KVM here: no kvm_intel/kvm_amd, or it cannot run a guest)"
+    )
     print(line)
     plugins = request.config.pluginmanager
     summary = plugins.get_plugin("vhostuserd-guest-summary")
@@ -284,12 +310,26 @@ def announce(request: Any, accelerator: str) -> str:
 
 
 def machine_args(accelerator: str, mem_mb: int = 256, shared_memory: bool = True) -> list[str]:
-    args = ["-machine", f"q35,accel={accelerator}", "-m", f"{mem_mb}", "-smp", "1", "-nodefaults",
-            "-no-user-config", "-no-reboot"]
+    args = [
+        "-machine",
+        f"q35,accel={accelerator}",
+        "-m",
+        f"{mem_mb}",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-no-reboot",
+    ]
     if accelerator == "kvm":
         args += ["-cpu", "host"]
     if shared_memory:  # every vhost-user backend maps the guest's memory
-        args += ["-object", f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on", "-numa", "node,memdev=mem"]
+        args += [
+            "-object",
+            f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on",
+            "-numa",
+            "node,memdev=mem",
+        ]
     return args
 
 
@@ -337,24 +377,49 @@ class Guest:
         """The whole QEMU command line for this guest, with ``device_args`` appended."""
         kernel = self.kernel or assets().kernel
         cmdline = f"console=ttyS0 panic=-1 quiet rdinit=/init {self.append}".strip()
-        return [*self.qemu, *machine_args(self.accelerator, self.mem_mb, self.shared_memory),
-                "-kernel", str(kernel), "-initrd", str(self.initrd), "-append", cmdline,
-                "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con", "-display", "none",
-                "-qmp", f"unix:{self.qmp_path},server=on,wait=off", *device_args]
+        return [
+            *self.qemu,
+            *machine_args(self.accelerator, self.mem_mb, self.shared_memory),
+            "-kernel",
+            str(kernel),
+            "-initrd",
+            str(self.initrd),
+            "-append",
+            cmdline,
+            "-chardev",
+            "stdio,id=con,signal=off",
+            "-serial",
+            "chardev:con",
+            "-display",
+            "none",
+            "-qmp",
+            f"unix:{self.qmp_path},server=on,wait=off",
+            *device_args,
+        ]
 
     def stdio(self) -> dict[str, Any]:
         """Popen's stdin, stdout and stderr for QEMU (or what runs it): the console pipe, the
         console log, and ``qemu.err``. Call once per boot."""
         self._stdin_r, self._stdin_w = os.pipe()
         with open(self.log_path, "wb") as log, open(self.workdir / "qemu.err", "wb") as err:
-            return {"stdin": self._stdin_r, "stdout": os.dup(log.fileno()), "stderr": os.dup(err.fileno())}
+            return {
+                "stdin": self._stdin_r,
+                "stdout": os.dup(log.fileno()),
+                "stderr": os.dup(err.fileno()),
+            }
 
-    def popen(self, argv: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def popen(
+        self, argv: Sequence[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         """Start ``argv`` (QEMU, or a command that runs it) with `stdio`, in its own session."""
         io = self.stdio()
         try:
-            self.proc = subprocess.Popen(list(argv), **io, start_new_session=True,
-                                         env={**(env if env is not None else os.environ), **self.env})
+            self.proc = subprocess.Popen(
+                list(argv),
+                **io,
+                start_new_session=True,
+                env={**(env if env is not None else os.environ), **self.env},
+            )
         finally:
             for fd in io.values():
                 os.close(fd)
@@ -378,13 +443,18 @@ class Guest:
 
     def describe(self) -> str:
         rc = self.proc.poll() if self.proc else None
-        return (f"[{self.accelerator}] QEMU exit status {rc}; serial console:\n{self.console()[-4000:]}\n"
-                f"QEMU stderr:\n{self.stderr()[-2000:]}")
+        return (
+            f"[{self.accelerator}] QEMU exit status {rc}; serial console:\n"
+            f"{self.console()[-4000:]}\n"
+            f"QEMU stderr:\n{self.stderr()[-2000:]}"
+        )
 
     def _check_alive_and_time(self) -> None:
         if time.monotonic() - self.started > self.timeout:
             self.kill()
-            raise GuestFailed(f"the guest overstayed its {self.timeout:.0f}s timeout; {self.describe()}")
+            raise GuestFailed(
+                f"the guest overstayed its {self.timeout:.0f}s timeout; {self.describe()}"
+            )
 
     def wait_line(self, pattern: str, timeout: float | None = None) -> re.Match[str]:
         """Wait for a console line matching ``pattern`` (a regex); fails if the guest
@@ -397,9 +467,13 @@ class Guest:
             if m:
                 return m
             if f"GUEST-FAIL {self.token}" in text:
-                raise GuestFailed(f"the guest failed before printing {pattern!r}; {self.describe()}")
+                raise GuestFailed(
+                    f"the guest failed before printing {pattern!r}; {self.describe()}"
+                )
             if self.proc is not None and self.proc.poll() is not None:
-                raise GuestFailed(f"QEMU exited before the guest printed {pattern!r}; {self.describe()}")
+                raise GuestFailed(
+                    f"QEMU exited before the guest printed {pattern!r}; {self.describe()}"
+                )
             if time.monotonic() > deadline:
                 raise GuestFailed(f"no {pattern!r} from the guest in time; {self.describe()}")
             self._check_alive_and_time()
@@ -433,7 +507,11 @@ class Guest:
         return result
 
     def lines(self, prefix: str = "GUEST: ") -> list[str]:
-        return [line[len(prefix):].rstrip("\r") for line in self.console().splitlines() if line.startswith(prefix)]
+        return [
+            line[len(prefix) :].rstrip("\r")
+            for line in self.console().splitlines()
+            if line.startswith(prefix)
+        ]
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -488,11 +566,14 @@ def read_ppm(path: Path) -> tuple[int, int, bytes]:
     if m is None or int(m.group(3)) != 255:
         raise ValueError(f"{path}: not an 8-bit binary PPM")
     w, h = int(m.group(1)), int(m.group(2))
-    return w, h, data[m.end(): m.end() + w * h * 3]
+    return w, h, data[m.end() : m.end() + w * h * 3]
 
 
-def changed_pixels(a: tuple[int, int, bytes], b: tuple[int, int, bytes],
-                   region: tuple[int, int, int, int] | None = None) -> int:
+def changed_pixels(
+    a: tuple[int, int, bytes],
+    b: tuple[int, int, bytes],
+    region: tuple[int, int, int, int] | None = None,
+) -> int:
     """How many pixels differ between two screendumps of the same size, in ``region``
     (x, y, width, height) or everywhere."""
     (w, h, pa), (w2, h2, pb) = a, b
@@ -502,7 +583,7 @@ def changed_pixels(a: tuple[int, int, bytes], b: tuple[int, int, bytes],
     n = 0
     for y in range(y0, min(h, y0 + rh)):
         row = y * w * 3
-        ra, rb = pa[row + x0 * 3: row + (x0 + rw) * 3], pb[row + x0 * 3: row + (x0 + rw) * 3]
+        ra, rb = pa[row + x0 * 3 : row + (x0 + rw) * 3], pb[row + x0 * 3 : row + (x0 + rw) * 3]
         if ra != rb:
-            n += sum(1 for i in range(0, len(ra), 3) if ra[i:i + 3] != rb[i:i + 3])
+            n += sum(1 for i in range(0, len(ra), 3) if ra[i : i + 3] != rb[i : i + 3])
     return n

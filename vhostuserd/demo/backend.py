@@ -18,7 +18,12 @@ from . import DEMO_TYPES
 LISTENING_TYPES = {"block", "fs", "scsi"}
 # The command-line options of QEMU's contrib backends and virtiofsd, per type.
 FLAGS = {"gpu": ("--virgl",), "input": ("--no-grab",), "block": ("--read-only",)}
-VALUED = {"gpu": ("--render-node",), "input": ("--evdev-path",), "block": ("--blk-file",), "fs": ("--shared-dir",)}
+VALUED = {
+    "gpu": ("--render-node",),
+    "input": ("--evdev-path",),
+    "block": ("--blk-file",),
+    "fs": ("--shared-dir",),
+}
 
 
 def main(btype: str, argv: list[str] | None = None) -> int:
