@@ -50,16 +50,28 @@ def pct(values: list[float], p: float) -> float:
 
 
 def resolve_msg(dest: str, path: str, iface: str) -> Message:
-    return Message(destination=dest, path=path, interface=iface, member="Resolve", signature="sas",
-                   body=["gpu", ["virgl"]])
+    return Message(
+        destination=dest,
+        path=path,
+        interface=iface,
+        member="Resolve",
+        signature="sas",
+        body=["gpu", ["virgl"]],
+    )
 
 
 def getid_msg() -> Message:
-    return Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                   interface="org.freedesktop.DBus", member="GetId")
+    return Message(
+        destination="org.freedesktop.DBus",
+        path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus",
+        member="GetId",
+    )
 
 
-async def sequential_rate(address: str, make: Any, n: int, latencies: list[float] | None = None) -> float:
+async def sequential_rate(
+    address: str, make: Any, n: int, latencies: list[float] | None = None
+) -> float:
     bus = await MessageBus(bus_address=address).connect()
     for _ in range(50):
         await bus.call(make())
@@ -75,17 +87,22 @@ async def sequential_rate(address: str, make: Any, n: int, latencies: list[float
     return rate
 
 
-async def interleaved_rates(address: str, makes: list[Any], n: int, block: int = 100,
-                            latencies: list[list[float]] | None = None) -> list[float]:
+async def interleaved_rates(
+    address: str,
+    makes: list[Any],
+    n: int,
+    block: int = 100,
+    latencies: list[list[float]] | None = None,
+) -> list[float]:
     """Calls/s of each message kind, measured in alternating blocks on one connection each."""
     buses = [await MessageBus(bus_address=address).connect() for _ in makes]
-    for bus, make in zip(buses, makes):
+    for bus, make in zip(buses, makes, strict=True):
         for _ in range(50):
             await bus.call(make())
     spent = [0.0] * len(makes)
     done = [0] * len(makes)
     while done[0] < n:
-        for i, (bus, make) in enumerate(zip(buses, makes)):
+        for i, (bus, make) in enumerate(zip(buses, makes, strict=True)):
             t0 = time.perf_counter()
             for _ in range(block):
                 t1 = time.perf_counter()
@@ -97,7 +114,7 @@ async def interleaved_rates(address: str, makes: list[Any], n: int, block: int =
             done[i] += block
     for bus in buses:
         bus.disconnect()
-    return [d / s for d, s in zip(done, spent)]
+    return [d / s for d, s in zip(done, spent, strict=True)]
 
 
 NEIGHBOUR = "while True: pass"
@@ -108,7 +125,9 @@ def start_neighbour() -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", NEIGHBOUR])
 
 
-async def concurrent_rate(address: str, make: Any, clients: int, per_client: int) -> tuple[float, int]:
+async def concurrent_rate(
+    address: str, make: Any, clients: int, per_client: int
+) -> tuple[float, int]:
     buses = [await MessageBus(bus_address=address).connect() for _ in range(clients)]
     errors = 0
 
@@ -161,14 +180,23 @@ def cold_activation(tree: Tree, runs: int) -> tuple[list[float], list[float]]:
         b = PrivateBus(env=tree.env())
         (b.servicedir / f"{BUS_NAME}.service").write_text(
             f"[D-BUS Service]\nName={BUS_NAME}\nExec={VHOSTUSERD} --user --idle-timeout 1 "
-            f"--sysconfdir {tree.sysconfdir}\n")
+            f"--sysconfdir {tree.sysconfdir}\n"
+        )
         b.reload()
 
         async def first(address: str) -> float:
             bus = await MessageBus(bus_address=address).connect()
             t0 = time.perf_counter()
-            r = await bus.call(Message(destination=BUS_NAME, path=MANAGER_PATH, member="ListDescriptors",
-                                       interface="org.vhostuserd.Broker1.Manager", signature="s", body=[""]))
+            r = await bus.call(
+                Message(
+                    destination=BUS_NAME,
+                    path=MANAGER_PATH,
+                    member="ListDescriptors",
+                    interface="org.vhostuserd.Broker1.Manager",
+                    signature="s",
+                    body=[""],
+                )
+            )
             dt = time.perf_counter() - t0
             assert r.message_type is MessageType.METHOD_RETURN, r.body
             bus.disconnect()
@@ -197,12 +225,28 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
     rows: list[dict[str, Any]] = []
     samples: dict[str, list[float]] = {}
 
-    def row(name: str, goal: str, measured: float, floor: float | None, unit: str, ratio: float | None,
-            ok: bool | None, note: str = "") -> None:
-        rows.append({"row": name, "goal": goal, "measured": round(measured, 3),
-                     "floor": None if floor is None else round(floor, 3), "unit": unit,
-                     "ratio": None if ratio is None else round(ratio, 3), "at_goal": ok,
-                     "note": note})
+    def row(
+        name: str,
+        goal: str,
+        measured: float,
+        floor: float | None,
+        unit: str,
+        ratio: float | None,
+        ok: bool | None,
+        note: str = "",
+    ) -> None:
+        rows.append(
+            {
+                "row": name,
+                "goal": goal,
+                "measured": round(measured, 3),
+                "floor": None if floor is None else round(floor, 3),
+                "unit": unit,
+                "ratio": None if ratio is None else round(ratio, 3),
+                "at_goal": ok,
+                "note": note,
+            }
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         tree = Tree.make(Path(tmp))
@@ -211,42 +255,93 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
         tree.data.insert(0, Path(make_demo_tree(f"{tmp}/demo")))
         bus = PrivateBus()
         try:
-            noop = subprocess.Popen([sys.executable, str(HERE / "noop_server.py"), bus.address],
-                                    stdout=subprocess.PIPE, text=True)
+            noop = subprocess.Popen(
+                [sys.executable, str(HERE / "noop_server.py"), bus.address],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             assert noop.stdout and noop.stdout.readline().strip() == "ready"
             daemon = Daemon(bus, tree)
             # warm the probe cache so Resolve(gpu, [virgl]) answers from it
-            asyncio.run(sequential_rate(bus.address, lambda: resolve_msg(BUS_NAME, MANAGER_PATH, "org.vhostuserd.Broker1.Manager"), 10))
+            asyncio.run(
+                sequential_rate(
+                    bus.address,
+                    lambda: resolve_msg(BUS_NAME, MANAGER_PATH, "org.vhostuserd.Broker1.Manager"),
+                    10,
+                )
+            )
             time.sleep(0.5)
             rss = rss_kb(daemon.proc.pid)
-            ours = lambda: resolve_msg(BUS_NAME, MANAGER_PATH, "org.vhostuserd.Broker1.Manager")
-            floor = lambda: resolve_msg(BENCH_NAME, "/org/vhostuserd/Bench", "org.vhostuserd.Bench.Noop")
+
+            def ours() -> Message:
+                return resolve_msg(BUS_NAME, MANAGER_PATH, "org.vhostuserd.Broker1.Manager")
+
+            def floor() -> Message:
+                return resolve_msg(BENCH_NAME, "/org/vhostuserd/Bench", "org.vhostuserd.Bench.Noop")
+
             lat: list[list[float]] = [[], [], []]
-            r_ours, r_floor, r_getid = asyncio.run(interleaved_rates(bus.address, [ours, floor, getid_msg], n,
-                                                                     latencies=lat))
+            r_ours, r_floor, r_getid = asyncio.run(
+                interleaved_rates(bus.address, [ours, floor, getid_msg], n, latencies=lat)
+            )
             samples["P1 Resolve round trip (ms)"] = lat[0]
             samples["P1 floor: no-op method round trip (ms)"] = lat[1]
-            row("P1 resolve quiet", ">= 0.9x no-op", r_ours, r_floor, "calls/s", r_ours / r_floor,
-                r_ours / r_floor >= 0.9, f"bus GetId {r_getid:.0f}/s (ratio {r_ours / r_getid:.2f}); "
-                f"p50 {pct(lat[0], 50):.3f} vs {pct(lat[1], 50):.3f} ms")
+            row(
+                "P1 resolve quiet",
+                ">= 0.9x no-op",
+                r_ours,
+                r_floor,
+                "calls/s",
+                r_ours / r_floor,
+                r_ours / r_floor >= 0.9,
+                f"bus GetId {r_getid:.0f}/s (ratio {r_ours / r_getid:.2f}); "
+                f"p50 {pct(lat[0], 50):.3f} vs {pct(lat[1], 50):.3f} ms",
+            )
             neighbour = start_neighbour()
             try:
                 time.sleep(0.3)
                 lat_l: list[list[float]] = [[], []]
-                l_ours, l_floor = asyncio.run(interleaved_rates(bus.address, [ours, floor], n, latencies=lat_l))
+                l_ours, l_floor = asyncio.run(
+                    interleaved_rates(bus.address, [ours, floor], n, latencies=lat_l)
+                )
             finally:
                 neighbour.kill()
                 neighbour.wait()
             samples["P1 loaded: Resolve round trip (ms)"] = lat_l[0]
             samples["P1 loaded floor: no-op method round trip (ms)"] = lat_l[1]
-            row("P1 resolve loaded", ">= 0.9x no-op", l_ours, l_floor, "calls/s", l_ours / l_floor,
-                l_ours / l_floor >= 0.9, f"beside `python -c '{NEIGHBOUR}'`; p50 {pct(lat_l[0], 50):.3f} vs "
-                f"{pct(lat_l[1], 50):.3f} ms, p95 {pct(lat_l[0], 95):.3f} vs {pct(lat_l[1], 95):.3f} ms")
+            row(
+                "P1 resolve loaded",
+                ">= 0.9x no-op",
+                l_ours,
+                l_floor,
+                "calls/s",
+                l_ours / l_floor,
+                l_ours / l_floor >= 0.9,
+                f"beside `python -c '{NEIGHBOUR}'`; p50 {pct(lat_l[0], 50):.3f} vs "
+                f"{pct(lat_l[1], 50):.3f} ms, p95 {pct(lat_l[0], 95):.3f} vs "
+                f"{pct(lat_l[1], 95):.3f} ms",
+            )
             c_ours, e_ours = asyncio.run(concurrent_rate(bus.address, ours, 50, 200))
             c_floor, _ = asyncio.run(concurrent_rate(bus.address, floor, 50, 200))
-            row("P7 concurrent", "0 errors, >= 0.8x P1", c_ours, c_floor, "calls/s", c_ours / r_ours,
-                e_ours == 0 and c_ours / r_ours >= 0.8, f"{e_ours} errors; 50x200 on the no-op: {c_floor:.0f}/s")
-            row("P6 rss idle", "<= 40 MB", rss / 1024, None, "MB", None, rss / 1024 <= 40, "demo set + Debian descriptors")
+            row(
+                "P7 concurrent",
+                "0 errors, >= 0.8x P1",
+                c_ours,
+                c_floor,
+                "calls/s",
+                c_ours / r_ours,
+                e_ours == 0 and c_ours / r_ours >= 0.8,
+                f"{e_ours} errors; 50x200 on the no-op: {c_floor:.0f}/s",
+            )
+            row(
+                "P6 rss idle",
+                "<= 40 MB",
+                rss / 1024,
+                None,
+                "MB",
+                None,
+                rss / 1024 <= 40,
+                "demo set + Debian descriptors",
+            )
             daemon.stop()
             noop.terminate()
             noop.wait()
@@ -254,12 +349,38 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
             bus.close()
         small, _ = one_file_cost(100, 50 if quick else 200)
         big, cold = one_file_cost(10_000, 50 if quick else 200)
-        row("P3 one-file change", "<= 2x (10k vs 100)", big * 1e3, small * 1e3, "ms", big / small, big / small <= 2,
-            "Index.update_files, median")
-        row("P3 cold scan 10k", "<= 1 s", cold, None, "s", None, cold <= 1.0, "Index.rescan from nothing")
+        row(
+            "P3 one-file change",
+            "<= 2x (10k vs 100)",
+            big * 1e3,
+            small * 1e3,
+            "ms",
+            big / small,
+            big / small <= 2,
+            "Index.update_files, median",
+        )
+        row(
+            "P3 cold scan 10k",
+            "<= 1 s",
+            cold,
+            None,
+            "s",
+            None,
+            cold <= 1.0,
+            "Index.rescan from nothing",
+        )
         act, fl = cold_activation(tree, 3 if quick else 5)
         a, f = statistics.median(act), statistics.median(fl)
-        row("P5 cold activation", "<= 3x import asyncio", a, f, "ms", a / f, a / f <= 3, "median first call -> reply")
+        row(
+            "P5 cold activation",
+            "<= 3x import asyncio",
+            a,
+            f,
+            "ms",
+            a / f,
+            a / f <= 3,
+            "median first call -> reply",
+        )
 
     return rows, samples
 

@@ -46,9 +46,11 @@ GRACE = 0.5
 def write_backend(path: Path, ignore_term: bool) -> str:
     """A minimal conventions-following backend: answers the probe, then sleeps on its socket."""
     trap = "trap '' TERM\n" if ignore_term else ""
-    path.write_text("#!/bin/sh\n"
-                    "[ \"$1\" = --print-capabilities ] && { echo '{\"type\":\"gpu\"}'; exit 0; }\n"
-                    f"{trap}exec sleep 100000\n")
+    path.write_text(
+        "#!/bin/sh\n"
+        '[ "$1" = --print-capabilities ] && { echo \'{"type":"gpu"}\'; exit 0; }\n'
+        f"{trap}exec sleep 100000\n"
+    )
     path.chmod(0o755)
     return str(path)
 
@@ -92,8 +94,14 @@ async def floor_round_trips(address: str, binary: str, n: int) -> list[float]:
             t0 = time.perf_counter()
             pid = procs.spawn([binary, "--fd=3"], fds={0: null, 1: null, 2: null, 3: b.fileno()})
             exited = reaper.watch(pid)
-            r = await bus.call(Message(destination="org.vhostuserd.Bench", path="/org/vhostuserd/Bench",
-                                       interface="org.vhostuserd.Bench.Noop", member="Ping"))
+            r = await bus.call(
+                Message(
+                    destination="org.vhostuserd.Bench",
+                    path="/org/vhostuserd/Bench",
+                    interface="org.vhostuserd.Bench.Noop",
+                    member="Ping",
+                )
+            )
             out.append((time.perf_counter() - t0) * 1000)
             assert r.message_type is MessageType.METHOD_RETURN
             procs.kill_group(pid)
@@ -149,7 +157,9 @@ async def stop_times(c: BrokerClient, name: str, n: int) -> list[float]:
     return out
 
 
-async def many_backends(c: BrokerClient, name: str, n: int, pid: int) -> tuple[int, int, int, float]:
+async def many_backends(
+    c: BrokerClient, name: str, n: int, pid: int
+) -> tuple[int, int, int, float]:
     """(RSS before, RSS after n backends, threads after, seconds to spawn them)."""
     await asyncio.sleep(0.5)
     before = rss_kb(pid)
@@ -177,12 +187,28 @@ def run(quick: bool, n_backends: int) -> tuple[list[dict[str, Any]], dict[str, l
     rows: list[dict[str, Any]] = []
     samples: dict[str, list[float]] = {}
 
-    def row(name: str, goal: str, measured: float, floor: float | None, unit: str, ratio: float | None,
-            ok: bool, note: str = "") -> None:
-        rows.append({"row": name, "goal": goal, "measured": round(measured, 3),
-                     "floor": None if floor is None else round(floor, 3), "unit": unit,
-                     "ratio": None if ratio is None else round(ratio, 3), "at_goal": ok,
-                     "note": note})
+    def row(
+        name: str,
+        goal: str,
+        measured: float,
+        floor: float | None,
+        unit: str,
+        ratio: float | None,
+        ok: bool,
+        note: str = "",
+    ) -> None:
+        rows.append(
+            {
+                "row": name,
+                "goal": goal,
+                "measured": round(measured, 3),
+                "floor": None if floor is None else round(floor, 3),
+                "unit": unit,
+                "ratio": None if ratio is None else round(ratio, 3),
+                "at_goal": ok,
+                "note": note,
+            }
+        )
 
     n = 30 if quick else 100
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,12 +223,26 @@ def run(quick: bool, n_backends: int) -> tuple[list[dict[str, Any]], dict[str, l
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else tmp
         state_dir = tempfile.mkdtemp(prefix="vhostuserd-bench-state-", dir=shm)
         bus = PrivateBus()
-        noop = subprocess.Popen([sys.executable, str(HERE / "noop_server.py"), bus.address],
-                                stdout=subprocess.PIPE, text=True)
+        noop = subprocess.Popen(
+            [sys.executable, str(HERE / "noop_server.py"), bus.address],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert noop.stdout and noop.stdout.readline().strip() == "ready"
-        d = Daemon(bus, tree, "--grace-period", str(GRACE), "--max-backends", str(n_backends + 10),
-                   "--max-backends-per-user", str(n_backends + 10), "--state-dir", state_dir)
+        d = Daemon(
+            bus,
+            tree,
+            "--grace-period",
+            str(GRACE),
+            "--max-backends",
+            str(n_backends + 10),
+            "--max-backends-per-user",
+            str(n_backends + 10),
+            "--state-dir",
+            state_dir,
+        )
         try:
+
             async def main() -> None:
                 async with await BrokerClient.connect("address", bus.address) as c:
                     await spawn_round_trips(c, "50-term.json", 5)  # warm up
@@ -211,34 +251,99 @@ def run(quick: bool, n_backends: int) -> tuple[list[dict[str, Any]], dict[str, l
                     samples["P4 spawn (ms)"] = ours
                     samples["P4 floor: posix_spawn + call (ms)"] = floor
                     m, f = statistics.median(ours), statistics.median(floor)
-                    row("P4 spawn", "<= 1.5x fork/exec+call", m, f, "ms", m / f, m / f <= 1.5,
-                        f"median of {n}; p95 {sorted(ours)[int(0.95 * (n - 1))]:.2f} ms")
+                    row(
+                        "P4 spawn",
+                        "<= 1.5x fork/exec+call",
+                        m,
+                        f,
+                        "ms",
+                        m / f,
+                        m / f <= 1.5,
+                        f"median of {n}; p95 {sorted(ours)[int(0.95 * (n - 1))]:.2f} ms",
+                    )
                     placed, bare, where = placement_times(n)
                     if placed:
                         samples["P4 cgroup: launcher into a new cgroup (ms)"] = placed
                         samples["P4 cgroup floor: posix_spawn /bin/true (ms)"] = bare
                         pm, bm = statistics.median(placed), statistics.median(bare)
-                        row("P4 cgroup placement", "documented", pm, bm, "ms", pm / bm, True,
-                            f"median of {n}: +{pm - bm:.2f} ms per backend start, off the Spawn reply's path "
-                            f"(the launcher runs after posix_spawn returns); {where}")
+                        row(
+                            "P4 cgroup placement",
+                            "documented",
+                            pm,
+                            bm,
+                            "ms",
+                            pm / bm,
+                            True,
+                            f"median of {n}: +{pm - bm:.2f} ms per backend start, "
+                            "off the Spawn reply's path "
+                            f"(the launcher runs after posix_spawn returns); {where}",
+                        )
                     else:
-                        row("P4 cgroup placement", "documented", 0.0, statistics.median(bare), "ms", None, True,
-                            f"not measured: {where}")
+                        row(
+                            "P4 cgroup placement",
+                            "documented",
+                            0.0,
+                            statistics.median(bare),
+                            "ms",
+                            None,
+                            True,
+                            f"not measured: {where}",
+                        )
                     stops = await stop_times(c, "50-term.json", n)
                     samples["P4 stop (ms)"] = stops
-                    row("P4 stop", "<= 20 ms", statistics.median(stops), None, "ms", None,
-                        statistics.median(stops) <= 20, f"median of {n}, SIGTERM-honouring")
-                    kills = [t - GRACE * 1000 for t in await stop_times(c, "60-ignore.json", 5 if quick else 10)]
+                    row(
+                        "P4 stop",
+                        "<= 20 ms",
+                        statistics.median(stops),
+                        None,
+                        "ms",
+                        None,
+                        statistics.median(stops) <= 20,
+                        f"median of {n}, SIGTERM-honouring",
+                    )
+                    kills = [
+                        t - GRACE * 1000
+                        for t in await stop_times(c, "60-ignore.json", 5 if quick else 10)
+                    ]
                     worst = max(kills, key=abs)
-                    row("P4 sigkill error", "within +-50 ms", worst, None, "ms", None, abs(worst) <= 50,
-                        f"grace {GRACE}s; errors {', '.join(f'{k:.1f}' for k in kills)} ms")
-                    before, after, nthreads, took = await many_backends(c, "50-term.json", n_backends, d.proc.pid)
+                    row(
+                        "P4 sigkill error",
+                        "within +-50 ms",
+                        worst,
+                        None,
+                        "ms",
+                        None,
+                        abs(worst) <= 50,
+                        f"grace {GRACE}s; errors {', '.join(f'{k:.1f}' for k in kills)} ms",
+                    )
+                    before, after, nthreads, took = await many_backends(
+                        c, "50-term.json", n_backends, d.proc.pid
+                    )
                     idle_mb = before / 1024
                     per = (after - before) / n_backends
-                    row("P6 rss idle", "<= 40 MB", idle_mb, None, "MB", None, idle_mb <= 40, "before the backends")
-                    row("P6 rss per backend", "<= 20 KB", per, None, "KB", None, per <= 20,
-                        f"{n_backends} sleep backends: {before / 1024:.1f} -> {after / 1024:.1f} MB, "
-                        f"{nthreads} threads, spawned in {took:.1f} s")
+                    row(
+                        "P6 rss idle",
+                        "<= 40 MB",
+                        idle_mb,
+                        None,
+                        "MB",
+                        None,
+                        idle_mb <= 40,
+                        "before the backends",
+                    )
+                    row(
+                        "P6 rss per backend",
+                        "<= 20 KB",
+                        per,
+                        None,
+                        "KB",
+                        None,
+                        per <= 20,
+                        f"{n_backends} sleep backends: "
+                        f"{before / 1024:.1f} -> {after / 1024:.1f} MB, "
+                        f"{nthreads} threads, spawned in {took:.1f} s",
+                    )
+
             asyncio.run(main())
         finally:
             d.stop()

@@ -65,7 +65,8 @@ def backend_left_nothing(path: str, pids: list[int]) -> bool:
 
 
 def test_a_backend_whose_grandchild_setsids_and_ignores_sigterm_leaves_nothing_after_stop(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     fake = install(tree, "daemonizes", short="daemon", ignore_sigterm=True)
     d = start_daemon("--grace-period", str(GRACE))
 
@@ -82,9 +83,14 @@ def test_a_backend_whose_grandchild_setsids_and_ignores_sigterm_leaves_nothing_a
         assert in_cgroup(pid) == in_cgroup(grandchild) == props["Cgroup"]
         assert os.path.basename(where) == f"backend-{props['Id']}"
         await asyncio.wait_for(c.stop(path), 10)
-        await await_for(lambda: backend_left_nothing(where, [pid, grandchild]),
-                        lambda: f"backend {pid}, setsid grandchild {grandchild} and {where} gone: "
-                        f"{proc_stat(grandchild)}, exists {os.path.exists(where)}", 5)
+        await await_for(
+            lambda: backend_left_nothing(where, [pid, grandchild]),
+            lambda: (
+                f"backend {pid}, setsid grandchild {grandchild} and {where} gone: "
+                f"{proc_stat(grandchild)}, exists {os.path.exists(where)}"
+            ),
+            5,
+        )
         await c.close()
 
     run(main())
@@ -92,8 +98,9 @@ def test_a_backend_whose_grandchild_setsids_and_ignores_sigterm_leaves_nothing_a
     assert "consumed" in d.log()
 
 
-def test_a_backend_whose_grandchild_setsids_and_ignores_sigterm_leaves_nothing_after_its_owner_disconnects(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+def test_a_backend_whose_grandchild_setsids_and_ignores_sigterm_leaves_nothing_after_owner_leaves(
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     fake = install(tree, "daemonizes", short="daemon", ignore_sigterm=True)
     start_daemon("--grace-period", str(GRACE))
 
@@ -106,9 +113,14 @@ def test_a_backend_whose_grandchild_setsids_and_ignores_sigterm_leaves_nothing_a
         where = cgroup_dir(props)
         assert in_cgroup(grandchild) == props["Cgroup"]
         await c.close()  # the owner leaves the bus
-        await await_for(lambda: backend_left_nothing(where, [pid, grandchild]),
-                        lambda: f"backend {pid}, setsid grandchild {grandchild} and {where} gone: "
-                        f"{proc_stat(grandchild)}, exists {os.path.exists(where)}", GRACE + 5)
+        await await_for(
+            lambda: backend_left_nothing(where, [pid, grandchild]),
+            lambda: (
+                f"backend {pid}, setsid grandchild {grandchild} and {where} gone: "
+                f"{proc_stat(grandchild)}, exists {os.path.exists(where)}"
+            ),
+            GRACE + 5,
+        )
         await watcher.close()
 
     run(main())
@@ -116,7 +128,8 @@ def test_a_backend_whose_grandchild_setsids_and_ignores_sigterm_leaves_nothing_a
 
 
 def test_a_backend_that_burns_cpu_shows_more_cpu_time_than_an_idle_one_and_it_grows_with_work(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     busy = install(tree, "daemonizes", short="busy", burn_s=0.4)
     idle = install(tree, "daemonizes", short="idle")
     start_daemon("--grace-period", str(GRACE))
@@ -146,7 +159,8 @@ def test_a_backend_that_burns_cpu_shows_more_cpu_time_than_an_idle_one_and_it_gr
 
 
 def test_memory_and_tasks_are_measured_where_those_controllers_are_enabled(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     fake = install(tree, "daemonizes", short="daemon")
     start_daemon("--grace-period", str(GRACE))
 
@@ -160,21 +174,29 @@ def test_memory_and_tasks_are_measured_where_those_controllers_are_enabled(
         await c.stop(path)
         await c.close()
         missing = []
-        for prop, controller in (("MemoryCurrent", "memory"), ("MemoryPeak", "memory"), ("Tasks", "pids")):
+        for prop, controller in (
+            ("MemoryCurrent", "memory"),
+            ("MemoryPeak", "memory"),
+            ("Tasks", "pids"),
+        ):
             if controller in enabled:
                 assert b[prop] > 0, (prop, b[prop])
             else:
                 assert b[prop] == -1, (prop, b[prop])  # not measured: never a made-up number
                 missing.append(f"{prop} ({controller})")
         if missing:
-            pytest.skip(f"not measured here: {', '.join(missing)}: those controllers are not enabled for the "
-                        f"daemon's cgroup v2 subtree (enabled: {' '.join(sorted(enabled)) or 'none'})")
+            pytest.skip(
+                f"not measured here: {', '.join(missing)}: "
+                "those controllers are not enabled for the "
+                f"daemon's cgroup v2 subtree (enabled: {' '.join(sorted(enabled)) or 'none'})"
+            )
 
     run(main())
 
 
-def test_a_sigkilled_daemon_restarted_readopts_the_backend_in_its_cgroup_and_stop_still_ends_all_of_it(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+def test_a_sigkilled_daemon_restarted_readopts_the_backend_in_its_cgroup_and_stop_ends_all_of_it(
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     fake = install(tree, "daemonizes", short="daemon", ignore_sigterm=True)
     first = start_daemon("--grace-period", str(GRACE))
 
@@ -192,8 +214,11 @@ def test_a_sigkilled_daemon_restarted_readopts_the_backend_in_its_cgroup_and_sto
         assert again["CpuUsec"] >= 0
         assert "re-adopted" in second.log()
         await asyncio.wait_for(c.stop(path), 10)
-        await await_for(lambda: backend_left_nothing(where, [pid, grandchild]),
-                        lambda: f"re-adopted backend {pid}, grandchild {grandchild} and {where} gone", 5)
+        await await_for(
+            lambda: backend_left_nothing(where, [pid, grandchild]),
+            lambda: f"re-adopted backend {pid}, grandchild {grandchild} and {where} gone",
+            5,
+        )
         await c.close()
 
     run(main())
@@ -201,15 +226,18 @@ def test_a_sigkilled_daemon_restarted_readopts_the_backend_in_its_cgroup_and_sto
 
 
 def test_a_backend_is_in_its_cgroup_from_its_first_instruction(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     """The daemon's child is the launcher that enters the cgroup and execs the backend: the
     backend program (here a shell that only reports its cgroup) never runs outside it."""
     mount_or_skip()
     script = tree.root / "bin" / "where.sh"
     script.parent.mkdir(exist_ok=True)
     out = tree.root / "where.txt"
-    script.write_text("#!/bin/sh\n[ \"$1\" = --print-capabilities ] && { echo '{\"type\":\"gpu\"}'; exit 0; }\n"
-                      f"grep '^0::' /proc/self/cgroup > {out}.tmp; mv {out}.tmp {out}\nexec sleep 1000\n")
+    script.write_text(
+        '#!/bin/sh\n[ "$1" = --print-capabilities ] && { echo \'{"type":"gpu"}\'; exit 0; }\n'
+        f"grep '^0::' /proc/self/cgroup > {out}.tmp; mv {out}.tmp {out}\nexec sleep 1000\n"
+    )
     script.chmod(0o755)
     from busutil import descriptor
 
@@ -234,8 +262,10 @@ def test_a_backend_is_in_its_cgroup_from_its_first_instruction(
 
 def test_setup_reports_off_with_the_reason_when_no_cgroup_v2_is_mounted(tmp_path: Any) -> None:
     mountinfo = tmp_path / "mountinfo"
-    mountinfo.write_text("31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
-                         "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n")
+    mountinfo.write_text(
+        "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
+        "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+    )
     assert cgroup.v2_mount(str(mountinfo)) is None
     cg = cgroup.Cgroups.setup(str(tmp_path), mountinfo=str(mountinfo))
     assert not cg.enabled and "no cgroup v2" in cg.why
@@ -243,14 +273,16 @@ def test_setup_reports_off_with_the_reason_when_no_cgroup_v2_is_mounted(tmp_path
 
 
 def test_the_daemon_says_once_at_start_up_how_backends_are_placed(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     d = start_daemon()
     wait_for(lambda: "cgroups of their own" in d.log(), "the start-up line about cgroups")
     assert d.log().count("cgroups of their own") == 1
 
 
 def test_status_shows_how_backends_are_placed_in_text_and_json(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     import json
 
     from busutil import ctl
@@ -272,7 +304,8 @@ def test_status_shows_how_backends_are_placed_in_text_and_json(
 
 
 def test_the_cgroup_of_a_backend_that_died_while_no_daemon_ran_is_removed_at_the_next_start(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     fake = install(tree, "daemonizes", short="daemon")
     first = start_daemon("--grace-period", str(GRACE))
 
@@ -303,7 +336,8 @@ def write_limits(tree: Tree, text: str) -> Path:
 
 
 def test_a_broken_cgroup_conf_is_a_typed_spawn_failure_naming_file_section_and_setting(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     from vhostuserd.client import SpawnFailed
 
     fake = install(tree, "daemonizes", short="daemon")
@@ -314,7 +348,9 @@ def test_a_broken_cgroup_conf_is_a_typed_spawn_failure_naming_file_section_and_s
         c = await Client.open(bus.address)
         with pytest.raises(SpawnFailed) as e:
             await spawn(c, fake, tree.root)
-        assert str(conf) in str(e.value) and f"[{fake.name}] memory-max = 'lots'" in str(e.value), e.value
+        assert str(conf) in str(e.value) and f"[{fake.name}] memory-max = 'lots'" in str(e.value), (
+            e.value
+        )
         assert fake.reports() == []  # nothing started
         conf.write_text("[type:gpu]\nswap-max = 1G\n")
         with pytest.raises(SpawnFailed, match="swap-max: unknown setting"):
@@ -326,11 +362,15 @@ def test_a_broken_cgroup_conf_is_a_typed_spawn_failure_naming_file_section_and_s
 
 
 def test_the_admins_limits_are_written_to_the_backends_cgroup_where_their_controllers_are_enabled(
-        bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
     fake = install(tree, "daemonizes", short="daemon")
     # The descriptor's own section wins over its type's.
-    write_limits(tree, f"[type:gpu]\ntasks-max = 8\ncpu-weight = 20\n[{fake.name}]\nmemory-max = 64M  # per VM\n"
-                 "tasks-max = 32\n")
+    write_limits(
+        tree,
+        f"[type:gpu]\ntasks-max = 8\ncpu-weight = 20\n[{fake.name}]\nmemory-max = 64M  # per VM\n"
+        "tasks-max = 32\n",
+    )
     d = start_daemon()
 
     async def main() -> tuple[str, set[str]]:
@@ -339,7 +379,11 @@ def test_the_admins_limits_are_written_to_the_backends_cgroup_where_their_contro
         fake.report(props["Pid"])
         where = cgroup_dir(props)
         enabled = set(Path(os.path.dirname(where), "cgroup.subtree_control").read_text().split())
-        expected = {"memory.max": ("memory", str(64 << 20)), "pids.max": ("pids", "32"), "cpu.weight": ("cpu", "20")}
+        expected = {
+            "memory.max": ("memory", str(64 << 20)),
+            "pids.max": ("pids", "32"),
+            "cpu.weight": ("cpu", "20"),
+        }
         for name, (controller, value) in expected.items():
             if controller in enabled:
                 assert Path(where, name).read_text().strip() == value, name
@@ -352,16 +396,30 @@ def test_the_admins_limits_are_written_to_the_backends_cgroup_where_their_contro
     for controller in missing:  # said, not silently dropped
         assert f"the {controller} controller is not enabled here" in d.log(), controller
     if missing:
-        pytest.skip(f"limits not applied here for {', '.join(missing)}: those controllers are not enabled for the "
-                    "daemon's cgroup v2 subtree (the daemon logged so)")
+        pytest.skip(
+            f"limits not applied here for {', '.join(missing)}: "
+            "those controllers are not enabled for the "
+            "daemon's cgroup v2 subtree (the daemon logged so)"
+        )
 
 
 def test_limit_values_are_parsed_to_what_the_cgroup_files_take() -> None:
-    got = cgroup.parse_limits("[type:fs]\nmemory-max = 2G\ntasks-max = max\n[50-x.json]\ncpu-weight = 100\n"
-                              "memory-max = 512k\n", "cgroup.conf")
-    assert got == {"type:fs": {"memory-max": str(2 << 30), "tasks-max": "max"},
-                   "50-x.json": {"cpu-weight": "100", "memory-max": "524288"}}
-    for bad in ("memory-max = 0", "tasks-max = -1", "cpu-weight = 0", "cpu-weight = 10001", "memory-max = 1.5G"):
+    got = cgroup.parse_limits(
+        "[type:fs]\nmemory-max = 2G\ntasks-max = max\n[50-x.json]\ncpu-weight = 100\n"
+        "memory-max = 512k\n",
+        "cgroup.conf",
+    )
+    assert got == {
+        "type:fs": {"memory-max": str(2 << 30), "tasks-max": "max"},
+        "50-x.json": {"cpu-weight": "100", "memory-max": "524288"},
+    }
+    for bad in (
+        "memory-max = 0",
+        "tasks-max = -1",
+        "cpu-weight = 0",
+        "cpu-weight = 10001",
+        "memory-max = 1.5G",
+    ):
         with pytest.raises(cgroup.LimitsError, match=bad.split(" = ")[0]):
             cgroup.parse_limits(f"[s]\n{bad}\n", "cgroup.conf")
 
@@ -380,9 +438,24 @@ class UnitDaemon(Daemon):
         self.log_path = tree.root / f"vhostuserd-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - the daemon's stdout until stop()
         self.proc = subprocess.Popen(
-            ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', unit, VHOSTUSERD, "--address",
-             bus.address, "--sysconfdir", str(tree.sysconfdir), "--log-level", "debug", *args],
-            env=tree.env(), stdout=self._log, stderr=subprocess.STDOUT)
+            [
+                "/bin/sh",
+                "-c",
+                'echo $$ > "$0/cgroup.procs" && exec "$@"',
+                unit,
+                VHOSTUSERD,
+                "--address",
+                bus.address,
+                "--sysconfdir",
+                str(tree.sysconfdir),
+                "--log-level",
+                "debug",
+                *args,
+            ],
+            env=tree.env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             self.wait_ready()
         except BaseException:
@@ -405,8 +478,14 @@ def unit_cgroup() -> Iterator[str]:
         pytest.skip(f"cannot mark a cgroup delegated here (trusted.delegate: {e.strerror})")
     yield path
     for _ in range(2):  # whatever a failing test left: killed, then every cgroup removed
-        for sub in sorted((os.path.join(path, n) for n in os.listdir(path)
-                           if os.path.isdir(os.path.join(path, n))), reverse=True):
+        for sub in sorted(
+            (
+                os.path.join(path, n)
+                for n in os.listdir(path)
+                if os.path.isdir(os.path.join(path, n))
+            ),
+            reverse=True,
+        ):
             cgroup.Cgroups.kill(cgroup.Cgroups(), sub)
     wait_for(lambda: not cgroup.Cgroups.populated(path), f"{path} empty")
     for n in os.listdir(path):
@@ -415,8 +494,9 @@ def unit_cgroup() -> Iterator[str]:
     os.rmdir(path)
 
 
-def test_in_a_delegated_unit_cgroup_the_daemon_moves_into_daemon_and_backends_go_beside_it_across_a_restart(
-        bus: PrivateBus, tree: Tree, unit_cgroup: str) -> None:
+def test_in_a_delegated_unit_cgroup_the_daemon_is_in_daemon_and_backends_beside_it_across_restart(
+    bus: PrivateBus, tree: Tree, unit_cgroup: str
+) -> None:
     import json
 
     from busutil import ctl
@@ -427,8 +507,9 @@ def test_in_a_delegated_unit_cgroup_the_daemon_moves_into_daemon_and_backends_go
     try:
         assert in_cgroup(first.proc.pid) == f"{unit}/daemon"
         status = json.loads(ctl(bus, tree, "--json", "status").stdout)
-        assert status["cgroups"] == f"delegated: {unit} (controllers: none)" or status["cgroups"].startswith(
-            f"delegated: {unit} (controllers: "), status
+        assert status["cgroups"] == f"delegated: {unit} (controllers: none)" or status[
+            "cgroups"
+        ].startswith(f"delegated: {unit} (controllers: "), status
 
         async def spawn_one() -> tuple[str, dict[str, Any], int]:
             c = await Client.open(bus.address, record=False)
@@ -438,7 +519,12 @@ def test_in_a_delegated_unit_cgroup_the_daemon_moves_into_daemon_and_backends_go
             return path, props, grandchild
 
         path, props, grandchild = run(spawn_one())
-        assert props["Cgroup"] == in_cgroup(props["Pid"]) == in_cgroup(grandchild) == f"{unit}/backend-{props['Id']}"
+        assert (
+            props["Cgroup"]
+            == in_cgroup(props["Pid"])
+            == in_cgroup(grandchild)
+            == f"{unit}/backend-{props['Id']}"
+        )
         assert first.stop(signal.SIGKILL) == -signal.SIGKILL
     finally:
         if first.proc.poll() is None:
@@ -457,8 +543,14 @@ def test_in_a_delegated_unit_cgroup_the_daemon_moves_into_daemon_and_backends_go
 
         run(stop_it())
         where = os.path.join(unit_cgroup, f"backend-{props['Id']}")
-        wait_for(lambda: backend_left_nothing(where, [props["Pid"], grandchild]), "the re-adopted backend's cgroup gone")
-        assert sorted(os.path.basename(p) for p in os.listdir(unit_cgroup)
-                      if os.path.isdir(os.path.join(unit_cgroup, p))) == ["daemon"]
+        wait_for(
+            lambda: backend_left_nothing(where, [props["Pid"], grandchild]),
+            "the re-adopted backend's cgroup gone",
+        )
+        assert sorted(
+            os.path.basename(p)
+            for p in os.listdir(unit_cgroup)
+            if os.path.isdir(os.path.join(unit_cgroup, p))
+        ) == ["daemon"]
     finally:
         second.stop()

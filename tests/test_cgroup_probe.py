@@ -74,21 +74,43 @@ asyncio.run(main())
 """
 
 
-def test_a_probes_recycled_pid_leading_a_new_group_is_never_killed_by_its_clean_up(tmp_path: Path) -> None:
+def test_a_probes_recycled_pid_leading_a_new_group_is_never_killed_by_its_clean_up(
+    tmp_path: Path,
+) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root: a pid namespace and /proc/sys/kernel/ns_last_pid")
-    if subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True,
-                      check=False).returncode != 0:
+    if (
+        subprocess.run(
+            ["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, check=False
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot create a pid namespace here (unshare --pid failed)")
     probe = tmp_path / "probe"
-    probe.write_text("#!/bin/sh\necho '{\"type\": \"gpu\"}'\n")
+    probe.write_text('#!/bin/sh\necho \'{"type": "gpu"}\'\n')
     probe.chmod(0o755)
     script = tmp_path / "scenario.py"
     script.write_text(SCENARIO)
-    out = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, str(script), str(probe),
-                          os.environ.get("PROBE_ROOT", str(ROOT))], capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            sys.executable,
+            str(script),
+            str(probe),
+            os.environ.get("PROBE_ROOT", str(ROOT)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["victim"] is not None, f"the probe's pid was never recycled: {got}, {out.stderr}"
     assert "Capabilities" in got["result"], got  # the probe itself answered, and was not lingering
-    assert got["alive"], f"the process that got the probe's pid after it was reaped was killed: {got}"
+    assert got["alive"], (
+        f"the process that got the probe's pid after it was reaped was killed: {got}"
+    )

@@ -90,7 +90,9 @@ async def _group_reaped(pidfd: int, limit: float) -> None:
         except PermissionError:
             pass
         except OSError as e:
-            if e.errno == errno.EINVAL:  # Linux < 6.9: no group signals through a pidfd; do not wait
+            if (
+                e.errno == errno.EINVAL
+            ):  # Linux < 6.9: no group signals through a pidfd; do not wait
                 return
             raise
         await asyncio.sleep(0.005)

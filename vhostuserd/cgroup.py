@@ -34,13 +34,19 @@ log = logging.getLogger("vhostuserd.cgroup")
 
 LAUNCHER_SH = "/bin/sh"
 # $0 is the cgroup.procs file, the rest the command: moved first, then exec'd in place.
-_LAUNCH = 'echo 0 >"$0" || { echo "vhostuserd: cannot enter its cgroup $0" >&2; exit 127; }; unset PWD; exec "$@"'
+_LAUNCH = (
+    'echo 0 >"$0" || { echo "vhostuserd: cannot enter its cgroup $0" >&2; exit 127; }; '
+    'unset PWD; exec "$@"'
+)
 CONTROLLERS = ("cpu", "memory", "pids")
 # The admin's limits, SYSCONFDIR/vhostuserd/cgroup.conf: setting -> (cgroup file, controller).
 CONFIG = "vhostuserd/cgroup.conf"
 MAX_CONFIG = 64 * 1024
-LIMIT_FILES = {"memory-max": ("memory.max", "memory"), "tasks-max": ("pids.max", "pids"),
-               "cpu-weight": ("cpu.weight", "cpu")}
+LIMIT_FILES = {
+    "memory-max": ("memory.max", "memory"),
+    "tasks-max": ("pids.max", "pids"),
+    "cpu-weight": ("cpu.weight", "cpu"),
+}
 _SIZE = re.compile(r"([0-9]+)([KMGT]?)")
 
 
@@ -65,15 +71,21 @@ def _limit_value(key: str, value: str, where: str) -> str:
         raise LimitsError(f"{where} {key} = {value!r}: a number of tasks, or max")
     m = _SIZE.fullmatch(v.upper())
     if m is None or int(m.group(1)) == 0:
-        raise LimitsError(f"{where} {key} = {value!r}: bytes with an optional K, M, G or T suffix, or max")
+        raise LimitsError(
+            f"{where} {key} = {value!r}: bytes with an optional K, M, G or T suffix, or max"
+        )
     return str(int(m.group(1)) << (10 * " KMGT".index(m.group(2) or " ")))
 
 
 def parse_limits(text: str, path: str) -> dict[str, dict[str, str]]:
     """``[type:TYPE]`` and ``[DESCRIPTOR-NAME]`` sections of memory-max, tasks-max and
     cpu-weight; the values as the cgroup files take them."""
-    parser = configparser.ConfigParser(interpolation=None, default_section="\0none",
-                                       comment_prefixes=("#", ";"), inline_comment_prefixes=("#", ";"))
+    parser = configparser.ConfigParser(
+        interpolation=None,
+        default_section="\0none",
+        comment_prefixes=("#", ";"),
+        inline_comment_prefixes=("#", ";"),
+    )
     try:
         parser.read_string(text, source=path)
     except configparser.Error as e:
@@ -83,7 +95,9 @@ def parse_limits(text: str, path: str) -> dict[str, dict[str, str]]:
         values: dict[str, str] = {}
         for key, value in parser.items(section):
             if key not in LIMIT_FILES:
-                raise LimitsError(f"{path}: [{section}] {key}: unknown setting ({', '.join(LIMIT_FILES)})")
+                raise LimitsError(
+                    f"{path}: [{section}] {key}: unknown setting ({', '.join(LIMIT_FILES)})"
+                )
             values[key] = _limit_value(key, value, f"{path}: [{section}]")
         out[section] = values
     return out
@@ -213,14 +227,19 @@ class Cgroups:
         return f"{self.mode}: {rel.rstrip('/') or '/'} (controllers: {ctl})"
 
     @classmethod
-    def setup(cls, state_dir: str, *, mountinfo: str = "/proc/self/mountinfo", own: str | None = None) -> Cgroups:
+    def setup(
+        cls, state_dir: str, *, mountinfo: str = "/proc/self/mountinfo", own: str | None = None
+    ) -> Cgroups:
         """Find or make the subtree; never raises (``off`` with the reason instead)."""
         mount = v2_mount(mountinfo)
         if not mount:
             return cls(why="no cgroup v2 hierarchy is mounted")
         own = own if own is not None else own_cgroup()
         if own is None:
-            return cls(why="this process is in no cgroup v2 (/proc/self/cgroup has no 0:: line)", mount=mount)
+            return cls(
+                why="this process is in no cgroup v2 (/proc/self/cgroup has no 0:: line)",
+                mount=mount,
+            )
         here = os.path.normpath(os.path.join(mount, own.lstrip("/")))
         try:
             mode, base = cls._arrange(here, mount, state_dir)
@@ -249,8 +268,14 @@ class Cgroups:
 
     @classmethod
     def _arrange(cls, here: str, mount: str, state_dir: str) -> tuple[str, str]:
-        if here != mount and os.path.basename(here) == "daemon" and cls._delegated(os.path.dirname(here)):
-            return "delegated", os.path.dirname(here)  # already in our leaf (a re-exec, DelegateSubgroup=)
+        if (
+            here != mount
+            and os.path.basename(here) == "daemon"
+            and cls._delegated(os.path.dirname(here))
+        ):
+            return "delegated", os.path.dirname(
+                here
+            )  # already in our leaf (a re-exec, DelegateSubgroup=)
         if _systemd_unit(here) and not cls._delegated(here):
             # systemd's own cgroup, not delegated: writing below it is not ours to do.
             raise _NotOurs(f"{here} is systemd's and not delegated (the unit needs Delegate=yes)")
@@ -271,9 +296,17 @@ class Cgroups:
         want = [c for c in CONTROLLERS if c in offered]
         if want:
             try:
-                _write(os.path.join(self.base, "cgroup.subtree_control"), " ".join(f"+{c}" for c in want))
+                _write(
+                    os.path.join(self.base, "cgroup.subtree_control"),
+                    " ".join(f"+{c}" for c in want),
+                )
             except OSError as e:
-                log.warning("cgroup %s: cannot enable %s for the backends: %s", self.base, " ".join(want), e.strerror)
+                log.warning(
+                    "cgroup %s: cannot enable %s for the backends: %s",
+                    self.base,
+                    " ".join(want),
+                    e.strerror,
+                )
         enabled = (_read(os.path.join(self.base, "cgroup.subtree_control")) or "").split()
         return tuple(c for c in CONTROLLERS if c in enabled)
 
@@ -307,8 +340,12 @@ class Cgroups:
             if controller not in self.controllers:
                 if key not in self._warned:
                     self._warned.add(key)
-                    log.warning("cgroup: the %s controller is not enabled here: %s=%s is not applied",
-                                controller, key, value)
+                    log.warning(
+                        "cgroup: the %s controller is not enabled here: %s=%s is not applied",
+                        controller,
+                        key,
+                        value,
+                    )
                 continue
             try:
                 _write(os.path.join(path, name), value)
@@ -361,16 +398,17 @@ class Cgroups:
             log.warning("cgroup %s: cannot remove it: %s", path, e.strerror)
         return True
 
-    @staticmethod
-    def usage(path: str) -> Usage:
+    def usage(self, path: str) -> Usage:
+        """cpu.stat (always there), and memory and tasks where those controllers are on."""
         u = Usage()
         for line in (_read(os.path.join(path, "cpu.stat")) or "").splitlines():
             if line.startswith("usage_usec "):
                 u.cpu_usec = _int(line.split()[1])
-        if os.path.exists(os.path.join(path, "memory.current")):
+                break
+        if "memory" in self.controllers:
             u.memory_current = _int(_read(os.path.join(path, "memory.current")))
-            u.memory_peak = _int(_read(os.path.join(path, "memory.peak")))
-        if os.path.exists(os.path.join(path, "pids.current")):
+            u.memory_peak = _int(_read(os.path.join(path, "memory.peak")))  # Linux >= 5.19
+        if "pids" in self.controllers:
             u.tasks = _int(_read(os.path.join(path, "pids.current")))
         return u
 
@@ -398,5 +436,8 @@ class Cgroups:
             names = os.listdir(self.base)
         except OSError:
             return []
-        return sorted(os.path.join(self.base, n) for n in names
-                      if n.startswith("backend-") and os.path.isdir(os.path.join(self.base, n)))
+        return sorted(
+            os.path.join(self.base, n)
+            for n in names
+            if n.startswith("backend-") and os.path.isdir(os.path.join(self.base, n))
+        )
