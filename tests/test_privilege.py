@@ -9,6 +9,7 @@ at these tests.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import xml.etree.ElementTree as ET
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import pytest
 from busutil import PrivateBus, Tree
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
 from helpers_auth import (
     BACKEND_IFACE,
     MANAGE,
@@ -24,6 +27,7 @@ from helpers_auth import (
     NOBODY,
     OTHER_GID,
     OTHER_UID,
+    PROPS_IFACE,
     SPAWN,
     DbusmockPolkit,
     SystemSetup,
@@ -429,25 +433,99 @@ def test_a_backend_left_running_by_a_caller_is_stopped_when_it_leaves(start: Sta
     assert env.running() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: Backend objects are exported to everyone, so "
-    "GetManagedObjects, Properties.Get and InterfacesAdded show other users' backends "
-    "(argv with shared-dir/blk-file paths, pid, owner) that ListBackends hides; the "
-    "same as /proc/PID/cmdline shows without hidepid. See docs/threat-model.md.",
-)
-def test_other_users_backends_are_not_visible_through_the_object_manager(start: Start) -> None:
+PRIVATE = {"Argv", "Pid", "Owner", "OwnerUid"}
+
+
+def _signals_during(address: str, action: Callable[[], None]) -> list[Message]:
+    """The daemon's InterfacesAdded and PropertiesChanged broadcasts while ``action`` runs."""
+
+    async def main() -> list[Message]:
+        bus = await MessageBus(bus_address=address).connect()
+        got: list[Message] = []
+
+        def on(msg: Message) -> bool:
+            if msg.message_type is MessageType.SIGNAL and msg.member in (
+                "InterfacesAdded",
+                "PropertiesChanged",
+            ):
+                got.append(msg)
+            return False
+
+        bus.add_message_handler(on)
+        match = "type='signal',sender='org.vhostuserd.Broker1'"
+        await bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="AddMatch",
+                signature="s",
+                body=[match],
+            )
+        )
+        await asyncio.get_running_loop().run_in_executor(None, action)
+        # A round trip to the daemon after the action: its signals are in before the reply.
+        await bus.call(
+            Message(
+                destination="org.vhostuserd.Broker1",
+                path="/org/vhostuserd/Broker1",
+                interface="org.freedesktop.DBus.Peer",
+                member="Ping",
+            )
+        )
+        bus.disconnect()
+        return got
+
+    return asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_other_users_backends_show_no_argv_pid_or_owner_by_any_route(
+    start: Start, polkit: DbusmockPolkit
+) -> None:
     env = start()
-    r = env.admin().spawn("50-fs.json", {"shared-dir": ("s", "/root/private-project")}, fd="listen")
-    assert r.ok, str(r)
+    admin = env.admin()
+    created: list[str] = []
+
+    def spawn_and_stop() -> None:
+        r = admin.spawn("50-fs.json", {"shared-dir": ("s", "/root/private-project")}, fd="listen")
+        assert r.ok, str(r)
+        created.append(r.body[0])
+
+    broadcasts = _signals_during(env.bus.address, spawn_and_stop)
+    path = created[0]
     caller = env.callers(NOBODY)
     assert caller.backends() == []  # ListBackends hides it...
+    # ... and so do GetManagedObjects, Properties.GetAll and Properties.Get:
     objects = caller.call(
         "GetManagedObjects",
         path="/org/vhostuserd/Broker1",
         interface="org.freedesktop.DBus.ObjectManager",
     ).body[0]
-    shown = [p for p, ifaces in objects.items() if BACKEND_IFACE in ifaces]
-    assert shown == [], (
-        f"uid {NOBODY} sees root's backend: {objects[shown[0]][BACKEND_IFACE]['Argv']}"
-    )
+    seen = objects[path][BACKEND_IFACE]
+    assert not PRIVATE & set(seen), f"uid {NOBODY} sees root's backend: {seen}"
+    assert seen["State"] == "running" and seen["Descriptor"] == "50-fs.json"
+    got = caller.call("GetAll", "s", [BACKEND_IFACE], path=path, interface=PROPS_IFACE)
+    assert got.ok and not PRIVATE & set(got.body[0]), str(got)
+    for name in PRIVATE:
+        r = caller.call("Get", "ss", [BACKEND_IFACE, name], path=path, interface=PROPS_IFACE)
+        assert "/root/private-project" not in str(r)
+        r.expect_error("NotAuthorized")
+    # ... and the broadcasts everyone receives (InterfacesAdded, PropertiesChanged) carry none.
+    added = [m for m in broadcasts if m.member == "InterfacesAdded" and m.body[0] == path]
+    assert added and not PRIVATE & set(added[0].body[1][BACKEND_IFACE]), added
+    assert all(not PRIVATE & set(m.body[1]) for m in broadcasts if m.member == "PropertiesChanged")
+    assert "/root/private-project" not in str([m.body for m in broadcasts])
+    # The owner (root here) and a holder of manage see it whole.
+    assert "/root/private-project" in str(admin.prop("Argv", path, BACKEND_IFACE))
+    polkit.set_allowed(SPAWN, MANAGE)
+    manager = env.callers(OTHER_UID)
+    objects = manager.call(
+        "GetManagedObjects",
+        path="/org/vhostuserd/Broker1",
+        interface="org.freedesktop.DBus.ObjectManager",
+    ).body[0]
+    assert "/root/private-project" in str(objects[path][BACKEND_IFACE]["Argv"])
+    # A caller's own backend is whole for it.
+    own = caller.spawn("50-gpu.json")
+    assert own.ok, str(own)
+    assert int(caller.prop("Pid", own.body[0], BACKEND_IFACE)) > 0

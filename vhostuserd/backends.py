@@ -16,10 +16,12 @@ import os
 import socket
 import stat
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dbus_fast import Message, MessageType, PropertyAccess, Variant
+from dbus_fast.errors import DBusError
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
 from . import cgroup, userns
@@ -459,6 +461,23 @@ class Spawner:
         ):
             return [o.as_dict() for o in self.objects.values()]
         return [o.as_dict() for o in self.objects.values() if o.b.owner_uid == caller.uid]
+
+    async def view_for(self, msg: Message) -> Callable[[Any], bool]:
+        """Which backend objects the caller of ``msg`` may see whole: its own; all of them for
+        root and for a caller polkit allows org.vhostuserd.manage (asked once per call, only
+        when there is another user's backend to see). The rest are seen without
+        `service.PRIVATE_BACKEND_PROPERTIES`."""
+        caller = await self.caller(msg.sender)
+        if caller.uid == 0:
+            return lambda _obj: True
+        see_all = False
+        if any(o.b.owner_uid != caller.uid for o in self.objects.values()):
+            try:
+                see_all = await self.authority.allowed(msg, caller.uid, MANAGE, {"list": "all"})
+            except DBusError:  # LimitsExceeded: too many checks pending; see your own only
+                see_all = False
+        uid = caller.uid
+        return lambda obj: see_all or obj.b.owner_uid == uid
 
     # ---- supervisor events
 

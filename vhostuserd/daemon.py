@@ -292,6 +292,8 @@ class Daemon:
                                  system=self.opts.system_tiers,
                                  max_per_uid=self.opts.max_backends_per_user, max_total=self.opts.max_backends)
         bus.on_call = self._touch
+        if self.opts.system_tiers:
+            bus.backend_view = broker.spawner.view_for  # callers see other users' backends in part
         broker.export()
         await broker.spawner.start()
         broker.spawner.readopt()

@@ -15,7 +15,7 @@ import contextvars
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from dbus_fast import Message, MessageType, PropertyAccess, Variant
@@ -45,6 +45,10 @@ DESCRIPTOR_IFACE = "org.vhostuserd.Broker1.Descriptor"
 BACKEND_IFACE = "org.vhostuserd.Broker1.Backend"
 OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
 ERROR_PREFIX = "org.vhostuserd.Broker1.Error."
+PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
+# What a caller may see of another user's backend on the system service (docs/threat-model.md,
+# "Per-caller view"): everything but these, which say what it runs, as whom, and where.
+PRIVATE_BACKEND_PROPERTIES = frozenset({"Argv", "Pid", "Owner", "OwnerUid"})
 INTROSPECTABLE_IFACE = "org.freedesktop.DBus.Introspectable"
 PEER_IFACE = "org.freedesktop.DBus.Peer"
 
@@ -183,6 +187,10 @@ class Bus(MessageBus):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(negotiate_unix_fd=True, **kwargs)
         self.credit = ReplyCredit()
+        # System service: for a call, which backend objects its caller may see whole (its own,
+        # all for root and holders of manage); None: everyone sees everything (session).
+        self.backend_view: Callable[[Message], Awaitable[Callable[[Any], bool]]] | None = None
+        self._view_tasks: set[asyncio.Task[None]] = set()
         self.on_call: Callable[[Message], None] | None = None
         # Calls answered straight from the message handler when no waiting is needed
         # (saves dbus-fast's per-call dispatch and a task); None falls back to the method.
@@ -245,6 +253,8 @@ class Bus(MessageBus):
         current_message.set(msg)
         if self.on_call is not None:
             self.on_call(msg)
+        if self.backend_view is not None and self._answer_with_view(msg):
+            return True
         if (
             msg.path is not None
             and msg.path.startswith(BACKEND_PREFIX)
@@ -264,6 +274,90 @@ class Bus(MessageBus):
             if reply is not None:
                 return reply  # dbus-fast sends a returned Message as the reply
         return False
+
+    def _answer_with_view(self, msg: Message) -> bool:
+        """GetManagedObjects and a backend's Properties.Get/GetAll, answered per caller."""
+        if (
+            msg.interface == OBJECT_MANAGER_IFACE
+            and msg.member == "GetManagedObjects"
+            and msg.path == MANAGER_PATH
+        ):
+            work = self._managed_objects(msg)
+        elif (
+            msg.interface == PROPERTIES_IFACE
+            and msg.member in ("Get", "GetAll")
+            and msg.path is not None
+            and msg.path.startswith(BACKEND_PREFIX)
+            and msg.path in self._path_exports
+            and msg.body
+            and msg.body[0] == BACKEND_IFACE
+        ):
+            work = self._backend_properties(msg)
+        else:
+            return False
+        task = asyncio.ensure_future(self._reply_with(msg, work))
+        self._view_tasks.add(task)
+        task.add_done_callback(self._view_tasks.discard)
+        return True
+
+    async def _reply_with(self, msg: Message, work: Awaitable[Message]) -> None:
+        try:
+            reply = await work
+        except DBusError as e:
+            reply = Message.new_error(msg, e.type, bounded(e.text))
+        except Exception as e:  # noqa: BLE001 - a bug here must not leave the call unanswered
+            log.exception("answering %s.%s for %s", msg.interface, msg.member, msg.sender)
+            reply = Message.new_error(
+                msg, "org.freedesktop.DBus.Error.Failed", f"internal error: {type(e).__name__}"
+            )
+        if not self._disconnected:
+            self.send(reply)
+
+    async def _managed_objects(self, msg: Message) -> Message:
+        assert self.backend_view is not None
+        whole = await self.backend_view(msg)
+        result: dict[str, dict[str, dict[str, Variant]]] = {}
+        for path, interfaces in list(self._path_exports.items()):
+            if not path.startswith(MANAGER_PATH + "/"):
+                continue
+            entry: dict[str, dict[str, Variant]] = {}
+            for name, interface in interfaces.items():
+                variants = getattr(interface, "variants", None)
+                if variants is None:
+                    continue
+                props: dict[str, Variant] = variants()
+                if name == BACKEND_IFACE and not whole(interface):
+                    props = public_backend(props)
+                entry[name] = props
+            result[path] = entry
+        return Message.new_method_return(msg, "a{oa{sa{sv}}}", [result])
+
+    async def _backend_properties(self, msg: Message) -> Message:
+        assert self.backend_view is not None and msg.path is not None
+        whole = await self.backend_view(msg)
+        backend_id = msg.path[len(BACKEND_PREFIX) :]
+        interface = self._path_exports.get(msg.path, {}).get(BACKEND_IFACE)
+        if interface is None:  # gone meanwhile
+            return Message.new_error(msg, ERROR_PREFIX + "NotFound", f"no backend {backend_id}")
+        props: dict[str, Variant] = interface.variants()  # type: ignore[attr-defined]
+        if not whole(interface):
+            if msg.member == "Get" and msg.body[1] in PRIVATE_BACKEND_PROPERTIES:
+                raise error(
+                    "NotAuthorized",
+                    f"{msg.body[1]} of backend {backend_id}, another user's, is visible to its "
+                    "owner and to holders of org.vhostuserd.manage only",
+                )
+            props = public_backend(props)
+        if msg.member == "GetAll":
+            return Message.new_method_return(msg, "a{sv}", [props])
+        name = msg.body[1]
+        if name not in props:
+            return Message.new_error(
+                msg,
+                "org.freedesktop.DBus.Error.UnknownProperty",
+                bounded(f"{BACKEND_IFACE} has no property {name}", 512),
+            )
+        return Message.new_method_return(msg, "v", [props[name]])
 
     @staticmethod
     def _close_fds(msg: Message) -> None:
@@ -293,13 +387,16 @@ class Bus(MessageBus):
         if variants is None:
             super()._emit_interface_added(path, interface)
             return
+        props = variants()
+        if self.backend_view is not None and interface.name == BACKEND_IFACE:
+            props = public_backend(props)  # a broadcast: everyone receives it
         self.send(
             Message.new_signal(
                 path=_manager_for(path),
                 interface=OBJECT_MANAGER_IFACE,
                 member="InterfacesAdded",
                 signature="oa{sa{sv}}",
-                body=[path, {interface.name: variants()}],
+                body=[path, {interface.name: props}],
             )
         )
 
@@ -315,6 +412,11 @@ class Bus(MessageBus):
                 body=[path, removed_interfaces],
             )
         )
+
+
+def public_backend(props: dict[str, Variant]) -> dict[str, Variant]:
+    """A backend's properties without the private ones (PRIVATE_BACKEND_PROPERTIES)."""
+    return {k: v for k, v in props.items() if k not in PRIVATE_BACKEND_PROPERTIES}
 
 
 def _manager_for(path: str) -> str:
