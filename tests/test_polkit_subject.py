@@ -104,6 +104,7 @@ def test_spawn_check_names_the_caller_by_its_unique_name_with_the_rule_details(
         "type": "fs",
         "binary": binary["50-fs-o.json"],
         "shared-dir": "/srv/share",
+        "idmap": "caller",  # fs backends: the user namespace's mode in effect (userns)
     }
 
 
