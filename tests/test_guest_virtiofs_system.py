@@ -40,8 +40,8 @@ TAG = "share"
 NOBODY_MAY_SHARE_AS_ITSELF = """
 polkit.addRule(function(action, subject) {
     if (action.id === "org.vhostuserd.spawn" && subject.user === "nobody" &&
-        action.lookup("descriptor") === "50-qemu-virtiofsd.json" && action.lookup("type") === "fs" &&
-        action.lookup("idmap") === "caller") {
+        action.lookup("descriptor") === "50-qemu-virtiofsd.json" &&
+        action.lookup("type") === "fs" && action.lookup("idmap") === "caller") {
         return polkit.Result.YES;
     }
 });
@@ -52,8 +52,10 @@ mount -t virtiofs {TAG} /mnt || fail "mount -t virtiofs {TAG}"
 say "host wrote: $(cat /mnt/from-host.txt)"
 echo "$TOKEN written by the guest" > /mnt/from-guest.txt || fail "cannot write to the share"
 mkdir /mnt/guest-dir || fail "cannot mkdir on the share"
-if cat /mnt/root-only.txt >/dev/null 2>&1; then say "root-only: readable"; else say "root-only: denied"; fi
-if chown 1000 /mnt/from-guest.txt 2>/dev/null; then say "chown 1000: done"; else say "chown 1000: refused"; fi
+if cat /mnt/root-only.txt >/dev/null 2>&1; then say "root-only: readable"
+else say "root-only: denied"; fi
+if chown 1000 /mnt/from-guest.txt 2>/dev/null; then say "chown 1000: done"
+else say "chown 1000: refused"; fi
 say "owner of from-guest.txt: $(stat -c %u:%g /mnt/from-guest.txt)"
 umount /mnt || fail "umount"
 pass
@@ -104,8 +106,12 @@ def as_nobody(*argv: str) -> list[str]:
 
 
 def test_guest_shares_an_unprivileged_callers_folder_through_the_system_services_virtiofsd(
-        sysbus: PrivateBus, polkitd: Callable[[str], None], tmp_path: Path, workdir: Path,  # noqa: F811
-        accelerator: str) -> None:
+    sysbus: PrivateBus,
+    polkitd: Callable[[str], None],
+    tmp_path: Path,
+    workdir: Path,  # noqa: F811
+    accelerator: str,
+) -> None:
     polkitd(NOBODY_MAY_SHARE_AS_ITSELF)
     tree_root = tmp_path / "tree"
     tree_root.mkdir()
@@ -127,39 +133,90 @@ def test_guest_shares_an_unprivileged_callers_folder_through_the_system_services
     g.token = guest.build_initramfs(workdir / "initrd", SCRIPT, guest.MODULES_FS)
     os.chmod(workdir / "initrd", 0o644)
     sock = run / "fs.sock"
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent", "LANG": "C.UTF-8"}
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": "/nonexistent",
+        "LANG": "C.UTF-8",
+    }
     ctl_log = run / "ctl.log"
     ctl_proc: subprocess.Popen[str] | None = None
     try:
         # No range in /etc/subuid: idmap=subids is refused before polkit is asked. (The rule
         # above grants only idmap=caller: the spawn below works only if polkit sees the detail.)
-        refused = subprocess.run(as_nobody(VHOSTUSERCTL, "--address", sysbus.address, "spawn", DESCRIPTOR, "-o",
-                                           f"shared-dir={share}", "-o", "idmap=subids", "--listen", str(sock)),
-                                 env=env, capture_output=True, text=True, timeout=60, check=False)
-        assert refused.returncode == 1 and "/etc/subuid has no range for user nobody" in refused.stderr, refused
+        refused = subprocess.run(
+            as_nobody(
+                VHOSTUSERCTL,
+                "--address",
+                sysbus.address,
+                "spawn",
+                DESCRIPTOR,
+                "-o",
+                f"shared-dir={share}",
+                "-o",
+                "idmap=subids",
+                "--listen",
+                str(sock),
+            ),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert (
+            refused.returncode == 1 and "/etc/subuid has no range for user nobody" in refused.stderr
+        ), refused
         assert not sock.exists()
 
         with open(ctl_log, "w") as err:
             ctl_proc = subprocess.Popen(
-                as_nobody(VHOSTUSERCTL, "--address", sysbus.address, "spawn", DESCRIPTOR, "-o",
-                          f"shared-dir={share}", "--listen", str(sock)),
-                env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, text=True)
+                as_nobody(
+                    VHOSTUSERCTL,
+                    "--address",
+                    sysbus.address,
+                    "spawn",
+                    DESCRIPTOR,
+                    "-o",
+                    f"shared-dir={share}",
+                    "--listen",
+                    str(sock),
+                ),
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+                text=True,
+            )
         proc = ctl_proc
-        wait_for(lambda: "Ctrl-C stops it" in ctl_log.read_text() or proc.poll() is not None,
-                 "vhostuserctl to serve the socket", 60)
+        wait_for(
+            lambda: "Ctrl-C stops it" in ctl_log.read_text() or proc.poll() is not None,
+            "vhostuserctl to serve the socket",
+            60,
+        )
         assert proc.poll() is None, f"{ctl_log.read_text()}\n{daemon.log()[-3000:]}"
         [backend] = admin(0).backends()
         assert backend["descriptor"] == DESCRIPTOR and backend["owner_uid"] == NOBODY
         pid = backend["pid"]
         binary = json.loads((REAL_DIR / DESCRIPTOR).read_text())["binary"]
-        wait_for(lambda: os.readlink(f"/proc/{pid}/exe") == binary, "the backend to be virtiofsd itself")
+        wait_for(
+            lambda: os.readlink(f"/proc/{pid}/exe") == binary, "the backend to be virtiofsd itself"
+        )
         st = status(pid)
         assert ids(st["Uid"]) == [NOBODY] * 4 and ids(st["Gid"]) == [NOBODY] * 4, st
         assert os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
         assert Path(f"/proc/{pid}/uid_map").read_text().split() == ["0", str(NOBODY), "1"]
 
-        g.popen(as_nobody(*g.argv("-chardev", f"socket,id=fs,path={sock}", "-device",
-                                  f"vhost-user-fs-pci,chardev=fs,tag={TAG}")), env=env)
+        g.popen(
+            as_nobody(
+                *g.argv(
+                    "-chardev",
+                    f"socket,id=fs,path={sock}",
+                    "-device",
+                    f"vhost-user-fs-pci,chardev=fs,tag={TAG}",
+                )
+            ),
+            env=env,
+        )
         assert g.wait_result() == "pass", g.describe()
         lines = g.lines()
         # Guest side: it read what the host wrote; host root's file stayed closed to it; the
@@ -183,7 +240,7 @@ def test_guest_shares_an_unprivileged_callers_folder_through_the_system_services
         if ctl_proc is not None and ctl_proc.poll() is None:
             os.killpg(ctl_proc.pid, signal.SIGKILL)
             ctl_proc.wait()
-        for b in (admin(0).backends() if daemon.proc.poll() is None else []):
+        for b in admin(0).backends() if daemon.proc.poll() is None else []:
             if alive(b["pid"]):
                 os.kill(b["pid"], signal.SIGKILL)
         admin.close()

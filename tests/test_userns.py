@@ -11,6 +11,7 @@ under strace that never executes newuidmap/newgidmap.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from helpers_auth import (
     backend_pid,
     descriptor_doc,
     ids,
+    kill_marked,
     public_dir,
     setup,
     status,
@@ -47,41 +49,79 @@ from vhostuserd.lookup import Directory
 from vhostuserd.options import OptionError, plan
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+SUBID_LOCK = "/run/lock/vhostuserd-tests-subid.lock"
 FS = "50-qemu-virtiofsd.json"
 
 
 # ---------------------------------------------------------------- the policy, pure
 
 
-@pytest.mark.parametrize(("dtype", "name", "config", "enabled", "modes"), [
-    ("fs", "50-qemu-virtiofsd.json", {}, True, ("caller", "subids")),
-    ("gpu", "50-qemu-gpu.json", {}, False, ("caller", "subids")),
-    ("input", "50-qemu-input.json", {}, False, ("caller", "subids")),
-    ("fs", "50-qemu-virtiofsd.json", {"type:fs": {"userns": "no"}}, False, ("caller", "subids")),
-    ("fs", "50-qemu-virtiofsd.json", {"type:fs": {"userns": "no"}, "50-qemu-virtiofsd.json": {"userns": "yes"}},
-     True, ("caller", "subids")),
-    ("fs", "50-qemu-virtiofsd.json", {"50-qemu-virtiofsd.json": {"idmap": "subids"}}, True, ("subids",)),
-    ("fs", "60-other.json", {"50-qemu-virtiofsd.json": {"idmap": "subids"}}, True, ("caller", "subids")),
-    ("fs", "50-x.json", {"type:fs": {"idmap": "subids caller"}}, True, ("subids", "caller")),
-    ("block", "50-blk.json", {"type:block": {"userns": "yes", "idmap": "caller"}}, True, ("caller",)),
-    ("gpu", "50-qemu-gpu.json", {"type:fs": {"userns": "yes"}}, False, ("caller", "subids")),
-])
+@pytest.mark.parametrize(
+    ("dtype", "name", "config", "enabled", "modes"),
+    [
+        ("fs", "50-qemu-virtiofsd.json", {}, True, ("caller", "subids")),
+        ("gpu", "50-qemu-gpu.json", {}, False, ("caller", "subids")),
+        ("input", "50-qemu-input.json", {}, False, ("caller", "subids")),
+        (
+            "fs",
+            "50-qemu-virtiofsd.json",
+            {"type:fs": {"userns": "no"}},
+            False,
+            ("caller", "subids"),
+        ),
+        (
+            "fs",
+            "50-qemu-virtiofsd.json",
+            {"type:fs": {"userns": "no"}, "50-qemu-virtiofsd.json": {"userns": "yes"}},
+            True,
+            ("caller", "subids"),
+        ),
+        (
+            "fs",
+            "50-qemu-virtiofsd.json",
+            {"50-qemu-virtiofsd.json": {"idmap": "subids"}},
+            True,
+            ("subids",),
+        ),
+        (
+            "fs",
+            "60-other.json",
+            {"50-qemu-virtiofsd.json": {"idmap": "subids"}},
+            True,
+            ("caller", "subids"),
+        ),
+        ("fs", "50-x.json", {"type:fs": {"idmap": "subids caller"}}, True, ("subids", "caller")),
+        (
+            "block",
+            "50-blk.json",
+            {"type:block": {"userns": "yes", "idmap": "caller"}},
+            True,
+            ("caller",),
+        ),
+        ("gpu", "50-qemu-gpu.json", {"type:fs": {"userns": "yes"}}, False, ("caller", "subids")),
+    ],
+)
 def test_policy_comes_from_the_type_and_the_admin_setting(
-        dtype: str, name: str, config: dict[str, dict[str, str]], enabled: bool, modes: tuple[str, ...]) -> None:
+    dtype: str, name: str, config: dict[str, dict[str, str]], enabled: bool, modes: tuple[str, ...]
+) -> None:
     p = userns.policy(dtype, name, config)
     assert (p.enabled, p.modes) == (enabled, modes)
 
 
-@pytest.mark.parametrize(("modes", "requested", "chosen"), [
-    (("caller", "subids"), None, "caller"),
-    (("caller", "subids"), "subids", "subids"),
-    (("subids",), None, "subids"),
-    (("subids", "caller"), "caller", "caller"),
-    (("caller",), "subids", None),
-    (("subids",), "caller", None),
-])
+@pytest.mark.parametrize(
+    ("modes", "requested", "chosen"),
+    [
+        (("caller", "subids"), None, "caller"),
+        (("caller", "subids"), "subids", "subids"),
+        (("subids",), None, "subids"),
+        (("subids", "caller"), "caller", "caller"),
+        (("caller",), "subids", None),
+        (("subids",), "caller", None),
+    ],
+)
 def test_idmap_mode_is_the_request_when_the_admin_allows_it(
-        modes: tuple[str, ...], requested: str | None, chosen: str | None) -> None:
+    modes: tuple[str, ...], requested: str | None, chosen: str | None
+) -> None:
     p = userns.Policy(True, modes, "/etc/vhostuserd/userns.conf [x.json]")
     if chosen is None:
         with pytest.raises(userns.UsernsError) as e:
@@ -92,18 +132,21 @@ def test_idmap_mode_is_the_request_when_the_admin_allows_it(
         assert userns.choose_mode(p, requested, "x.json") == chosen
 
 
-@pytest.mark.parametrize(("text", "wanted"), [
-    ("[type:fs]\nuserns = yes\nidmap = caller subids\n", None),
-    ("[50-qemu-virtiofsd.json]\nuserns = off\n", None),
-    ("[type:fs]   # every fs descriptor\nidmap = caller subids   # the modes allowed\n", None),
-    ("[type:fs]\nuserns = maybe\n", "userns = 'maybe'"),
-    ("[type:fs]\nidmap = root\n", "idmap = 'root'"),
-    ("[type:fs]\nidmap = caller caller\n", "each once"),
-    ("[type:fs]\nidmap =\n", "idmap = ''"),
-    ("[type:fs]\nuid_map = 0 0 4294967295\n", "uid_map: unknown setting"),
-    ("userns = yes\n", "/etc/vhostuserd/userns.conf"),
-    ("[type:fs]\nuserns = yes\n[type:fs]\n", "/etc/vhostuserd/userns.conf"),
-])
+@pytest.mark.parametrize(
+    ("text", "wanted"),
+    [
+        ("[type:fs]\nuserns = yes\nidmap = caller subids\n", None),
+        ("[50-qemu-virtiofsd.json]\nuserns = off\n", None),
+        ("[type:fs]   # every fs descriptor\nidmap = caller subids   # the modes allowed\n", None),
+        ("[type:fs]\nuserns = maybe\n", "userns = 'maybe'"),
+        ("[type:fs]\nidmap = root\n", "idmap = 'root'"),
+        ("[type:fs]\nidmap = caller caller\n", "each once"),
+        ("[type:fs]\nidmap =\n", "idmap = ''"),
+        ("[type:fs]\nuid_map = 0 0 4294967295\n", "uid_map: unknown setting"),
+        ("userns = yes\n", "/etc/vhostuserd/userns.conf"),
+        ("[type:fs]\nuserns = yes\n[type:fs]\n", "/etc/vhostuserd/userns.conf"),
+    ],
+)
 def test_admin_setting_errors_name_the_file_section_and_key(text: str, wanted: str | None) -> None:
     if wanted is None:
         userns.parse_config(text, "/etc/vhostuserd/userns.conf")
@@ -113,32 +156,70 @@ def test_admin_setting_errors_name_the_file_section_and_key(text: str, wanted: s
     assert wanted in str(e.value) and "/etc/vhostuserd/userns.conf" in str(e.value), str(e.value)
 
 
-SUBUID = "root:100000:65536\nalice:165536:65536\n# comment\n1001:231072:1000\nbad:x:1\nzero:300000:0\n"
+SUBUID = (
+    "root:100000:65536\nalice:165536:65536\n# comment\n1001:231072:1000\nbad:x:1\nzero:300000:0\n"
+)
 
 
-@pytest.mark.parametrize(("user", "uid", "found"), [
-    ("alice", 1000, (165536, 65536)),
-    ("bob", 1001, (231072, 1000)),  # listed by uid
-    ("carol", 1002, None),
-    ("bad", 1003, None),
-    ("zero", 1004, None),
-    ("root", 0, (100000, 65536)),
-])
-def test_subid_range_is_the_first_valid_entry_by_name_or_uid(user: str, uid: int, found: tuple[int, int] | None) -> None:
+@pytest.mark.parametrize(
+    ("user", "uid", "found"),
+    [
+        ("alice", 1000, (165536, 65536)),
+        ("bob", 1001, (231072, 1000)),  # listed by uid
+        ("carol", 1002, None),
+        ("bad", 1003, None),
+        ("zero", 1004, None),
+        ("root", 0, (100000, 65536)),
+    ],
+)
+def test_subid_range_is_the_first_valid_entry_by_name_or_uid(
+    user: str, uid: int, found: tuple[int, int] | None
+) -> None:
     assert userns.subid_range(SUBUID, user, uid) == found
 
 
-@pytest.mark.parametrize(("mode", "subuid", "subgid", "uid_map", "gid_map", "error"), [
-    ("caller", "", "", "0 1000 1\n", "0 100 1\n", None),
-    ("caller", "alice:165536:65536\n", "alice:165536:65536\n", "0 1000 1\n", "0 100 1\n", None),
-    ("subids", "alice:165536:65536\n", "alice:200000:1000\n", "0 1000 1\n1 165536 65536\n",
-     "0 100 1\n1 200000 1000\n", None),
-    ("subids", "", "alice:200000:1000\n", None, None, "/etc/subuid has no range for user alice (uid 1000)"),
-    ("subids", "alice:165536:65536\n", "", None, None, "/etc/subgid has no range for user alice (uid 1000)"),
-    ("subids", "alice:900:200\n", "alice:200000:1000\n", None, None, "contains the user's own uid"),
-])
+@pytest.mark.parametrize(
+    ("mode", "subuid", "subgid", "uid_map", "gid_map", "error"),
+    [
+        ("caller", "", "", "0 1000 1\n", "0 100 1\n", None),
+        ("caller", "alice:165536:65536\n", "alice:165536:65536\n", "0 1000 1\n", "0 100 1\n", None),
+        (
+            "subids",
+            "alice:165536:65536\n",
+            "alice:200000:1000\n",
+            "0 1000 1\n1 165536 65536\n",
+            "0 100 1\n1 200000 1000\n",
+            None,
+        ),
+        (
+            "subids",
+            "",
+            "alice:200000:1000\n",
+            None,
+            None,
+            "/etc/subuid has no range for user alice (uid 1000)",
+        ),
+        (
+            "subids",
+            "alice:165536:65536\n",
+            "",
+            None,
+            None,
+            "/etc/subgid has no range for user alice (uid 1000)",
+        ),
+        (
+            "subids",
+            "alice:900:200\n",
+            "alice:200000:1000\n",
+            None,
+            None,
+            "contains the user's own uid",
+        ),
+    ],
+)
 def test_id_map_is_the_caller_as_root_plus_the_subid_range_when_asked(
-        mode: str, subuid: str, subgid: str, uid_map: str | None, gid_map: str | None, error: str | None) -> None:
+    mode: str, subuid: str, subgid: str, uid_map: str | None, gid_map: str | None, error: str | None
+) -> None:
     if error is not None:
         with pytest.raises(userns.UsernsError) as e:
             userns.id_map(mode, 1000, 100, "alice", subuid, subgid)
@@ -157,26 +238,41 @@ def test_readmes_example_setting_means_what_it_says() -> None:
     assert not userns.policy("fs", "60-local-fs.json", config).enabled
 
 
-@pytest.mark.parametrize(("dtype", "requested", "uid", "conf", "expected"), [
-    ("fs", None, NOBODY, "", ("caller", f"0 {NOBODY} 1\n")),
-    ("fs", "caller", NOBODY, "", ("caller", f"0 {NOBODY} 1\n")),
-    ("gpu", None, NOBODY, "", None),
-    ("fs", None, NOBODY, "[type:fs]\nuserns = no\n", None),
-    ("fs", "caller", NOBODY, "[type:fs]\nuserns = no\n", "InvalidOption"),
-    ("fs", None, 0, "", None),  # root: as before, unless it asks
-    ("fs", "caller", 0, "", ("caller", "0 0 1\n")),
-    ("fs", "subids", NOBODY, "[type:fs]\nidmap = caller\n", "NotAuthorized"),
-    ("fs", None, NOBODY, "[type:fs]\nuserns = maybe\n", "SpawnFailed"),
-])
-def test_plan_for_the_system_service(tmp_path: Path, dtype: str, requested: str | None, uid: int, conf: str,
-                                     expected: tuple[str, str] | str | None) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "requested", "uid", "conf", "expected"),
+    [
+        ("fs", None, NOBODY, "", ("caller", f"0 {NOBODY} 1\n")),
+        ("fs", "caller", NOBODY, "", ("caller", f"0 {NOBODY} 1\n")),
+        ("gpu", None, NOBODY, "", None),
+        ("fs", None, NOBODY, "[type:fs]\nuserns = no\n", None),
+        ("fs", "caller", NOBODY, "[type:fs]\nuserns = no\n", "InvalidOption"),
+        ("fs", None, 0, "", None),  # root: as before, unless it asks
+        ("fs", "caller", 0, "", ("caller", "0 0 1\n")),
+        ("fs", "subids", NOBODY, "[type:fs]\nidmap = caller\n", "NotAuthorized"),
+        ("fs", None, NOBODY, "[type:fs]\nuserns = maybe\n", "SpawnFailed"),
+    ],
+)
+def test_plan_for_the_system_service(
+    tmp_path: Path,
+    dtype: str,
+    requested: str | None,
+    uid: int,
+    conf: str,
+    expected: tuple[str, str] | str | None,
+) -> None:
     if conf:
         (tmp_path / "vhostuserd").mkdir()
         (tmp_path / "vhostuserd/userns.conf").write_text(conf)
 
     def go() -> userns.IdMap | None:
-        return userns.plan_for(system=True, dtype=dtype, name="50-x.json", requested=requested, uid=uid,
-                               sysconfdir=str(tmp_path))
+        return userns.plan_for(
+            system=True,
+            dtype=dtype,
+            name="50-x.json",
+            requested=requested,
+            uid=uid,
+            sysconfdir=str(tmp_path),
+        )
 
     if isinstance(expected, str):
         with pytest.raises(userns.UsernsError) as e:
@@ -190,8 +286,15 @@ def test_plan_for_the_system_service(tmp_path: Path, dtype: str, requested: str 
 
 
 def test_sysconfdir_is_the_sysconf_tiers_root() -> None:
-    assert userns.sysconfdir_of([Directory("data", "/usr/share/qemu/vhost-user"),
-                                 Directory("sysconf", "/srv/etc/qemu/vhost-user")]) == "/srv/etc"
+    assert (
+        userns.sysconfdir_of(
+            [
+                Directory("data", "/usr/share/qemu/vhost-user"),
+                Directory("sysconf", "/srv/etc/qemu/vhost-user"),
+            ]
+        )
+        == "/srv/etc"
+    )
     assert userns.sysconfdir_of([Directory("sysconf", "/qemu/vhost-user")]) == "/"
     assert userns.sysconfdir_of([]) == "/etc"
 
@@ -205,13 +308,26 @@ def test_launcher_joins_the_namespace_as_its_root_and_closes_the_namespace_fds()
     assert not any("newuidmap" in a or "newgidmap" in a for a in prefix)
 
 
-@pytest.mark.parametrize(("value", "error"), [
-    ("caller", None), ("subids", None), ("root", "must be one of caller, subids, not 'root'"),
-    ("", "must be one of caller, subids"), ("caller subids", "must be one of"),
-])
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("caller", None),
+        ("subids", None),
+        ("root", "must be one of caller, subids, not 'root'"),
+        ("", "must be one of caller, subids"),
+        ("caller subids", "must be one of"),
+    ],
+)
 def test_idmap_option_is_validated_like_the_others(value: str, error: str | None) -> None:
-    fs = Descriptor(name="50-fs.json", path="/x/50-fs.json", tier="data", type="fs", description="",
-                    binary="/usr/lib/qemu/virtiofsd", tags=())
+    fs = Descriptor(
+        name="50-fs.json",
+        path="/x/50-fs.json",
+        tier="data",
+        type="fs",
+        description="",
+        binary="/usr/lib/qemu/virtiofsd",
+        tags=(),
+    )
     caps = Capabilities(type="fs", features=(), json="{}")
     if error is None:
         assert plan(fs, caps, {"idmap": ("s", value)}).values["idmap"] == value
@@ -222,8 +338,15 @@ def test_idmap_option_is_validated_like_the_others(value: str, error: str | None
     with pytest.raises(OptionError) as e:
         plan(fs, caps, {"idmap": ("b", True)})
     assert "D-Bus type 's'" in str(e.value)
-    gpu = Descriptor(name="50-gpu.json", path="/x/50-gpu.json", tier="data", type="gpu", description="",
-                     binary="/usr/lib/qemu/vhost-user-gpu", tags=())
+    gpu = Descriptor(
+        name="50-gpu.json",
+        path="/x/50-gpu.json",
+        tier="data",
+        type="gpu",
+        description="",
+        binary="/usr/lib/qemu/vhost-user-gpu",
+        tags=(),
+    )
     with pytest.raises(OptionError) as e:
         plan(gpu, Capabilities(type="gpu", features=(), json="{}"), {"idmap": ("s", "caller")})
     assert "only for fs backends" in str(e.value)
@@ -273,6 +396,7 @@ def share() -> Iterator[Path]:
     os.chown(s / "hello", NOBODY, NOBODY)
     os.chown(s, NOBODY, NOBODY)
     yield s
+    kill_marked(d.name)  # its backends: the daemon leaves them running when it stops
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -289,21 +413,29 @@ def _maps(pid: int) -> tuple[list[list[int]], list[list[int]], str]:
     def parse(text: str) -> list[list[int]]:
         return [[int(x) for x in line.split()] for line in text.splitlines()]
 
-    return (parse(_read(f"/proc/{pid}/uid_map")), parse(_read(f"/proc/{pid}/gid_map")),
-            _read(f"/proc/{pid}/setgroups").strip())
+    return (
+        parse(_read(f"/proc/{pid}/uid_map")),
+        parse(_read(f"/proc/{pid}/gid_map")),
+        _read(f"/proc/{pid}/setgroups").strip(),
+    )
 
 
-def _spawned_virtiofsd(env: SystemSetup, share: Path, uid: int = NOBODY, **extra: tuple[str, object]) -> int:
+def _spawned_virtiofsd(
+    env: SystemSetup, share: Path, uid: int = NOBODY, **extra: tuple[str, object]
+) -> int:
     caller = env.callers(uid)
     r = caller.spawn(FS, {"shared-dir": ("s", str(share)), **extra}, fd="listen")
     assert r.ok, f"{r}\n{env.daemon.log()[-3000:]}"
     pid = backend_pid(env.admin(), r.body[0])
-    wait_for(lambda: os.readlink(f"/proc/{pid}/exe") == VIRTIOFSD, "the backend to be virtiofsd itself")
+    wait_for(
+        lambda: os.readlink(f"/proc/{pid}/exe") == VIRTIOFSD, "the backend to be virtiofsd itself"
+    )
     return pid
 
 
 def test_virtiofsd_runs_as_the_caller_in_a_user_namespace_of_its_own(
-        start: Start, share: Path, polkit: DbusmockPolkit) -> None:
+    start: Start, share: Path, polkit: DbusmockPolkit
+) -> None:
     env = start()
     pid = _spawned_virtiofsd(env, share)
     st = status(pid)
@@ -321,7 +453,9 @@ def test_virtiofsd_runs_as_the_caller_in_a_user_namespace_of_its_own(
     assert details and details[-1]["idmap"] == "caller" and details[-1]["descriptor"] == FS
 
 
-def test_backend_holds_no_capability_in_the_initial_user_namespace(start: Start, share: Path) -> None:
+def test_backend_holds_no_capability_in_the_initial_user_namespace(
+    start: Start, share: Path
+) -> None:
     """CapEff counts in the backend's own namespace, which maps only uid and gid 65534: the
     same credentials (joined as the backend did) cannot read a root-only file or chown one
     of root's, which any capability of the initial namespace (DAC_OVERRIDE, CHOWN) would
@@ -329,28 +463,54 @@ def test_backend_holds_no_capability_in_the_initial_user_namespace(start: Start,
     env = start()
     pid = _spawned_virtiofsd(env, share)
     st = status(pid)
-    assert int(st["CapEff"], 16) != 0, "the backend has the namespace's capabilities (it needs them)"
+    assert int(st["CapEff"], 16) != 0, (
+        "the backend has the namespace's capabilities (it needs them)"
+    )
     assert _ns_of(pid) != _ns_of(os.getpid())
     root_only = share.parent / "root-only"
     root_only.write_text("secret\n")
     root_only.chmod(0o600)
-    join = ["setpriv", "--clear-groups", "--", "nsenter", "-t", str(pid), "--user", "--setuid=0", "--setgid=0",
-            "--"]
-    mine = subprocess.run([*join, "cat", str(share / "hello")], capture_output=True, text=True, check=False)
+    join = [
+        "setpriv",
+        "--clear-groups",
+        "--",
+        "nsenter",
+        "-t",
+        str(pid),
+        "--user",
+        "--setuid=0",
+        "--setgid=0",
+        "--",
+    ]
+    mine = subprocess.run(
+        [*join, "cat", str(share / "hello")], capture_output=True, text=True, check=False
+    )
     assert mine.returncode == 0 and mine.stdout == "from the host\n", mine
-    inside = subprocess.run([*join, "sh", "-c", "grep Cap /proc/self/status"], capture_output=True, text=True,
-                            check=False)
+    inside = subprocess.run(
+        [*join, "sh", "-c", "grep Cap /proc/self/status"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert f"CapEff:\t{st['CapBnd'].strip()}" in inside.stdout, (inside, st)  # all of them, inside
-    read = subprocess.run([*join, "cat", str(root_only)], capture_output=True, text=True, check=False)
+    read = subprocess.run(
+        [*join, "cat", str(root_only)], capture_output=True, text=True, check=False
+    )
     assert read.returncode != 0 and "Permission denied" in read.stderr, read
-    chown = subprocess.run([*join, "chown", "0:0", str(root_only)], capture_output=True, text=True, check=False)
+    chown = subprocess.run(
+        [*join, "chown", "0:0", str(root_only)], capture_output=True, text=True, check=False
+    )
     assert chown.returncode != 0 and "not permitted" in chown.stderr, chown
     assert os.stat(root_only).st_uid == 0
 
 
 @pytest.fixture
 def subid_files() -> Iterator[Callable[[str, str], None]]:
-    """Add lines to /etc/subuid and /etc/subgid for a test; restored byte for byte after."""
+    """Add lines to /etc/subuid and /etc/subgid for a test; restored byte for byte after.
+    Test runs on one machine take turns (a lock file): two runs interleaving their saves and
+    restores could otherwise leave the files changed."""
+    lock = open(SUBID_LOCK, "a")  # noqa: SIM115 - held until the files are restored
+    fcntl.flock(lock, fcntl.LOCK_EX)
     saved: dict[str, bytes | None] = {}
     for path in (userns.SUBUID, userns.SUBGID):
         try:
@@ -361,19 +521,26 @@ def subid_files() -> Iterator[Callable[[str, str], None]]:
     def add(uid_line: str, gid_line: str) -> None:
         for path, line in ((userns.SUBUID, uid_line), (userns.SUBGID, gid_line)):
             old = saved[path] or b""
-            Path(path).write_bytes(old + (b"" if not old or old.endswith(b"\n") else b"\n") + line.encode())
+            Path(path).write_bytes(
+                old + (b"" if not old or old.endswith(b"\n") else b"\n") + line.encode()
+            )
 
-    yield add
+    try:
+        yield add
+    finally:
+        for path, content in saved.items():
+            if content is None:
+                Path(path).unlink(missing_ok=True)
+            else:
+                Path(path).write_bytes(content)
+        lock.close()
     for path, content in saved.items():
-        if content is None:
-            Path(path).unlink(missing_ok=True)
-        else:
-            Path(path).write_bytes(content)
         assert (Path(path).read_bytes() if content is not None else None) == content
 
 
 def test_idmap_subids_maps_the_callers_range_from_etc_subuid(
-        start: Start, share: Path, subid_files: Callable[[str, str], None], polkit: DbusmockPolkit) -> None:
+    start: Start, share: Path, subid_files: Callable[[str, str], None], polkit: DbusmockPolkit
+) -> None:
     subid_files("nobody:3000000:65536\n", "nobody:3100000:1000\n")
     env = start()
     pid = _spawned_virtiofsd(env, share, idmap=("s", "subids"))
@@ -387,18 +554,21 @@ def test_idmap_subids_maps_the_callers_range_from_etc_subuid(
 
 
 def test_idmap_subids_without_an_entry_is_refused_naming_etc_subuid(
-        start: Start, share: Path, subid_files: Callable[[str, str], None], polkit: DbusmockPolkit) -> None:
+    start: Start, share: Path, subid_files: Callable[[str, str], None], polkit: DbusmockPolkit
+) -> None:
     subid_files("someoneelse:3000000:65536\n", "nobody:3100000:1000\n")
     env = start()
     caller = env.callers(NOBODY)
     polkit.clear_calls()
-    message = caller.spawn(FS, {"shared-dir": ("s", str(share)), "idmap": ("s", "subids")},
-                           fd="listen").expect_error("NotAuthorized")
+    message = caller.spawn(
+        FS, {"shared-dir": ("s", str(share)), "idmap": ("s", "subids")}, fd="listen"
+    ).expect_error("NotAuthorized")
     assert "/etc/subuid has no range for user nobody (uid 65534)" in message, message
     assert not polkit.checks(), "refused before polkit was asked"
     assert caller.backends() == []
-    message = caller.spawn(FS, {"shared-dir": ("s", str(share)), "idmap": ("s", "root")},
-                           fd="listen").expect_error("InvalidOption")
+    message = caller.spawn(
+        FS, {"shared-dir": ("s", str(share)), "idmap": ("s", "root")}, fd="listen"
+    ).expect_error("InvalidOption")
     assert "idmap" in message
 
 
@@ -411,15 +581,21 @@ def test_admin_setting_forbids_forces_or_turns_off_the_namespace(start: Start, s
 
     env = start(prepare=forced_caller)
     caller = env.callers(NOBODY)
-    message = caller.spawn(FS, {"shared-dir": ("s", str(share)), "idmap": ("s", "subids")},
-                           fd="listen").expect_error("NotAuthorized")
-    assert f"{env.tree.sysconfdir}/vhostuserd/userns.conf [{FS}]" in message and "allowed: caller" in message
+    message = caller.spawn(
+        FS, {"shared-dir": ("s", str(share)), "idmap": ("s", "subids")}, fd="listen"
+    ).expect_error("NotAuthorized")
+    assert (
+        f"{env.tree.sysconfdir}/vhostuserd/userns.conf [{FS}]" in message
+        and "allowed: caller" in message
+    )
     # 50-fs.json (a fake fs backend) runs plainly: the admin turned its namespace off.
     r = caller.spawn("50-fs.json", {"shared-dir": ("s", str(share))}, fd="listen")
     assert r.ok, str(r)
     plain = backend_pid(env.admin(), r.body[0])
     assert _ns_of(plain) == _ns_of(os.getpid())
-    message = caller.spawn("50-fs.json", {"idmap": ("s", "caller")}, fd="listen").expect_error("InvalidOption")
+    message = caller.spawn("50-fs.json", {"idmap": ("s", "caller")}, fd="listen").expect_error(
+        "InvalidOption"
+    )
     assert "runs without a user namespace" in message and "userns.conf [50-fs.json]" in message
     # gpu backends keep running plainly as the caller, with the caller's groups.
     r = caller.spawn("50-gpu.json")
@@ -427,7 +603,9 @@ def test_admin_setting_forbids_forces_or_turns_off_the_namespace(start: Start, s
     assert _ns_of(backend_pid(env.admin(), r.body[0])) == _ns_of(os.getpid())
     # A broken setting refuses the spawn with the file named, and the daemon lives on.
     (env.tree.sysconfdir / "vhostuserd/userns.conf").write_text("[type:fs]\nuserns = perhaps\n")
-    message = caller.spawn(FS, {"shared-dir": ("s", str(share))}, fd="listen").expect_error("SpawnFailed")
+    message = caller.spawn(FS, {"shared-dir": ("s", str(share))}, fd="listen").expect_error(
+        "SpawnFailed"
+    )
     assert "userns.conf: [type:fs] userns = 'perhaps'" in message
     assert env.daemon.proc.poll() is None
 
@@ -454,12 +632,40 @@ class StracedDaemon:
         self.log_path = tree.root / "vhostuserd-straced.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            ["strace", "-f", "-qq", "-e", "trace=execve", "-e", "signal=none", "-s", "256", "-o", str(trace),
-             VHOSTUSERD, "--address", bus.address, "--sysconfdir", str(tree.sysconfdir), "--log-level", "debug",
-             "--system", "--state-dir", str(tree.root / "state")],
-            env=tree.env(), stdout=self._log, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.proc.poll() is not None or (bus.name_has_owner() and "watching " in self.log()),
-                 "the straced daemon to take its name", 60)
+            [
+                "strace",
+                "-f",
+                "-qq",
+                "-e",
+                "trace=execve",
+                "-e",
+                "signal=none",
+                "-s",
+                "256",
+                "-o",
+                str(trace),
+                VHOSTUSERD,
+                "--address",
+                bus.address,
+                "--sysconfdir",
+                str(tree.sysconfdir),
+                "--log-level",
+                "debug",
+                "--system",
+                "--state-dir",
+                str(tree.root / "state"),
+            ],
+            env=tree.env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(
+            lambda: (
+                self.proc.poll() is not None or (bus.name_has_owner() and "watching " in self.log())
+            ),
+            "the straced daemon to take its name",
+            60,
+        )
         assert self.proc.poll() is None, self.log()
 
     def log(self) -> str:
@@ -486,8 +692,13 @@ def _ppid(pid: int) -> int:
         return -1
 
 
-def test_newuidmap_is_never_executed(sysbus: PrivateBus, polkit: DbusmockPolkit, tmp_path: Path, share: Path,
-                                     subid_files: Callable[[str, str], None]) -> None:
+def test_newuidmap_is_never_executed(
+    sysbus: PrivateBus,
+    polkit: DbusmockPolkit,
+    tmp_path: Path,
+    share: Path,
+    subid_files: Callable[[str, str], None],
+) -> None:
     _need_virtiofsd()
     if shutil.which("strace") is None:
         pytest.skip("strace is not installed")
@@ -502,8 +713,9 @@ def test_newuidmap_is_never_executed(sysbus: PrivateBus, polkit: DbusmockPolkit,
     try:
         caller = callers(NOBODY)
         for mode in ("caller", "subids"):
-            r = caller.spawn(FS, {"shared-dir": ("s", str(share)), "idmap": ("s", mode)}, fd="listen",
-                             timeout=60)
+            r = caller.spawn(
+                FS, {"shared-dir": ("s", str(share)), "idmap": ("s", mode)}, fd="listen", timeout=60
+            )
             assert r.ok, f"{r}\n{daemon.log()[-2000:]}"
     finally:
         callers.close()
@@ -520,7 +732,7 @@ def test_newuidmap_is_never_executed(sysbus: PrivateBus, polkit: DbusmockPolkit,
 
 # ---------------------------------------------------------------- the mechanism, unprivileged
 
-UNPRIVILEGED = r'''
+UNPRIVILEGED = r"""
 import os, subprocess, sys
 sys.path.insert(0, sys.argv[1])
 from vhostuserd import userns
@@ -534,32 +746,51 @@ from vhostuserd import procs
 r, w = os.pipe()
 null = os.open("/dev/null", os.O_RDONLY)
 pid = procs.spawn([*ns.prefix, "/bin/sh", "-c", "id -u; id -g; cat /proc/self/uid_map; "
-                  "for n in 4 5; do if [ -e /proc/$$/fd/$n ]; then echo open$n; else echo closed$n; fi; done"],
+                  "for n in 4 5; do if [ -e /proc/$$/fd/$n ]; then echo open$n; "
+                  "else echo closed$n; fi; done"],
                   fds={0: null, 1: w, 2: w, 3: null, **ns.fds})
 ns.close()
 os.close(w)
 os.waitpid(pid, 0)
 with os.fdopen(r) as f:
     print(f.read())
-'''
+"""
 
 
-def test_unprivileged_daemon_uses_the_same_launch_where_the_kernel_allows_it(tmp_path: Path) -> None:
+def test_unprivileged_daemon_uses_the_same_launch_where_the_kernel_allows_it(
+    tmp_path: Path,
+) -> None:
     """What the session service does when it is not root: the same holder and launcher, the
     maps written by the (unprivileged) daemon itself; or a clear error where the kernel
     refuses unprivileged user namespaces."""
     pkg = public_dir("vhostuserd-pkg-")
     try:
-        shutil.copytree(Path(userns.__file__).parent, pkg / "vhostuserd",
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            Path(userns.__file__).parent,
+            pkg / "vhostuserd",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
         subprocess.run(["chmod", "-R", "a+rX", str(pkg)], check=True)
         script = pkg / "run.py"
         script.write_text(UNPRIVILEGED)
         script.chmod(0o644)
         py = "/usr/bin/python3"
-        out = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", py,
-                              str(script), str(pkg)], capture_output=True, text=True, cwd=str(pkg), timeout=60,
-                             check=False)
+        out = subprocess.run(
+            [
+                "setpriv",
+                f"--reuid={NOBODY}",
+                f"--regid={NOBODY}",
+                "--clear-groups",
+                py,
+                str(script),
+                str(pkg),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=str(pkg),
+            timeout=60,
+            check=False,
+        )
     finally:
         shutil.rmtree(pkg, ignore_errors=True)
     reason = userns.unprivileged_userns_reason()
@@ -570,7 +801,9 @@ def test_unprivileged_daemon_uses_the_same_launch_where_the_kernel_allows_it(tmp
     lines = out.stdout.split()
     assert lines[:2] == ["0", "0"], out.stdout  # root in the namespace
     assert lines[2:5] == ["0", str(NOBODY), "1"], out.stdout
-    assert lines[5:] == ["closed4", "closed5"], out.stdout  # the namespace fds are not the backend's
+    assert lines[5:] == ["closed4", "closed5"], (
+        out.stdout
+    )  # the namespace fds are not the backend's
 
 
 def test_create_returns_the_user_and_mount_namespaces_with_the_maps_written() -> None:
@@ -595,7 +828,7 @@ def _safe_ns(pid: int) -> str:
         return ""
 
 
-PEEK = r'''
+PEEK = r"""
 import os, sys
 for pid in sys.argv[1:]:
     try:
@@ -603,7 +836,7 @@ for pid in sys.argv[1:]:
         print(pid, "open")
     except OSError as e:
         print(pid, e.strerror)
-'''
+"""
 
 
 def test_caller_cannot_ptrace_or_join_its_namespaced_backend(start: Start, share: Path) -> None:
@@ -616,19 +849,41 @@ def test_caller_cannot_ptrace_or_join_its_namespaced_backend(start: Start, share
     assert r.ok, str(r)
     plain_pid = backend_pid(env.admin(), r.body[0])
     as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
-    peek = subprocess.run([*as_nobody, "/usr/bin/python3", "-c", PEEK, str(plain_pid), str(ns_pid)],
-                          capture_output=True, text=True, check=False, timeout=30)
+    peek = subprocess.run(
+        [*as_nobody, "/usr/bin/python3", "-c", PEEK, str(plain_pid), str(ns_pid)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
     assert peek.stdout.splitlines() == [f"{plain_pid} open", f"{ns_pid} Permission denied"], peek
-    join = subprocess.run([*as_nobody, "nsenter", "-t", str(ns_pid), "--user", "--preserve-credentials", "--",
-                           "true"], capture_output=True, text=True, check=False, timeout=30)
-    assert join.returncode != 0 and ("Permission denied" in join.stderr or "not permitted" in join.stderr), join
+    join = subprocess.run(
+        [
+            *as_nobody,
+            "nsenter",
+            "-t",
+            str(ns_pid),
+            "--user",
+            "--preserve-credentials",
+            "--",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert join.returncode != 0 and (
+        "Permission denied" in join.stderr or "not permitted" in join.stderr
+    ), join
 
 
 # ---------------------------------------------------------------- the session service, unprivileged
 
 
 def test_unprivileged_session_service_runs_virtiofsd_in_a_user_namespace_that_survives_its_sandbox(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """vhostuserd --user as uid 65534 (no supplementary groups) on its own session bus, asked
     by itself for Debian's virtiofsd: the backend is in a namespace mapping 65534 to 0, and
     once a front-end connects it gets through its sandbox (unshare of PID and mount
@@ -636,7 +891,9 @@ def test_unprivileged_session_service_runs_virtiofsd_in_a_user_namespace_that_su
     exits 0 when the front-end closes."""
     _need_virtiofsd()
     if userns.unprivileged_userns_reason() is not None:
-        pytest.skip(f"unprivileged user namespaces are disabled here: {userns.unprivileged_userns_reason()}")
+        pytest.skip(
+            f"unprivileged user namespaces are disabled here: {userns.unprivileged_userns_reason()}"
+        )
     as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
     if subprocess.run([*as_nobody, "test", "-x", VHOSTUSERD], check=False).returncode != 0:
         pytest.skip(f"uid {NOBODY} cannot run {VHOSTUSERD}")
@@ -654,11 +911,30 @@ def test_unprivileged_session_service_runs_virtiofsd_in_a_user_namespace_that_su
         env = {**tree.env(), "HOME": "/nonexistent"}
         log = root / "run" / "daemon.log"
         with open(log, "wb") as out:
-            daemon = subprocess.Popen([*as_nobody, VHOSTUSERD, "--address", bus.address, "--sysconfdir",
-                                       str(tree.sysconfdir), "--state-dir", str(root / "state"), "--log-level",
-                                       "debug"], env=env, stdout=out, stderr=subprocess.STDOUT)
-        wait_for(lambda: daemon.poll() is not None or bus.name_has_owner(), "the session daemon to start", 30)
+            daemon = subprocess.Popen(
+                [
+                    *as_nobody,
+                    VHOSTUSERD,
+                    "--address",
+                    bus.address,
+                    "--sysconfdir",
+                    str(tree.sysconfdir),
+                    "--state-dir",
+                    str(root / "state"),
+                    "--log-level",
+                    "debug",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for(
+            lambda: daemon.poll() is not None or bus.name_has_owner(),
+            "the session daemon to start",
+            30,
+        )
         assert daemon.poll() is None, log.read_text()
+
         def serve_once(n: int) -> tuple[dict[str, object], str]:
             """Spawn with --listen, check the backend, connect and close a front-end; the
             backend's record and what vhostuserctl said."""
@@ -666,18 +942,45 @@ def test_unprivileged_session_service_runs_virtiofsd_in_a_user_namespace_that_su
             sock = root / "run" / f"fs{n}.sock"
             ctl_log = root / "run" / f"ctl{n}.log"
             with open(ctl_log, "wb") as out:
-                ctl = subprocess.Popen([*as_nobody, VHOSTUSERCTL, "--address", bus.address, "spawn", FS, "-o",
-                                        f"shared-dir={root / 'share'}", "--listen", str(sock)], env=env,
-                                       stdout=subprocess.DEVNULL, stderr=out, start_new_session=True)
+                ctl = subprocess.Popen(
+                    [
+                        *as_nobody,
+                        VHOSTUSERCTL,
+                        "--address",
+                        bus.address,
+                        "spawn",
+                        FS,
+                        "-o",
+                        f"shared-dir={root / 'share'}",
+                        "--listen",
+                        str(sock),
+                    ],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=out,
+                    start_new_session=True,
+                )
             proc = ctl
-            wait_for(lambda: "Ctrl-C stops it" in ctl_log.read_text() or proc.poll() is not None,
-                     "vhostuserctl to serve the socket", 30)
+            wait_for(
+                lambda: "Ctrl-C stops it" in ctl_log.read_text() or proc.poll() is not None,
+                "vhostuserctl to serve the socket",
+                30,
+            )
             assert proc.poll() is None, f"{ctl_log.read_text()}\n{log.read_text()[-3000:]}"
-            listed = subprocess.run([*as_nobody, VHOSTUSERCTL, "--address", bus.address, "--json", "backends"],
-                                    env=env, capture_output=True, text=True, check=True, timeout=30)
+            listed = subprocess.run(
+                [*as_nobody, VHOSTUSERCTL, "--address", bus.address, "--json", "backends"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=30,
+            )
             [backend] = [b for b in json.loads(listed.stdout) if b["state"] == "running"]
             pid = backend["pid"]
-            wait_for(lambda: os.readlink(f"/proc/{pid}/exe") == VIRTIOFSD, "the backend to be virtiofsd itself")
+            wait_for(
+                lambda: os.readlink(f"/proc/{pid}/exe") == VIRTIOFSD,
+                "the backend to be virtiofsd itself",
+            )
             backend["userns"] = _ns_of(pid)
             backend["maps"] = _maps(pid)
             assert ids(status(pid)["Uid"]) == [NOBODY] * 4
@@ -709,18 +1012,23 @@ def test_unprivileged_session_service_runs_virtiofsd_in_a_user_namespace_that_su
                     p.kill()
                     p.wait()
         bus.close()
+        kill_marked(root.name)
         shutil.rmtree(root, ignore_errors=True)
 
 
-
-def test_namespaced_backend_is_re_adopted_after_a_sigkilled_daemon_and_stops(start: Start, share: Path) -> None:
+def test_namespaced_backend_is_re_adopted_after_a_sigkilled_daemon_and_stops(
+    start: Start, share: Path
+) -> None:
     env = start()
     pid = _spawned_virtiofsd(env, share)
     caller = env.callers(NOBODY)
     r = caller.spawn(FS, {"shared-dir": ("s", str(share)), "detach": ("b", True)}, fd="listen")
     assert r.ok, str(r)
     detached = backend_pid(env.admin(), r.body[0])
-    wait_for(lambda: os.readlink(f"/proc/{detached}/exe") == VIRTIOFSD, "the backend to be virtiofsd itself")
+    wait_for(
+        lambda: os.readlink(f"/proc/{detached}/exe") == VIRTIOFSD,
+        "the backend to be virtiofsd itself",
+    )
     env.daemon.stop(signal.SIGKILL)
     again = system_daemon(env.bus, env.tree)
     try:
@@ -736,7 +1044,7 @@ def test_namespaced_backend_is_re_adopted_after_a_sigkilled_daemon_and_stops(sta
         again.stop()
 
 
-NO_NAMESPACES = r'''
+NO_NAMESPACES = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
 from vhostuserd import userns
@@ -746,7 +1054,7 @@ try:
     userns.create(userns.id_map("caller", 0, 0, "x", "", ""))
 except userns.UsernsError as e:
     print(e.kind, e)
-'''
+"""
 
 
 def test_where_the_kernel_refuses_a_user_namespace_the_error_says_why() -> None:
@@ -754,16 +1062,42 @@ def test_where_the_kernel_refuses_a_user_namespace_the_error_says_why() -> None:
     limit, so nothing else on the machine is affected), the launch fails as SpawnFailed
     with unshare's own error and the sysctl that caused it."""
     if userns.unprivileged_userns_reason() is not None:
-        pytest.skip(f"user namespaces are disabled here already: {userns.unprivileged_userns_reason()}")
+        pytest.skip(
+            f"user namespaces are disabled here already: {userns.unprivileged_userns_reason()}"
+        )
     pkg = public_dir("vhostuserd-pkg-")
     try:
-        shutil.copytree(Path(userns.__file__).parent, pkg / "vhostuserd",
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            Path(userns.__file__).parent,
+            pkg / "vhostuserd",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
         subprocess.run(["chmod", "-R", "a+rX", str(pkg)], check=True)
-        out = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--",
-                              "unshare", "--user", "--map-root-user", "--", "/usr/bin/python3", "-c", NO_NAMESPACES,
-                              str(pkg)], capture_output=True, text=True, timeout=60, check=False, cwd=str(pkg))
+        out = subprocess.run(
+            [
+                "setpriv",
+                f"--reuid={NOBODY}",
+                f"--regid={NOBODY}",
+                "--clear-groups",
+                "--",
+                "unshare",
+                "--user",
+                "--map-root-user",
+                "--",
+                "/usr/bin/python3",
+                "-c",
+                NO_NAMESPACES,
+                str(pkg),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=str(pkg),
+        )
     finally:
         shutil.rmtree(pkg, ignore_errors=True)
-    assert out.stdout.startswith("SpawnFailed cannot create a user namespace for the backend: unshare"), out
+    assert out.stdout.startswith(
+        "SpawnFailed cannot create a user namespace for the backend: unshare"
+    ), out
     assert "/proc/sys/user/max_user_namespaces is 0" in out.stdout, out

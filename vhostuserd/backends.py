@@ -13,6 +13,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import shlex
 import socket
 import stat
 from collections import Counter, OrderedDict
@@ -24,7 +25,7 @@ from dbus_fast import Message, MessageType, PropertyAccess, Variant
 from dbus_fast.errors import DBusError
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
-from . import cgroup, userns
+from . import cgroup, extras, userns
 from .authority import (
     MANAGE,
     SPAWN,
@@ -38,7 +39,7 @@ from .authority import (
     untrusted_reason,
 )
 from .descriptors import Capabilities
-from .options import OptionError, SpawnPlan, plan, socket_kind_error
+from .options import OPTIONS, OptionError, SpawnPlan, plan, socket_kind_error
 from .supervisor import EXITED, Backend, SpawnError, Supervisor
 
 if TYPE_CHECKING:
@@ -347,6 +348,11 @@ class Spawner:
                 details[key] = str(p.values[key])
         if idmap is not None:
             details["idmap"] = idmap.mode  # the mode in effect, asked for or not
+        for key, value in p.values.items():  # the admin-vetted extra options (`extras`)
+            if key not in details and key not in OPTIONS:
+                details[key] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        if p.extra_args:
+            details["extra-args"] = shlex.join(p.extra_args)
         if self.authority.consults_polkit(caller.uid):
             # Only polkit reads it, and looking it up costs a thread (see caller_app_id).
             app = await caller_app_id(caller.pid)
@@ -360,8 +366,10 @@ class Spawner:
     def _userns_map(self, d: Any, p: SpawnPlan, caller: Caller) -> userns.IdMap | None:
         """Whether this backend runs in a user namespace, and its id map (`userns`)."""
         try:
-            return userns.plan_for(system=self.system, dtype=d.type, name=d.name, requested=p.values.get("idmap"),
-                                   uid=caller.uid, sysconfdir=userns.sysconfdir_of(self.broker.index.dirs))
+            return userns.plan_for(
+                system=self.system, dtype=d.type, name=d.name, requested=p.values.get("idmap"),
+                uid=caller.uid, sysconfdir=userns.sysconfdir_of(self.broker.index.dirs),
+            )
         except userns.UsernsError as e:
             raise _error(e.kind, str(e)) from None
 
@@ -399,9 +407,15 @@ class Spawner:
                 result = await self.broker.caps_for(d)
                 caps = result if isinstance(result, Capabilities) else None
             try:
-                p = plan(d, caps, raw)
+                config, conf_path = extras.load(userns.sysconfdir_of(self.broker.index.dirs))
+                vetted = extras.extras_for(d.type, d.name, config, conf_path)
+            except extras.ExtrasError as e:
+                raise _error(e.kind, f"{d.name}: {e}") from None
+            try:
+                p = plan(d, caps, raw, vetted)
                 if p.device_paths:  # checked, then resolved: polkit and the backend see the device
-                    p = plan(d, caps, {**raw, **{k: ("s", check_device(k, v)[0]) for k, v in p.device_paths.items()}})
+                    p = plan(d, caps, {**raw, **{k: ("s", check_device(k, v)[0]) for k, v in p.device_paths.items()}},
+                             vetted)
             except OptionError as e:
                 raise _error(e.kind, str(e)) from None
             why = socket_kind_error(d, listening)

@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import extras as admin_extras
 from .descriptors import Capabilities, Descriptor
+from .extras import Extras
 
 MAX_OPTIONS = 16
 MAX_STRING = 4096
@@ -67,18 +69,20 @@ class SpawnPlan:
     settle_ms: int
     socket_kind: str | None
     values: Mapping[str, Any]  # the validated options, for authorization details
+    extra_args: tuple[str, ...] = ()  # what the admin's options.conf added to argv (`extras`)
 
     @property
     def device_paths(self) -> dict[str, str]:
         return {k: v for k, v in self.values.items() if k in DEVICE_OPTIONS}
 
 
-def allowed_options(d: Descriptor, caps: Capabilities | None) -> list[str]:
+def allowed_options(d: Descriptor, caps: Capabilities | None, extras: Extras = admin_extras.NONE) -> list[str]:
     features = set(caps.features) if caps is not None else set()
-    return sorted(
-        name for name, spec in OPTIONS.items()
-        if spec.btype in (None, d.type) and (not spec.needs_feature or name in features)
-    )
+    return sorted([
+        *(name for name, spec in OPTIONS.items()
+          if spec.btype in (None, d.type) and (not spec.needs_feature or name in features)),
+        *extras.names,
+    ])
 
 
 def _check_path(name: str, value: str) -> str:
@@ -92,21 +96,32 @@ def _check_path(name: str, value: str) -> str:
 
 
 def plan(
-    d: Descriptor, caps: Capabilities | None, options: Mapping[str, tuple[str, Any]]
+    d: Descriptor, caps: Capabilities | None, options: Mapping[str, tuple[str, Any]],
+    extras: Extras = admin_extras.NONE,
 ) -> SpawnPlan:
     """Check ``options`` ({key: (D-Bus signature, value)}) for backend ``d`` and build argv.
 
     ``caps`` is None when the backend could not be probed: then only options that need no
-    capability are accepted.
+    capability are accepted. ``extras`` are the admin's vetted options for ``d``
+    (`extras.extras_for`): their fixed arguments, and the choices and flags a client may add.
     """
     if len(options) > MAX_OPTIONS:
         raise OptionError("InvalidOption", f"too many options ({len(options)} > {MAX_OPTIONS})")
-    allowed = allowed_options(d, caps)
+    allowed = allowed_options(d, caps, extras)
     values: dict[str, Any] = {}
     for name, (signature, value) in options.items():
         spec = OPTIONS.get(name)
+        extra = extras.signature(name) if spec is None else None
+        if extra is not None:
+            if signature != extra:
+                raise OptionError("InvalidOption", f"option '{name}': must have D-Bus type '{extra}', "
+                                  f"not '{signature}' ({extras.source})")
+            if (why := admin_extras.check_value(extras, name, value)) is not None:
+                raise OptionError("InvalidOption", why)
+            values[name] = value
+            continue
         if spec is None or name not in allowed:
-            why = "unknown option" if spec is None else (
+            why = f"unknown option (nor one {admin_extras.CONFIG} lists for it)" if spec is None else (
                 f"only for {spec.btype} backends" if spec.btype != d.type
                 else f"{d.name} does not list the '{name}' feature"
             )
@@ -123,8 +138,8 @@ def plan(
             value = _check_path(name, value)
         if name == "idmap" and value not in IDMAP_MODES:
             shown = value[:64] if value.isprintable() else repr(value[:64])
-            raise OptionError("InvalidOption", f"option 'idmap': must be one of {', '.join(IDMAP_MODES)}, "
-                              f"not '{shown}'")
+            modes = ", ".join(IDMAP_MODES)
+            raise OptionError("InvalidOption", f"option 'idmap': must be one of {modes}, not '{shown}'")
         if name == "settle-ms" and value > MAX_SETTLE_MS:
             raise OptionError("InvalidOption", f"option 'settle-ms': at most {MAX_SETTLE_MS}")
         values[name] = value
@@ -148,12 +163,15 @@ def plan(
                     "would start another option; choose a directory without ','",
                 )
             argv += ["-o", f"source={directory}"]
+    extra_args = admin_extras.arguments(extras, values)
+    argv += extra_args
     return SpawnPlan(
         argv=tuple(argv),
         detach=bool(values.get("detach", False)),
         settle_ms=int(values.get("settle-ms", DEFAULT_SETTLE_MS)),
         socket_kind=SOCKET_KIND.get(d.type),
         values=values,
+        extra_args=tuple(extra_args),
     )
 
 

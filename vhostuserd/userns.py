@@ -51,7 +51,12 @@ CONFIG = "vhostuserd/userns.conf"  # under the sysconf tier's root (default /etc
 # plainly as the caller: they need the caller's groups (render, input) and no "root".
 DEFAULT_TYPES = frozenset({"fs"})
 SUBUID, SUBGID = "/etc/subuid", "/etc/subgid"
-UNSHARE, NSENTER, SETPRIV, SH = "/usr/bin/unshare", "/usr/bin/nsenter", "/usr/bin/setpriv", "/bin/sh"
+UNSHARE, NSENTER, SETPRIV, SH = (
+    "/usr/bin/unshare",
+    "/usr/bin/nsenter",
+    "/usr/bin/setpriv",
+    "/bin/sh",
+)
 USER_FD, MNT_FD = 4, 5
 HOLDER_TIMEOUT_S = 5.0
 MAX_CONFIG = 64 * 1024
@@ -83,8 +88,12 @@ def parse_config(text: str, path: str) -> dict[str, dict[str, str]]:
     """The admin's settings: ``[type:TYPE]`` and ``[DESCRIPTOR-NAME]`` sections with
     ``userns = yes|no`` and ``idmap = MODE [MODE]`` (the modes allowed, the first the default).
     Raises UsernsError naming the file, the section and the key for anything else."""
-    parser = configparser.ConfigParser(interpolation=None, default_section="\0none",
-                                       comment_prefixes=("#", ";"), inline_comment_prefixes=("#", ";"))
+    parser = configparser.ConfigParser(
+        interpolation=None,
+        default_section="\0none",
+        comment_prefixes=("#", ";"),
+        inline_comment_prefixes=("#", ";"),
+    )
     try:
         parser.read_string(text, source=path)
     except configparser.Error as e:
@@ -95,21 +104,29 @@ def parse_config(text: str, path: str) -> dict[str, dict[str, str]]:
         for key, value in values.items():
             if key == "userns":
                 if value.lower() not in (*_TRUE, *_FALSE):
-                    raise UsernsError("SpawnFailed", f"{path}: [{section}] userns = {value!r}: yes or no")
+                    raise UsernsError(
+                        "SpawnFailed", f"{path}: [{section}] userns = {value!r}: yes or no"
+                    )
             elif key == "idmap":
                 modes = value.split()
                 bad = [m for m in modes if m not in IDMAP_MODES]
                 if not modes or bad or len(set(modes)) != len(modes):
-                    raise UsernsError("SpawnFailed", f"{path}: [{section}] idmap = {value!r}: one or both of "
-                                      f"{', '.join(IDMAP_MODES)}, each once")
+                    raise UsernsError(
+                        "SpawnFailed",
+                        f"{path}: [{section}] idmap = {value!r}: one or both of "
+                        f"{', '.join(IDMAP_MODES)}, each once",
+                    )
             else:
-                raise UsernsError("SpawnFailed", f"{path}: [{section}] {key}: unknown setting "
-                                  "(userns, idmap)")
+                raise UsernsError(
+                    "SpawnFailed", f"{path}: [{section}] {key}: unknown setting (userns, idmap)"
+                )
         out[section] = values
     return out
 
 
-def policy(dtype: str, name: str, config: Mapping[str, Mapping[str, str]], path: str = CONFIG) -> Policy:
+def policy(
+    dtype: str, name: str, config: Mapping[str, Mapping[str, str]], path: str = CONFIG
+) -> Policy:
     """The policy for descriptor ``name`` of type ``dtype``: built-in defaults, then the
     ``[type:TYPE]`` section, then the descriptor's own section, each key overriding."""
     enabled, source = dtype in DEFAULT_TYPES, "built-in default"
@@ -128,8 +145,11 @@ def choose_mode(p: Policy, requested: str | None, name: str) -> str:
     if requested is None:
         return p.modes[0]
     if requested not in p.modes:
-        raise UsernsError("NotAuthorized", f"option 'idmap': {requested} is not allowed for {name} by "
-                          f"{p.source} (allowed: {' '.join(p.modes)})")
+        raise UsernsError(
+            "NotAuthorized",
+            f"option 'idmap': {requested} is not allowed for {name} by "
+            f"{p.source} (allowed: {' '.join(p.modes)})",
+        )
     return requested
 
 
@@ -155,8 +175,17 @@ class IdMap:
     gid_map: str
 
 
-def id_map(mode: str, uid: int, gid: int, user: str, subuid: str, subgid: str, *,
-           subuid_path: str = SUBUID, subgid_path: str = SUBGID) -> IdMap:
+def id_map(
+    mode: str,
+    uid: int,
+    gid: int,
+    user: str,
+    subuid: str,
+    subgid: str,
+    *,
+    subuid_path: str = SUBUID,
+    subgid_path: str = SUBGID,
+) -> IdMap:
     """uid_map/gid_map text: ``caller``: 0 is the caller, nothing else is mapped; ``subids``:
     also 1..N to the caller's range (the first one listed for the user)."""
     own_u, own_g = f"0 {uid} 1\n", f"0 {gid} 1\n"
@@ -166,13 +195,19 @@ def id_map(mode: str, uid: int, gid: int, user: str, subuid: str, subgid: str, *
     for path, text in ((subuid_path, subuid), (subgid_path, subgid)):
         r = subid_range(text, user, uid)
         if r is None:
-            raise UsernsError("NotAuthorized", f"option 'idmap': subids: {path} has no range for user {user} "
-                              f"(uid {uid}); ask the administrator for one, or use idmap=caller")
+            raise UsernsError(
+                "NotAuthorized",
+                f"option 'idmap': subids: {path} has no range for user {user} "
+                f"(uid {uid}); ask the administrator for one, or use idmap=caller",
+            )
         ranges.append(r)
     (us, uc), (gs, gc) = ranges
     if us <= uid < us + uc or gs <= gid < gs + gc:
-        raise UsernsError("NotAuthorized", f"option 'idmap': subids: the range of user {user} in {subuid_path} "
-                          f"or {subgid_path} contains the user's own uid or gid")
+        raise UsernsError(
+            "NotAuthorized",
+            f"option 'idmap': subids: the range of user {user} in {subuid_path} "
+            f"or {subgid_path} contains the user's own uid or gid",
+        )
     return IdMap(mode, f"{own_u}1 {us} {uc}\n", f"{own_g}1 {gs} {gc}\n")
 
 
@@ -214,8 +249,9 @@ def _read_subids(path: str) -> str:
         raise UsernsError("SpawnFailed", f"{path}: {e.strerror}") from None
 
 
-def plan_for(*, system: bool, dtype: str, name: str, requested: str | None, uid: int,
-             sysconfdir: str) -> IdMap | None:
+def plan_for(
+    *, system: bool, dtype: str, name: str, requested: str | None, uid: int, sysconfdir: str
+) -> IdMap | None:
     """The map a spawn of descriptor ``name`` by ``uid`` gets, or None for no namespace.
 
     A root caller of the system service gets one only when it asks (``idmap``). The session
@@ -226,20 +262,28 @@ def plan_for(*, system: bool, dtype: str, name: str, requested: str | None, uid:
     p = policy(dtype, name, config, path)
     if not p.enabled:
         if requested is not None:
-            raise UsernsError("InvalidOption", f"option 'idmap': {name} runs without a user namespace "
-                              f"({p.source})")
+            raise UsernsError(
+                "InvalidOption",
+                f"option 'idmap': {name} runs without a user namespace ({p.source})",
+            )
         return None
     mode = choose_mode(p, requested, name)
     if not system:
         if os.getuid() == 0:
             if requested is not None:
-                raise UsernsError("InvalidOption", "option 'idmap': this session service runs as root, "
-                                  "and its backends run as root without a user namespace")
+                raise UsernsError(
+                    "InvalidOption",
+                    "option 'idmap': this session service runs as root, "
+                    "and its backends run as root without a user namespace",
+                )
             return None
         if mode != CALLER:
-            raise UsernsError("NotAuthorized", "option 'idmap': subids needs the system service (only root "
-                              "may map a range from /etc/subuid); this session service can map only its "
-                              "own uid (idmap=caller)")
+            raise UsernsError(
+                "NotAuthorized",
+                "option 'idmap': subids needs the system service (only root "
+                "may map a range from /etc/subuid); this session service can map only its "
+                "own uid (idmap=caller)",
+            )
         return id_map(CALLER, os.getuid(), os.getgid(), user_name(os.getuid()), "", "")
     if uid == 0 and requested is None:
         # Root needs no "root": a namespace mapping only uid 0 would make every other
@@ -254,7 +298,10 @@ def plan_for(*, system: bool, dtype: str, name: str, requested: str | None, uid:
 def unprivileged_userns_reason() -> str | None:
     """Why this kernel refuses (unprivileged) user namespaces, if a sysctl says so: Debian's
     kernel.unprivileged_userns_clone, or user.max_user_namespaces (per user namespace)."""
-    for path, bad in (("/proc/sys/kernel/unprivileged_userns_clone", "0"), ("/proc/sys/user/max_user_namespaces", "0")):
+    for path, bad in (
+        ("/proc/sys/kernel/unprivileged_userns_clone", "0"),
+        ("/proc/sys/user/max_user_namespaces", "0"),
+    ):
         try:
             with open(path) as f:
                 if f.read().strip() == bad:
@@ -289,10 +336,25 @@ def exec_prefix(*, privileged: bool) -> tuple[str, ...]:
     # Root is uid 0 outside too, and unmapped inside: nsenter becomes the namespace's 0 (the
     # caller outside). The unprivileged daemon's ids already are the namespace's 0 (its one
     # mapped uid and gid): nothing to change, and nsenter could not drop groups under "deny".
-    groups, ids = (("--clear-groups",), ("--setuid=0", "--setgid=0")) if privileged else ((), ("--preserve-credentials",))
-    return (SETPRIV, *groups, "--no-new-privs", "--", NSENTER, f"--user=/proc/self/fd/{USER_FD}",
-            f"--mount=/proc/self/fd/{MNT_FD}", *ids, "--",
-            SH, "-c", f'exec "$0" "$@" {USER_FD}<&- {MNT_FD}<&-')
+    groups, ids = (
+        (("--clear-groups",), ("--setuid=0", "--setgid=0"))
+        if privileged
+        else ((), ("--preserve-credentials",))
+    )
+    return (
+        SETPRIV,
+        *groups,
+        "--no-new-privs",
+        "--",
+        NSENTER,
+        f"--user=/proc/self/fd/{USER_FD}",
+        f"--mount=/proc/self/fd/{MNT_FD}",
+        *ids,
+        "--",
+        SH,
+        "-c",
+        f'exec "$0" "$@" {USER_FD}<&- {MNT_FD}<&-',
+    )
 
 
 def _write(path: str, text: str) -> None:
@@ -312,7 +374,9 @@ def create(idmap: IdMap, timeout: float = HOLDER_TIMEOUT_S) -> Namespace:
     ours: list[int] = []
     try:
         try:
-            pid = procs.spawn([UNSHARE, "--user", "--mount", "--", "/bin/cat"], fds={0: in_r, 1: out_w, 2: err_w})
+            pid = procs.spawn(
+                [UNSHARE, "--user", "--mount", "--", "/bin/cat"], fds={0: in_r, 1: out_w, 2: err_w}
+            )
         except OSError as e:
             raise UsernsError("SpawnFailed", f"cannot run {UNSHARE}: {e.strerror}") from None
         finally:
@@ -331,7 +395,9 @@ def create(idmap: IdMap, timeout: float = HOLDER_TIMEOUT_S) -> Namespace:
                 why = f"{UNSHARE} gave no sign of life in {timeout:g} s"
             if (reason := unprivileged_userns_reason()) is not None:
                 why += f" (user namespaces are disabled here: {reason})"
-            raise UsernsError("SpawnFailed", f"cannot create a user namespace for the backend: {why}")
+            raise UsernsError(
+                "SpawnFailed", f"cannot create a user namespace for the backend: {why}"
+            )
         try:
             _write(f"/proc/{pid}/uid_map", idmap.uid_map)
             _write(f"/proc/{pid}/setgroups", "deny")
@@ -341,9 +407,13 @@ def create(idmap: IdMap, timeout: float = HOLDER_TIMEOUT_S) -> Namespace:
         except OSError as e:
             for fd in ours:
                 os.close(fd)
-            raise UsernsError("SpawnFailed", f"cannot map ids in the backend's user namespace: "
-                              f"{e.filename}: {e.strerror}") from None
-        return Namespace({USER_FD: ours[0], MNT_FD: ours[1]}, exec_prefix(privileged=os.getuid() == 0), idmap)
+            raise UsernsError(
+                "SpawnFailed",
+                f"cannot map ids in the backend's user namespace: {e.filename}: {e.strerror}",
+            ) from None
+        return Namespace(
+            {USER_FD: ours[0], MNT_FD: ours[1]}, exec_prefix(privileged=os.getuid() == 0), idmap
+        )
     finally:
         os.close(in_w)  # EOF: the holder's cat exits
         os.close(out_r)
@@ -370,7 +440,9 @@ def _reap(pid: int) -> None:
 
 
 @contextlib.contextmanager
-def launch(idmap: IdMap | None, plain: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], dict[int, int]]]:
+def launch(
+    idmap: IdMap | None, plain: tuple[str, ...]
+) -> Iterator[tuple[tuple[str, ...], dict[int, int]]]:
     """(exec prefix, extra fds) to start a backend with: ``plain`` and none without a map,
     else a fresh namespace's, whose fds are closed once the backend has been started."""
     if idmap is None:
