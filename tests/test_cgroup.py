@@ -554,3 +554,39 @@ def test_in_a_delegated_unit_cgroup_the_daemon_is_in_daemon_and_backends_beside_
         ) == ["daemon"]
     finally:
         second.stop()
+
+
+def test_vhostuserctl_backends_shows_cpu_memory_and_tasks_columns_and_json_keys(
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
+    import json
+
+    from busutil import ctl
+
+    busy = install(tree, "daemonizes", short="busy", burn_s=0.3)
+    start_daemon()
+
+    async def main() -> None:
+        c = await Client.open(bus.address)
+        path, props = await spawn(c, busy, tree.root)
+        cgroup_dir(props)
+        busy.report(props["Pid"])
+        text = ctl(bus, tree, "backends")
+        assert text.returncode == 0, text.stderr
+        header, *rows = text.stdout.splitlines()
+        assert header.split()[6:9] == ["CPU", "MEMORY", "TASKS"], header
+        (row,) = [r for r in rows if r.split()[0] == props["Id"]]
+        cpu, mem, tasks = row.split()[6:9]
+        assert cpu.endswith(("ms", "s")) and cpu != "-", row  # 0.3 s burned: e.g. "312ms"
+        (doc,) = [
+            b
+            for b in json.loads(ctl(bus, tree, "--json", "backends").stdout)
+            if b["object"] == path
+        ]
+        assert doc["cgroup"] == props["Cgroup"] and doc["cpu_usec"] >= 300_000, doc
+        for key, cell in (("memory_current", mem), ("tasks", tasks)):
+            assert (doc[key] is None) == (cell == "-"), (key, doc[key], cell)  # null, never -1
+        await c.stop(path)
+        await c.close()
+
+    run(main())

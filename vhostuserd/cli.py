@@ -116,7 +116,7 @@ def print_backends(items: list[dict[str, Any]], as_json: bool) -> None:
 
 
 def accounting_cells(b: dict[str, Any]) -> list[str]:
-    """CPU time, memory current (peak) and tasks of a backend's cgroup; "-" where not measured."""
+    """CPU time, memory current/peak and tasks of a backend's cgroup; "-" where not measured."""
     from .cgroup import format_bytes, format_usec
 
     cpu = format_usec(b["cpu_usec"]) if b.get("cpu_usec") is not None else "-"
@@ -124,7 +124,7 @@ def accounting_cells(b: dict[str, Any]) -> list[str]:
     if b.get("memory_current") is not None:
         mem = format_bytes(b["memory_current"])
         if b.get("memory_peak") is not None:
-            mem += f" ({format_bytes(b['memory_peak'])} peak)"
+            mem += f"/{format_bytes(b['memory_peak'])}"
     return [cpu, mem, str(b["tasks"]) if b.get("tasks") is not None else "-"]
 
 
