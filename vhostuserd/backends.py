@@ -350,7 +350,8 @@ class Spawner:
             details["idmap"] = idmap.mode  # the mode in effect, asked for or not
         for key, value in p.values.items():  # the admin-vetted extra options (`extras`)
             if key not in details and key not in OPTIONS:
-                details[key] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+                flag = isinstance(value, bool)
+                details[key] = ("true" if value else "false") if flag else str(value)
         if p.extra_args:
             details["extra-args"] = shlex.join(p.extra_args)
         if self.authority.consults_polkit(caller.uid):
@@ -414,8 +415,8 @@ class Spawner:
             try:
                 p = plan(d, caps, raw, vetted)
                 if p.device_paths:  # checked, then resolved: polkit and the backend see the device
-                    p = plan(d, caps, {**raw, **{k: ("s", check_device(k, v)[0]) for k, v in p.device_paths.items()}},
-                             vetted)
+                    resolved = {k: ("s", check_device(k, v)[0]) for k, v in p.device_paths.items()}
+                    p = plan(d, caps, {**raw, **resolved}, vetted)
             except OptionError as e:
                 raise _error(e.kind, str(e)) from None
             why = socket_kind_error(d, listening)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from jsonschema.protocols import Validator
 
+    from .adapters import Adapter
+
 MAX_DESCRIPTOR_SIZE = 1024 * 1024
 """Descriptor files larger than this are rejected (rule 6), as libvirt does."""
 
@@ -70,6 +72,17 @@ class Descriptor:
     description: str
     binary: str
     tags: tuple[str, ...] = ()
+    # An adapter (`adapters`, issue 15): static capabilities and an argv template, for a
+    # backend that does not follow the conventions; only from the data and sysconf tiers.
+    adapter: Adapter | None = None
+
+    @property
+    def static_capabilities(self) -> Capabilities | None:
+        """The adapter's capabilities (never probed), or None for a conventional backend."""
+        if self.adapter is None:
+            return None
+        doc = {"type": self.type, "features": list(self.adapter.features)}
+        return Capabilities(self.type, self.adapter.features, json.dumps(doc, sort_keys=True))
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -270,6 +283,14 @@ def parse_descriptor(data: bytes, *, path: str, name: str, tier: str) -> Parsed:
         warnings.append(
             Diagnostic(path, WARNING, f"/type: '{btype}' is not a QEMU vhost-user type ({known})")
         )
+    adapter = None
+    if "x-vhostuserd-adapter" in document:
+        from . import adapters
+
+        try:
+            adapter = adapters.parse(document[adapters.KEY], btype, tier)
+        except adapters.AdapterError as e:
+            return broken(path, str(e))
     description = document.get("description")
     if description is None:
         warnings.append(Diagnostic(path, WARNING, "/: missing key 'description'"))
@@ -281,6 +302,7 @@ def parse_descriptor(data: bytes, *, path: str, name: str, tier: str) -> Parsed:
         description=description or "",
         binary=document["binary"],
         tags=tuple(document.get("tags", ())),
+        adapter=adapter,
     )
     return Parsed(descriptor, tuple(warnings))
 

@@ -65,9 +65,15 @@ class OfflineLookup:
         reaper.install()
         try:
             cache = ProbeCache(reaper, self.probe_timeout)
-            return list(await asyncio.gather(*(cache.get(d.binary, d.type) for d in descriptors)))
+            return list(await asyncio.gather(*(self._caps(cache, d) for d in descriptors)))
         finally:
             reaper.uninstall()
+
+    @staticmethod
+    async def _caps(cache: ProbeCache, d: Descriptor) -> ProbeResult:
+        """An adapter's static capabilities (`adapters`: never probed), else the probe's."""
+        static = d.static_capabilities
+        return static if static is not None else await cache.get(d.binary, d.type)
 
     def probe_each(self, descriptors: Sequence[Descriptor]) -> list[ProbeResult]:
         """One result per descriptor, in order (two may share a name: files of different tiers)."""

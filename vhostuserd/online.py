@@ -141,6 +141,9 @@ def _parse_options(pairs: list[str], detach: bool) -> dict[str, Any]:
             if has_value and value.lower() not in ("1", "0", "true", "false", "yes", "no"):
                 raise Failure(f"-o {key}: a yes/no option, not {value!r}", "InvalidOption")
             out[key] = option_variant(key, not has_value or value.lower() in ("1", "true", "yes"))
+        elif spec is None and not has_value:
+            # A bare KEY the contract does not know: an admin's flag (options.conf flag.KEY).
+            out[key] = option_variant(key, True)
         elif key == "settle-ms":
             if not value.isdigit():
                 raise Failure(f"-o settle-ms: milliseconds, not {value!r}", "InvalidOption")

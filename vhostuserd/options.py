@@ -76,7 +76,9 @@ class SpawnPlan:
         return {k: v for k, v in self.values.items() if k in DEVICE_OPTIONS}
 
 
-def allowed_options(d: Descriptor, caps: Capabilities | None, extras: Extras = admin_extras.NONE) -> list[str]:
+def allowed_options(
+    d: Descriptor, caps: Capabilities | None, extras: Extras = admin_extras.NONE
+) -> list[str]:
     features = set(caps.features) if caps is not None else set()
     return sorted([
         *(name for name, spec in OPTIONS.items()
@@ -114,14 +116,18 @@ def plan(
         extra = extras.signature(name) if spec is None else None
         if extra is not None:
             if signature != extra:
-                raise OptionError("InvalidOption", f"option '{name}': must have D-Bus type '{extra}', "
-                                  f"not '{signature}' ({extras.source})")
+                raise OptionError(
+                    "InvalidOption",
+                    f"option '{name}': must have D-Bus type '{extra}', not '{signature}' "
+                    f"({extras.source})",
+                )
             if (why := admin_extras.check_value(extras, name, value)) is not None:
                 raise OptionError("InvalidOption", why)
             values[name] = value
             continue
         if spec is None or name not in allowed:
-            why = f"unknown option (nor one {admin_extras.CONFIG} lists for it)" if spec is None else (
+            unknown = f"unknown option (nor one {admin_extras.CONFIG} lists for it)"
+            why = unknown if spec is None else (
                 f"only for {spec.btype} backends" if spec.btype != d.type
                 else f"{d.name} does not list the '{name}' feature"
             )
@@ -143,6 +149,35 @@ def plan(
         if name == "settle-ms" and value > MAX_SETTLE_MS:
             raise OptionError("InvalidOption", f"option 'settle-ms': at most {MAX_SETTLE_MS}")
         values[name] = value
+    if d.adapter is not None:  # the admin's argv template (`adapters`), not the conventions'
+        from . import adapters
+
+        argv = adapters.argv(d.adapter, d.binary, d.name, values)
+    else:
+        argv = _conventional_argv(d, caps, values)
+    extra_args = admin_extras.arguments(extras, values)
+    argv += extra_args
+    return SpawnPlan(
+        argv=tuple(argv),
+        detach=bool(values.get("detach", False)),
+        settle_ms=int(values.get("settle-ms", DEFAULT_SETTLE_MS)),
+        socket_kind=socket_kind_of(d),
+        values=values,
+        extra_args=tuple(extra_args),
+    )
+
+
+def socket_kind_of(d: Descriptor) -> str | None:
+    """connected | listening | None (not known: any stream socket is passed on)."""
+    if d.adapter is not None and d.adapter.socket is not None:
+        return d.adapter.socket
+    return SOCKET_KIND.get(d.type)
+
+
+def _conventional_argv(
+    d: Descriptor, caps: Capabilities | None, values: Mapping[str, Any]
+) -> list[str]:
+    """``BINARY --fd=3 [options]``, as QEMU's backend program conventions say."""
     argv = [d.binary, f"--fd={SOCKET_FD}"]
     for name in ("render-node", "evdev-path", "blk-file"):
         if name in values:
@@ -163,21 +198,12 @@ def plan(
                     "would start another option; choose a directory without ','",
                 )
             argv += ["-o", f"source={directory}"]
-    extra_args = admin_extras.arguments(extras, values)
-    argv += extra_args
-    return SpawnPlan(
-        argv=tuple(argv),
-        detach=bool(values.get("detach", False)),
-        settle_ms=int(values.get("settle-ms", DEFAULT_SETTLE_MS)),
-        socket_kind=SOCKET_KIND.get(d.type),
-        values=values,
-        extra_args=tuple(extra_args),
-    )
+    return argv
 
 
 def socket_kind_error(d: Descriptor, listening: bool) -> str | None:
     """Why this socket is the wrong kind for ``d``, or None when it fits."""
-    kind = SOCKET_KIND.get(d.type)
+    kind = socket_kind_of(d)
     if kind == CONNECTED and listening:
         return (f"{d.name} is a {d.type} backend: it serves the socket it is given, so it needs a "
                 "connected socket (one end of a socketpair), not a listening one")

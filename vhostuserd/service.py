@@ -639,7 +639,7 @@ class Broker:
 
     def _add(self, d: Descriptor) -> None:
         obj = DescriptorObject(d)
-        obj.caps = self.probes.cached(d.binary, d.type)
+        obj.caps = self.cached_caps(d)
         self.objects[d.name] = obj
         self.bus.export(obj.path, obj)
         if obj.caps is None:
@@ -655,7 +655,7 @@ class Broker:
         self.maybe_idle()
 
     async def _probe(self, d: Descriptor) -> None:
-        result = await self.probes.get(d.binary, d.type)
+        result = await self.probe_caps(d)
         obj = self.objects.get(d.name)
         if obj is not None and obj.descriptor == d:
             obj.update(caps=result)
@@ -672,7 +672,7 @@ class Broker:
             log.info("descriptor added: %s (%s, %s)", d.path, d.type, d.binary)
         for d in change.changed:
             obj = self.objects[d.name]
-            caps = self.probes.cached(d.binary, d.type)
+            caps = self.cached_caps(d)
             obj.update(descriptor=d, caps=caps)
             if caps is None:
                 self._probe_later(d)
@@ -741,8 +741,17 @@ class Broker:
             raise error("NotFound", f"{name}: no such descriptor in the effective index")
         return d
 
+    def cached_caps(self, d: Descriptor) -> ProbeResult | None:
+        """An adapter's static capabilities (`adapters`: never probed), else the probe cache's."""
+        static = d.static_capabilities
+        return static if static is not None else self.probes.cached(d.binary, d.type)
+
+    async def probe_caps(self, d: Descriptor) -> ProbeResult:
+        static = d.static_capabilities
+        return static if static is not None else await self.probes.get(d.binary, d.type)
+
     async def caps_for(self, d: Descriptor) -> ProbeResult:
-        result = await self.probes.get(d.binary, d.type)
+        result = await self.probe_caps(d)
         obj = self.objects.get(d.name)
         if obj is not None and obj.descriptor == d and obj.caps != result:
             obj.update(caps=result)
@@ -757,7 +766,7 @@ class Broker:
         if features:
             for d in self.index.descriptors:
                 if d.type == btype:
-                    result = self.probes.cached(d.binary, d.type)
+                    result = self.cached_caps(d)
                     if result is None:
                         return None  # a probe is needed: the async method waits for it
                     probed[d.name] = result
