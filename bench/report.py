@@ -9,12 +9,17 @@ from typing import Any
 def print_table(rows: list[dict[str, Any]]) -> None:
     w = max([24, *(len(r["row"]) for r in rows)])
     g = max([24, *(len(r["goal"]) for r in rows)])
-    print(f"{'row':{w}} {'goal':{g}} {'measured':>10} {'floor':>10} {'unit':8} {'ratio':>6}  at goal  note")
+    print(
+        f"{'row':{w}} {'goal':{g}} {'measured':>10} {'floor':>10} {'unit':8} {'ratio':>6}"
+        "  at goal  note"
+    )
     for r in rows:
         fl = "" if r["floor"] is None else f"{r['floor']:.3f}"
         ra = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        print(f"{r['row']:{w}} {r['goal']:{g}} {r['measured']:10.3f} {fl:>10} {r['unit']:8} {ra:>6}  "
-              f"{'yes' if r['at_goal'] else 'NO ':7}  {r['note']}")
+        print(
+            f"{r['row']:{w}} {r['goal']:{g}} {r['measured']:10.3f} {fl:>10} {r['unit']:8} {ra:>6}  "
+            f"{'yes' if r['at_goal'] else 'NO ':7}  {r['note']}"
+        )
 
 
 def plot(samples: dict[str, list[float]], path: Path) -> str:
@@ -28,7 +33,7 @@ def plot(samples: dict[str, list[float]], path: Path) -> str:
         return "no PNG: matplotlib is not installed (pip install -e '.[bench]')"
     names = [k for k, v in samples.items() if v]
     fig, axes = plt.subplots(len(names), 1, figsize=(9, 2.3 * len(names)), squeeze=False)
-    for ax, name in zip(axes[:, 0], names):
+    for ax, name in zip(axes[:, 0], names, strict=True):
         values = sorted(samples[name])
         ax.hist(values, bins=60, color="#3b6ea5")
         p50, p95 = values[len(values) // 2], values[int(0.95 * (len(values) - 1))]

@@ -48,18 +48,37 @@ def main() -> None:
     rows += guest_rows
     n = 200 if a.quick else 1000
     soak = run_soak(n)
-    rows.append({"row": f"soak {n} backends", "goal": "no zombie/orphan/fd leak",
-                 "measured": soak.seconds, "floor": None, "unit": "s", "ratio": None,
-                 "at_goal": soak.ok, "note": soak.summary()})
+    rows.append(
+        {
+            "row": f"soak {n} backends",
+            "goal": "no zombie/orphan/fd leak",
+            "measured": soak.seconds,
+            "floor": None,
+            "unit": "s",
+            "ratio": None,
+            "at_goal": soak.ok,
+            "note": soak.summary(),
+        }
+    )
     rows.sort(key=lambda r: next((i for i, p in enumerate(ORDER) if r["row"].startswith(p)), 99))
     print()
     print_table(rows)
-    picture = plot({k: v for k, v in samples.items() if k.startswith(("P1", "P2", "P4"))}, out / "latency.png")
+    picture = plot(
+        {k: v for k, v in samples.items() if k.startswith(("P1", "P2", "P4"))}, out / "latency.png"
+    )
     print(f"\n{picture}")
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"started": started, "seconds": round(time.time() - started, 1), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "machine": platform.machine(), "quick": a.quick}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "samples": samples}, indent=1))
+    meta = {
+        "started": started,
+        "seconds": round(time.time() - started, 1),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "quick": a.quick,
+    }
+    (out / "results.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "samples": samples}, indent=1)
+    )
     print(f"written {out / 'results.json'}")
     sys.exit(0 if all(r["at_goal"] for r in rows) else 1)
 

@@ -46,9 +46,11 @@ class CallTarget(TypedDict):
 SPAWN = "org.vhostuserd.spawn"
 SPAWN_DEVICE = "org.vhostuserd.spawn-device"
 MANAGE = "org.vhostuserd.manage"
-POLKIT: CallTarget = {"destination": "org.freedesktop.PolicyKit1",
-                      "path": "/org/freedesktop/PolicyKit1/Authority",
-                      "interface": "org.freedesktop.PolicyKit1.Authority"}
+POLKIT: CallTarget = {
+    "destination": "org.freedesktop.PolicyKit1",
+    "path": "/org/freedesktop/PolicyKit1/Authority",
+    "interface": "org.freedesktop.PolicyKit1.Authority",
+}
 INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 CHECK_ALLOW_INTERACTION = 1
 # A password prompt can take a while; a polkit that never answers must not hold a call forever.
@@ -79,8 +81,10 @@ def flatpak_app_id(pid: int) -> str | None:
     if pid <= 0:
         return None
     try:
-        fd = os.open(f"/proc/{pid}/root/.flatpak-info",
-                     os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
+        fd = os.open(
+            f"/proc/{pid}/root/.flatpak-info",
+            os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC,
+        )
     except OSError:
         return None
     try:
@@ -108,8 +112,11 @@ _app_id_slots = threading.BoundedSemaphore(8)
 async def caller_app_id(pid: int, timeout: float = APP_ID_TIMEOUT_S) -> str | None:
     """`flatpak_app_id` in a thread of its own; NotAuthorized when it cannot finish in time."""
     if not _app_id_slots.acquire(blocking=False):
-        raise _error("NotAuthorized", "cannot tell whether the caller is a Flatpak app: "
-                     "too many lookups of /.flatpak-info are hanging")
+        raise _error(
+            "NotAuthorized",
+            "cannot tell whether the caller is a Flatpak app: "
+            "too many lookups of /.flatpak-info are hanging",
+        )
     loop = asyncio.get_running_loop()
     done: asyncio.Future[str | None] = loop.create_future()
 
@@ -131,8 +138,11 @@ async def caller_app_id(pid: int, timeout: float = APP_ID_TIMEOUT_S) -> str | No
     try:
         return await asyncio.wait_for(done, timeout)
     except TimeoutError:
-        raise _error("NotAuthorized", f"cannot tell whether the caller is a Flatpak app: reading "
-                     f"/proc/{pid}/root/.flatpak-info did not finish in {timeout:g} s") from None
+        raise _error(
+            "NotAuthorized",
+            f"cannot tell whether the caller is a Flatpak app: reading "
+            f"/proc/{pid}/root/.flatpak-info did not finish in {timeout:g} s",
+        ) from None
 
 
 def untrusted_reason(binary: str) -> str | None:
@@ -164,8 +174,10 @@ def untrusted_reason(binary: str) -> str | None:
             return f"{path}: {e.strerror}"
         if stat.S_ISLNK(st.st_mode):
             if st.st_uid != 0:
-                return (f"{path} (on the way to {binary}) is a symlink owned by uid {st.st_uid}, "
-                        "not root")
+                return (
+                    f"{path} (on the way to {binary}) is a symlink owned by uid {st.st_uid}, "
+                    "not root"
+                )
             links += 1
             if links > 40:
                 return f"{binary}: too many levels of symbolic links"
@@ -185,8 +197,9 @@ def untrusted_reason(binary: str) -> str | None:
     return reason
 
 
-def _untrusted_step(path: str, binary: str, *, last: bool,
-                    st: os.stat_result | None = None) -> str | None:
+def _untrusted_step(
+    path: str, binary: str, *, last: bool, st: os.stat_result | None = None
+) -> str | None:
     if st is None:
         try:
             st = os.lstat(path)
@@ -276,8 +289,12 @@ class CheckLimiter:
     @contextlib.asynccontextmanager
     async def slot(self, uid: int, action: str) -> AsyncIterator[None]:
         if self.outstanding[uid] >= self.per_uid:
-            raise _error("LimitsExceeded", f"{action}: uid {uid} already has {self.per_uid} authorization "
-                         "checks waiting for polkit, the most one user may have; call again once they are answered")
+            raise _error(
+                "LimitsExceeded",
+                f"{action}: uid {uid} already has {self.per_uid} authorization "
+                "checks waiting for polkit, the most one user may have; "
+                "call again once they are answered",
+            )
         self.outstanding[uid] += 1
         try:
             await self._acquire(uid)
@@ -338,36 +355,59 @@ class Authority:
         """Return when the caller may perform ``action``; raise a D-Bus error otherwise."""
         if not self.system:
             if uid != os.getuid():
-                raise _error("NotAuthorized", f"{action}: this session service acts for uid {os.getuid()} only, "
-                             f"not uid {uid}")
+                raise _error(
+                    "NotAuthorized",
+                    f"{action}: this session service acts for uid {os.getuid()} only, "
+                    f"not uid {uid}",
+                )
             return
         if uid == 0:
             return
         interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
         subject = ["system-bus-name", {"name": Variant("s", msg.sender)}]
-        query = Message(member="CheckAuthorization", signature="(sa{sv})sa{ss}us",
-                        body=[subject, action, details, CHECK_ALLOW_INTERACTION if interactive else 0, ""],
-                        **POLKIT)
+        query = Message(
+            member="CheckAuthorization",
+            signature="(sa{sv})sa{ss}us",
+            body=[subject, action, details, CHECK_ALLOW_INTERACTION if interactive else 0, ""],
+            **POLKIT,
+        )
         async with self.limiter.slot(uid, action):
             try:
                 reply = await asyncio.wait_for(self.bus.call(query), CHECK_TIMEOUT_S)
             except TimeoutError:
-                raise _error("NotAuthorized", f"{action}: polkit did not answer in {CHECK_TIMEOUT_S:g} s") from None
+                raise _error(
+                    "NotAuthorized", f"{action}: polkit did not answer in {CHECK_TIMEOUT_S:g} s"
+                ) from None
         if reply.message_type is MessageType.ERROR:
-            log.warning("polkit check of %s for %s failed: %s %s", action, msg.sender, reply.error_name, reply.body)
-            raise _error("NotAuthorized", f"{action}: authorization could not be checked "
-                         f"({reply.error_name}: {reply.body[0] if reply.body else ''})")
+            log.warning(
+                "polkit check of %s for %s failed: %s %s",
+                action,
+                msg.sender,
+                reply.error_name,
+                reply.body,
+            )
+            raise _error(
+                "NotAuthorized",
+                f"{action}: authorization could not be checked "
+                f"({reply.error_name}: {reply.body[0] if reply.body else ''})",
+            )
         authorized, challenge, _details = reply.body[0]
         if authorized:
             log.info("polkit: %s (uid %d) may %s", msg.sender, uid, action)
             return
         if challenge and interactive:
             # polkit could not ask: no authentication agent for the caller's session.
-            raise DBusError(INTERACTIVE_REQUIRED, f"{action}: authentication is required, and no polkit "
-                            "authentication agent was there to ask for it")
+            raise DBusError(
+                INTERACTIVE_REQUIRED,
+                f"{action}: authentication is required, and no polkit "
+                "authentication agent was there to ask for it",
+            )
         if challenge:
-            raise DBusError(INTERACTIVE_REQUIRED, f"{action}: authentication is required; call again with "
-                            "interactive authorization allowed (e.g. busctl --allow-interactive-authorization)")
+            raise DBusError(
+                INTERACTIVE_REQUIRED,
+                f"{action}: authentication is required; call again with "
+                "interactive authorization allowed (e.g. busctl --allow-interactive-authorization)",
+            )
         raise _error("NotAuthorized", f"{action}: not authorized for uid {uid}")
 
     async def allowed(self, msg: Message, uid: int, action: str, details: dict[str, str]) -> bool:

@@ -42,7 +42,9 @@ def print_error(message: str, name: str, as_json: bool) -> None:
 def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     all_rows = [list(header)] + [list(r) for r in rows]
     widths = [max(len(r[i]) for r in all_rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in all_rows]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in all_rows
+    ]
     return "\n".join(lines)
 
 
@@ -55,8 +57,10 @@ def print_json(value: Any, *, lines: bool = False) -> None:
 
 
 NOT_PROBED, NO_FEATURES, PROBE_FAILED = "-", "(none)", "probe failed"
-FEATURES_FOOTNOTE = (f"FEATURES: {NOT_PROBED} not probed yet (show NAME probes it), "
-                     f"{NO_FEATURES} probed: no features, {PROBE_FAILED}: see show NAME")
+FEATURES_FOOTNOTE = (
+    f"FEATURES: {NOT_PROBED} not probed yet (show NAME probes it), "
+    f"{NO_FEATURES} probed: no features, {PROBE_FAILED}: see show NAME"
+)
 
 
 def _features_cell(d: dict[str, Any]) -> str:
@@ -108,11 +112,40 @@ def print_backends(items: list[dict[str, Any]], as_json: bool) -> None:
         return
     rows = []
     for b in items:
-        state = b["state"] if b["state"] != "exited" else f"exited: {exit_text(b['exit_status'], b['exit_signal'])}"
-        rows.append([b["id"], b["descriptor"], str(b["pid"]), str(b["owner_uid"]), state,
-                     "yes" if b["detached"] else "no", *accounting_cells(b), " ".join(b["argv"] or ())])
-    print(table(rows, ["ID", "DESCRIPTOR", "PID", "UID", "STATE", "DETACHED", "CPU", "MEMORY", "TASKS",
-                       "COMMAND"]))
+        state = (
+            b["state"]
+            if b["state"] != "exited"
+            else f"exited: {exit_text(b['exit_status'], b['exit_signal'])}"
+        )
+        rows.append(
+            [
+                b["id"],
+                b["descriptor"],
+                str(b["pid"]),
+                str(b["owner_uid"]),
+                state,
+                "yes" if b["detached"] else "no",
+                *accounting_cells(b),
+                " ".join(b["argv"] or ()),
+            ]
+        )
+    print(
+        table(
+            rows,
+            [
+                "ID",
+                "DESCRIPTOR",
+                "PID",
+                "UID",
+                "STATE",
+                "DETACHED",
+                "CPU",
+                "MEMORY",
+                "TASKS",
+                "COMMAND",
+            ],
+        )
+    )
 
 
 def accounting_cells(b: dict[str, Any]) -> list[str]:
@@ -128,16 +161,25 @@ def accounting_cells(b: dict[str, Any]) -> list[str]:
     return [cpu, mem, str(b["tasks"]) if b.get("tasks") is not None else "-"]
 
 
-def shadow_notes(diagnostics: Sequence[Sequence[str]], listed: set[str], only: str | None = None) -> list[str]:
+def shadow_notes(
+    diagnostics: Sequence[Sequence[str]], listed: set[str], only: str | None = None
+) -> list[str]:
     """For each broken candidate file (an error diagnostic on a ``*.json`` file): the name it
     hides, since a file that fails validation still shadows the name in lower tiers."""
     notes = []
     for path, level, message in diagnostics:
         name = os.path.basename(path)
-        if level != "error" or not name.endswith(".json") or name in listed or (only and name != only):
+        if (
+            level != "error"
+            or not name.endswith(".json")
+            or name in listed
+            or (only and name != only)
+        ):
             continue
-        notes.append(f"{name}: not listed: {path} is broken and hides the name in every less specific "
-                     f"directory ({message}); fix or remove that file (vhostuserctl check {path})")
+        notes.append(
+            f"{name}: not listed: {path} is broken and hides the name in every less specific "
+            f"directory ({message}); fix or remove that file (vhostuserctl check {path})"
+        )
     return notes
 
 
@@ -156,14 +198,18 @@ def unknown_type(btype: str) -> str | None:
 def _offline(args: argparse.Namespace) -> Any:
     from .offline import OfflineLookup, default_search_path
 
-    return OfflineLookup(default_search_path(system=args.bus == "system", sysconfdir=args.sysconfdir))
+    return OfflineLookup(
+        default_search_path(system=args.bus == "system", sysconfdir=args.sysconfdir)
+    )
 
 
 def offline_list(args: argparse.Namespace) -> int:
     from .offline import descriptor_dict
 
     lookup = _offline(args)
-    items = [descriptor_dict(d, None) for d in lookup.result.descriptors if args.type in ("", d.type)]
+    items = [
+        descriptor_dict(d, None) for d in lookup.result.descriptors if args.type in ("", d.type)
+    ]
     print_descriptors(items, args.json)
     diags = [d.as_tuple() for d in lookup.result.diagnostics]
     notes = shadow_notes(diags, {d["name"] for d in items})
@@ -178,8 +224,12 @@ def _offline_named(args: argparse.Namespace) -> tuple[Any, Any]:
     lookup = _offline(args)
     d = lookup.result.by_name(args.name)
     if d is None:
-        notes = shadow_notes([x.as_tuple() for x in lookup.result.diagnostics], set(), only=args.name)
-        raise Failure(notes[0] if notes else f"{args.name}: no such descriptor in the search path", "NotFound")
+        notes = shadow_notes(
+            [x.as_tuple() for x in lookup.result.diagnostics], set(), only=args.name
+        )
+        raise Failure(
+            notes[0] if notes else f"{args.name}: no such descriptor in the search path", "NotFound"
+        )
     return lookup, d
 
 
@@ -209,7 +259,9 @@ def offline_resolve(args: argparse.Namespace) -> int:
     resolution, probed = lookup.resolve(args.type, args.feature)
     if resolution.chosen is None:
         if not any(d.type == args.type for d in lookup.result.descriptors):
-            raise Failure(unknown_type(args.type) or resolution.explain(args.type, args.feature), "NotFound")
+            raise Failure(
+                unknown_type(args.type) or resolution.explain(args.type, args.feature), "NotFound"
+            )
         raise Failure(resolution.explain(args.type, args.feature), "NotFound")
     d = resolution.chosen
     if args.json:
@@ -238,7 +290,11 @@ def check(args: argparse.Namespace) -> int:
             parsed, _ = scan.read_candidate(path, os.path.basename(path), "check")
             if parsed is None:
                 # read_candidate says None both for a directory and for no file at all.
-                why = "is a directory, not a descriptor file" if os.path.isdir(path) else "does not exist"
+                why = (
+                    "is a directory, not a descriptor file"
+                    if os.path.isdir(path)
+                    else "does not exist"
+                )
                 extra.append(Diagnostic(path, ERROR, why))
             else:
                 files.append((path, parsed))
@@ -272,11 +328,17 @@ def check(args: argparse.Namespace) -> int:
             status, failed = "error", True
         elif diags:
             status = "warning"
-        entry: dict[str, Any] = {"path": path, "status": status, "diagnostics": [diag_json(d) for d in diags],
-                                 "shadowed_by": shadow.get(path)}
+        entry: dict[str, Any] = {
+            "path": path,
+            "status": status,
+            "diagnostics": [diag_json(d) for d in diags],
+            "shadowed_by": shadow.get(path),
+        }
         report.append(entry)
     if args.json:
-        print_json({"ok": not failed, "files": report, "diagnostics": [diag_json(d) for d in extra]})
+        print_json(
+            {"ok": not failed, "files": report, "diagnostics": [diag_json(d) for d in extra]}
+        )
     else:
         for d in extra:
             print(d)
@@ -303,25 +365,54 @@ def _bus_options(parser: argparse.ArgumentParser, suppress: bool, offline: bool)
     system_help = "talk to the system bus service"
     if offline:
         system_help += " (with --offline: the data and sysconf tiers only, as the system service)"
-    bus.add_argument("--system", dest="bus", action="store_const", const="system", default=default,
-                     help=system_help)
-    bus.add_argument("--user", dest="bus", action="store_const", const="user", default=default,
-                     help="talk to the session bus service (the default)")
-    bus.add_argument("--address", default=default, metavar="ADDR", help="talk to the service on this bus address")
-    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
-                        help="machine-readable output, one JSON shape per object (docs/json.md); "
-                        "errors as a JSON object on stderr")
-    parser.add_argument("--allow-interactive-authorization", dest="interactive", action="store_true",
-                        default=argparse.SUPPRESS if suppress else False,
-                        help="let polkit ask for authentication (needs a polkit agent, e.g. pkttyagent) "
-                        "instead of failing when the system service requires it")
+    bus.add_argument(
+        "--system",
+        dest="bus",
+        action="store_const",
+        const="system",
+        default=default,
+        help=system_help,
+    )
+    bus.add_argument(
+        "--user",
+        dest="bus",
+        action="store_const",
+        const="user",
+        default=default,
+        help="talk to the session bus service (the default)",
+    )
+    bus.add_argument(
+        "--address", default=default, metavar="ADDR", help="talk to the service on this bus address"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="machine-readable output, one JSON shape per object (docs/json.md); "
+        "errors as a JSON object on stderr",
+    )
+    parser.add_argument(
+        "--allow-interactive-authorization",
+        dest="interactive",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="let polkit ask for authentication (needs a polkit agent, e.g. pkttyagent) "
+        "instead of failing when the system service requires it",
+    )
 
 
 def _offline_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--offline", action="store_true",
-                        help="resolve the directories in-process, without the daemon")
-    parser.add_argument("--sysconfdir", default="/etc", metavar="DIR",
-                        help="with --offline: the sysconf tier's root (default /etc)")
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="resolve the directories in-process, without the daemon",
+    )
+    parser.add_argument(
+        "--sysconfdir",
+        default="/etc",
+        metavar="DIR",
+        help="with --offline: the sysconf tier's root (default /etc)",
+    )
 
 
 def _types() -> str:
@@ -364,67 +455,138 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("list", "list the effective descriptors in priority order", offline=True)
-    p.add_argument("--type", default="", metavar="TYPE", help=f"only descriptors of this type ({_types()})")
+    p.add_argument(
+        "--type", default="", metavar="TYPE", help=f"only descriptors of this type ({_types()})"
+    )
     _offline_options(p)
     p = command("show", "show one descriptor with its capabilities", offline=True)
     p.add_argument("name", metavar="NAME", help=NAME_HELP)
     _offline_options(p)
     p = command("resolve", "print the descriptor chosen for a type and features", offline=True)
     p.add_argument("type", metavar="TYPE", help=f"the backend type: {_types()}")
-    p.add_argument("--feature", "-f", action="append", default=[], metavar="F",
-                   help="a feature the backend must have (repeatable), e.g. virgl, render-node")
+    p.add_argument(
+        "--feature",
+        "-f",
+        action="append",
+        default=[],
+        metavar="F",
+        help="a feature the backend must have (repeatable), e.g. virgl, render-node",
+    )
     _offline_options(p)
     p = command("capabilities", "print a backend's --print-capabilities JSON", offline=True)
     p.add_argument("name", metavar="NAME", help=NAME_HELP)
     _offline_options(p)
-    command("monitor", "print index and backend events as they happen, until Ctrl-C "
-            "(--json: one object per line)")
-    p = command("spawn", "start a backend on a socket: --listen PATH, or --exec -- CMD (e.g. QEMU)",
-                usage=("%(prog)s NAME [-o KEY[=VALUE]]... "
-                       "(--listen PATH [--replace] [--detach] | --exec -- CMD [ARG...])"),
-                epilog=f"Options (-o): {_option_keys()}. With --exec, the command and its arguments "
-                "follow a '--'; {fd} in them becomes 3.")
+    command(
+        "monitor",
+        "print index and backend events as they happen, until Ctrl-C (--json: one object per line)",
+    )
+    p = command(
+        "spawn",
+        "start a backend on a socket: --listen PATH, or --exec -- CMD (e.g. QEMU)",
+        usage=(
+            "%(prog)s NAME [-o KEY[=VALUE]]... "
+            "(--listen PATH [--replace] [--detach] | --exec -- CMD [ARG...])"
+        ),
+        epilog=f"Options (-o): {_option_keys()}. With --exec, the command and its arguments "
+        "follow a '--'; {fd} in them becomes 3.",
+    )
     p.add_argument("name", metavar="NAME", help=NAME_HELP)
-    p.add_argument("-o", "--option", action="append", default=[], metavar="KEY[=VALUE]",
-                   help="a Spawn option (repeatable), e.g. -o virgl, -o render-node=/dev/dri/renderD128, "
-                   "-o shared-dir=/srv; the keys are listed below")
+    p.add_argument(
+        "-o",
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]",
+        help="a Spawn option (repeatable), e.g. -o virgl, -o render-node=/dev/dri/renderD128, "
+        "-o shared-dir=/srv; the keys are listed below",
+    )
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--listen", metavar="PATH",
-                     help="bind a listening socket at PATH and pass it (virtiofsd, vhost-user-blk); PATH "
-                     "must not exist, or be a socket nothing listens on and --replace is given")
-    how.add_argument("--exec", dest="exec_", action="store_true",
-                     help="make a socketpair, pass one end, and run CMD with the other as fd 3 "
-                     "({fd} in its arguments becomes 3); stop the backend when CMD exits")
-    p.add_argument("--replace", action="store_true",
-                   help="with --listen: replace a stale socket at PATH (never a live one, nor any other file)")
-    p.add_argument("--detach", action="store_true",
-                   help="with --listen: keep the backend after this command exits; print its id")
+    how.add_argument(
+        "--listen",
+        metavar="PATH",
+        help="bind a listening socket at PATH and pass it (virtiofsd, vhost-user-blk); PATH "
+        "must not exist, or be a socket nothing listens on and --replace is given",
+    )
+    how.add_argument(
+        "--exec",
+        dest="exec_",
+        action="store_true",
+        help="make a socketpair, pass one end, and run CMD with the other as fd 3 "
+        "({fd} in its arguments becomes 3); stop the backend when CMD exits",
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="with --listen: replace a stale socket at PATH (never a live one, nor any other file)",
+    )
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="with --listen: keep the backend after this command exits; print its id",
+    )
     p = command("backends", "list running backends (and those that exited in the last 3 seconds)")
-    p = command("stop", "stop a backend (SIGTERM, then SIGKILL after the grace period) and say how it ended")
+    p = command(
+        "stop", "stop a backend (SIGTERM, then SIGKILL after the grace period) and say how it ended"
+    )
     p.add_argument("id", metavar="ID", help=ID_HELP)
     p = command("log", "print a backend's last 64 KiB of output")
     p.add_argument("id", metavar="ID", help=ID_HELP)
-    command("status", "the service's version, bus, search path, index generation, diagnostics and backends")
-    command("reload", "re-read every descriptor directory now (the system service asks polkit: "
-            "org.vhostuserd.manage)")
-    p = sub.add_parser("check", help="validate descriptor files (the whole search path if none given)",
-                       description="validate descriptor files (the whole search path if none given); "
-                       "exit 1 on any error. Runs in-process: no daemon is involved.")
+    command(
+        "status",
+        "the service's version, bus, search path, index generation, diagnostics and backends",
+    )
+    command(
+        "reload",
+        "re-read every descriptor directory now (the system service asks polkit: "
+        "org.vhostuserd.manage)",
+    )
+    p = sub.add_parser(
+        "check",
+        help="validate descriptor files (the whole search path if none given)",
+        description="validate descriptor files (the whole search path if none given); "
+        "exit 1 on any error. Runs in-process: no daemon is involved.",
+    )
     _check_bus_options(p)
-    p.add_argument("paths", nargs="*", metavar="PATH", help="a descriptor file to check (default: every "
-                   "candidate file of the search path, shadowed ones included)")
-    p.add_argument("--probe", action="store_true", help="also run each backend's --print-capabilities")
-    p.add_argument("--sysconfdir", default="/etc", metavar="DIR", help="the sysconf tier's root (default /etc)")
+    p.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="a descriptor file to check (default: every "
+        "candidate file of the search path, shadowed ones included)",
+    )
+    p.add_argument(
+        "--probe", action="store_true", help="also run each backend's --print-capabilities"
+    )
+    p.add_argument(
+        "--sysconfdir", default="/etc", metavar="DIR", help="the sysconf tier's root (default /etc)"
+    )
     return parser
 
 
 def _check_bus_options(p: argparse.ArgumentParser) -> None:
     bus = p.add_mutually_exclusive_group()
-    bus.add_argument("--system", dest="bus", action="store_const", const="system", default=argparse.SUPPRESS,
-                     help="the system service's search path (the data and sysconf tiers)")
-    bus.add_argument("--user", dest="bus", action="store_const", const="user", default=argparse.SUPPRESS,
-                     help="the session service's search path (the default)")
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="the report as JSON (docs/json.md)")
+    bus.add_argument(
+        "--system",
+        dest="bus",
+        action="store_const",
+        const="system",
+        default=argparse.SUPPRESS,
+        help="the system service's search path (the data and sysconf tiers)",
+    )
+    bus.add_argument(
+        "--user",
+        dest="bus",
+        action="store_const",
+        const="user",
+        default=argparse.SUPPRESS,
+        help="the session service's search path (the default)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="the report as JSON (docs/json.md)",
+    )
 
 
 OFFLINE = {
@@ -466,7 +628,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         if not args.exec_ and args.cmd:
             usage.error(f"unexpected arguments: {' '.join(args.cmd)}")
         if args.detach and args.exec_:
-            usage.error("--detach goes with --listen (with --exec the backend lives as long as CMD)")
+            usage.error(
+                "--detach goes with --listen (with --exec the backend lives as long as CMD)"
+            )
         if args.replace and args.exec_:
             usage.error("--replace goes with --listen")
     if getattr(args, "offline", False) and args.address:

@@ -76,29 +76,75 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"vhostuserd {__version__}")
     bus = p.add_mutually_exclusive_group()
-    bus.add_argument("--user", action="store_true",
-                     help="serve on the session bus; search the data, sysconf and user tiers (default)")
-    bus.add_argument("--address", metavar="ADDR",
-                     help="serve on this bus address (tiers as --user unless --system is also given)")
-    p.add_argument("--system", action="store_true",
-                   help="serve on the system bus; search only the data and sysconf tiers")
-    p.add_argument("--sysconfdir", default="/etc", metavar="DIR",
-                   help="root of the sysconf tier: DIR/qemu/vhost-user (default /etc)")
-    p.add_argument("--idle-timeout", type=_nonnegative, default=0.0, metavar="SEC",
-                   help="exit after SEC seconds with no backend and no call; 0 never (default 0)")
-    p.add_argument("--grace-period", type=_positive, default=5.0, metavar="SEC",
-                   help="time between SIGTERM and SIGKILL when stopping a backend (default 5)")
-    p.add_argument("--probe-timeout", type=_positive, default=5.0, metavar="SEC",
-                   help="time limit for BINARY --print-capabilities (default 5)")
-    p.add_argument("--max-backends", type=int, default=1024, metavar="N",
-                   help="at most N backends at once (default 1024)")
-    p.add_argument("--max-backends-per-user", type=int, default=64, metavar="N",
-                   help="at most N backends at once per uid (default 64)")
-    p.add_argument("--state-dir", metavar="DIR",
-                   help="where running backends are recorded (default $XDG_RUNTIME_DIR/vhostuserd, "
-                   "/run/vhostuserd with --system)")
-    p.add_argument("--log-level", default="info", type=str.lower,
-                   choices=["debug", "info", "warning", "error"], help="default info")
+    bus.add_argument(
+        "--user",
+        action="store_true",
+        help="serve on the session bus; search the data, sysconf and user tiers (default)",
+    )
+    bus.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="serve on this bus address (tiers as --user unless --system is also given)",
+    )
+    p.add_argument(
+        "--system",
+        action="store_true",
+        help="serve on the system bus; search only the data and sysconf tiers",
+    )
+    p.add_argument(
+        "--sysconfdir",
+        default="/etc",
+        metavar="DIR",
+        help="root of the sysconf tier: DIR/qemu/vhost-user (default /etc)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=_nonnegative,
+        default=0.0,
+        metavar="SEC",
+        help="exit after SEC seconds with no backend and no call; 0 never (default 0)",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=_positive,
+        default=5.0,
+        metavar="SEC",
+        help="time between SIGTERM and SIGKILL when stopping a backend (default 5)",
+    )
+    p.add_argument(
+        "--probe-timeout",
+        type=_positive,
+        default=5.0,
+        metavar="SEC",
+        help="time limit for BINARY --print-capabilities (default 5)",
+    )
+    p.add_argument(
+        "--max-backends",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="at most N backends at once (default 1024)",
+    )
+    p.add_argument(
+        "--max-backends-per-user",
+        type=int,
+        default=64,
+        metavar="N",
+        help="at most N backends at once per uid (default 64)",
+    )
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where running backends are recorded (default $XDG_RUNTIME_DIR/vhostuserd, "
+        "/run/vhostuserd with --system)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+        help="default info",
+    )
     return p
 
 
@@ -173,8 +219,12 @@ def _raise_fd_limit(wanted: int) -> None:
         except (ValueError, OSError) as e:
             log.warning("cannot raise the open-file limit to %d: %s", target, e)
     if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < wanted:
-        log.warning("the open-file limit (%d) is below what %s needs (%d): lower --max-backends",
-                    resource.getrlimit(resource.RLIMIT_NOFILE)[0], "the backend quota", wanted)
+        log.warning(
+            "the open-file limit (%d) is below what %s needs (%d): lower --max-backends",
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            "the backend quota",
+            wanted,
+        )
 
 
 def _backend_cgroups(state_dir: str) -> Cgroups:
@@ -183,8 +233,11 @@ def _backend_cgroups(state_dir: str) -> Cgroups:
     if cgroups.enabled:
         log.info("backends run in cgroups of their own: %s", cgroups.describe())
     else:
-        log.warning("backends run without cgroups of their own (%s): as before, a backend's process group is "
-                    "what stops with it, and what it consumes is not accounted", cgroups.why)
+        log.warning(
+            "backends run without cgroups of their own (%s): as before, a backend's process "
+            "group is what stops with it, and what it consumes is not accounted",
+            cgroups.why,
+        )
     return cgroups
 
 
@@ -241,11 +294,17 @@ class Daemon:
             return
         owner = "another process"
         with contextlib.suppress(Exception):  # only used to improve the message
-            r = await bus.call(Message(member="GetNameOwner", signature="s", body=[BUS_NAME], **DBUS))
+            r = await bus.call(
+                Message(member="GetNameOwner", signature="s", body=[BUS_NAME], **DBUS)
+            )
             unique = r.body[0]
-            r = await bus.call(Message(member="GetConnectionUnixProcessID", signature="s", body=[unique], **DBUS))
+            r = await bus.call(
+                Message(member="GetConnectionUnixProcessID", signature="s", body=[unique], **DBUS)
+            )
             owner = f"{unique} (pid {r.body[0]})"
-        raise StartupError(f"{BUS_NAME} is already owned on this bus by {owner}: is another vhostuserd running?")
+        raise StartupError(
+            f"{BUS_NAME} is already owned on this bus by {owner}: is another vhostuserd running?"
+        )
 
     def _state_dir(self) -> str:
         if self.opts.state_dir:
@@ -279,18 +338,33 @@ class Daemon:
         index = Index(self._dirs())
         index.rescan()
         bus = await self._connect()
-        probes = ProbeCache(reaper, timeout=self.opts.probe_timeout,
-                            untrusted=untrusted_reason if self.opts.system_tiers else None)
+        probes = ProbeCache(
+            reaper,
+            timeout=self.opts.probe_timeout,
+            untrusted=untrusted_reason if self.opts.system_tiers else None,
+        )
         broker = Broker(bus, index, probes)
         cgroups = _backend_cgroups(self._state_dir())
         try:
-            supervisor = Supervisor(reaper, self._state_dir(), self.opts.grace_period,
-                                    on_change=lambda b, what: broker.spawner.on_change(b, what), cgroups=cgroups)
+            supervisor = Supervisor(
+                reaper,
+                self._state_dir(),
+                self.opts.grace_period,
+                on_change=lambda b, what: broker.spawner.on_change(b, what),
+                cgroups=cgroups,
+            )
         except OSError as e:
-            raise StartupError(f"cannot use the state directory {self._state_dir()}: {e.strerror}") from None
-        broker.spawner = Spawner(broker, supervisor, Authority(bus, system=self.opts.system_tiers),
-                                 system=self.opts.system_tiers,
-                                 max_per_uid=self.opts.max_backends_per_user, max_total=self.opts.max_backends)
+            raise StartupError(
+                f"cannot use the state directory {self._state_dir()}: {e.strerror}"
+            ) from None
+        broker.spawner = Spawner(
+            broker,
+            supervisor,
+            Authority(bus, system=self.opts.system_tiers),
+            system=self.opts.system_tiers,
+            max_per_uid=self.opts.max_backends_per_user,
+            max_total=self.opts.max_backends,
+        )
         bus.on_call = self._touch
         if self.opts.system_tiers:
             bus.backend_view = broker.spawner.view_for  # callers see other users' backends in part
@@ -301,13 +375,17 @@ class Daemon:
         await broker.spawner.stop_orphans()
         log.info(
             "vhostuserd %s serving %s on %s: %d descriptors, search path %s",
-            __version__, "org.vhostuserd.Broker1", self.opts.bus, len(index.descriptors),
+            __version__,
+            "org.vhostuserd.Broker1",
+            self.opts.bus,
+            len(index.descriptors),
             ":".join(d.path for d in index.dirs),
         )
         broker.log_new_diagnostics(broker.diagnostics)
         sd_notify("READY=1")
         watcher = Watcher(index, broker.on_change)
         watch_stop = asyncio.Event()
+
         # Start watching once the calls already queued had their turn (arming rescans, so
         # nothing that changes meanwhile is lost; it costs under a millisecond).
         async def watch_later() -> None:
@@ -315,7 +393,9 @@ class Daemon:
             await watcher.run(watch_stop)
 
         watch_task = asyncio.ensure_future(watch_later())
-        idle_task = asyncio.ensure_future(self._idle(bus, broker)) if self.opts.idle_timeout else None
+        idle_task = (
+            asyncio.ensure_future(self._idle(bus, broker)) if self.opts.idle_timeout else None
+        )
         stop_task = asyncio.ensure_future(self.stop_event.wait())
         lost_task = asyncio.ensure_future(bus.disconnected())
         waiting = {stop_task, watch_task, lost_task} | ({idle_task} if idle_task else set())
@@ -327,8 +407,10 @@ class Daemon:
             # unwatched: exit non-zero so that the service manager starts us again (the
             # backends are re-adopted from their records).
             why = lost_task.exception() if not lost_task.cancelled() else None
-            log.error("vhostuserd lost its connection to the bus%s; exiting so that it is restarted",
-                      f" ({type(why).__name__}: {why})" if why else "")
+            log.error(
+                "vhostuserd lost its connection to the bus%s; exiting so that it is restarted",
+                f" ({type(why).__name__}: {why})" if why else "",
+            )
             sd_notify("STOPPING=1")
             watch_stop.set()
             for task in (idle_task, stop_task, watch_task):
@@ -373,15 +455,28 @@ class Daemon:
         released = self.loop.create_future()
 
         def on_signal(msg: Message) -> bool:
-            if (msg.message_type is MessageType.SIGNAL and msg.member == "NameOwnerChanged"
-                    and msg.sender == "org.freedesktop.DBus" and msg.body[0] == BUS_NAME
-                    and msg.body[1] == bus.unique_name and not released.done()):
+            if (
+                msg.message_type is MessageType.SIGNAL
+                and msg.member == "NameOwnerChanged"
+                and msg.sender == "org.freedesktop.DBus"
+                and msg.body[0] == BUS_NAME
+                and msg.body[1] == bus.unique_name
+                and not released.done()
+            ):
                 released.set_result(None)
             return False
 
         bus.add_message_handler(on_signal)
-        await bus.call(Message(member="AddMatch", signature="s", **DBUS, body=[
-            f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{BUS_NAME}'"]))
+        await bus.call(
+            Message(
+                member="AddMatch",
+                signature="s",
+                **DBUS,
+                body=[
+                    f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',arg0='{BUS_NAME}'"
+                ],
+            )
+        )
         await bus.release_name(BUS_NAME)
         # Calls routed to us before the release precede this signal on our socket.
         try:

@@ -104,7 +104,9 @@ def _event_line(e: Event) -> str | None:
     if e.kind == "backend-added":
         b = d["backend"]
         owner = "detached" if b["detached"] else f"uid {b['owner_uid']}"
-        return f"backend added: {b['id']} ({b['descriptor']}, pid {b['pid']}, {b['state']}, {owner})"
+        return (
+            f"backend added: {b['id']} ({b['descriptor']}, pid {b['pid']}, {b['state']}, {owner})"
+        )
     if e.kind == "backend-exited":
         return f"backend exited: {d['name']} ({exit_text(d['exit_status'], d['exit_signal'])})"
     if e.kind == "backend-changed":
@@ -118,7 +120,10 @@ async def _monitor(c: BrokerClient, a: argparse.Namespace) -> int:
     # Make sure the daemon runs (activating it) before we wait for its signals.
     generation = await c.generation()
     if not a.json:
-        print(f"monitoring vhostuserd on {c.where} (generation {generation}); Ctrl-C to stop", flush=True)
+        print(
+            f"monitoring vhostuserd on {c.where} (generation {generation}); Ctrl-C to stop",
+            flush=True,
+        )
     async for event in c.events():
         if a.json:
             print_json(event.as_dict(), lines=True)
@@ -197,9 +202,12 @@ def listen_socket(path: str, *, replace: bool) -> socket.socket:
     listens on, and only when asked (``replace``); never connects to what is there."""
     size = len(os.fsencode(path))
     if size > SUN_PATH_MAX:
-        raise Failure(f"cannot listen on {path}: the path is {size} bytes, and a Unix socket path "
-                      f"may have at most {SUN_PATH_MAX} (sun_path is 108 bytes); use a shorter one, "
-                      "e.g. in $XDG_RUNTIME_DIR or relative to the current directory", "InvalidSocket")
+        raise Failure(
+            f"cannot listen on {path}: the path is {size} bytes, and a Unix socket path "
+            f"may have at most {SUN_PATH_MAX} (sun_path is 108 bytes); use a shorter one, "
+            "e.g. in $XDG_RUNTIME_DIR or relative to the current directory",
+            "InvalidSocket",
+        )
     try:
         st: os.stat_result | None = os.lstat(path)
     except FileNotFoundError:
@@ -208,22 +216,36 @@ def listen_socket(path: str, *, replace: bool) -> socket.socket:
         raise Failure(f"cannot listen on {path}: {e.strerror}", "InvalidSocket") from None
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
-            raise Failure(f"cannot listen on {path}: it is a directory; give the socket's own path, "
-                          f"e.g. {os.path.join(path, 'backend.sock')}", "InvalidSocket")
+            raise Failure(
+                f"cannot listen on {path}: it is a directory; give the socket's own path, "
+                f"e.g. {os.path.join(path, 'backend.sock')}",
+                "InvalidSocket",
+            )
         if not stat.S_ISSOCK(st.st_mode):
             kind = "a regular file" if stat.S_ISREG(st.st_mode) else "not a socket"
-            raise Failure(f"cannot listen on {path}: it exists and is {kind}; vhostuserctl only "
-                          "replaces a stale socket: choose another path", "InvalidSocket")
+            raise Failure(
+                f"cannot listen on {path}: it exists and is {kind}; vhostuserctl only "
+                "replaces a stale socket: choose another path",
+                "InvalidSocket",
+            )
         if _is_live(path):
-            raise Failure(f"cannot listen on {path}: a socket there is listening (a running backend? "
-                          "see vhostuserctl backends); stop it first or choose another path", "InvalidSocket")
+            raise Failure(
+                f"cannot listen on {path}: a socket there is listening (a running backend? "
+                "see vhostuserctl backends); stop it first or choose another path",
+                "InvalidSocket",
+            )
         if not replace:
-            raise Failure(f"cannot listen on {path}: a socket is already there, and nothing listens on "
-                          "it; pass --replace to replace it", "InvalidSocket")
+            raise Failure(
+                f"cannot listen on {path}: a socket is already there, and nothing listens on "
+                "it; pass --replace to replace it",
+                "InvalidSocket",
+            )
         try:
             os.unlink(path)
         except OSError as e:
-            raise Failure(f"cannot replace the stale socket {path}: {e.strerror}", "InvalidSocket") from None
+            raise Failure(
+                f"cannot replace the stale socket {path}: {e.strerror}", "InvalidSocket"
+            ) from None
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(path)
@@ -240,7 +262,6 @@ def listen_socket(path: str, *, replace: bool) -> socket.socket:
     return listener
 
 
-
 async def _exit_report(c: BrokerClient, backend_id: str, props: dict[str, Any], during: str) -> str:
     """What a backend that died under the command did: its status and the tail of its log,
     read at once (the daemon keeps an exited backend's object, and so its log, only briefly)."""
@@ -252,7 +273,9 @@ async def _exit_report(c: BrokerClient, backend_id: str, props: dict[str, Any], 
     lines = text.rstrip("\n").splitlines()[-LOG_TAIL_LINES:] if text.strip() else []
     report = f"vhostuserctl: backend {backend_id} {status} {during}"
     if lines:
-        report += f"; its last {len(lines)} line(s) of output:\n" + "\n".join(f"  {x}" for x in lines)
+        report += f"; its last {len(lines)} line(s) of output:\n" + "\n".join(
+            f"  {x}" for x in lines
+        )
     else:
         report += "; it printed nothing"
     return report
@@ -271,8 +294,9 @@ def _exit_of(props: dict[str, Any]) -> tuple[int | None, int | None]:
     return b["exit_status"], b["exit_signal"]
 
 
-async def _follow_until(events: AsyncIterator[Event], path: str,
-                        stop: asyncio.Future[Any]) -> dict[str, Any] | None:
+async def _follow_until(
+    events: AsyncIterator[Event], path: str, stop: asyncio.Future[Any]
+) -> dict[str, Any] | None:
     """Print the backend's events until it exits (returns its properties) or ``stop`` is done."""
     it = events.__aiter__()
     while True:
@@ -332,7 +356,9 @@ async def _spawn(c: BrokerClient, a: argparse.Namespace) -> int:
             else:
                 print(backend_id)
             return EXIT_OK
-        print(f"backend {backend_id} serving {a.listen}; Ctrl-C stops it", file=sys.stderr, flush=True)
+        print(
+            f"backend {backend_id} serving {a.listen}; Ctrl-C stops it", file=sys.stderr, flush=True
+        )
         interrupted: asyncio.Future[None] = loop.create_future()
 
         def interrupt() -> None:
@@ -345,7 +371,10 @@ async def _spawn(c: BrokerClient, a: argparse.Namespace) -> int:
         if props is None:
             await c.stop(backend_id)
         else:
-            print(await _exit_report(c, backend_id, props, f"while serving {a.listen}"), file=sys.stderr)
+            print(
+                await _exit_report(c, backend_id, props, f"while serving {a.listen}"),
+                file=sys.stderr,
+            )
         if a.json:
             print_json(await _final(c, backend_id, path))
         _unlink_ours(a.listen, ours)
@@ -369,15 +398,23 @@ async def _spawn(c: BrokerClient, a: argparse.Namespace) -> int:
     reaper = procs.Reaper(loop)
     reaper.install()
     try:
-        pid = procs.spawn([exe, *argv[1:]], fds={0: 0, 1: 1, 2: 2, 3: ours_sock.fileno()},
-                          env=dict(os.environ), new_session=False)
+        pid = procs.spawn(
+            [exe, *argv[1:]],
+            fds={0: 0, 1: 1, 2: 2, 3: ours_sock.fileno()},
+            env=dict(os.environ),
+            new_session=False,
+        )
     except OSError as e:
         ours_sock.close()
         await c.stop(backend_id)
         raise Failure(f"cannot run {argv[0]}: {e.strerror}") from None
     ours_sock.close()
     exited = reaper.watch(pid)
-    print(f"backend {backend_id} started; running {' '.join(argv)} (pid {pid})", file=sys.stderr, flush=True)
+    print(
+        f"backend {backend_id} started; running {' '.join(argv)} (pid {pid})",
+        file=sys.stderr,
+        flush=True,
+    )
     # Ctrl-C reaches CMD from the terminal itself; forward what the terminal does not send.
     loop.add_signal_handler(signal.SIGINT, lambda: None)
     for signum in (signal.SIGTERM, signal.SIGHUP):
@@ -386,7 +423,11 @@ async def _spawn(c: BrokerClient, a: argparse.Namespace) -> int:
     crashed = died is not None and _crashed(died)
     if crashed:
         # The backend failed under CMD: say so now (CMD may go on without it), then wait for CMD.
-        print(await _exit_report(c, backend_id, died or {}, f"while {argv[0]} ran"), file=sys.stderr, flush=True)
+        print(
+            await _exit_report(c, backend_id, died or {}, f"while {argv[0]} ran"),
+            file=sys.stderr,
+            flush=True,
+        )
     status = await exited
     final = await _final(c, backend_id, path)
     if died is None:
@@ -416,16 +457,22 @@ async def _stop(c: BrokerClient, a: argparse.Namespace) -> int:
     stopping = asyncio.ensure_future(c.stop(a.id, interactive=a.interactive))
     done, _ = await asyncio.wait({stopping}, timeout=1.0)
     if not done and not a.json:
-        print(f"backend {before['id']}: sent SIGTERM to pid {before['pid']}; waiting for it to exit "
-              "(SIGKILL after the daemon's grace period)", file=sys.stderr, flush=True)
+        print(
+            f"backend {before['id']}: sent SIGTERM to pid {before['pid']}; waiting for it to exit "
+            "(SIGKILL after the daemon's grace period)",
+            file=sys.stderr,
+            flush=True,
+        )
     await stopping
     after = await _final(c, before["id"], before["object"])
     if a.json:
         print_json(after)
     else:
         was = "" if before["state"] == "running" else f" (it was {before['state']})"
-        print(f"backend {after['id']} ({after['descriptor'] or before['descriptor']}) stopped{was}: "
-              f"{exit_text(after['exit_status'], after['exit_signal'])}")
+        print(
+            f"backend {after['id']} ({after['descriptor'] or before['descriptor']}) stopped{was}: "
+            f"{exit_text(after['exit_status'], after['exit_signal'])}"
+        )
     return EXIT_OK
 
 
@@ -446,11 +493,18 @@ async def _status(c: BrokerClient, a: argparse.Namespace) -> int:
     cgroups = await c.cgroups()
     backends = [backend_dict(b) for b in await c.list_backends()]
     running = [b for b in backends if b["state"] != "exited"]
-    mode = {"system": "system", "user": "user"}.get(a.bus, "unknown") if not a.address else "unknown"
+    mode = (
+        {"system": "system", "user": "user"}.get(a.bus, "unknown") if not a.address else "unknown"
+    )
     doc = {
-        "version": version, "bus": a.address or a.bus, "mode": mode, "generation": generation,
-        "search_path": search, "diagnostics": [{"path": p, "level": lv, "message": m} for p, lv, m in diags],
-        "backends": len(running), "cgroups": cgroups,
+        "version": version,
+        "bus": a.address or a.bus,
+        "mode": mode,
+        "generation": generation,
+        "search_path": search,
+        "diagnostics": [{"path": p, "level": lv, "message": m} for p, lv, m in diags],
+        "backends": len(running),
+        "cgroups": cgroups,
     }
     if a.json:
         print_json(doc)
@@ -460,12 +514,17 @@ async def _status(c: BrokerClient, a: argparse.Namespace) -> int:
     print("search path (most specific last):" if search else "search path: (empty)")
     for d in search:
         print(f"  {d}")
-    print(f"diagnostics: {len(diags)}" + (" (vhostuserctl check lists them with their files)" if diags else ""))
+    print(
+        f"diagnostics: {len(diags)}"
+        + (" (vhostuserctl check lists them with their files)" if diags else "")
+    )
     for p, lv, m in diags:
         print(f"  {p}: {lv}: {m}")
     print(f"backend cgroups: {cgroups}")
-    print(f"backends: {len(running)} running" + (f", {len(backends) - len(running)} just exited"
-                                                 if len(backends) > len(running) else ""))
+    print(
+        f"backends: {len(running)} running"
+        + (f", {len(backends) - len(running)} just exited" if len(backends) > len(running) else "")
+    )
     return EXIT_OK
 
 
@@ -508,11 +567,16 @@ def run_online(a: argparse.Namespace) -> int:
         hint = "; try --offline" if a.command in ("list", "show", "resolve", "capabilities") else ""
         raise Failure(f"{e}{hint}", e.name) from None
     except InteractiveAuthorizationRequired as e:
-        hint = ("" if a.interactive else
-                "; re-run with --allow-interactive-authorization, with a polkit authentication agent "
-                "in your session (e.g. pkttyagent in a terminal)")
+        hint = (
+            ""
+            if a.interactive
+            else "; re-run with --allow-interactive-authorization, with a polkit authentication "
+            "agent in your session (e.g. pkttyagent in a terminal)"
+        )
         raise Failure(f"not authorized without authentication: {e}{hint}", e.name) from None
     except (ProbeFailed, NotFound) as e:
         raise Failure(str(e), e.name) from None
     except BrokerError as e:
-        raise Failure(str(e) if e.name.startswith("org.vhostuserd.") else f"{e} ({e.name})", e.name) from None
+        raise Failure(
+            str(e) if e.name.startswith("org.vhostuserd.") else f"{e} ({e.name})", e.name
+        ) from None

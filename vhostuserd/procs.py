@@ -17,7 +17,10 @@ import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
 
-MINIMAL_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
+MINIMAL_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LC_ALL": "C.UTF-8",
+}
 
 _PR_SET_CHILD_SUBREAPER = 36
 # Every signal starts at its default in a child, whatever the daemon was started with: a
@@ -80,7 +83,9 @@ def spawn(
             file_actions=actions,
             setsid=new_session,
             setsigmask=(),
-            setsigdef=_DEFAULT_SIGNALS - {signal.SIGPIPE} if keep_sigpipe_ignored else _DEFAULT_SIGNALS,
+            setsigdef=_DEFAULT_SIGNALS - {signal.SIGPIPE}
+            if keep_sigpipe_ignored
+            else _DEFAULT_SIGNALS,
         )
     finally:
         for fd in moved.values():
@@ -121,8 +126,14 @@ class Reaper:
     def uninstall(self) -> None:
         self._loop.remove_signal_handler(signal.SIGCHLD)
 
-    def watch(self, pid: int, pidfd: int | None = None,
-              before_reap: Callable[[], None] | None = None, *, child: bool = True) -> asyncio.Future[int]:
+    def watch(
+        self,
+        pid: int,
+        pidfd: int | None = None,
+        before_reap: Callable[[], None] | None = None,
+        *,
+        child: bool = True,
+    ) -> asyncio.Future[int]:
         """Future of the raw wait status of ``pid`` (-1 when it cannot be known).
 
         ``pidfd``: the caller's own pidfd of the process (it stays the caller's to close);
@@ -141,6 +152,7 @@ class Reaper:
                 fut.set_result(-1)
                 return fut
         if not child:
+
             def gone() -> None:
                 self._loop.remove_reader(pidfd)
                 if before_reap is not None:
@@ -300,8 +312,14 @@ def pidfd_getfd(pidfd: int, targetfd: int) -> int:
     open file itself, not a path to open again (pidfd_getfd(2), Linux 5.6)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
-    fd = int(libc.syscall(ctypes.c_long(_SYS_PIDFD_GETFD), ctypes.c_int(pidfd), ctypes.c_int(targetfd),
-                          ctypes.c_uint(0)))
+    fd = int(
+        libc.syscall(
+            ctypes.c_long(_SYS_PIDFD_GETFD),
+            ctypes.c_int(pidfd),
+            ctypes.c_int(targetfd),
+            ctypes.c_uint(0),
+        )
+    )
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

@@ -145,7 +145,11 @@ class FdStore:
         path = env.get("NOTIFY_SOCKET", "")
         self.address = ("\0" + path[1:]) if path.startswith("@") else path
         self.taken: dict[str, int] = {}
-        n, names, listen_pid = env.get("LISTEN_FDS", ""), env.get("LISTEN_FDNAMES", ""), env.get("LISTEN_PID", "")
+        n, names, listen_pid = (
+            env.get("LISTEN_FDS", ""),
+            env.get("LISTEN_FDNAMES", ""),
+            env.get("LISTEN_PID", ""),
+        )
         if environ is None:
             for var in ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID"):
                 os.environ.pop(var, None)
@@ -223,10 +227,19 @@ class Backend:
 
     def record(self) -> dict[str, Any]:
         return {
-            "id": self.id, "descriptor": self.descriptor, "binary": self.binary, "argv": list(self.argv),
-            "pid": self.pid, "owner": self.owner, "owner_uid": self.owner_uid, "detached": self.detached,
-            "started_at": self.started_at, "start_time": self.start_time, "exe": self.exe,
-            "log_pipe": self.log_pipe, "cgroup": self.cgroup,
+            "id": self.id,
+            "descriptor": self.descriptor,
+            "binary": self.binary,
+            "argv": list(self.argv),
+            "pid": self.pid,
+            "owner": self.owner,
+            "owner_uid": self.owner_uid,
+            "detached": self.detached,
+            "started_at": self.started_at,
+            "start_time": self.start_time,
+            "exe": self.exe,
+            "log_pipe": self.log_pipe,
+            "cgroup": self.cgroup,
         }
 
 
@@ -305,7 +318,9 @@ class Supervisor:
                         self._id_next = max(1, int(f.read().strip() or "1"))
                 except (OSError, ValueError):
                     self._id_next = 1
-                self._id_next = max(self._id_next, *(int(i) + 1 for i in self.backends if i.isdigit()), 1)
+                self._id_next = max(
+                    self._id_next, *(int(i) + 1 for i in self.backends if i.isdigit()), 1
+                )
             self._id_reserved = self._id_next + ID_BLOCK
             self._write_atomic(path, f"{self._id_reserved}\n")
         n = self._id_next
@@ -345,7 +360,11 @@ class Supervisor:
     # ---- starting
 
     def count(self, uid: int | None = None) -> int:
-        return sum(1 for b in self.backends.values() if b.state != EXITED and (uid is None or b.owner_uid == uid))
+        return sum(
+            1
+            for b in self.backends.values()
+            if b.state != EXITED and (uid is None or b.owner_uid == uid)
+        )
 
     def spawn(
         self,
@@ -373,9 +392,11 @@ class Supervisor:
             if placement and not os.access(command[0], os.X_OK):  # as posix_spawn would say at once
                 err = errno.EACCES if os.path.exists(command[0]) else errno.ENOENT
                 raise OSError(err, os.strerror(err))
-            pid = procs.spawn([*placement, *command], fds={0: null, 1: out_w, 2: out_w, 3: socket_fd,
-                                                                **(extra_fds or {})},
-                              keep_sigpipe_ignored=True)
+            pid = procs.spawn(
+                [*placement, *command],
+                fds={0: null, 1: out_w, 2: out_w, 3: socket_fd, **(extra_fds or {})},
+                keep_sigpipe_ignored=True,
+            )
         except OSError as e:
             os.close(out_r)
             if cgroup:
@@ -394,9 +415,20 @@ class Supervisor:
             os.waitpid(pid, 0)
             raise SpawnError(f"cannot watch {argv[0]} (pid {pid}, killed): {e.strerror}") from None
         b = Backend(
-            id=backend_id, descriptor=descriptor, binary=argv[0], argv=argv, pid=pid, owner=owner,
-            owner_uid=owner_uid, detached=detached, started_at=time.time_ns() // 1000,
-            start_time=0, exe="", log_pipe=f"pipe:[{os.fstat(out_r).st_ino}]", pidfd=pidfd, cgroup=cgroup,
+            id=backend_id,
+            descriptor=descriptor,
+            binary=argv[0],
+            argv=argv,
+            pid=pid,
+            owner=owner,
+            owner_uid=owner_uid,
+            detached=detached,
+            started_at=time.time_ns() // 1000,
+            start_time=0,
+            exe="",
+            log_pipe=f"pipe:[{os.fstat(out_r).st_ino}]",
+            pidfd=pidfd,
+            cgroup=cgroup,
         )
         b.exited = self.reaper.watch(pid, pidfd, before_reap=lambda: self._kill_helpers(b))
         self.backends[b.id] = b
@@ -410,11 +442,20 @@ class Supervisor:
         # program is final only after another exec: look again after a second.
         self.loop.call_later(0.05, self._identify, b)
         self.loop.call_later(1.0, self._identify, b)
-        log.info("backend %s started: pid %d, %s, owner %s (uid %d)%s", b.id, pid, " ".join(argv),
-                 owner, owner_uid, ", detached" if detached else "")
+        log.info(
+            "backend %s started: pid %d, %s, owner %s (uid %d)%s",
+            b.id,
+            pid,
+            " ".join(argv),
+            owner,
+            owner_uid,
+            ", detached" if detached else "",
+        )
         return b
 
-    def _cgroup_for(self, backend_id: str, limits: dict[str, str] | None) -> tuple[str, tuple[str, ...]]:
+    def _cgroup_for(
+        self, backend_id: str, limits: dict[str, str] | None
+    ) -> tuple[str, tuple[str, ...]]:
         """The backend's own cgroup and the launcher prefix that enters it before the backend
         runs (`cgroup` module); ("", ()) without cgroups, or when it cannot be made."""
         if not self.cgroups.enabled:
@@ -422,7 +463,11 @@ class Supervisor:
         try:
             path = self.cgroups.create(backend_id, limits)
         except OSError as e:
-            log.warning("backend %s: cannot make its cgroup: %s; it runs in the daemon's", backend_id, e.strerror)
+            log.warning(
+                "backend %s: cannot make its cgroup: %s; it runs in the daemon's",
+                backend_id,
+                e.strerror,
+            )
             return "", ()
         return path, self.cgroups.launcher(path)
 
@@ -440,8 +485,10 @@ class Supervisor:
                 if not self._read_some(b):
                     break
             tail = bytes(b.log[-2048:]).decode("utf-8", "replace").strip()
-            raise SpawnError(f"{b.binary} {procs.status_text(b.exited.result())} at once"
-                             + (f"; its output ends with:\n{tail}" if tail else " (no output)"))
+            raise SpawnError(
+                f"{b.binary} {procs.status_text(b.exited.result())} at once"
+                + (f"; its output ends with:\n{tail}" if tail else " (no output)")
+            )
         self._identify(b)
 
     def _identify(self, b: Backend) -> None:
@@ -520,9 +567,15 @@ class Supervisor:
     def _note_suppressed(self, b: Backend) -> None:
         n, b._suppressed = b._suppressed, 0
         if n:
-            log.warning("backend %s: suppressed %d lines of output (more than %d lines/s per backend or %d in all "
-                        "for the daemon's log; GetLog keeps the last %d KiB)", b.id, n, LOG_LINES_PER_S,
-                        LOG_LINES_PER_S_ALL, LOG_KEEP // 1024)
+            log.warning(
+                "backend %s: suppressed %d lines of output (more than %d lines/s per backend or %d "
+                "in all for the daemon's log; GetLog keeps the last %d KiB)",
+                b.id,
+                n,
+                LOG_LINES_PER_S,
+                LOG_LINES_PER_S_ALL,
+                LOG_KEEP // 1024,
+            )
 
     # ---- exit and stop
 
@@ -555,8 +608,15 @@ class Supervisor:
             b.usage = self.cgroups.usage(b.cgroup)
             consumed = f"; consumed {b.usage.text()}"
             self._remove_cgroup(b.cgroup)
-        log.info("backend %s (pid %d) %s%s", b.id, b.pid, procs.status_text(status) if status >= 0
-                 else "exited (status unknown: re-adopted after a restart)", consumed)
+        log.info(
+            "backend %s (pid %d) %s%s",
+            b.id,
+            b.pid,
+            procs.status_text(status)
+            if status >= 0
+            else "exited (status unknown: re-adopted after a restart)",
+            consumed,
+        )
         self.on_change(b, "exited")
 
     def _remove_cgroup(self, path: str, delay: float = 0.005) -> None:
@@ -591,7 +651,12 @@ class Supervisor:
         try:
             await asyncio.wait_for(asyncio.shield(b.exited), self.grace_period)
         except TimeoutError:
-            log.warning("backend %s (pid %d) ignored SIGTERM for %gs: SIGKILL", b.id, b.pid, self.grace_period)
+            log.warning(
+                "backend %s (pid %d) ignored SIGTERM for %gs: SIGKILL",
+                b.id,
+                b.pid,
+                self.grace_period,
+            )
             self._signal(b, signal.SIGKILL)
             if b.cgroup:
                 self.cgroups.kill(b.cgroup)
@@ -633,15 +698,18 @@ class Supervisor:
                 continue
             try:
                 if self._our_pipe(got, b.log_pipe, read_end=False):
-                    return os.open(f"/proc/self/fd/{got}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                    return os.open(
+                        f"/proc/self/fd/{got}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+                    )
             except OSError as e:
                 log.debug("backend %s: cannot reopen its output pipe: %s", b.id, e.strerror)
             finally:
                 os.close(got)
         return None
 
-    def _identify_adopted(self, backend_id: str, rec: dict[str, Any], stored_pidfd: int | None
-                          ) -> tuple[int, int, int] | None:
+    def _identify_adopted(
+        self, backend_id: str, rec: dict[str, Any], stored_pidfd: int | None
+    ) -> tuple[int, int, int] | None:
         """(pid, pidfd, start time) of the recorded backend if it still runs, else None.
 
         A pidfd from the store is the process itself. Otherwise one is opened for the
@@ -654,8 +722,12 @@ class Supervisor:
                 return pid, stored_pidfd, _proc_start_time(pid) or rec.get("start_time", 0)
             os.close(stored_pidfd)
             if pid > 0:
-                log.warning("backend %s: its recorded pid %s is not its process's (%d): ignored",
-                            backend_id, rec.get("pid"), pid)
+                log.warning(
+                    "backend %s: its recorded pid %s is not its process's (%d): ignored",
+                    backend_id,
+                    rec.get("pid"),
+                    pid,
+                )
         if "pid" not in rec or not ("start_time" in rec or "started_at" in rec):
             return None
         pid = rec["pid"]
@@ -667,7 +739,9 @@ class Supervisor:
         expected = {rec.get("exe", ""), os.path.realpath(rec.get("binary", "") or "/"), SETPRIV}
         if rec.get("start_time"):
             same = _proc_start_time(pid) == rec["start_time"]
-        elif "started_at" in rec:  # recorded before it could be identified: its start must match the spawn's
+        elif (
+            "started_at" in rec
+        ):  # recorded before it could be identified: its start must match the spawn's
             began = _proc_start_epoch(pid)
             same = began is not None and abs(began - rec["started_at"] / 1e6) < 2.0
         else:
@@ -686,10 +760,21 @@ class Supervisor:
         found = self.cgroups.of_process(pid)
         if found is None:
             if recorded:
-                log.warning("backend %s (pid %d): not in its recorded cgroup %s any more", backend_id, pid, recorded)
+                log.warning(
+                    "backend %s (pid %d): not in its recorded cgroup %s any more",
+                    backend_id,
+                    pid,
+                    recorded,
+                )
             return ""
         if recorded and recorded != found:
-            log.warning("backend %s (pid %d): in cgroup %s, not the recorded %s", backend_id, pid, found, recorded)
+            log.warning(
+                "backend %s (pid %d): in cgroup %s, not the recorded %s",
+                backend_id,
+                pid,
+                found,
+                recorded,
+            )
         return found
 
     def _sweep_cgroups(self, adopted: set[str]) -> None:
@@ -701,9 +786,13 @@ class Supervisor:
             if not self.cgroups.populated(path):
                 self.cgroups.remove(path)
                 continue
-            log.warning("cgroup %s holds processes (%s) of no backend that could be re-adopted; left running, "
-                        "unsupervised (echo 1 > %s/cgroup.kill ends them)", path,
-                        " ".join(map(str, self.cgroups.members(path)[:10])), path)
+            log.warning(
+                "cgroup %s holds processes (%s) of no backend that could be re-adopted; left "
+                "running, unsupervised (echo 1 > %s/cgroup.kill ends them)",
+                path,
+                " ".join(map(str, self.cgroups.members(path)[:10])),
+                path,
+            )
 
     def readopt(self) -> list[Backend]:
         """Take back the backends a previous instance recorded (or stored) that still run."""
@@ -711,14 +800,16 @@ class Supervisor:
         names = sorted(os.listdir(self.state_dir))
         ids = [m.group(1) for n in names if (m := _RECORD.fullmatch(n))]
         for name in sorted(self.store.taken):  # stored, with no record left at all
-            backend_id = name[len("backend-"):].rsplit("-", 1)[0]
+            backend_id = name[len("backend-") :].rsplit("-", 1)[0]
             if backend_id not in ids and name.endswith("-pid"):
                 ids.append(backend_id)
         for backend_id in ids:
             try:
                 b = self._readopt_one(backend_id)
             except Exception as e:  # noqa: BLE001 - one backend must never stop the start-up
-                log.error("backend %s: cannot be re-adopted: %s: %s", backend_id, type(e).__name__, e)
+                log.error(
+                    "backend %s: cannot be re-adopted: %s: %s", backend_id, type(e).__name__, e
+                )
                 continue
             if b is not None:
                 adopted.append(b)
@@ -739,15 +830,20 @@ class Supervisor:
             rec, bad = {}, ["missing"]
         if not backend_id.isdigit():
             rec, bad = {}, ["not a backend id of ours"]
-        found = self._identify_adopted(backend_id, rec, stored_pidfd if backend_id.isdigit() else None)
+        found = self._identify_adopted(
+            backend_id, rec, stored_pidfd if backend_id.isdigit() else None
+        )
         if found is None:
             for fd in (stored_log,) if stored_log is not None else ():
                 os.close(fd)
             for what in ("pid", "log"):
                 self.store.remove(f"backend-{backend_id}-{what}")
             if bad and os.path.exists(path):
-                self._quarantine(path, f"record of backend {backend_id} is damaged ({', '.join(bad)}); "
-                                 "its process cannot be identified, so it is not supervised")
+                self._quarantine(
+                    path,
+                    f"record of backend {backend_id} is damaged ({', '.join(bad)}); "
+                    "its process cannot be identified, so it is not supervised",
+                )
             elif bad:
                 log.warning("backend %s: stored, but with no record: gone", backend_id)
             elif os.path.exists(path):
@@ -757,26 +853,42 @@ class Supervisor:
         pid, pidfd, start_time = found
         if bad:
             if os.path.exists(path):
-                self._quarantine(path, f"record of backend {backend_id} is damaged ({', '.join(bad)}); its process "
-                                 f"(pid {pid}) still runs and is re-adopted with what /proc says")
+                self._quarantine(
+                    path,
+                    f"record of backend {backend_id} is damaged ({', '.join(bad)}); its process "
+                    f"(pid {pid}) still runs and is re-adopted with what /proc says",
+                )
             else:
-                log.warning("backend %s (pid %d): found in the file descriptor store with no record; "
-                            "re-adopted with what /proc says", backend_id, pid)
+                log.warning(
+                    "backend %s (pid %d): found in the file descriptor store with no record; "
+                    "re-adopted with what /proc says",
+                    backend_id,
+                    pid,
+                )
         exe = _proc_exe(pid) or rec.get("exe", "")
         began = _proc_start_epoch(pid)
         b = Backend(
-            id=backend_id, descriptor=rec.get("descriptor", ""), binary=rec.get("binary", exe),
-            argv=tuple(rec["argv"]) if "argv" in rec else (_proc_cmdline(pid) or (exe,)), pid=pid,
+            id=backend_id,
+            descriptor=rec.get("descriptor", ""),
+            binary=rec.get("binary", exe),
+            argv=tuple(rec["argv"]) if "argv" in rec else (_proc_cmdline(pid) or (exe,)),
+            pid=pid,
             # Whose it is and whether it outlives its owner: unknown means root's to manage,
             # the process's own uid (what it runs as), and never stopped for a departure.
             owner=rec.get("owner", "") if "owner" in rec and "detached" in rec else "",
             owner_uid=rec["owner_uid"] if "owner_uid" in rec else (_proc_uid(pid) or 0),
             detached=rec["detached"] if "owner" in rec and "detached" in rec else True,
             started_at=rec["started_at"] if "started_at" in rec else int((began or 0) * 1e6),
-            start_time=start_time, exe=exe, log_pipe=rec.get("log_pipe", ""), adopted=True, pidfd=pidfd,
+            start_time=start_time,
+            exe=exe,
+            log_pipe=rec.get("log_pipe", ""),
+            adopted=True,
+            pidfd=pidfd,
             cgroup=self._adopted_cgroup(backend_id, pid, rec.get("cgroup", "")),
         )
-        b.exited = self.reaper.watch(pid, pidfd, before_reap=lambda: self._kill_helpers(b), child=False)
+        b.exited = self.reaper.watch(
+            pid, pidfd, before_reap=lambda: self._kill_helpers(b), child=False
+        )
         self.backends[b.id] = b
         out = None
         if stored_log is not None:
@@ -791,8 +903,12 @@ class Supervisor:
             if out is not None:
                 self.store.add(f"backend-{b.id}-log", out)
         if out is None:
-            log.warning("backend %s (pid %d): its output pipe cannot be taken back safely (its stdout is not "
-                        "the pipe recorded at spawn); its log starts empty and stays so", b.id, pid)
+            log.warning(
+                "backend %s (pid %d): its output pipe cannot be taken back safely (its stdout is "
+                "not the pipe recorded at spawn); its log starts empty and stays so",
+                b.id,
+                pid,
+            )
         else:
             self._read_output(b, out)
         if stored_pidfd is None:
@@ -806,4 +922,3 @@ class Supervisor:
         b.exited.add_done_callback(on_exit)
         log.info("backend %s (pid %d, %s) re-adopted", b.id, pid, b.descriptor)
         return b
-
