@@ -12,6 +12,39 @@ from busutil import Daemon, PrivateBus, Tree
 from helpers_auth import DbusmockPolkit, system_bus
 
 
+def _nested_cgroups() -> set[Path]:
+    """The daemons' "nested" cgroup subtrees (vhostuserd-*) beside this test run's processes."""
+    from vhostuserd import cgroup
+
+    mount = cgroup.v2_mount()
+    if mount is None:
+        return set()
+    try:
+        with open("/proc/self/cgroup") as f:
+            own = next(line[3:].strip() for line in f if line.startswith("0::"))
+    except (OSError, StopIteration):
+        return set()
+    return set((Path(mount) / own.lstrip("/")).glob("vhostuserd-*"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sweep_cgroups() -> Iterator[None]:
+    """Remove the empty cgroups that daemons killed by tests left behind (only those made
+    during this run; rmdir refuses any that still holds a process or a child)."""
+    before = _nested_cgroups()
+    yield
+    for top in _nested_cgroups() - before:
+        for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        try:
+            top.rmdir()
+        except OSError:
+            pass
+
+
 @pytest.fixture(scope="session")
 def bus() -> Iterator[PrivateBus]:
     b = PrivateBus()
