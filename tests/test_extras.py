@@ -48,7 +48,7 @@ def vetted(text: str = CONF, d: Descriptor = FS) -> extras.Extras:
     [
         (
             "[x.json]\nturbo = yes\n",
-            "[x.json] turbo: unknown setting (fixed, choice.NAME, flag.NAME)",
+            "[x.json] turbo: unknown setting (fixed, choice.NAME, flag.NAME, respawn)",
         ),
         ("[x.json]\nchoice.l_g = --l={} a\n", "[x.json] choice.l_g: an option name"),
         ("[x.json]\nflag.-x = --x\n", "[x.json] flag.-x: an option name"),

@@ -16,9 +16,10 @@ import os
 import shlex
 import socket
 import stat
-from collections import Counter, OrderedDict
+import time
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dbus_fast import Message, MessageType, PropertyAccess, Variant
@@ -61,6 +62,26 @@ def _error(name: str, message: str) -> Exception:
     from .service import error
 
     return error(name, message)
+
+
+@dataclass
+class Respawn:
+    """A listening backend's restart budget (options.conf ``respawn = N T``) and what a
+    restart needs: our duplicate of the listening socket and the spawn's arguments."""
+
+    limit: int
+    window_s: int
+    fd: int
+    spawn: dict[str, Any]
+    idmap: userns.IdMap | None
+    prefix: tuple[str, ...]
+    times: deque[float] = field(default_factory=deque)
+    settled: bool = False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass(frozen=True)
@@ -117,13 +138,16 @@ class BackendObject(ServiceInterface):
     def __init__(self, spawner: Spawner, backend: Backend) -> None:
         super().__init__(BACKEND_IFACE)
         self.spawner = spawner
-        self.b = backend
+        self.b = backend  # the current process: a respawn replaces it (`Spawner._respawn`)
+        self.id = backend.id  # the object's, kept across respawns
         self.path = BACKEND_PREFIX + backend.id
+        self.restarts = 0
+        self.respawn: Respawn | None = None
 
     def as_dict(self) -> dict[str, Variant]:
         b = self.b
         return {
-            "id": Variant("s", b.id), "descriptor": Variant("s", b.descriptor),
+            "id": Variant("s", self.id), "descriptor": Variant("s", b.descriptor),
             "binary": Variant("s", b.binary), "argv": Variant("as", list(b.argv)),
             "pid": Variant("u", b.pid), "owner_uid": Variant("u", b.owner_uid),
             "owner": Variant("s", b.owner), "state": Variant("s", b.state),
@@ -146,11 +170,16 @@ class BackendObject(ServiceInterface):
                  "exit_signal": "ExitSignal", "started_at": "StartedAt", "detached": "Detached",
                  "cgroup": "Cgroup", "cpu_usec": "CpuUsec", "memory_current": "MemoryCurrent",
                  "memory_peak": "MemoryPeak", "tasks": "Tasks"}
-        return {names[k]: v for k, v in d.items() if k in names}
+        props = {names[k]: v for k, v in d.items() if k in names}
+        return {**props, "Restarts": Variant("u", self.restarts)}
 
     @dbus_property(access=PropertyAccess.READ)
     def Id(self) -> "s":
-        return self.b.id
+        return self.id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Restarts(self) -> "u":
+        return self.restarts
 
     @dbus_property(access=PropertyAccess.READ)
     def Descriptor(self) -> "s":
@@ -229,6 +258,10 @@ class BackendObject(ServiceInterface):
     def Exited(self, status: int, sig: int) -> "ii":
         return [status, sig]
 
+    @signal()
+    def Respawned(self, restarts: int) -> "u":
+        return restarts
+
 
 class Spawner:
     """Spawn, ListBackends and Stop for the Manager, with client lifetime tracking."""
@@ -251,6 +284,7 @@ class Spawner:
         self._spawning: Counter[str] = Counter()
         self._left_mid_spawn: set[str] = set()
         self._exited_emitted: set[str] = set()
+        self._respawned: dict[str, BackendObject] = {}  # a respawned process's id -> its object
         self.bus.add_message_handler(self._on_signal)
 
     # ---- bus helpers
@@ -291,11 +325,14 @@ class Spawner:
         self._owners.setdefault(b.owner, set()).add(b.id)
 
     def _untrack(self, b: Backend) -> None:
-        ids = self._owners.get(b.owner)
+        self._untrack_id(b.owner, b.id)
+
+    def _untrack_id(self, owner: str, backend_id: str) -> None:
+        ids = self._owners.get(owner)
         if ids is not None:
-            ids.discard(b.id)
+            ids.discard(backend_id)
             if not ids:
-                del self._owners[b.owner]
+                del self._owners[owner]
 
     def _on_signal(self, msg: Message) -> bool:
         if (msg.message_type is MessageType.SIGNAL and msg.member == "NameOwnerChanged"
@@ -437,10 +474,12 @@ class Spawner:
                 raise _error("SpawnFailed", f"the caller {caller.name} left the bus; nothing was started")
             try:
                 limits = cgroup.limits_for(d.type, d.name, userns.sysconfdir_of(self.broker.index.dirs))
+                args: dict[str, Any] = {"descriptor": d.name, "argv": p.argv, "owner": caller.name,
+                                        "owner_uid": caller.uid, "detached": p.detach,
+                                        "limits": limits}
                 with userns.launch(idmap, identity.exec_prefix()) as (prefix, ns_fds):
-                    b = self.supervisor.spawn(descriptor=d.name, argv=p.argv, socket_fd=fd, owner=caller.name,
-                                              owner_uid=caller.uid, detached=p.detach,
-                                              exec_prefix=prefix, extra_fds=ns_fds, limits=limits)
+                    b = self.supervisor.spawn(**args, socket_fd=fd, exec_prefix=prefix,
+                                              extra_fds=ns_fds)
             except cgroup.LimitsError as e:
                 raise _error(e.kind, f"{d.name}: {e}") from None
             except userns.UsernsError as e:
@@ -448,9 +487,13 @@ class Spawner:
             except SpawnError as e:
                 raise _error("SpawnFailed", f"{d.name}: {e}") from None
             self._track(b)
+            respawn = None
+            if vetted.respawn is not None and listening:  # off for connected sockets
+                respawn = Respawn(*vetted.respawn, os.dup(fd), args, idmap, identity.exec_prefix())
         finally:
             os.close(fd)
         obj = BackendObject(self, b)
+        obj.respawn = respawn
         self.objects[b.id] = obj
         self.bus.export(obj.path, obj)
         try:
@@ -458,6 +501,8 @@ class Spawner:
         except SpawnError as e:
             self._drop(obj)
             raise _error("SpawnFailed", f"{d.name}: {e}") from None
+        if respawn is not None:
+            respawn.settled = True
         return obj.path
 
     async def stop_call(self, obj: BackendObject) -> None:
@@ -497,23 +542,67 @@ class Spawner:
     # ---- supervisor events
 
     def on_change(self, b: Backend, what: str) -> None:
-        obj = self.objects.get(b.id)
-        if obj is None:
+        obj = self.objects.get(b.id) or self._respawned.get(b.id)
+        if obj is None or obj.b is not b:
+            return
+        if what == "exited" and self._respawn(obj, b):
             return
         obj.emit_properties_changed({"State": b.state, "ExitStatus": b.exit_status, "ExitSignal": b.exit_signal})
         if what == "exited":
-            if b.id not in self._exited_emitted:
-                self._exited_emitted.add(b.id)
+            if obj.id not in self._exited_emitted:
+                self._exited_emitted.add(obj.id)
                 obj.Exited(b.exit_status, b.exit_signal)
-            self._untrack(b)
+            self._untrack_id(b.owner, obj.id)
             asyncio.get_running_loop().call_later(LINGER_S, self._drop, obj)
 
+    def _respawn(self, obj: BackendObject, b: Backend) -> bool:
+        """Start an exited listening backend again on the same socket, if its budget allows
+        (options.conf ``respawn = N T``); never after a Stop or its owner's departure (both
+        stop it), nor before the Spawn's settle time passed."""
+        r = obj.respawn
+        if r is None or r.fd < 0 or not r.settled or b._stopping is not None:
+            return False
+        now = time.monotonic()
+        while r.times and now - r.times[0] > r.window_s:
+            r.times.popleft()
+        how = f"status {b.exit_status}" if b.exit_signal < 0 else f"signal {b.exit_signal}"
+        if len(r.times) >= r.limit:
+            said = (f"vhostuserd: backend {obj.id} exited ({how}); respawn limit reached "
+                    f"({r.limit} restarts in {r.window_s} s): not restarting\n")
+            log.warning("%s", said.strip())
+            b.log += said.encode()
+            r.close()
+            return False
+        try:
+            with userns.launch(r.idmap, r.prefix) as (prefix, ns_fds):
+                new = self.supervisor.spawn(**r.spawn, socket_fd=r.fd, exec_prefix=prefix,
+                                            extra_fds=ns_fds)
+        except (userns.UsernsError, SpawnError) as e:
+            log.warning("backend %s: cannot respawn it: %s", obj.id, e)
+            r.close()
+            return False
+        r.times.append(now)
+        self._respawned.pop(b.id, None)
+        if new.id != obj.id:
+            self._respawned[new.id] = obj
+        self.supervisor.remove(b)
+        obj.b = new
+        obj.restarts += 1
+        log.info("backend %s exited (%s); respawned as pid %d (restart %d of at most %d in %d s)",
+                 obj.id, how, new.pid, obj.restarts, r.limit, r.window_s)
+        obj.emit_properties_changed({"State": new.state, "Restarts": obj.restarts})
+        obj.Respawned(obj.restarts)
+        return True
+
     def _drop(self, obj: BackendObject) -> None:
-        if self.objects.pop(obj.b.id, None) is not None:
+        if self.objects.pop(obj.id, None) is not None:
             self.bus.unexport(obj.path, obj)
-        self._untrack(obj.b)
+        self._respawned.pop(obj.b.id, None)
+        if obj.respawn is not None:
+            obj.respawn.close()
+        self._untrack_id(obj.b.owner, obj.id)
         self.supervisor.remove(obj.b)
-        self._exited_emitted.discard(obj.b.id)
+        self._exited_emitted.discard(obj.id)
         self.broker.maybe_idle()
 
     def readopt(self) -> None:

@@ -8,7 +8,9 @@ The admin, never a client, lists for a descriptor (``[DESCRIPTOR-NAME]``) or a b
   must be one of the VALUEs; it becomes TEMPLATE with ``{}`` replaced by the value
   (``choice.log-level = --log-level={} error warn info debug``);
 * ``flag.NAME = ARG ...``: a Spawn option NAME (``b``) that, when true, passes the ARGs
-  (``flag.xattr = --xattr``).
+  (``flag.xattr = --xattr``);
+* ``respawn = N T``: a listening-socket backend that exits on its own after a settled start
+  is started again on the same socket, at most N times in T seconds (`Spawner`).
 
 A client picks among these only; any other option stays refused (`options.plan`). The
 chosen options and the arguments they add are polkit details (`Spawner.authorize_spawn`).
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 CONFIG = "vhostuserd/options.conf"  # under the sysconf tier's root (default /etc)
 MAX_CONFIG = 64 * 1024
 MAX_ARGS = 64
+MAX_RESPAWN = 100
 NAME = re.compile(r"[a-z][a-z0-9-]{0,63}")
 VALUE = re.compile(r"[A-Za-z0-9_.:+=/@][A-Za-z0-9_.:+=/@-]{0,127}")
 # Spawn options of the contract and polkit detail keys the daemon sets itself: an extra
@@ -76,6 +79,7 @@ class Extras:
     choices: Mapping[str, Choice] = field(default_factory=dict)
     flags: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     source: str = ""
+    respawn: tuple[int, int] | None = None  # (N, T): at most N restarts in T seconds
 
     def signature(self, name: str) -> str | None:
         """The D-Bus type of extra option ``name``, or None when the admin did not list it."""
@@ -107,7 +111,9 @@ def _words(value: str, where: str) -> list[str]:
 def _check_key(key: str, where: str) -> tuple[str, str]:
     kind, _, name = key.partition(".")
     if kind not in ("choice", "flag") or not name:
-        raise ExtrasError(f"{where} {key}: unknown setting (fixed, choice.NAME, flag.NAME)")
+        raise ExtrasError(
+            f"{where} {key}: unknown setting (fixed, choice.NAME, flag.NAME, respawn)"
+        )
     if not NAME.fullmatch(name):
         raise ExtrasError(
             f"{where} {key}: an option name is lower-case letters, digits and '-', "
@@ -118,6 +124,19 @@ def _check_key(key: str, where: str) -> tuple[str, str]:
             f"{where} {key}: '{name}' is an option or polkit detail of vhostuserd itself"
         )
     return kind, name
+
+
+def respawn_limit(value: str, where: str) -> tuple[int, int]:
+    """``N T``: at most N restarts (1 to 100) in T seconds (1 to 3600)."""
+    parts = value.split()
+    if len(parts) == 2 and all(p.isdigit() for p in parts):
+        n, t = int(parts[0]), int(parts[1])
+        if 1 <= n <= MAX_RESPAWN and 1 <= t <= 3600:
+            return n, t
+    raise ExtrasError(
+        f"{where} = {value!r}: N T, at most N restarts (1 to {MAX_RESPAWN}) in T seconds "
+        "(1 to 3600)"
+    )
 
 
 def parse_config(text: str, path: str) -> dict[str, dict[str, str]]:
@@ -139,6 +158,9 @@ def parse_config(text: str, path: str) -> dict[str, dict[str, str]]:
         for key, value in values.items():
             if key == "fixed":
                 _words(value, f"{where} fixed")
+                continue
+            if key == "respawn":
+                respawn_limit(value, f"{where} respawn")
                 continue
             kind, _ = _check_key(key, where)
             words = _words(value, f"{where} {key}")
@@ -175,7 +197,11 @@ def extras_for(
     choices: dict[str, Choice] = {}
     flags: dict[str, tuple[str, ...]] = {}
     fixed: tuple[str, ...] = ()
+    respawn = None
     for key, value in merged.items():
+        if key == "respawn":
+            respawn = respawn_limit(value, key)
+            continue
         words = tuple(shlex.split(value))
         if key == "fixed":
             fixed = words
@@ -183,7 +209,7 @@ def extras_for(
             choices[key[len("choice.") :]] = Choice(words[0], words[1:])
         else:
             flags[key[len("flag.") :]] = words
-    return Extras(fixed, choices, flags, ", ".join(sources))
+    return Extras(fixed, choices, flags, ", ".join(sources), respawn)
 
 
 def arguments(extras: Extras, values: Mapping[str, object]) -> list[str]:
