@@ -51,10 +51,15 @@ log = logging.getLogger("vhostuserd.backends")
 BACKEND_IFACE = "org.vhostuserd.Broker1.Backend"
 BACKEND_PREFIX = "/org/vhostuserd/Broker1/backend/"
 LINGER_S = 3.0
-DEPARTURES = ("type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
-              "member='NameOwnerChanged',arg2=''")
-DBUS: CallTarget = {"destination": "org.freedesktop.DBus", "path": "/org/freedesktop/DBus",
-                    "interface": "org.freedesktop.DBus"}
+DEPARTURES = (
+    "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+    "member='NameOwnerChanged',arg2=''"
+)
+DBUS: CallTarget = {
+    "destination": "org.freedesktop.DBus",
+    "path": "/org/freedesktop/DBus",
+    "interface": "org.freedesktop.DBus",
+}
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
 
 
@@ -99,16 +104,23 @@ def check_socket(fd: int) -> bool:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         st = os.fstat(fd)
     except OSError as e:
-        raise _error("InvalidSocket", f"the socket argument is not a usable fd: {e.strerror}") from None
+        raise _error(
+            "InvalidSocket", f"the socket argument is not a usable fd: {e.strerror}"
+        ) from None
     if flags & _O_PATH:
         raise _error("InvalidSocket", "the socket argument is an O_PATH fd; pass the socket itself")
     if not stat.S_ISSOCK(st.st_mode):
         kind = "a pipe" if stat.S_ISFIFO(st.st_mode) else "not a socket"
-        raise _error("InvalidSocket", f"the socket argument is {kind}; an AF_UNIX SOCK_STREAM socket is needed")
+        raise _error(
+            "InvalidSocket",
+            f"the socket argument is {kind}; an AF_UNIX SOCK_STREAM socket is needed",
+        )
     try:
         domain = socket.socket(fileno=os.dup(fd))
     except OSError as e:
-        raise _error("InvalidSocket", f"the socket argument cannot be inspected: {e.strerror}") from None
+        raise _error(
+            "InvalidSocket", f"the socket argument cannot be inspected: {e.strerror}"
+        ) from None
     try:
         family = domain.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
         stype = domain.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
@@ -120,15 +132,24 @@ def check_socket(fd: int) -> bool:
     finally:
         domain.close()
     if family != socket.AF_UNIX:
-        raise _error("InvalidSocket", f"the socket argument is of family {family}; AF_UNIX is needed")
+        raise _error(
+            "InvalidSocket", f"the socket argument is of family {family}; AF_UNIX is needed"
+        )
     if stype != socket.SOCK_STREAM:
-        kinds: dict[int, str] = {socket.SOCK_DGRAM: "SOCK_DGRAM",
-                                 socket.SOCK_SEQPACKET: "SOCK_SEQPACKET"}
+        kinds: dict[int, str] = {
+            socket.SOCK_DGRAM: "SOCK_DGRAM",
+            socket.SOCK_SEQPACKET: "SOCK_SEQPACKET",
+        }
         name = kinds.get(stype, str(stype))
-        raise _error("InvalidSocket", f"the socket argument is {name}; vhost-user needs SOCK_STREAM")
+        raise _error(
+            "InvalidSocket", f"the socket argument is {name}; vhost-user needs SOCK_STREAM"
+        )
     if not listening and not connected:
-        raise _error("InvalidSocket", "the socket argument is neither connected nor listening; pass one "
-                     "end of a socketpair or a bound, listening socket, as the backend needs")
+        raise _error(
+            "InvalidSocket",
+            "the socket argument is neither connected nor listening; pass one "
+            "end of a socketpair or a bound, listening socket, as the backend needs",
+        )
     return listening
 
 
@@ -147,29 +168,54 @@ class BackendObject(ServiceInterface):
     def as_dict(self) -> dict[str, Variant]:
         b = self.b
         return {
-            "id": Variant("s", self.id), "descriptor": Variant("s", b.descriptor),
-            "binary": Variant("s", b.binary), "argv": Variant("as", list(b.argv)),
-            "pid": Variant("u", b.pid), "owner_uid": Variant("u", b.owner_uid),
-            "owner": Variant("s", b.owner), "state": Variant("s", b.state),
-            "exit_status": Variant("i", b.exit_status), "exit_signal": Variant("i", b.exit_signal),
-            "started_at": Variant("t", b.started_at), "detached": Variant("b", b.detached),
-            "object": Variant("o", self.path), **self._accounting(),
+            "id": Variant("s", self.id),
+            "descriptor": Variant("s", b.descriptor),
+            "binary": Variant("s", b.binary),
+            "argv": Variant("as", list(b.argv)),
+            "pid": Variant("u", b.pid),
+            "owner_uid": Variant("u", b.owner_uid),
+            "owner": Variant("s", b.owner),
+            "state": Variant("s", b.state),
+            "exit_status": Variant("i", b.exit_status),
+            "exit_signal": Variant("i", b.exit_signal),
+            "started_at": Variant("t", b.started_at),
+            "detached": Variant("b", b.detached),
+            "object": Variant("o", self.path),
+            **self._accounting(),
         }
 
     def _accounting(self) -> dict[str, Variant]:
         """Its cgroup and what it consumed (`cgroup`); -1 where not measured."""
         u = self.spawner.supervisor.usage(self.b)
-        return {"cgroup": Variant("s", self.spawner.supervisor.cgroups.relative(self.b.cgroup)),
-                "cpu_usec": Variant("x", u.cpu_usec), "memory_current": Variant("x", u.memory_current),
-                "memory_peak": Variant("x", u.memory_peak), "tasks": Variant("x", u.tasks)}
+        return {
+            "cgroup": Variant("s", self.spawner.supervisor.cgroups.relative(self.b.cgroup)),
+            "cpu_usec": Variant("x", u.cpu_usec),
+            "memory_current": Variant("x", u.memory_current),
+            "memory_peak": Variant("x", u.memory_peak),
+            "tasks": Variant("x", u.tasks),
+        }
 
     def variants(self) -> dict[str, Variant]:
         d = self.as_dict()
-        names = {"id": "Id", "descriptor": "Descriptor", "binary": "Binary", "argv": "Argv", "pid": "Pid",
-                 "owner_uid": "OwnerUid", "owner": "Owner", "state": "State", "exit_status": "ExitStatus",
-                 "exit_signal": "ExitSignal", "started_at": "StartedAt", "detached": "Detached",
-                 "cgroup": "Cgroup", "cpu_usec": "CpuUsec", "memory_current": "MemoryCurrent",
-                 "memory_peak": "MemoryPeak", "tasks": "Tasks"}
+        names = {
+            "id": "Id",
+            "descriptor": "Descriptor",
+            "binary": "Binary",
+            "argv": "Argv",
+            "pid": "Pid",
+            "owner_uid": "OwnerUid",
+            "owner": "Owner",
+            "state": "State",
+            "exit_status": "ExitStatus",
+            "exit_signal": "ExitSignal",
+            "started_at": "StartedAt",
+            "detached": "Detached",
+            "cgroup": "Cgroup",
+            "cpu_usec": "CpuUsec",
+            "memory_current": "MemoryCurrent",
+            "memory_peak": "MemoryPeak",
+            "tasks": "Tasks",
+        }
         props = {names[k]: v for k, v in d.items() if k in names}
         return {**props, "Restarts": Variant("u", self.restarts)}
 
@@ -266,8 +312,16 @@ class BackendObject(ServiceInterface):
 class Spawner:
     """Spawn, ListBackends and Stop for the Manager, with client lifetime tracking."""
 
-    def __init__(self, broker: Broker, supervisor: Supervisor, authority: Authority, *, system: bool,
-                 max_per_uid: int, max_total: int) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        supervisor: Supervisor,
+        authority: Authority,
+        *,
+        system: bool,
+        max_per_uid: int,
+        max_total: int,
+    ) -> None:
         self.broker = broker
         self.authority = authority
         self.bus = broker.bus
@@ -289,8 +343,12 @@ class Spawner:
 
     # ---- bus helpers
 
-    async def _dbus(self, member: str, signature: str = "", body: list[Any] | None = None) -> list[Any]:
-        reply = await self.bus.call(Message(member=member, signature=signature, body=body or [], **DBUS))
+    async def _dbus(
+        self, member: str, signature: str = "", body: list[Any] | None = None
+    ) -> list[Any]:
+        reply = await self.bus.call(
+            Message(member=member, signature=signature, body=body or [], **DBUS)
+        )
         assert reply is not None
         if reply.message_type is MessageType.ERROR:
             raise LookupError(f"{reply.error_name}: {reply.body[0] if reply.body else ''}")
@@ -302,7 +360,8 @@ class Spawner:
         await self._dbus("AddMatch", "s", [DEPARTURES])
 
     async def caller(self, sender: str) -> Caller:
-        """uid and pid of a connection, from the bus; cached, since unique names are never reused."""
+        """uid and pid of a connection, from the bus; cached, since unique names are never
+        reused."""
         known = self._callers.get(sender)
         if known is not None:
             return known
@@ -310,7 +369,11 @@ class Spawner:
             (creds,) = await self._dbus("GetConnectionCredentials", "s", [sender])
         except LookupError as e:
             raise _error("NotAuthorized", f"cannot identify the caller {sender}: {e}") from None
-        caller = Caller(sender, int(creds["UnixUserID"].value), int(creds.get("ProcessID", Variant("u", 0)).value))
+        caller = Caller(
+            sender,
+            int(creds["UnixUserID"].value),
+            int(creds.get("ProcessID", Variant("u", 0)).value),
+        )
         if sender not in self._departed:
             self._callers[sender] = caller
             if len(self._callers) > 4096:
@@ -335,9 +398,14 @@ class Spawner:
                 del self._owners[owner]
 
     def _on_signal(self, msg: Message) -> bool:
-        if (msg.message_type is MessageType.SIGNAL and msg.member == "NameOwnerChanged"
-                and msg.sender == "org.freedesktop.DBus" and len(msg.body) == 3 and msg.body[2] == ""
-                and msg.body[0].startswith(":")):
+        if (
+            msg.message_type is MessageType.SIGNAL
+            and msg.member == "NameOwnerChanged"
+            and msg.sender == "org.freedesktop.DBus"
+            and len(msg.body) == 3
+            and msg.body[2] == ""
+            and msg.body[0].startswith(":")
+        ):
             name = msg.body[0]
             self._callers.pop(name, None)
             self._departed[name] = None
@@ -366,16 +434,28 @@ class Spawner:
         caller = await self.caller(msg.sender)
         if caller.uid in (0, b.owner_uid):
             return
-        details = {"descriptor": b.descriptor, "binary": b.binary, "backend": b.id, "owner-uid": str(b.owner_uid)}
+        details = {
+            "descriptor": b.descriptor,
+            "binary": b.binary,
+            "backend": b.id,
+            "owner-uid": str(b.owner_uid),
+        }
         if not await self.authority.allowed(msg, caller.uid, MANAGE, details):
-            raise _error("NotAuthorized", f"{MANAGE}: backend {b.id} belongs to uid {b.owner_uid}; "
-                         f"uid {caller.uid} may not {verb}")
+            raise _error(
+                "NotAuthorized",
+                f"{MANAGE}: backend {b.id} belongs to uid {b.owner_uid}; "
+                f"uid {caller.uid} may not {verb}",
+            )
 
-    async def authorize_spawn(self, msg: Message, caller: Caller, d: Any, p: SpawnPlan,
-                              idmap: userns.IdMap | None = None) -> RunAs:
+    async def authorize_spawn(
+        self, msg: Message, caller: Caller, d: Any, p: SpawnPlan, idmap: userns.IdMap | None = None
+    ) -> RunAs:
         """polkit for the system service; returns the identity the backend will run as."""
         if self.system and (why := untrusted_reason(d.binary)) is not None:
-            raise _error("NotAuthorized", f"{d.name}: its binary cannot be trusted by the system service: {why}")
+            raise _error(
+                "NotAuthorized",
+                f"{d.name}: its binary cannot be trusted by the system service: {why}",
+            )
         device_gids: list[int] = []
         for option, value in p.device_paths.items():
             device_gids.append(check_device(option, value)[1].st_gid)
@@ -405,8 +485,12 @@ class Spawner:
         """Whether this backend runs in a user namespace, and its id map (`userns`)."""
         try:
             return userns.plan_for(
-                system=self.system, dtype=d.type, name=d.name, requested=p.values.get("idmap"),
-                uid=caller.uid, sysconfdir=userns.sysconfdir_of(self.broker.index.dirs),
+                system=self.system,
+                dtype=d.type,
+                name=d.name,
+                requested=p.values.get("idmap"),
+                uid=caller.uid,
+                sysconfdir=userns.sysconfdir_of(self.broker.index.dirs),
             )
         except userns.UsernsError as e:
             raise _error(e.kind, str(e)) from None
@@ -463,23 +547,43 @@ class Spawner:
             idmap = self._userns_map(d, p, caller)
             identity = await self.authorize_spawn(msg, caller, d, p, idmap)
             if self.supervisor.count() >= self.max_total:
-                raise _error("QuotaExceeded", f"{self.max_total} backends are running, the most this daemon runs")
+                raise _error(
+                    "QuotaExceeded",
+                    f"{self.max_total} backends are running, the most this daemon runs",
+                )
             if self.supervisor.count(caller.uid) >= self.max_per_uid:
-                raise _error("QuotaExceeded", f"uid {caller.uid} already runs {self.max_per_uid} backends, its quota")
+                raise _error(
+                    "QuotaExceeded",
+                    f"uid {caller.uid} already runs {self.max_per_uid} backends, its quota",
+                )
             # The caller may have left while we waited (for polkit, say): then nothing starts
             # (the CVE-2021-3560 class of bug). From here to tracking there is no await, so a
             # departure not seen yet is handled after, by stopping the backend.
             if self._left(caller.name):
-                log.info("Spawn of %s for %s: the caller left the bus; nothing was started", d.name, caller.name)
-                raise _error("SpawnFailed", f"the caller {caller.name} left the bus; nothing was started")
+                log.info(
+                    "Spawn of %s for %s: the caller left the bus; nothing was started",
+                    d.name,
+                    caller.name,
+                )
+                raise _error(
+                    "SpawnFailed", f"the caller {caller.name} left the bus; nothing was started"
+                )
             try:
-                limits = cgroup.limits_for(d.type, d.name, userns.sysconfdir_of(self.broker.index.dirs))
-                args: dict[str, Any] = {"descriptor": d.name, "argv": p.argv, "owner": caller.name,
-                                        "owner_uid": caller.uid, "detached": p.detach,
-                                        "limits": limits}
+                limits = cgroup.limits_for(
+                    d.type, d.name, userns.sysconfdir_of(self.broker.index.dirs)
+                )
+                args: dict[str, Any] = {
+                    "descriptor": d.name,
+                    "argv": p.argv,
+                    "owner": caller.name,
+                    "owner_uid": caller.uid,
+                    "detached": p.detach,
+                    "limits": limits,
+                }
                 with userns.launch(idmap, identity.exec_prefix()) as (prefix, ns_fds):
-                    b = self.supervisor.spawn(**args, socket_fd=fd, exec_prefix=prefix,
-                                              extra_fds=ns_fds)
+                    b = self.supervisor.spawn(
+                        **args, socket_fd=fd, exec_prefix=prefix, extra_fds=ns_fds
+                    )
             except cgroup.LimitsError as e:
                 raise _error(e.kind, f"{d.name}: {e}") from None
             except userns.UsernsError as e:
@@ -547,7 +651,9 @@ class Spawner:
             return
         if what == "exited" and self._respawn(obj, b):
             return
-        obj.emit_properties_changed({"State": b.state, "ExitStatus": b.exit_status, "ExitSignal": b.exit_signal})
+        obj.emit_properties_changed(
+            {"State": b.state, "ExitStatus": b.exit_status, "ExitSignal": b.exit_signal}
+        )
         if what == "exited":
             if obj.id not in self._exited_emitted:
                 self._exited_emitted.add(obj.id)
@@ -567,16 +673,19 @@ class Spawner:
             r.times.popleft()
         how = f"status {b.exit_status}" if b.exit_signal < 0 else f"signal {b.exit_signal}"
         if len(r.times) >= r.limit:
-            said = (f"vhostuserd: backend {obj.id} exited ({how}); respawn limit reached "
-                    f"({r.limit} restarts in {r.window_s} s): not restarting\n")
+            said = (
+                f"vhostuserd: backend {obj.id} exited ({how}); respawn limit reached "
+                f"({r.limit} restarts in {r.window_s} s): not restarting\n"
+            )
             log.warning("%s", said.strip())
             b.log += said.encode()
             r.close()
             return False
         try:
             with userns.launch(r.idmap, r.prefix) as (prefix, ns_fds):
-                new = self.supervisor.spawn(**r.spawn, socket_fd=r.fd, exec_prefix=prefix,
-                                            extra_fds=ns_fds)
+                new = self.supervisor.spawn(
+                    **r.spawn, socket_fd=r.fd, exec_prefix=prefix, extra_fds=ns_fds
+                )
         except (userns.UsernsError, SpawnError) as e:
             log.warning("backend %s: cannot respawn it: %s", obj.id, e)
             r.close()
@@ -588,8 +697,15 @@ class Spawner:
         self.supervisor.remove(b)
         obj.b = new
         obj.restarts += 1
-        log.info("backend %s exited (%s); respawned as pid %d (restart %d of at most %d in %d s)",
-                 obj.id, how, new.pid, obj.restarts, r.limit, r.window_s)
+        log.info(
+            "backend %s exited (%s); respawned as pid %d (restart %d of at most %d in %d s)",
+            obj.id,
+            how,
+            new.pid,
+            obj.restarts,
+            r.limit,
+            r.window_s,
+        )
         obj.emit_properties_changed({"State": new.state, "Restarts": obj.restarts})
         obj.Respawned(obj.restarts)
         return True
@@ -619,8 +735,17 @@ class Spawner:
         our name, so that clients matching signals on it see their Exited."""
         for obj in list(self.objects.values()):
             b = obj.b
-            if b.adopted and not b.detached and b.state != EXITED and not await self.name_has_owner(b.owner):
-                log.info("backend %s: its owner %s left the bus while we were away; stopping it", b.id, b.owner)
+            if (
+                b.adopted
+                and not b.detached
+                and b.state != EXITED
+                and not await self.name_has_owner(b.owner)
+            ):
+                log.info(
+                    "backend %s: its owner %s left the bus while we were away; stopping it",
+                    b.id,
+                    b.owner,
+                )
                 self.supervisor.stop(b)
 
     @property

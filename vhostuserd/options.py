@@ -26,7 +26,13 @@ SOCKET_FD = 3
 CONNECTED, LISTENING = "connected", "listening"
 # Connected: the backend serves the socket it is given (vhost-user-gpu, -input: no accept).
 # Listening: it accepts one front-end on it (vhost-user-blk, -scsi, virtiofsd).
-SOCKET_KIND = {"gpu": CONNECTED, "input": CONNECTED, "block": LISTENING, "scsi": LISTENING, "fs": LISTENING}
+SOCKET_KIND = {
+    "gpu": CONNECTED,
+    "input": CONNECTED,
+    "block": LISTENING,
+    "scsi": LISTENING,
+    "fs": LISTENING,
+}
 
 DEVICE_OPTIONS = {"render-node": "/dev/dri/", "evdev-path": "/dev/input/"}
 IDMAP_MODES = ("caller", "subids")  # = userns.IDMAP_MODES: the user namespace's id mapping
@@ -80,16 +86,23 @@ def allowed_options(
     d: Descriptor, caps: Capabilities | None, extras: Extras = admin_extras.NONE
 ) -> list[str]:
     features = set(caps.features) if caps is not None else set()
-    return sorted([
-        *(name for name, spec in OPTIONS.items()
-          if spec.btype in (None, d.type) and (not spec.needs_feature or name in features)),
-        *extras.names,
-    ])
+    return sorted(
+        [
+            *(
+                name
+                for name, spec in OPTIONS.items()
+                if spec.btype in (None, d.type) and (not spec.needs_feature or name in features)
+            ),
+            *extras.names,
+        ]
+    )
 
 
 def _check_path(name: str, value: str) -> str:
     if not value.startswith("/"):
-        raise OptionError("InvalidOption", f"option '{name}': must be an absolute path, not {value[:100]!r}")
+        raise OptionError(
+            "InvalidOption", f"option '{name}': must be an absolute path, not {value[:100]!r}"
+        )
     if "\0" in value or "\n" in value or "\r" in value:
         raise OptionError("InvalidOption", f"option '{name}': must not contain NUL or line breaks")
     if len(value) > MAX_STRING:
@@ -98,7 +111,9 @@ def _check_path(name: str, value: str) -> str:
 
 
 def plan(
-    d: Descriptor, caps: Capabilities | None, options: Mapping[str, tuple[str, Any]],
+    d: Descriptor,
+    caps: Capabilities | None,
+    options: Mapping[str, tuple[str, Any]],
     extras: Extras = admin_extras.NONE,
 ) -> SpawnPlan:
     """Check ``options`` ({key: (D-Bus signature, value)}) for backend ``d`` and build argv.
@@ -127,9 +142,14 @@ def plan(
             continue
         if spec is None or name not in allowed:
             unknown = f"unknown option (nor one {admin_extras.CONFIG} lists for it)"
-            why = unknown if spec is None else (
-                f"only for {spec.btype} backends" if spec.btype != d.type
-                else f"{d.name} does not list the '{name}' feature"
+            why = (
+                unknown
+                if spec is None
+                else (
+                    f"only for {spec.btype} backends"
+                    if spec.btype != d.type
+                    else f"{d.name} does not list the '{name}' feature"
+                )
             )
             shown = name if len(name) <= 64 and name.isprintable() else repr(name[:64])
             raise OptionError(
@@ -138,14 +158,17 @@ def plan(
             )
         if signature != spec.signature:
             raise OptionError(
-                "InvalidOption", f"option '{name}': must have D-Bus type '{spec.signature}', not '{signature}'"
+                "InvalidOption",
+                f"option '{name}': must have D-Bus type '{spec.signature}', not '{signature}'",
             )
         if name in PATH_OPTIONS:
             value = _check_path(name, value)
         if name == "idmap" and value not in IDMAP_MODES:
             shown = value[:64] if value.isprintable() else repr(value[:64])
             modes = ", ".join(IDMAP_MODES)
-            raise OptionError("InvalidOption", f"option 'idmap': must be one of {modes}, not '{shown}'")
+            raise OptionError(
+                "InvalidOption", f"option 'idmap': must be one of {modes}, not '{shown}'"
+            )
         if name == "settle-ms" and value > MAX_SETTLE_MS:
             raise OptionError("InvalidOption", f"option 'settle-ms': at most {MAX_SETTLE_MS}")
         values[name] = value
@@ -205,9 +228,13 @@ def socket_kind_error(d: Descriptor, listening: bool) -> str | None:
     """Why this socket is the wrong kind for ``d``, or None when it fits."""
     kind = socket_kind_of(d)
     if kind == CONNECTED and listening:
-        return (f"{d.name} is a {d.type} backend: it serves the socket it is given, so it needs a "
-                "connected socket (one end of a socketpair), not a listening one")
+        return (
+            f"{d.name} is a {d.type} backend: it serves the socket it is given, so it needs a "
+            "connected socket (one end of a socketpair), not a listening one"
+        )
     if kind == LISTENING and not listening:
-        return (f"{d.name} is a {d.type} backend: it accepts its front-end on the socket, so it "
-                "needs a listening socket (bind + listen), not a connected one")
+        return (
+            f"{d.name} is a {d.type} backend: it accepts its front-end on the socket, so it "
+            "needs a listening socket (bind + listen), not a connected one"
+        )
     return None
