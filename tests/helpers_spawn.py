@@ -26,7 +26,8 @@ from typing import Any, TypeVar
 from busutil import BUS_NAME, MANAGER_PATH, Daemon, Tree, await_for, descriptor, wait_for  # noqa: F401 - re-exported for the tests
 from dbus_fast import Message, MessageType, Variant
 
-from vhostuserd.client import MANAGER_IFACE, BrokerClient
+from vhostuserd.client import BrokerClient
+from vhostuserd.names import MANAGER_IFACE
 
 T = TypeVar("T")
 

@@ -41,8 +41,9 @@ from helpers_spawn import (
 )
 
 from vhostuserd import options as spawn_options
-from vhostuserd.client import BACKEND_IFACE, SpawnFailed
+from vhostuserd.client import SpawnFailed
 from vhostuserd.descriptors import Capabilities, Descriptor
+from vhostuserd.names import BACKEND_IFACE
 
 StartDaemon = Callable[..., Daemon]
 

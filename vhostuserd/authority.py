@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import configparser
 import contextlib
-import grp
 import logging
 import os
 import pwd
@@ -264,13 +263,6 @@ def run_as(uid: int, extra_gids: tuple[int, ...] = (), *, system: bool) -> RunAs
         gid, groups = uid, [uid]
     all_groups = tuple(dict.fromkeys([*groups, *extra_gids]))
     return RunAs(uid, gid, all_groups, True)
-
-
-def group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
 
 
 class CheckLimiter:

@@ -40,6 +40,7 @@ from .authority import (
     untrusted_reason,
 )
 from .descriptors import Capabilities
+from .names import BACKEND_IFACE, BACKEND_PREFIX
 from .options import OPTIONS, OptionError, SpawnPlan, plan, socket_kind_error
 from .supervisor import EXITED, Backend, SpawnError, Supervisor
 
@@ -48,8 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vhostuserd.backends")
 
-BACKEND_IFACE = "org.vhostuserd.Broker1.Backend"
-BACKEND_PREFIX = "/org/vhostuserd/Broker1/backend/"
 LINGER_S = 3.0
 DEPARTURES = (
     "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"

@@ -15,11 +15,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
+from .names import ERROR_PREFIX
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-ERROR_PREFIX = "org.vhostuserd.Broker1.Error."
 
 
 class Failure(Exception):

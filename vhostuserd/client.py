@@ -22,12 +22,14 @@ from typing import Any, Self
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-BUS_NAME = "org.vhostuserd.Broker1"
-MANAGER_PATH = "/org/vhostuserd/Broker1"
-MANAGER_IFACE = "org.vhostuserd.Broker1.Manager"
-DESCRIPTOR_IFACE = "org.vhostuserd.Broker1.Descriptor"
-BACKEND_IFACE = "org.vhostuserd.Broker1.Backend"
-ERROR_PREFIX = "org.vhostuserd.Broker1.Error."
+from .names import (
+    BACKEND_IFACE,
+    BUS_NAME,
+    DESCRIPTOR_IFACE,
+    ERROR_PREFIX,
+    MANAGER_IFACE,
+    MANAGER_PATH,
+)
 
 
 class BrokerError(Exception):

@@ -287,7 +287,7 @@ class Daemon:
         from dbus_fast import Message, NameFlag, RequestNameReply
 
         from .backends import DBUS
-        from .service import BUS_NAME
+        from .names import BUS_NAME
 
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
         if reply in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
@@ -332,6 +332,11 @@ class Daemon:
 
         reaper = procs.Reaper(self.loop)
         reaper.install(subreaper=True)
+        if not reaper.subreaper:
+            log.warning(
+                "cannot become a child subreaper (PR_SET_CHILD_SUBREAPER): what a backend "
+                "leaves behind is reaped by init, not watched here"
+            )
         _raise_fd_limit(2 * self.opts.max_backends + 256)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stop_event.set)
@@ -438,7 +443,7 @@ class Daemon:
         from dbus_fast import Message, MessageType
 
         from .backends import DBUS
-        from .service import BUS_NAME
+        from .names import BUS_NAME
 
         timeout = self.opts.idle_timeout
         while True:

@@ -47,10 +47,6 @@ class Resolution:
         return f"no descriptor for {want}: " + "; ".join(parts)
 
 
-def needs_probe(descriptor: Descriptor, btype: str, features: Sequence[str]) -> bool:
-    return descriptor.type == btype and bool(features)
-
-
 def resolve(
     descriptors: Sequence[Descriptor],
     btype: str,

@@ -109,7 +109,6 @@ class FileCache:
     """path -> (identity, outcome); a file is re-read only when its identity changes."""
 
     entries: dict[str, tuple[Identity, Parsed | None]] = field(default_factory=dict)
-    reads: int = 0
 
     def get(self, path: str, name: str, tier: str) -> Parsed | None:
         cached = self.entries.get(path)
@@ -120,7 +119,6 @@ class FileCache:
                 st = None
             if st is not None and _identity(st) == cached[0]:
                 return cached[1]
-        self.reads += 1
         parsed, ident = read_candidate(path, name, tier)
         if ident is not None:
             self.entries[path] = (ident, parsed)

@@ -29,6 +29,19 @@ from .capabilities import ProbeCache
 from .descriptors import Capabilities, Descriptor, Diagnostic, ProbeError, ProbeResult
 from .flow import ReplyCredit
 from .index import Change, Index
+from .names import (
+    BACKEND_IFACE,
+    BACKEND_PREFIX,
+    DESCRIPTOR_IFACE,
+    DESCRIPTOR_PREFIX,
+    ERROR_PREFIX,
+    INTROSPECTABLE_IFACE,
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    OBJECT_MANAGER_IFACE,
+    PEER_IFACE,
+    PROPERTIES_IFACE,
+)
 from .resolve import resolve
 
 if TYPE_CHECKING:
@@ -36,21 +49,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vhostuserd.service")
 
-BUS_NAME = "org.vhostuserd.Broker1"
-MANAGER_PATH = "/org/vhostuserd/Broker1"
-DESCRIPTOR_PREFIX = MANAGER_PATH + "/descriptor/"
-BACKEND_PREFIX = MANAGER_PATH + "/backend/"
-MANAGER_IFACE = "org.vhostuserd.Broker1.Manager"
-DESCRIPTOR_IFACE = "org.vhostuserd.Broker1.Descriptor"
-BACKEND_IFACE = "org.vhostuserd.Broker1.Backend"
-OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
-ERROR_PREFIX = "org.vhostuserd.Broker1.Error."
-PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 # What a caller may see of another user's backend on the system service (docs/threat-model.md,
 # "Per-caller view"): everything but these, which say what it runs, as whom, and where.
 PRIVATE_BACKEND_PROPERTIES = frozenset({"Argv", "Pid", "Owner", "OwnerUid"})
-INTROSPECTABLE_IFACE = "org.freedesktop.DBus.Introspectable"
-PEER_IFACE = "org.freedesktop.DBus.Peer"
 
 # What one request may carry and one error may say (docs/threat-model.md, "Bounded replies"):
 # no reply may grow with what a caller sends, or a caller that never reads its replies makes
