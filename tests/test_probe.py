@@ -399,6 +399,8 @@ def test_probe_leaks_no_fds_after_many_probes(tmp_path: Path) -> None:
         return before, open_fds()
 
     before, after = with_reaper(body)
-    assert after == before
+    # No fd the probes made is left (fds of earlier tests' objects may be closed meanwhile, by
+    # the garbage collector: only new ones would be a leak).
+    assert sorted(set(after) - set(before)) == []
     for backend in (good, bad_json, failing, flood, lingering):
         assert_nothing_left(backend)
