@@ -22,13 +22,14 @@ later is born inside. Stopping ends the whole cgroup with ``cgroup.kill``.
 
 from __future__ import annotations
 
-import configparser
 import errno
 import hashlib
 import logging
 import os
 import re
 from dataclasses import dataclass, field
+
+from . import sysconf
 
 log = logging.getLogger("vhostuserd.cgroup")
 
@@ -41,7 +42,6 @@ _LAUNCH = (
 CONTROLLERS = ("cpu", "memory", "pids")
 # The admin's limits, SYSCONFDIR/vhostuserd/cgroup.conf: setting -> (cgroup file, controller).
 CONFIG = "vhostuserd/cgroup.conf"
-MAX_CONFIG = 64 * 1024
 LIMIT_FILES = {
     "memory-max": ("memory.max", "memory"),
     "tasks-max": ("pids.max", "pids"),
@@ -80,20 +80,14 @@ def _limit_value(key: str, value: str, where: str) -> str:
 def parse_limits(text: str, path: str) -> dict[str, dict[str, str]]:
     """``[type:TYPE]`` and ``[DESCRIPTOR-NAME]`` sections of memory-max, tasks-max and
     cpu-weight; the values as the cgroup files take them."""
-    parser = configparser.ConfigParser(
-        interpolation=None,
-        default_section="\0none",
-        comment_prefixes=("#", ";"),
-        inline_comment_prefixes=("#", ";"),
-    )
     try:
-        parser.read_string(text, source=path)
-    except configparser.Error as e:
-        raise LimitsError(f"{path}: {str(e).splitlines()[0]}") from None
+        sections = sysconf.parse(text, path)
+    except sysconf.SysconfError as e:
+        raise LimitsError(str(e)) from None
     out: dict[str, dict[str, str]] = {}
-    for section in parser.sections():
+    for section, settings in sections.items():
         values: dict[str, str] = {}
-        for key, value in parser.items(section):
+        for key, value in settings.items():
             if key not in LIMIT_FILES:
                 raise LimitsError(
                     f"{path}: [{section}] {key}: unknown setting ({', '.join(LIMIT_FILES)})"
@@ -105,18 +99,17 @@ def parse_limits(text: str, path: str) -> dict[str, dict[str, str]]:
 
 def limits_for(dtype: str, name: str, sysconfdir: str) -> dict[str, str]:
     """The admin's limits for a backend of descriptor ``name`` (its section over its type's)."""
-    path = os.path.join(sysconfdir, CONFIG)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG + 1)
-    except FileNotFoundError:
+        text, path = sysconf.read(sysconfdir, CONFIG)
+    except sysconf.SysconfError as e:
+        raise LimitsError(str(e)) from None
+    if text is None:
         return {}
-    except OSError as e:
-        raise LimitsError(f"{path}: {e.strerror}") from None
-    if len(raw) > MAX_CONFIG:
-        raise LimitsError(f"{path}: larger than {MAX_CONFIG} bytes")
-    config = parse_limits(raw.decode("utf-8", "replace"), path)
-    return {**config.get(f"type:{dtype}", {}), **config.get(name, {})}
+    config = parse_limits(text, path)
+    merged: dict[str, str] = {}
+    for section in sysconf.sections_for(dtype, name):
+        merged.update(config.get(section, {}))
+    return merged
 
 
 def _read(path: str) -> str | None:

@@ -19,15 +19,14 @@ Pure, except `load`, which reads the file.
 
 from __future__ import annotations
 
-import configparser
-import os
 import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from . import sysconf
+
 CONFIG = "vhostuserd/options.conf"  # under the sysconf tier's root (default /etc)
-MAX_CONFIG = 64 * 1024
 MAX_ARGS = 64
 MAX_RESPAWN = 100
 NAME = re.compile(r"[a-z][a-z0-9-]{0,63}")
@@ -141,20 +140,12 @@ def respawn_limit(value: str, where: str) -> tuple[int, int]:
 
 def parse_config(text: str, path: str) -> dict[str, dict[str, str]]:
     """Validate options.conf: every section's settings, raw but known to be well formed."""
-    parser = configparser.ConfigParser(
-        interpolation=None,
-        default_section="\0none",
-        comment_prefixes=("#", ";"),
-        inline_comment_prefixes=("#", ";"),
-    )
     try:
-        parser.read_string(text, source=path)
-    except configparser.Error as e:
-        raise ExtrasError(f"{path}: {str(e).splitlines()[0]}") from None
-    out: dict[str, dict[str, str]] = {}
-    for section in parser.sections():
+        sections = sysconf.parse(text, path)
+    except sysconf.SysconfError as e:
+        raise ExtrasError(str(e)) from None
+    for section, values in sections.items():
         where = f"{path}: [{section}]"
-        values = dict(parser.items(section))
         for key, value in values.items():
             if key == "fixed":
                 _words(value, f"{where} fixed")
@@ -178,8 +169,7 @@ def parse_config(text: str, path: str) -> dict[str, dict[str, str]]:
                         f"{where} {key}: value {bad[0]!r}: letters, digits and _.:+=/@-, "
                         "not starting with '-', at most 128"
                     )
-        out[section] = values
-    return out
+    return sections
 
 
 def extras_for(
@@ -188,7 +178,7 @@ def extras_for(
     """The extras of descriptor ``name`` of type ``dtype``: ``[type:TYPE]``, then ``[NAME]``."""
     merged: dict[str, str] = {}
     sources = []
-    for section in (f"type:{dtype}", name):
+    for section in sysconf.sections_for(dtype, name):
         if section in config:
             merged.update(config[section])
             sources.append(f"{path} [{section}]")
@@ -237,14 +227,8 @@ def check_value(extras: Extras, name: str, value: object) -> str | None:
 
 def load(sysconfdir: str) -> tuple[dict[str, dict[str, str]], str]:
     """Read and validate ``SYSCONFDIR/vhostuserd/options.conf`` (absent: no extras)."""
-    path = os.path.join(sysconfdir, CONFIG)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG + 1)
-    except FileNotFoundError:
-        return {}, path
-    except OSError as e:
-        raise ExtrasError(f"{path}: {e.strerror}") from None
-    if len(raw) > MAX_CONFIG:
-        raise ExtrasError(f"{path}: larger than {MAX_CONFIG} bytes")
-    return parse_config(raw.decode("utf-8", "replace"), path), path
+        text, path = sysconf.read(sysconfdir, CONFIG)
+    except sysconf.SysconfError as e:
+        raise ExtrasError(str(e)) from None
+    return ({} if text is None else parse_config(text, path)), path

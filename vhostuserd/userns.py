@@ -30,7 +30,6 @@ Two halves:
 
 from __future__ import annotations
 
-import configparser
 import contextlib
 import os
 import pwd
@@ -40,7 +39,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from . import procs
+from . import procs, sysconf
 from .lookup import SUBDIR, Directory
 from .options import IDMAP_MODES as OPTION_MODES
 
@@ -59,7 +58,6 @@ UNSHARE, NSENTER, SETPRIV, SH = (
 )
 USER_FD, MNT_FD = 4, 5
 HOLDER_TIMEOUT_S = 5.0
-MAX_CONFIG = 64 * 1024
 _TRUE, _FALSE = ("yes", "true", "on", "1"), ("no", "false", "off", "0")
 
 
@@ -88,19 +86,11 @@ def parse_config(text: str, path: str) -> dict[str, dict[str, str]]:
     """The admin's settings: ``[type:TYPE]`` and ``[DESCRIPTOR-NAME]`` sections with
     ``userns = yes|no`` and ``idmap = MODE [MODE]`` (the modes allowed, the first the default).
     Raises UsernsError naming the file, the section and the key for anything else."""
-    parser = configparser.ConfigParser(
-        interpolation=None,
-        default_section="\0none",
-        comment_prefixes=("#", ";"),
-        inline_comment_prefixes=("#", ";"),
-    )
     try:
-        parser.read_string(text, source=path)
-    except configparser.Error as e:
-        raise UsernsError("SpawnFailed", f"{path}: {str(e).splitlines()[0]}") from None
-    out: dict[str, dict[str, str]] = {}
-    for section in parser.sections():
-        values = dict(parser.items(section))
+        sections = sysconf.parse(text, path)
+    except sysconf.SysconfError as e:
+        raise UsernsError("SpawnFailed", str(e)) from None
+    for section, values in sections.items():
         for key, value in values.items():
             if key == "userns":
                 if value.lower() not in (*_TRUE, *_FALSE):
@@ -120,8 +110,7 @@ def parse_config(text: str, path: str) -> dict[str, dict[str, str]]:
                 raise UsernsError(
                     "SpawnFailed", f"{path}: [{section}] {key}: unknown setting (userns, idmap)"
                 )
-        out[section] = values
-    return out
+    return sections
 
 
 def policy(
@@ -131,7 +120,7 @@ def policy(
     ``[type:TYPE]`` section, then the descriptor's own section, each key overriding."""
     enabled, source = dtype in DEFAULT_TYPES, "built-in default"
     modes: tuple[str, ...] = (CALLER, SUBIDS)
-    for section in (f"type:{dtype}", name):
+    for section in sysconf.sections_for(dtype, name):
         values = config.get(section, {})
         if "userns" in values:
             enabled, source = values["userns"].lower() in _TRUE, f"{path} [{section}]"
@@ -226,17 +215,11 @@ def primary_gid(uid: int) -> int:
 
 
 def load_config(sysconfdir: str) -> tuple[dict[str, dict[str, str]], str]:
-    path = os.path.join(sysconfdir, CONFIG)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG + 1)
-    except FileNotFoundError:
-        return {}, path
-    except OSError as e:
-        raise UsernsError("SpawnFailed", f"{path}: {e.strerror}") from None
-    if len(raw) > MAX_CONFIG:
-        raise UsernsError("SpawnFailed", f"{path}: larger than {MAX_CONFIG} bytes")
-    return parse_config(raw.decode("utf-8", "replace"), path), path
+        text, path = sysconf.read(sysconfdir, CONFIG)
+    except sysconf.SysconfError as e:
+        raise UsernsError("SpawnFailed", str(e)) from None
+    return ({} if text is None else parse_config(text, path)), path
 
 
 def _read_subids(path: str) -> str:
