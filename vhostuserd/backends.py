@@ -338,7 +338,7 @@ class Spawner:
         self._left_mid_spawn: set[str] = set()
         self._exited_emitted: set[str] = set()
         self._respawned: dict[str, BackendObject] = {}  # a respawned process's id -> its object
-        self.bus.add_message_handler(self._on_signal)
+        self.bus.on_departure.append(self._on_departure)
 
     # ---- bus helpers
 
@@ -396,25 +396,15 @@ class Spawner:
             if not ids:
                 del self._owners[owner]
 
-    def _on_signal(self, msg: Message) -> bool:
-        if (
-            msg.message_type is MessageType.SIGNAL
-            and msg.member == "NameOwnerChanged"
-            and msg.sender == "org.freedesktop.DBus"
-            and len(msg.body) == 3
-            and msg.body[2] == ""
-            and msg.body[0].startswith(":")
-        ):
-            name = msg.body[0]
-            self._callers.pop(name, None)
-            self._departed[name] = None
-            if name in self._spawning:
-                self._left_mid_spawn.add(name)
-            if len(self._departed) > 8192:
-                self._departed.popitem(last=False)
-            if name in self._owners:
-                self.owner_gone(name)
-        return False
+    def _on_departure(self, name: str) -> None:
+        self._callers.pop(name, None)
+        self._departed[name] = None
+        if name in self._spawning:
+            self._left_mid_spawn.add(name)
+        if len(self._departed) > 8192:
+            self._departed.popitem(last=False)
+        if name in self._owners:
+            self.owner_gone(name)
 
     def owner_gone(self, name: str) -> None:
         for backend_id in list(self._owners.get(name, ())):

@@ -192,6 +192,9 @@ class Bus(MessageBus):
         # all for root and holders of manage); None: everyone sees everything (session).
         self.backend_view: Callable[[Message], Awaitable[Callable[[Any], bool]]] | None = None
         self._view_tasks: set[asyncio.Task[None]] = set()
+        # Called with the unique name of each connection that leaves the bus (the daemon
+        # subscribes to those signals once, in Spawner.start).
+        self.on_departure: list[Callable[[str], None]] = []
         self.on_call: Callable[[Message], None] | None = None
         # Calls answered straight from the message handler when no waiting is needed
         # (saves dbus-fast's per-call dispatch and a task); None falls back to the method.
@@ -244,8 +247,13 @@ class Bus(MessageBus):
             and msg.sender == "org.freedesktop.DBus"
             and len(msg.body) == 3
             and msg.body[2] == ""
+            and msg.body[0].startswith(":")
         ):
+            # A connection left the bus: told here, as the signal is read, to everyone who
+            # keeps something per connection.
             self.credit.gone(msg.body[0])
+            for listener in self.on_departure:
+                listener(msg.body[0])
         if msg.message_type is not MessageType.METHOD_CALL:
             return False
         if msg.unix_fds and not self._takes_fds(msg):
