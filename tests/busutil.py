@@ -240,6 +240,16 @@ class Tree:
         return path
 
 
+class RealTree(Tree):
+    """A test tree with /usr/share last in XDG_DATA_DIRS: the machine's Debian descriptors
+    (50-qemu-gpu.json, 50-qemu-virtiofsd.json) come after the test's own."""
+
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        env["XDG_DATA_DIRS"] += ":/usr/share"
+        return env
+
+
 def descriptor(
     btype: str = "gpu", binary: str = "/usr/bin/true", description: str = "test"
 ) -> dict[str, Any]:

@@ -78,6 +78,21 @@ def public_dir(prefix: str) -> Path:
     return d
 
 
+def nobody_workdir(prefix: str) -> Iterator[Path]:
+    """For fixtures: a public directory whose run/ uid 65534 may write (its sockets, QEMU's
+    files); removed afterwards."""
+    d = public_dir(prefix)
+    (d / "run").mkdir()
+    os.chown(d / "run", NOBODY, NOBODY)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def as_nobody(*argv: str) -> list[str]:
+    """``argv`` run as uid 65534 with no supplementary groups."""
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
+
+
 def system_bus(extra_config: str = "") -> PrivateBus:
     """A private dbus-daemon of type system that every uid may connect to."""
     bus = PrivateBus(kind="system", extra_config=extra_config)

@@ -21,7 +21,7 @@ from typing import Any
 
 import guest
 import pytest
-from busutil import VHOSTUSERCTL, Daemon, PrivateBus, Tree
+from busutil import VHOSTUSERCTL, Daemon, PrivateBus, RealTree, Tree
 from helpers_spawn import alive, gone, kill_marked, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -43,15 +43,6 @@ MACHINE = [
     "-S",
     "-nodefaults",
 ]
-
-
-class RealTree(Tree):
-    """The test's tree, with /usr/share last in XDG_DATA_DIRS: the Debian descriptors."""
-
-    def env(self) -> dict[str, str]:
-        env = super().env()
-        env["XDG_DATA_DIRS"] += ":/usr/share"
-        return env
 
 
 def require(*descriptors: str, qemu: bool = True) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
@@ -29,7 +28,15 @@ from pathlib import Path
 import guest
 import pytest
 from busutil import VHOSTUSERCTL, PrivateBus, Tree, wait_for
-from helpers_auth import NOBODY, Callers, ids, public_dir, status, system_daemon
+from helpers_auth import (
+    NOBODY,
+    Callers,
+    as_nobody,
+    ids,
+    nobody_workdir,
+    status,
+    system_daemon,
+)
 from helpers_spawn import alive, gone
 from test_polkit_real import polkitd  # noqa: F401 - the real polkitd, a fixture
 
@@ -77,15 +84,7 @@ def accelerator(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     """A directory uid 65534 can reach: its socket, QEMU's files and its image under run/."""
-    d = public_dir("vhostuserd-guest-blk-")
-    (d / "run").mkdir()
-    os.chown(d / "run", NOBODY, NOBODY)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def as_nobody(*argv: str) -> list[str]:
-    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
+    yield from nobody_workdir("vhostuserd-guest-blk-")
 
 
 def test_guest_reads_and_writes_an_unprivileged_callers_image_through_qsd_from_an_adapter(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import guest
 import pytest
-from busutil import REPO, VHOSTUSERCTL, Daemon, PrivateBus, Tree
+from busutil import REPO, VHOSTUSERCTL, Daemon, PrivateBus, RealTree
 from helpers_spawn import kill_marked
 
 DESCRIPTOR = "50-qemu-virtiofsd.json"
@@ -28,13 +28,6 @@ echo "$TOKEN" > /mnt/from-guest.txt || fail "cannot write to the share"
 umount /mnt
 pass
 """
-
-
-class RealTree(Tree):
-    def env(self) -> dict[str, str]:
-        env = super().env()
-        env["XDG_DATA_DIRS"] += ":/usr/share"
-        return env
 
 
 @pytest.fixture

@@ -21,15 +21,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import guest
 import pytest
-from busutil import VHOSTUSERCTL, PrivateBus, Tree, wait_for
-from helpers_auth import NOBODY, Callers, public_dir, status, system_daemon
+from busutil import VHOSTUSERCTL, PrivateBus, RealTree, wait_for
+from helpers_auth import NOBODY, Callers, nobody_workdir, status, system_daemon
 from helpers_spawn import alive, gone, proc_stat
 from test_polkit_real import polkitd  # noqa: F401 - the real polkitd, a fixture
 
@@ -66,15 +65,6 @@ pass
 """
 
 
-class RealTree(Tree):
-    """The test's tree, with /usr/share last in XDG_DATA_DIRS: the Debian descriptors."""
-
-    def env(self) -> dict[str, str]:
-        env = super().env()
-        env["XDG_DATA_DIRS"] += ":/usr/share"
-        return env
-
-
 @pytest.fixture
 def accelerator(request: pytest.FixtureRequest) -> str:
     reason = guest.why_no_qemu()
@@ -95,11 +85,7 @@ def accelerator(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     """A directory uid 65534 can reach and write: its QEMU's QMP socket and screendumps."""
-    d = public_dir("vhostuserd-guest-gpu-")
-    (d / "run").mkdir()
-    os.chown(d / "run", NOBODY, NOBODY)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    yield from nobody_workdir("vhostuserd-guest-gpu-")
 
 
 def test_guest_draws_on_the_vhost_user_gpu_the_system_service_spawned_for_an_unprivileged_caller(

@@ -24,21 +24,12 @@ from typing import Any
 
 import guest
 import pytest
-from busutil import VHOSTUSERCTL, Daemon, PrivateBus, Tree, wait_for
+from busutil import VHOSTUSERCTL, Daemon, PrivateBus, RealTree, Tree, wait_for
 from helpers_spawn import alive, gone, kill_marked, proc_stat
 
 DESCRIPTOR = "50-qemu-virtiofsd.json"
 REAL_DIR = Path("/usr/share/qemu/vhost-user")
 TAG = "share"
-
-
-class RealTree(Tree):
-    """The test's tree, with /usr/share last in XDG_DATA_DIRS: the Debian descriptors."""
-
-    def env(self) -> dict[str, str]:
-        env = super().env()
-        env["XDG_DATA_DIRS"] += ":/usr/share"
-        return env
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
@@ -28,8 +27,16 @@ from pathlib import Path
 
 import guest
 import pytest
-from busutil import VHOSTUSERCTL, PrivateBus, Tree, wait_for
-from helpers_auth import NOBODY, Callers, ids, public_dir, status, system_daemon
+from busutil import VHOSTUSERCTL, PrivateBus, RealTree, wait_for
+from helpers_auth import (
+    NOBODY,
+    Callers,
+    as_nobody,
+    ids,
+    nobody_workdir,
+    status,
+    system_daemon,
+)
 from helpers_spawn import alive, gone
 from test_polkit_real import polkitd  # noqa: F401 - the real polkitd, a fixture
 
@@ -62,15 +69,6 @@ pass
 """
 
 
-class RealTree(Tree):
-    """The test's tree, with /usr/share last in XDG_DATA_DIRS: the Debian descriptors."""
-
-    def env(self) -> dict[str, str]:
-        env = super().env()
-        env["XDG_DATA_DIRS"] += ":/usr/share"
-        return env
-
-
 @pytest.fixture
 def accelerator(request: pytest.FixtureRequest) -> str:
     reason = guest.why_no_qemu()
@@ -94,15 +92,7 @@ def accelerator(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     """A directory uid 65534 can reach: its socket and QEMU's files under run/, its share."""
-    d = public_dir("vhostuserd-guest-fs-")
-    (d / "run").mkdir()
-    os.chown(d / "run", NOBODY, NOBODY)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def as_nobody(*argv: str) -> list[str]:
-    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
+    yield from nobody_workdir("vhostuserd-guest-fs-")
 
 
 def test_guest_shares_an_unprivileged_callers_folder_through_the_system_services_virtiofsd(
