@@ -148,8 +148,8 @@ async def concurrent_rate(
 
 def one_file_cost(n: int, repeats: int) -> tuple[float, float]:
     """(median update_files seconds, cold rescan seconds) at n descriptors."""
-    from vhostuserd.index import Index
-    from vhostuserd.lookup import Directory
+    from vhostuserd.core.index import Index
+    from vhostuserd.core.lookup import Directory
 
     with tempfile.TemporaryDirectory() as d:
         vu = Path(d) / "qemu/vhost-user"

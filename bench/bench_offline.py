@@ -26,7 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 try:
-    from vhostuserd import lookup, scan
+    from vhostuserd.core import lookup
+    from vhostuserd.edges import scan
 except ImportError:
     # Run by a Python without the project installed: use the project's virtual environment.
     _venv = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "python"
@@ -81,7 +82,7 @@ def vhostuserctl() -> list[str]:
     entry = Path(sys.executable).parent / "vhostuserctl"
     if entry.exists():
         return [str(entry)]
-    return [sys.executable, "-c", "from vhostuserd.cli import main; main()"]
+    return [sys.executable, "-c", "from vhostuserd.cli.main import main; main()"]
 
 
 def run_checked(argv: list[str], env: dict[str, str]) -> str:
@@ -125,7 +126,7 @@ def bench_size(count: int, runs: int) -> dict[str, float]:
         return {
             "cli": median_time(lambda: run_checked(list_argv, env), runs),
             "cli_floor": median_time(
-                lambda: run_checked([sys.executable, "-c", "import vhostuserd.cli"], env), runs
+                lambda: run_checked([sys.executable, "-c", "import vhostuserd.cli.main"], env), runs
             ),
             "scan": median_time(in_process, runs),
             "scan_floor": median_time(floor_stat, runs),

@@ -37,8 +37,8 @@ from busutil import Daemon, PrivateBus, Tree, descriptor
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from vhostuserd import procs
 from vhostuserd.client import BrokerClient
+from vhostuserd.edges import procs
 
 GRACE = 0.5
 
@@ -117,7 +117,7 @@ async def floor_round_trips(address: str, binary: str, n: int) -> list[float]:
 
 def placement_times(n: int) -> tuple[list[float], list[float], str]:
     """(with the cgroup launcher, bare, where) in ms: spawn to exit of /bin/true."""
-    from vhostuserd.cgroup import Cgroups
+    from vhostuserd.edges.cgroup import Cgroups
 
     cg = Cgroups.setup(tempfile.mkdtemp(prefix="vhostuserd-bench-cg-"))
     null = procs.open_devnull()

@@ -10,7 +10,7 @@ import statistics
 import sys
 import time
 
-from vhostuserd import procs, userns
+from vhostuserd.edges import procs, userns
 
 UID = 65534
 

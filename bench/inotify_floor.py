@@ -14,7 +14,7 @@ import sys
 from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
-from vhostuserd import inotify as ino
+from vhostuserd.edges import inotify as ino
 
 FILE_MASK = (
     ino.IN_CREATE

@@ -14,7 +14,7 @@ from helpers_auth import DbusmockPolkit, system_bus
 
 def _nested_cgroups() -> set[Path]:
     """The daemons' "nested" cgroup subtrees (vhostuserd-*) beside this test run's processes."""
-    from vhostuserd import cgroup
+    from vhostuserd.edges import cgroup
 
     mount = cgroup.v2_mount()
     if mount is None:

@@ -25,8 +25,9 @@ from busutil import BUS_NAME, MANAGER_PATH, Tree, await_for, wait_for  # noqa: F
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from vhostuserd import lookup, scan
-from vhostuserd.service import descriptor_path
+from vhostuserd.bus.manager import descriptor_path
+from vhostuserd.core import lookup
+from vhostuserd.edges import scan
 
 T = TypeVar("T")
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vhostuserd import lookup, scan
-from vhostuserd.descriptors import ERROR, Diagnostic
+from vhostuserd.core import lookup
+from vhostuserd.core.descriptors import ERROR, Diagnostic
+from vhostuserd.edges import scan
 
 SUBDIR = Path("qemu/vhost-user")
 NOBODY = 65534
@@ -220,7 +221,7 @@ def vhostuserctl_argv() -> list[str]:
     entry = Path(sys.executable).parent / "vhostuserctl"
     if entry.exists():
         return [str(entry)]
-    return [sys.executable, "-c", "from vhostuserd.cli import main; main()"]
+    return [sys.executable, "-c", "from vhostuserd.cli.main import main; main()"]
 
 
 def run_ctl(

@@ -27,7 +27,7 @@ from busutil import BUS_NAME, MANAGER_PATH, Daemon, Tree, await_for, descriptor,
 from dbus_fast import Message, MessageType, Variant
 
 from vhostuserd.client import BrokerClient
-from vhostuserd.names import MANAGER_IFACE
+from vhostuserd.core.names import MANAGER_IFACE
 
 T = TypeVar("T")
 

@@ -22,9 +22,9 @@ import pytest
 from busutil import VHOSTUSERCTL, Daemon, PrivateBus, Tree, run
 from helpers_spawn import Client, install, kill_marked, listening
 
-from vhostuserd import adapters
-from vhostuserd.descriptors import parse_descriptor
-from vhostuserd.options import OptionError, plan
+from vhostuserd.core import adapters
+from vhostuserd.core.descriptors import parse_descriptor
+from vhostuserd.core.options import OptionError, plan
 
 REPO = Path(__file__).resolve().parent.parent
 QSD_EXAMPLE = REPO / "examples" / "adapters" / "50-qemu-storage-daemon-blk.json"

@@ -26,7 +26,7 @@ from helpers_live import (
     listen,
 )
 
-from vhostuserd.service import descriptor_path
+from vhostuserd.bus.manager import descriptor_path
 
 StartDaemon = Callable[..., Daemon]
 

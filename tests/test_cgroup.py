@@ -29,7 +29,7 @@ from helpers_spawn import (
     wait_none_marked,
 )
 
-from vhostuserd import cgroup
+from vhostuserd.edges import cgroup
 
 StartDaemon = Callable[..., Daemon]
 GRACE = 0.5

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = r"""
 import asyncio, json, os, signal, sys
 sys.path.insert(0, sys.argv[2])
-from vhostuserd import capabilities, procs
+from vhostuserd.edges import probe as capabilities, procs
 
 victim = {}
 

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from dbus_fast.errors import DBusError
 
-from vhostuserd.authority import CheckLimiter
+from vhostuserd.edges.authority import CheckLimiter
 
 
 async def _hold(limiter: CheckLimiter, uid: int, order: list[int], gate: asyncio.Event) -> None:

@@ -34,8 +34,8 @@ from helpers_live import Listener, MatchWatcher, await_for, listen
 from helpers_spawn import install, kill_marked
 
 from vhostuserd import __version__
+from vhostuserd.bus.manager import descriptor_path
 from vhostuserd.client import DescriptorInfo
-from vhostuserd.service import descriptor_path
 
 StartDaemon = Callable[..., Daemon]
 

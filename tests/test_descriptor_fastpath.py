@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vhostuserd import descriptors
+from vhostuserd.core import descriptors
 
 scalars = st.one_of(
     st.none(),

@@ -27,16 +27,16 @@ from busutil import (
     stop_process,
 )
 
-from vhostuserd import completion, manpage
-from vhostuserd.cli import build_parser
-from vhostuserd.descriptors import KNOWN_TYPES
-from vhostuserd.options import OPTIONS
+from vhostuserd.cli import completion, manpage
+from vhostuserd.cli.main import build_parser
+from vhostuserd.core.descriptors import KNOWN_TYPES
+from vhostuserd.core.options import OPTIONS
 
 
 @pytest.mark.parametrize("page", sorted(manpage.PAGES))
 def test_shipped_man_page_is_generated_from_the_parser(page: str) -> None:
     assert (REPO / "man" / page).read_text() == manpage.PAGES[page](), (
-        f"man/{page} is stale: run python -m vhostuserd.manpage man"
+        f"man/{page} is stale: run python -m vhostuserd.cli.manpage man"
     )
 
 
@@ -82,17 +82,19 @@ def test_man_renders_the_page(page: str) -> None:
 
 def test_manpage_help_prints_usage_and_writes_nothing(tmp_path: Path) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "vhostuserd.manpage", "--help"],
+        [sys.executable, "-m", "vhostuserd.cli.manpage", "--help"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    assert r.returncode == 0 and r.stdout.startswith("usage: python -m vhostuserd.manpage DIR"), r
+    assert r.returncode == 0 and r.stdout.startswith(
+        "usage: python -m vhostuserd.cli.manpage DIR"
+    ), r
     assert list(tmp_path.iterdir()) == []
     r = subprocess.run(
-        [sys.executable, "-m", "vhostuserd.manpage", "--bogus"],
+        [sys.executable, "-m", "vhostuserd.cli.manpage", "--bogus"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -211,7 +213,7 @@ def test_every_example_in_the_json_doc_is_valid_output() -> None:
 def test_shipped_completion_is_generated_from_the_parser() -> None:
     assert (REPO / "completions" / "vhostuserctl").read_text() == completion.render(), (
         "completions/vhostuserctl is stale: "
-        "run python -m vhostuserd.completion > completions/vhostuserctl"
+        "run python -m vhostuserd.cli.completion > completions/vhostuserctl"
     )
 
 
@@ -298,7 +300,7 @@ def test_the_readme_python_snippet_runs_as_pasted(
 
 
 def test_the_unit_comment_on_no_new_privileges_says_what_the_code_does() -> None:
-    from vhostuserd.authority import run_as
+    from vhostuserd.edges.authority import run_as
 
     unit = (REPO / "systemd" / "vhostuserd.service").read_text()
     block = re.search(r"^#   NoNewPrivileges=(.*?)\n#   [A-Z]", unit, re.MULTILINE | re.DOTALL)
@@ -324,7 +326,7 @@ def test_the_package_ships_its_licence_changelog_and_type_marker() -> None:
 
 
 def test_the_documented_linger_of_an_exited_backend_is_the_daemons() -> None:
-    from vhostuserd.backends import LINGER_S
+    from vhostuserd.bus.backends import LINGER_S
 
     said = f"{LINGER_S:g} seconds"
     assert said in (REPO / "docs" / "contract.md").read_text()

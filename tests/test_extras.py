@@ -16,9 +16,9 @@ import pytest
 from busutil import PrivateBus, Tree
 from helpers_auth import NOBODY, SPAWN, DbusmockPolkit, SystemSetup, backend_pid, cmdline, setup
 
-from vhostuserd import extras
-from vhostuserd.descriptors import Capabilities, Descriptor
-from vhostuserd.options import OPTIONS, OptionError, plan
+from vhostuserd.core import extras
+from vhostuserd.core.descriptors import Capabilities, Descriptor
+from vhostuserd.core.options import OPTIONS, OptionError, plan
 
 CONF = """\
 # the admin's file

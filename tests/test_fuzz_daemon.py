@@ -38,10 +38,11 @@ from helpers_auth import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vhostuserd import lookup, scan
-from vhostuserd.descriptors import ERROR, MAX_DESCRIPTOR_SIZE
-from vhostuserd.index import Index
-from vhostuserd.options import OPTIONS
+from vhostuserd.core import lookup
+from vhostuserd.core.descriptors import ERROR, MAX_DESCRIPTOR_SIZE
+from vhostuserd.core.index import Index
+from vhostuserd.core.options import OPTIONS
+from vhostuserd.edges import scan
 
 MIN_CASES = 250
 ALLOWED_FREEDESKTOP = {

@@ -18,8 +18,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vhostuserd import lookup, scan
-from vhostuserd.index import Index
+from vhostuserd.core import lookup
+from vhostuserd.core.index import Index
+from vhostuserd.edges import scan
 
 TIERS = ("user", "sysconf", "data")  # most specific first, as search_path orders them
 NAMES = ("10-a.json", "20-b.json", "30-c.json", "b.json")

@@ -34,7 +34,7 @@ from helpers_live import (
     write_atomic,
 )
 
-from vhostuserd.service import descriptor_path
+from vhostuserd.bus.manager import descriptor_path
 
 StartDaemon = Callable[..., Daemon]
 

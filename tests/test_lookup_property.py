@@ -19,8 +19,9 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from vhostuserd import lookup, scan
-from vhostuserd.descriptors import ERROR, WARNING, parse_descriptor
+from vhostuserd.core import lookup
+from vhostuserd.core.descriptors import ERROR, WARNING, parse_descriptor
+from vhostuserd.edges import scan
 
 # ---------------------------------------------------------------- the reference model
 

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 from helpers_lookup import Tree, descriptor, errors, names, run_unprivileged
 
-from vhostuserd import lookup, scan
-from vhostuserd.capabilities import DEFAULT_TIMEOUT, STDOUT_CAP, binary_identity
-from vhostuserd.descriptors import (
+from vhostuserd.core import lookup
+from vhostuserd.core.descriptors import (
     ERROR,
     KNOWN_TYPES,
     MAX_DESCRIPTOR_SIZE,
@@ -33,7 +32,9 @@ from vhostuserd.descriptors import (
     parse_capabilities,
     parse_descriptor,
 )
-from vhostuserd.resolve import resolve
+from vhostuserd.core.resolve import resolve
+from vhostuserd.edges import scan
+from vhostuserd.edges.probe import DEFAULT_TIMEOUT, STDOUT_CAP, binary_identity
 
 
 @pytest.fixture
@@ -253,7 +254,8 @@ def lookup_as_nobody(t: Tree, locked: Path | None = None) -> dict[str, object]:
         locked.chmod(0o111)
     code = (
         "import json\n"
-        "from vhostuserd import lookup, scan\n"
+        "from vhostuserd.core import lookup\n"
+        "from vhostuserd.edges import scan\n"
         f"dirs = lookup.search_path(system=False, sysconfdir={str(t.sysconfdir)!r},"
         f" xdg_data_dirs={t.xdg_data_dirs!r}, xdg_config_home={str(t.config_home)!r},"
         f" home={str(t.home)!r})\n"
@@ -901,8 +903,8 @@ def test_capabilities_cache_identity_changes_with_the_binary(tmp_path: Path) -> 
 
 def test_rule3_symlink_to_dev_null_masks_like_an_empty_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """systemd-style masking: a symlink to /dev/null hides the name, with no error."""
-    from vhostuserd import scan
-    from vhostuserd.lookup import Directory, merge
+    from vhostuserd.core.lookup import Directory, merge
+    from vhostuserd.edges import scan
 
     data = tmp_path / "data"
     etc = tmp_path / "etc"

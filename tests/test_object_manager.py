@@ -24,7 +24,7 @@ from helpers_live import (
     unwrap,
 )
 
-from vhostuserd.service import descriptor_path
+from vhostuserd.bus.manager import descriptor_path
 
 StartDaemon = Callable[..., Daemon]
 

@@ -34,7 +34,7 @@ from helpers_auth import (
     setup,
 )
 
-from vhostuserd import authority
+from vhostuserd.edges import authority
 
 INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 

@@ -43,8 +43,8 @@ from helpers_auth import (
     wait_gone,
 )
 
-from vhostuserd.descriptors import Capabilities, Descriptor
-from vhostuserd.options import OptionError, plan
+from vhostuserd.core.descriptors import Capabilities, Descriptor
+from vhostuserd.core.options import OptionError, plan
 
 Start = Callable[..., SystemSetup]
 

@@ -24,9 +24,9 @@ from helpers_lookup import (
     write_backend,
 )
 
-from vhostuserd import procs
-from vhostuserd.capabilities import STDOUT_CAP, ProbeCache, run_probe
-from vhostuserd.descriptors import Capabilities, ProbeError, ProbeResult
+from vhostuserd.core.descriptors import Capabilities, ProbeError, ProbeResult
+from vhostuserd.edges import procs
+from vhostuserd.edges.probe import STDOUT_CAP, ProbeCache, run_probe
 
 TIMEOUT = 1.0
 # Time a probe may take beyond its timeout: killing, reaping, draining the pipes.

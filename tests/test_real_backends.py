@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from helpers_lookup import run_ctl
 
-from vhostuserd import lookup, procs, scan
-from vhostuserd.capabilities import ProbeCache
-from vhostuserd.descriptors import Capabilities, Descriptor, ProbeResult
+from vhostuserd.core import lookup
+from vhostuserd.core.descriptors import Capabilities, Descriptor, ProbeResult
+from vhostuserd.edges import procs, scan
+from vhostuserd.edges.probe import ProbeCache
 
 REAL_DIR = Path("/usr/share/qemu/vhost-user")
 GPU = REAL_DIR / "50-qemu-gpu.json"

@@ -12,7 +12,7 @@ import signal
 
 from busutil import wait_for
 
-from vhostuserd import procs
+from vhostuserd.edges import procs
 
 
 def _state(pid: int) -> str | None:

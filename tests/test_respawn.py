@@ -19,7 +19,7 @@ import pytest
 from busutil import Daemon, PrivateBus, Tree, run
 from helpers_spawn import Client, await_for, connected_pair, install, kill_marked, listening
 
-from vhostuserd import extras
+from vhostuserd.core import extras
 
 StartDaemon = Callable[..., Daemon]
 

@@ -40,10 +40,10 @@ from helpers_spawn import (
     wait_none_marked,
 )
 
-from vhostuserd import options as spawn_options
 from vhostuserd.client import SpawnFailed
-from vhostuserd.descriptors import Capabilities, Descriptor
-from vhostuserd.names import BACKEND_IFACE
+from vhostuserd.core import options as spawn_options
+from vhostuserd.core.descriptors import Capabilities, Descriptor
+from vhostuserd.core.names import BACKEND_IFACE
 
 StartDaemon = Callable[..., Daemon]
 

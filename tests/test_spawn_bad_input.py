@@ -34,9 +34,9 @@ from helpers_spawn import (
     wait_for,
 )
 
-from vhostuserd import options as spawn_options
 from vhostuserd.client import QuotaExceeded
-from vhostuserd.descriptors import Capabilities, Descriptor
+from vhostuserd.core import options as spawn_options
+from vhostuserd.core.descriptors import Capabilities, Descriptor
 
 
 @dataclass

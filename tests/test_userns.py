@@ -43,10 +43,10 @@ from helpers_auth import (
     wait_gone,
 )
 
-from vhostuserd import userns
-from vhostuserd.descriptors import Capabilities, Descriptor
-from vhostuserd.lookup import Directory
-from vhostuserd.options import OptionError, plan
+from vhostuserd.core.descriptors import Capabilities, Descriptor
+from vhostuserd.core.lookup import Directory
+from vhostuserd.core.options import OptionError, plan
+from vhostuserd.edges import userns
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 SUBID_LOCK = "/run/lock/vhostuserd-tests-subid.lock"
@@ -735,14 +735,14 @@ def test_newuidmap_is_never_executed(
 UNPRIVILEGED = r"""
 import os, subprocess, sys
 sys.path.insert(0, sys.argv[1])
-from vhostuserd import userns
+from vhostuserd.edges import userns
 m = userns.id_map("caller", os.getuid(), os.getgid(), "x", "", "")
 try:
     ns = userns.create(m)
 except userns.UsernsError as e:
     print("ERROR", e)
     sys.exit(3)
-from vhostuserd import procs
+from vhostuserd.edges import procs
 r, w = os.pipe()
 null = os.open("/dev/null", os.O_RDONLY)
 pid = procs.spawn([*ns.prefix, "/bin/sh", "-c", "id -u; id -g; cat /proc/self/uid_map; "
@@ -1047,7 +1047,7 @@ def test_namespaced_backend_is_re_adopted_after_a_sigkilled_daemon_and_stops(
 NO_NAMESPACES = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
-from vhostuserd import userns
+from vhostuserd.edges import userns
 with open("/proc/sys/user/max_user_namespaces", "w") as f:
     f.write("0")
 try:

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from busutil import await_for
 
-from vhostuserd import inotify
-from vhostuserd.index import Change, Index, Watcher
-from vhostuserd.lookup import Directory
+from vhostuserd.core.index import Change, Index, Watcher
+from vhostuserd.core.lookup import Directory
+from vhostuserd.edges import inotify
 
 DOC = json.dumps({"description": "d", "type": "gpu", "binary": "/usr/bin/true"})
 

@@ -22,7 +22,7 @@ from typing import Any, Self
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from .names import (
+from vhostuserd.core.names import (
     BACKEND_IFACE,
     BUS_NAME,
     DESCRIPTOR_IFACE,

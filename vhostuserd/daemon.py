@@ -20,12 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .cgroup import Cgroups
+from vhostuserd import __version__
+from vhostuserd.edges.cgroup import Cgroups
 
 if TYPE_CHECKING:
-    from .lookup import Directory
-    from .service import Broker, Bus
+    from vhostuserd.bus.manager import Broker, Bus
+    from vhostuserd.core.lookup import Directory
 
 log = logging.getLogger("vhostuserd")
 
@@ -249,7 +249,7 @@ class Daemon:
         self.last_activity = self.loop.time()
 
     def _dirs(self) -> tuple[Directory, ...]:
-        from .lookup import search_path
+        from vhostuserd.core.lookup import search_path
 
         env = os.environ
         return search_path(
@@ -263,7 +263,7 @@ class Daemon:
     async def _connect(self) -> Bus:
         from dbus_fast import BusType
 
-        from .service import Bus
+        from vhostuserd.bus.manager import Bus
 
         where = {"system": "the system bus", "user": "the session bus"}.get(
             self.opts.bus, f"bus address {self.opts.address}"
@@ -286,8 +286,8 @@ class Daemon:
     async def _own_name(self, bus: Bus) -> None:
         from dbus_fast import Message, NameFlag, RequestNameReply
 
-        from .backends import DBUS
-        from .names import BUS_NAME
+        from vhostuserd.bus.backends import DBUS
+        from vhostuserd.core.names import BUS_NAME
 
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
         if reply in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
@@ -322,13 +322,13 @@ class Daemon:
         self.last_activity = self.loop.time()
 
     async def run(self) -> int:
-        from . import procs
-        from .authority import Authority, untrusted_reason
-        from .backends import Spawner
-        from .capabilities import ProbeCache
-        from .index import Index, Watcher
-        from .service import Broker
-        from .supervisor import Supervisor
+        from vhostuserd.bus.backends import Spawner
+        from vhostuserd.bus.manager import Broker
+        from vhostuserd.core.index import Index, Watcher
+        from vhostuserd.edges import procs
+        from vhostuserd.edges.authority import Authority, untrusted_reason
+        from vhostuserd.edges.probe import ProbeCache
+        from vhostuserd.edges.supervisor import Supervisor
 
         reaper = procs.Reaper(self.loop)
         reaper.install(subreaper=True)
@@ -442,8 +442,8 @@ class Daemon:
         """Return once idle and our name is released with every queued call answered."""
         from dbus_fast import Message, MessageType
 
-        from .backends import DBUS
-        from .names import BUS_NAME
+        from vhostuserd.bus.backends import DBUS
+        from vhostuserd.core.names import BUS_NAME
 
         timeout = self.opts.idle_timeout
         while True:

@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 
-from . import DEMO_TYPES
+from vhostuserd.demo import DEMO_TYPES
 
 LISTENING_TYPES = {"block", "fs", "scsi"}
 # The command-line options of QEMU's contrib backends and virtiofsd, per type.

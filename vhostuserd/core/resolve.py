@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .descriptors import Capabilities, Descriptor, ProbeError, ProbeResult
+from vhostuserd.core.descriptors import Capabilities, Descriptor, ProbeError, ProbeResult
 
 # At most this many rejections are spelled out: the rest are counted (an error reply must not
 # grow with the index).

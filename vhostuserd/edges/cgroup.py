@@ -29,7 +29,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from . import sysconf
+from vhostuserd.core import sysconf
 
 log = logging.getLogger("vhostuserd.cgroup")
 

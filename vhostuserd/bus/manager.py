@@ -24,12 +24,17 @@ from dbus_fast.aio.message_bus import _MessageWriter
 from dbus_fast.errors import DBusError
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
-from . import __version__
-from .capabilities import ProbeCache
-from .descriptors import Capabilities, Descriptor, Diagnostic, ProbeError, ProbeResult
-from .flow import ReplyCredit
-from .index import Change, Index
-from .names import (
+from vhostuserd import __version__
+from vhostuserd.core.descriptors import (
+    Capabilities,
+    Descriptor,
+    Diagnostic,
+    ProbeError,
+    ProbeResult,
+)
+from vhostuserd.core.flow import ReplyCredit
+from vhostuserd.core.index import Change, Index
+from vhostuserd.core.names import (
     BACKEND_IFACE,
     BACKEND_PREFIX,
     DESCRIPTOR_IFACE,
@@ -42,10 +47,11 @@ from .names import (
     PEER_IFACE,
     PROPERTIES_IFACE,
 )
-from .resolve import resolve
+from vhostuserd.core.resolve import resolve
+from vhostuserd.edges.probe import ProbeCache
 
 if TYPE_CHECKING:
-    from .backends import Spawner
+    from vhostuserd.bus.backends import Spawner
 
 log = logging.getLogger("vhostuserd.service")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .descriptors import Descriptor, Diagnostic, Parsed
+from vhostuserd.core.descriptors import Descriptor, Diagnostic, Parsed
 
 SUBDIR = "qemu/vhost-user"
 DEFAULT_DATA_DIRS = "/usr/local/share:/usr/share"

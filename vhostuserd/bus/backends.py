@@ -26,8 +26,12 @@ from dbus_fast import Message, MessageType, PropertyAccess, Variant
 from dbus_fast.errors import DBusError
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
-from . import cgroup, extras, userns
-from .authority import (
+from vhostuserd.core import extras
+from vhostuserd.core.descriptors import Capabilities
+from vhostuserd.core.names import BACKEND_IFACE, BACKEND_PREFIX
+from vhostuserd.core.options import OPTIONS, OptionError, SpawnPlan, plan, socket_kind_error
+from vhostuserd.edges import cgroup, userns
+from vhostuserd.edges.authority import (
     MANAGE,
     SPAWN,
     SPAWN_DEVICE,
@@ -39,13 +43,10 @@ from .authority import (
     run_as,
     untrusted_reason,
 )
-from .descriptors import Capabilities
-from .names import BACKEND_IFACE, BACKEND_PREFIX
-from .options import OPTIONS, OptionError, SpawnPlan, plan, socket_kind_error
-from .supervisor import EXITED, Backend, SpawnError, Supervisor
+from vhostuserd.edges.supervisor import EXITED, Backend, SpawnError, Supervisor
 
 if TYPE_CHECKING:
-    from .service import Broker
+    from vhostuserd.bus.manager import Broker
 
 log = logging.getLogger("vhostuserd.backends")
 
@@ -63,7 +64,7 @@ _O_PATH = getattr(os, "O_PATH", 0o10000000)
 
 
 def _error(name: str, message: str) -> Exception:
-    from .service import error
+    from vhostuserd.bus.manager import error
 
     return error(name, message)
 
@@ -417,7 +418,7 @@ class Spawner:
 
     async def may_manage(self, b: Backend, verb: str) -> None:
         """The owner uid and root may act on a backend; others need org.vhostuserd.manage."""
-        from .service import current_message
+        from vhostuserd.bus.manager import current_message
 
         msg = current_message.get()
         caller = await self.caller(msg.sender)
@@ -487,7 +488,7 @@ class Spawner:
     # ---- methods
 
     async def spawn(self, name: str, options: dict[str, Variant], fd: int) -> str:
-        from .service import current_message
+        from vhostuserd.bus.manager import current_message
 
         msg = current_message.get()
         sender = msg.sender
@@ -604,7 +605,7 @@ class Spawner:
 
     async def list_backends(self) -> list[dict[str, Variant]]:
         """The caller's own backends; everyone's for root and for holders of manage."""
-        from .service import current_message
+        from vhostuserd.bus.manager import current_message
 
         msg = current_message.get()
         caller = await self.caller(msg.sender)

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import extras as admin_extras
-from .descriptors import Capabilities, Descriptor
-from .extras import Extras
+from vhostuserd.core import extras as admin_extras
+from vhostuserd.core.descriptors import Capabilities, Descriptor
+from vhostuserd.core.extras import Extras
 
 MAX_OPTIONS = 16
 MAX_STRING = 4096
@@ -173,7 +173,7 @@ def plan(
             raise OptionError("InvalidOption", f"option 'settle-ms': at most {MAX_SETTLE_MS}")
         values[name] = value
     if d.adapter is not None:  # the admin's argv template (`adapters`), not the conventions'
-        from . import adapters
+        from vhostuserd.core import adapters
 
         argv = adapters.argv(d.adapter, d.binary, d.name, values)
     else:

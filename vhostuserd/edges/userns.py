@@ -39,9 +39,10 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from . import procs, sysconf
-from .lookup import SUBDIR, Directory
-from .options import IDMAP_MODES as OPTION_MODES
+from vhostuserd.core import sysconf
+from vhostuserd.core.lookup import SUBDIR, Directory
+from vhostuserd.core.options import IDMAP_MODES as OPTION_MODES
+from vhostuserd.edges import procs
 
 CALLER, SUBIDS = "caller", "subids"
 IDMAP_MODES = OPTION_MODES  # the `idmap` Spawn option's values

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import procs
-from .descriptors import ProbeError, ProbeResult, parse_capabilities
+from vhostuserd.core.descriptors import ProbeError, ProbeResult, parse_capabilities
+from vhostuserd.edges import procs
 
 STDOUT_CAP = 64 * 1024
 STDERR_KEEP = 4 * 1024

@@ -40,9 +40,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import procs
-from .authority import SETPRIV
-from .cgroup import Cgroups, Usage
+from vhostuserd.edges import procs
+from vhostuserd.edges.authority import SETPRIV
+from vhostuserd.edges.cgroup import Cgroups, Usage
 
 log = logging.getLogger("vhostuserd.supervisor")
 

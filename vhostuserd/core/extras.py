@@ -24,7 +24,7 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from . import sysconf
+from vhostuserd.core import sysconf
 
 CONFIG = "vhostuserd/options.conf"  # under the sysconf tier's root (default /etc)
 MAX_ARGS = 64

@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
-from .names import ERROR_PREFIX
+from vhostuserd import __version__
+from vhostuserd.core.names import ERROR_PREFIX
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -100,7 +100,7 @@ def print_one(d: dict[str, Any], as_json: bool) -> None:
 
 
 def print_backends(items: list[dict[str, Any]], as_json: bool) -> None:
-    from .client import exit_text
+    from vhostuserd.client import exit_text
 
     if as_json:
         print_json(items)
@@ -148,7 +148,7 @@ def print_backends(items: list[dict[str, Any]], as_json: bool) -> None:
 
 def accounting_cells(b: dict[str, Any]) -> list[str]:
     """CPU time, memory current/peak and tasks of a backend's cgroup; "-" where not measured."""
-    from .cgroup import format_bytes, format_usec
+    from vhostuserd.edges.cgroup import format_bytes, format_usec
 
     cpu = format_usec(b["cpu_usec"]) if b.get("cpu_usec") is not None else "-"
     mem = "-"
@@ -183,7 +183,7 @@ def shadow_notes(
 
 def unknown_type(btype: str) -> str | None:
     """The message for a backend type no descriptor schema knows, or None for a known one."""
-    from .descriptors import KNOWN_TYPES
+    from vhostuserd.core.descriptors import KNOWN_TYPES
 
     if btype in KNOWN_TYPES:
         return None
@@ -194,7 +194,7 @@ def unknown_type(btype: str) -> str | None:
 
 
 def _offline(args: argparse.Namespace) -> Any:
-    from .offline import OfflineLookup, default_search_path
+    from vhostuserd.local import OfflineLookup, default_search_path
 
     return OfflineLookup(
         default_search_path(system=args.bus == "system", sysconfdir=args.sysconfdir)
@@ -202,7 +202,7 @@ def _offline(args: argparse.Namespace) -> Any:
 
 
 def offline_list(args: argparse.Namespace) -> int:
-    from .offline import descriptor_dict
+    from vhostuserd.local import descriptor_dict
 
     lookup = _offline(args)
     items = [
@@ -232,7 +232,7 @@ def _offline_named(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def offline_show(args: argparse.Namespace) -> int:
-    from .offline import descriptor_dict
+    from vhostuserd.local import descriptor_dict
 
     lookup, d = _offline_named(args)
     print_one(descriptor_dict(d, lookup.probe_each([d])[0]), args.json)
@@ -240,7 +240,7 @@ def offline_show(args: argparse.Namespace) -> int:
 
 
 def offline_capabilities(args: argparse.Namespace) -> int:
-    from .descriptors import ProbeError
+    from vhostuserd.core.descriptors import ProbeError
 
     lookup, d = _offline_named(args)
     caps = lookup.probe_each([d])[0]
@@ -251,7 +251,7 @@ def offline_capabilities(args: argparse.Namespace) -> int:
 
 
 def offline_resolve(args: argparse.Namespace) -> int:
-    from .offline import descriptor_dict
+    from vhostuserd.local import descriptor_dict
 
     lookup = _offline(args)
     resolution, probed = lookup.resolve(args.type, args.feature)
@@ -276,9 +276,9 @@ def diag_json(d: Any) -> dict[str, str]:
 
 
 def check(args: argparse.Namespace) -> int:
-    from . import scan
-    from .descriptors import ERROR, Diagnostic, Parsed
-    from .offline import OfflineLookup, default_search_path
+    from vhostuserd.core.descriptors import ERROR, Diagnostic, Parsed
+    from vhostuserd.edges import scan
+    from vhostuserd.local import OfflineLookup, default_search_path
 
     files: list[tuple[str, Parsed]] = []
     extra: list[Diagnostic] = []
@@ -297,7 +297,7 @@ def check(args: argparse.Namespace) -> int:
             else:
                 files.append((path, parsed))
     else:
-        from .lookup import shadowed
+        from vhostuserd.core.lookup import shadowed
 
         dirs = default_search_path(system=args.bus == "system", sysconfdir=args.sysconfdir)
         listings = scan.list_all(dirs)
@@ -312,7 +312,7 @@ def check(args: argparse.Namespace) -> int:
         valid = [p.descriptor for _, p in files if p.descriptor is not None]
         # One result per file: files in different tiers may share a name (the shadowing case).
         by_path = {d.path: r for d, r in zip(valid, lookup.probe_each(valid), strict=True)}
-        from .descriptors import ProbeError
+        from vhostuserd.core.descriptors import ProbeError
 
         probe_errors = {p: str(r) for p, r in by_path.items() if isinstance(r, ProbeError)}
     report = []
@@ -414,13 +414,13 @@ def _offline_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _types() -> str:
-    from .descriptors import KNOWN_TYPES
+    from vhostuserd.core.descriptors import KNOWN_TYPES
 
     return ", ".join(sorted(KNOWN_TYPES))
 
 
 def _option_keys() -> str:
-    from .options import OPTIONS
+    from vhostuserd.core.options import OPTIONS
 
     out = []
     for key, spec in OPTIONS.items():
@@ -638,7 +638,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             return check(args)
         if getattr(args, "offline", False):
             return OFFLINE[args.command](args)
-        from .online import run_online
+        from vhostuserd.cli.online import run_online
 
         return run_online(args)
     except Failure as e:

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from .cli import (
+from vhostuserd.cli.main import (
     EXIT_FAILED,
     EXIT_OK,
     Failure,
@@ -30,7 +30,7 @@ from .cli import (
     shadow_notes,
     unknown_type,
 )
-from .client import (
+from vhostuserd.client import (
     BrokerClient,
     BrokerError,
     Event,
@@ -133,8 +133,8 @@ async def _monitor(c: BrokerClient, a: argparse.Namespace) -> int:
 
 
 def _parse_options(pairs: list[str], detach: bool) -> dict[str, Any]:
-    from .client import option_variant
-    from .options import OPTIONS
+    from vhostuserd.client import option_variant
+    from vhostuserd.core.options import OPTIONS
 
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -382,7 +382,7 @@ async def _spawn(c: BrokerClient, a: argparse.Namespace) -> int:
     # --exec: one end to the backend, the other to CMD as fd 3.
     import shutil
 
-    from . import procs
+    from vhostuserd.edges import procs
 
     argv = [arg.replace("{fd}", "3") for arg in a.cmd]
     exe = shutil.which(argv[0])

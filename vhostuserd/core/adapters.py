@@ -33,7 +33,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .options import CONNECTED, LISTENING, OPTIONS, SOCKET_FD, SOCKET_KIND, OptionError
+from vhostuserd.core.options import (
+    CONNECTED,
+    LISTENING,
+    OPTIONS,
+    SOCKET_FD,
+    SOCKET_KIND,
+    OptionError,
+)
 
 KEY = "x-vhostuserd-adapter"
 TRUSTED_TIERS = ("data", "sysconf", "check")  # "check": `vhostuserctl check FILE`, never run

@@ -19,9 +19,9 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from . import inotify, scan
-from .descriptors import ERROR, Descriptor, Diagnostic, Parsed
-from .lookup import Directory, Listing, sort_key
+from vhostuserd.core.descriptors import ERROR, Descriptor, Diagnostic, Parsed
+from vhostuserd.core.lookup import Directory, Listing, sort_key
+from vhostuserd.edges import inotify, scan
 
 log = logging.getLogger("vhostuserd.index")
 

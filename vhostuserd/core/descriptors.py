@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from jsonschema.protocols import Validator
 
-    from .adapters import Adapter
+    from vhostuserd.core.adapters import Adapter
 
 MAX_DESCRIPTOR_SIZE = 1024 * 1024
 """Descriptor files larger than this are rejected (rule 6), as libvirt does."""
@@ -285,7 +285,7 @@ def parse_descriptor(data: bytes, *, path: str, name: str, tier: str) -> Parsed:
         )
     adapter = None
     if "x-vhostuserd-adapter" in document:
-        from . import adapters
+        from vhostuserd.core import adapters
 
         try:
             adapter = adapters.parse(document[adapters.KEY], btype, tier)

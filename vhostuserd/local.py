@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import procs, scan
-from .capabilities import ProbeCache
-from .descriptors import Capabilities, Descriptor, ProbeError, ProbeResult
-from .lookup import Directory, LookupResult, merge, search_path
-from .resolve import Resolution, resolve
+from vhostuserd.core.descriptors import Capabilities, Descriptor, ProbeError, ProbeResult
+from vhostuserd.core.lookup import Directory, LookupResult, merge, search_path
+from vhostuserd.core.resolve import Resolution, resolve
+from vhostuserd.edges import procs, scan
+from vhostuserd.edges.probe import ProbeCache
 
 
 def default_search_path(*, system: bool, sysconfdir: str = "/etc") -> tuple[Directory, ...]:
@@ -33,7 +33,7 @@ def default_search_path(*, system: bool, sysconfdir: str = "/etc") -> tuple[Dire
 def descriptor_dict(d: Descriptor, caps: ProbeResult | None) -> dict[str, Any]:
     """The Descriptor object of docs/json.md, as the daemon's would be (``object`` null:
     offline, there is no D-Bus object)."""
-    from .client import descriptor_json
+    from vhostuserd.client import descriptor_json
 
     return descriptor_json(
         name=d.name,

@@ -14,7 +14,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .descriptors import (
+from vhostuserd.core.descriptors import (
     ERROR,
     MASKED,
     MAX_DESCRIPTOR_SIZE,
@@ -24,7 +24,7 @@ from .descriptors import (
     broken,
     parse_descriptor,
 )
-from .lookup import Directory, Listing
+from vhostuserd.core.lookup import Directory, Listing
 
 Identity = tuple[int, int, int, int, int]
 _DEV_NULL = os.makedev(1, 3)

@@ -1,7 +1,7 @@
 """Man pages for ``vhostuserd`` (8) and ``vhostuserctl`` (1), made from the same argparse
 parsers that print ``--help``, so the two cannot drift apart.
 
-    python -m vhostuserd.manpage man/      # write man/vhostuserd.8 and man/vhostuserctl.1
+    python -m vhostuserd.cli.manpage man/      # write man/vhostuserd.8 and man/vhostuserctl.1
 
 tests/test_docs.py checks that the shipped pages equal what this produces (the README says
 when to run it).
@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import __version__
+from vhostuserd import __version__
 
 DATE = "2026-11"
 
@@ -118,7 +118,7 @@ records of running backends (\\-\\-state\\-dir), so a restarted daemon re\\-adop
 
 
 def vhostuserd_page() -> str:
-    from .daemon import build_parser
+    from vhostuserd.daemon import build_parser
 
     p = build_parser()
     return _page(
@@ -168,7 +168,7 @@ PER_COMMAND = ("--system", "--user", "--address", "--json", "--allow-interactive
 
 
 def vhostuserctl_page() -> str:
-    from .cli import build_parser
+    from vhostuserd.cli.main import build_parser
 
     p = build_parser()
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
@@ -228,7 +228,9 @@ def vhostuserctl_page() -> str:
 PAGES = {"vhostuserd.8": vhostuserd_page, "vhostuserctl.1": vhostuserctl_page}
 
 
-USAGE = "usage: python -m vhostuserd.manpage DIR   (writes DIR/vhostuserd.8 and DIR/vhostuserctl.1)"
+USAGE = (
+    "usage: python -m vhostuserd.cli.manpage DIR   (writes DIR/vhostuserd.8 and DIR/vhostuserctl.1)"
+)
 
 
 def main(argv: list[str] | None = None) -> None:
