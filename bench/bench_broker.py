@@ -10,8 +10,8 @@ Rows:
                one core, started and stopped here). Ours and the floor alternate in blocks of
                100 calls, so that whatever else the machine does falls on both alike
   concurrent   50 clients x 200 Resolve: errors and calls/s vs the same load on the no-op
-  one-file     Index.update_files after one file changed, at 100 vs 10,000 descriptors
-  cold-scan    Index.rescan of 10,000 descriptors from nothing
+  one-file     Feed.update_files after one file changed, at 100 vs 10,000 descriptors
+  cold-scan    Feed.rescan of 10,000 descriptors from nothing
   activation   first call on a bus where the daemon is not running (D-Bus activation) to
                its reply, vs `python -c 'import asyncio'`
   rss          daemon RSS when idle with the demo descriptor set
@@ -150,6 +150,7 @@ def one_file_cost(n: int, repeats: int) -> tuple[float, float]:
     """(median update_files seconds, cold rescan seconds) at n descriptors."""
     from vhostuserd.core.index import Index
     from vhostuserd.core.lookup import Directory
+    from vhostuserd.edges.watch import Feed
 
     with tempfile.TemporaryDirectory() as d:
         vu = Path(d) / "qemu/vhost-user"
@@ -159,16 +160,16 @@ def one_file_cost(n: int, repeats: int) -> tuple[float, float]:
             (vu / f"{i:05d}-gpu.json").write_text(body)
         dirs = [Directory("sysconf", str(vu))]
         t0 = time.perf_counter()
-        index = Index(dirs)
-        index.rescan()
+        feed = Feed(Index(dirs))
+        feed.rescan()
         cold = time.perf_counter() - t0
-        assert len(index.descriptors) == n
+        assert len(feed.index.descriptors) == n
         times = []
         target = vu / f"{n // 2:05d}-gpu.json"
         for i in range(repeats):
             target.write_text(json.dumps(descriptor("gpu", "/usr/bin/true", f"r{i}")))
             t0 = time.perf_counter()
-            change = index.update_files([str(target)])
+            change = feed.update_files([str(target)])
             times.append(time.perf_counter() - t0)
             assert change.changed
         return statistics.median(times), cold
@@ -357,7 +358,7 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
             "ms",
             big / small,
             big / small <= 2,
-            "Index.update_files, median",
+            "Feed.update_files, median",
         )
         row(
             "P3 cold scan 10k",
@@ -367,7 +368,7 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
             "s",
             None,
             cold <= 1.0,
-            "Index.rescan from nothing",
+            "Feed.rescan from nothing",
         )
         act, fl = cold_activation(tree, 3 if quick else 5)
         a, f = statistics.median(act), statistics.median(fl)

@@ -24,7 +24,8 @@ from helpers_spawn import Client, install, kill_marked, listening
 
 from vhostuserd.core import adapters
 from vhostuserd.core.descriptors import parse_descriptor
-from vhostuserd.core.options import OptionError, plan
+from vhostuserd.core.options import plan
+from vhostuserd.core.optiontable import OptionError
 
 REPO = Path(__file__).resolve().parent.parent
 QSD_EXAMPLE = REPO / "examples" / "adapters" / "50-qemu-storage-daemon-blk.json"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers_lookup import Tree, capabilities_backend, descriptor, run_ctl, write_backend
 
-from vhostuserd.cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from vhostuserd.cli.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 # docs/json.md: every key of a Descriptor is always there, null when unknown.
 DICT_KEYS = {

@@ -30,7 +30,7 @@ from busutil import (
 from vhostuserd.cli import completion, manpage
 from vhostuserd.cli.main import build_parser
 from vhostuserd.core.descriptors import KNOWN_TYPES
-from vhostuserd.core.options import OPTIONS
+from vhostuserd.core.optiontable import OPTIONS
 
 
 @pytest.mark.parametrize("page", sorted(manpage.PAGES))

@@ -18,7 +18,8 @@ from helpers_auth import NOBODY, SPAWN, DbusmockPolkit, SystemSetup, backend_pid
 
 from vhostuserd.core import extras
 from vhostuserd.core.descriptors import Capabilities, Descriptor
-from vhostuserd.core.options import OPTIONS, OptionError, plan
+from vhostuserd.core.options import plan
+from vhostuserd.core.optiontable import OPTIONS, OptionError
 
 CONF = """\
 # the admin's file

@@ -41,8 +41,9 @@ from hypothesis import strategies as st
 from vhostuserd.core import lookup
 from vhostuserd.core.descriptors import ERROR, MAX_DESCRIPTOR_SIZE
 from vhostuserd.core.index import Index
-from vhostuserd.core.options import OPTIONS
+from vhostuserd.core.optiontable import OPTIONS
 from vhostuserd.edges import scan
+from vhostuserd.edges.watch import Feed
 
 MIN_CASES = 250
 ALLOWED_FREEDESKTOP = {
@@ -507,8 +508,9 @@ def test_fuzz_scan_and_merge_never_raise_and_explain_every_rejection(
                 assert errors.count(path) == 1, (path, result.diagnostics)
         # What the daemon serves (the live index) is the same, except for names that are
         # not UTF-8: D-Bus cannot carry them, so they are reported instead, once each.
-        index = Index(dirs)
-        index.rescan()
+        feed = Feed(Index(dirs))
+        index = feed.index
+        feed.rescan()
         unsendable = {d.name for d in result.descriptors if not _sendable(d.path)}
         assert [d for d in index.descriptors] == [
             d for d in result.descriptors if d.name not in unsendable

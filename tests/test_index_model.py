@@ -1,10 +1,10 @@
 """The live index agrees with the pure merge after any sequence of file changes.
 
-`vhostuserd.index.Index` updates one name at a time as files change; `lookup.merge` of a
-fresh `scan.list_all` is the reference (index.py says so). Hypothesis drives random
-sequences of real file operations in three directories of different tiers and checks,
-after every step, descriptors, diagnostics, and that the generation moves exactly when
-the effective descriptors changed. In-process and bus-free.
+`vhostuserd.core.index.Index`, fed by `vhostuserd.edges.watch.Feed`, updates one name at a time
+as files change; `lookup.merge` of a fresh `scan.list_all` is the reference (index.py says
+so). Hypothesis drives random sequences of real file operations in three directories of
+different tiers and checks, after every step, descriptors, diagnostics, and that the
+generation moves exactly when the effective descriptors changed. In-process and bus-free.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from vhostuserd.core import lookup
 from vhostuserd.core.index import Index
 from vhostuserd.edges import scan
+from vhostuserd.edges.watch import Feed
 
 TIERS = ("user", "sysconf", "data")  # most specific first, as search_path orders them
 NAMES = ("10-a.json", "20-b.json", "30-c.json", "b.json")
@@ -79,8 +80,9 @@ def test_index_equals_a_fresh_merge_after_every_step(
         for ops in initial:
             for i, name, op in ops:
                 apply(Path(dirs[i].path) / name, op)
-        index = Index(dirs)
-        index.rescan()
+        feed = Feed(Index(dirs))
+        index = feed.index
+        feed.rescan()
 
         def check(where: str) -> None:
             ref = lookup.merge(scan.list_all(dirs))
@@ -105,7 +107,7 @@ def test_index_equals_a_fresh_merge_after_every_step(
                     f"{dirs[1].path}/README",
                     f"{root}/elsewhere/{NAMES[0]}",
                 ]
-            change = index.update_files(paths)
+            change = feed.update_files(paths)
             where = f"after step {n}: {ops}"
             check(where)
             changed = index.descriptors != before_descriptors
@@ -123,6 +125,6 @@ def test_index_equals_a_fresh_merge_after_every_step(
             ), where
         # A full rescan at the end finds nothing the incremental updates missed.
         generation = index.generation
-        assert not index.rescan().effective
+        assert not feed.rescan().effective
         assert index.generation == generation
         check("after the final rescan")

@@ -44,7 +44,8 @@ from helpers_auth import (
 )
 
 from vhostuserd.core.descriptors import Capabilities, Descriptor
-from vhostuserd.core.options import OptionError, plan
+from vhostuserd.core.options import plan
+from vhostuserd.core.optiontable import OptionError
 
 Start = Callable[..., SystemSetup]
 

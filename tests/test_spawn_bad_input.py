@@ -36,6 +36,7 @@ from helpers_spawn import (
 
 from vhostuserd.client import QuotaExceeded
 from vhostuserd.core import options as spawn_options
+from vhostuserd.core import optiontable
 from vhostuserd.core.descriptors import Capabilities, Descriptor
 
 
@@ -345,7 +346,7 @@ def test_a_nul_in_a_path_option_is_refused_by_the_option_rules() -> None:
     # before the daemon sees it), so the rule is checked on options.plan directly.
     d = Descriptor("50-input.json", "/x/50-input.json", "data", "input", "x", "/usr/libexec/x")
     caps = Capabilities("input", ("evdev-path",), "{}")
-    with pytest.raises(spawn_options.OptionError) as e:
+    with pytest.raises(optiontable.OptionError) as e:
         spawn_options.plan(d, caps, {"evdev-path": ("s", "/dev/input/event0\0--grab")})
     assert (
         e.value.kind == "InvalidOption" and "'evdev-path'" in str(e.value) and "NUL" in str(e.value)

@@ -45,7 +45,8 @@ from helpers_auth import (
 
 from vhostuserd.core.descriptors import Capabilities, Descriptor
 from vhostuserd.core.lookup import Directory
-from vhostuserd.core.options import OptionError, plan
+from vhostuserd.core.options import plan
+from vhostuserd.core.optiontable import OptionError
 from vhostuserd.edges import userns
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"

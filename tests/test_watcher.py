@@ -1,4 +1,4 @@
-"""The directory watcher on its own, in-process: `vhostuserd.index.Watcher` over a real
+"""The directory watcher on its own, in-process: `vhostuserd.edges.watch.Watcher` over a real
 `Index`, real directories and real inotify, on a real asyncio loop (no bus, no mock).
 
 What the live tests (test_live_index.py) cannot provoke from outside the daemon is proved
@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 from busutil import await_for
 
-from vhostuserd.core.index import Change, Index, Watcher
+from vhostuserd.core.index import Change, Index
 from vhostuserd.core.lookup import Directory
 from vhostuserd.edges import inotify
+from vhostuserd.edges.watch import Feed, Watcher
 
 DOC = json.dumps({"description": "d", "type": "gpu", "binary": "/usr/bin/true"})
 
@@ -41,10 +42,11 @@ def watching(root: Path, body: Callable[[Index, Watcher, list[Change]], Awaitabl
     """Run ``body`` with a watcher armed over two tiers under ``root``."""
 
     async def main() -> None:
-        index = Index(tiers(root))
-        index.rescan()
+        feed = Feed(Index(tiers(root)))
+        index = feed.index
+        feed.rescan()
         changes: list[Change] = []
-        watcher = Watcher(index, changes.append)
+        watcher = Watcher(feed, changes.append)
         stop = asyncio.Event()
         task = asyncio.ensure_future(watcher.run(stop))
         await await_for(lambda: watcher.batches >= 1 or task.done(), "the watcher to arm")

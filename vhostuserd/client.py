@@ -22,6 +22,7 @@ from typing import Any, Self
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from vhostuserd.core.descriptors import descriptor_json
 from vhostuserd.core.names import (
     BACKEND_IFACE,
     BUS_NAME,
@@ -167,35 +168,6 @@ class DescriptorInfo:
             features=None if self.features is None else list(self.features),
             probe_error=self.probe_error,
         )
-
-
-def descriptor_json(
-    *,
-    name: str,
-    path: str,
-    tier: str,
-    type: str,
-    description: str,
-    binary: str,
-    tags: list[str],
-    object: str | None,
-    features: list[str] | None,
-    probe_error: str | None,
-) -> dict[str, Any]:
-    """The one JSON shape of a descriptor (docs/json.md), online and offline alike."""
-    return {
-        "name": name,
-        "path": path,
-        "tier": tier,
-        "type": type,
-        "description": description,
-        "binary": binary,
-        "tags": tags,
-        "object": object,
-        "probed": features is not None or probe_error is not None,
-        "features": features,
-        "probe_error": probe_error,
-    }
 
 
 BACKEND_KEYS = (

@@ -7,24 +7,23 @@ own NameOwnerChanged arrives, then exit), so a call racing with the exit is neve
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import signal
 import socket
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vhostuserd import __version__
+from vhostuserd.core.cmdline import Options, parse_options
 from vhostuserd.edges.cgroup import Cgroups
 
 if TYPE_CHECKING:
-    from vhostuserd.bus.manager import Broker, Bus
+    from vhostuserd.bus.connection import Bus
+    from vhostuserd.bus.manager import Broker
     from vhostuserd.core.lookup import Directory
 
 log = logging.getLogger("vhostuserd")
@@ -34,139 +33,6 @@ _JOURNAL_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL"
 
 class StartupError(Exception):
     """The daemon cannot start; the message is its one-line reason."""
-
-
-@dataclass
-class Options:
-    bus: str  # "system", "user" or "address"
-    address: str | None
-    system_tiers: bool
-    sysconfdir: str
-    idle_timeout: float
-    grace_period: float
-    probe_timeout: float
-    state_dir: str | None
-    log_level: str
-    max_backends: int = 1024
-    max_backends_per_user: int = 64
-
-
-def _nonnegative(value: str) -> float:
-    try:
-        f = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if f < 0 or not math.isfinite(f):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {value!r}")
-    return f
-
-
-def _positive(value: str) -> float:
-    f = _nonnegative(value)
-    if f == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return f
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vhostuserd",
-        description="The vhost-user backend broker: a D-Bus service that resolves QEMU "
-        "vhost-user backend descriptors and spawns and supervises backends for its clients.",
-    )
-    p.add_argument("--version", action="version", version=f"vhostuserd {__version__}")
-    bus = p.add_mutually_exclusive_group()
-    bus.add_argument(
-        "--user",
-        action="store_true",
-        help="serve on the session bus; search the data, sysconf and user tiers (default)",
-    )
-    bus.add_argument(
-        "--address",
-        metavar="ADDR",
-        help="serve on this bus address (tiers as --user unless --system is also given)",
-    )
-    p.add_argument(
-        "--system",
-        action="store_true",
-        help="serve on the system bus; search only the data and sysconf tiers",
-    )
-    p.add_argument(
-        "--sysconfdir",
-        default="/etc",
-        metavar="DIR",
-        help="root of the sysconf tier: DIR/qemu/vhost-user (default /etc)",
-    )
-    p.add_argument(
-        "--idle-timeout",
-        type=_nonnegative,
-        default=0.0,
-        metavar="SEC",
-        help="exit after SEC seconds with no backend and no call; 0 never (default 0)",
-    )
-    p.add_argument(
-        "--grace-period",
-        type=_positive,
-        default=5.0,
-        metavar="SEC",
-        help="time between SIGTERM and SIGKILL when stopping a backend (default 5)",
-    )
-    p.add_argument(
-        "--probe-timeout",
-        type=_positive,
-        default=5.0,
-        metavar="SEC",
-        help="time limit for BINARY --print-capabilities (default 5)",
-    )
-    p.add_argument(
-        "--max-backends",
-        type=int,
-        default=1024,
-        metavar="N",
-        help="at most N backends at once (default 1024)",
-    )
-    p.add_argument(
-        "--max-backends-per-user",
-        type=int,
-        default=64,
-        metavar="N",
-        help="at most N backends at once per uid (default 64)",
-    )
-    p.add_argument(
-        "--state-dir",
-        metavar="DIR",
-        help="where running backends are recorded (default $XDG_RUNTIME_DIR/vhostuserd, "
-        "/run/vhostuserd with --system)",
-    )
-    p.add_argument(
-        "--log-level",
-        default="info",
-        type=str.lower,
-        choices=["debug", "info", "warning", "error"],
-        help="default info",
-    )
-    return p
-
-
-def parse_options(argv: Sequence[str] | None) -> Options:
-    p = build_parser()
-    a = p.parse_args(argv)
-    if a.system and a.user:
-        p.error("--system and --user cannot be combined")
-    bus = "address" if a.address else ("system" if a.system else "user")
-    return Options(
-        bus=bus,
-        address=a.address,
-        system_tiers=bool(a.system),
-        sysconfdir=a.sysconfdir,
-        idle_timeout=a.idle_timeout,
-        grace_period=a.grace_period,
-        probe_timeout=a.probe_timeout,
-        state_dir=a.state_dir,
-        log_level=a.log_level,
-        max_backends=a.max_backends,
-        max_backends_per_user=a.max_backends_per_user,
-    )
 
 
 class _Formatter(logging.Formatter):
@@ -263,7 +129,7 @@ class Daemon:
     async def _connect(self) -> Bus:
         from dbus_fast import BusType
 
-        from vhostuserd.bus.manager import Bus
+        from vhostuserd.bus.connection import Bus
 
         where = {"system": "the system bus", "user": "the session bus"}.get(
             self.opts.bus, f"bus address {self.opts.address}"
@@ -324,11 +190,12 @@ class Daemon:
     async def run(self) -> int:
         from vhostuserd.bus.backends import Spawner
         from vhostuserd.bus.manager import Broker
-        from vhostuserd.core.index import Index, Watcher
+        from vhostuserd.core.index import Index
         from vhostuserd.edges import procs
         from vhostuserd.edges.authority import Authority, untrusted_reason
         from vhostuserd.edges.probe import ProbeCache
         from vhostuserd.edges.supervisor import Supervisor
+        from vhostuserd.edges.watch import Feed, Watcher
 
         reaper = procs.Reaper(self.loop)
         reaper.install(subreaper=True)
@@ -340,15 +207,15 @@ class Daemon:
         _raise_fd_limit(2 * self.opts.max_backends + 256)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stop_event.set)
-        index = Index(self._dirs())
-        index.rescan()
+        feed = Feed(Index(self._dirs()))
+        feed.rescan()
         bus = await self._connect()
         probes = ProbeCache(
             reaper,
             timeout=self.opts.probe_timeout,
             untrusted=untrusted_reason if self.opts.system_tiers else None,
         )
-        broker = Broker(bus, index, probes)
+        broker = Broker(bus, feed, probes)
         cgroups = _backend_cgroups(self._state_dir())
         try:
             supervisor = Supervisor(
@@ -383,12 +250,12 @@ class Daemon:
             __version__,
             "org.vhostuserd.Broker1",
             self.opts.bus,
-            len(index.descriptors),
-            ":".join(d.path for d in index.dirs),
+            len(feed.index.descriptors),
+            ":".join(d.path for d in feed.index.dirs),
         )
         broker.log_new_diagnostics(broker.diagnostics)
         sd_notify("READY=1")
-        watcher = Watcher(index, broker.on_change)
+        watcher = Watcher(feed, broker.on_change)
         watch_stop = asyncio.Event()
 
         # Start watching once the calls already queued had their turn (arming rescans, so
@@ -499,7 +366,7 @@ async def _amain(opts: Options) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    opts = parse_options(argv)
+    opts = parse_options(argv, __version__)
     setup_logging(opts.log_level)
     os.chdir("/")
     try:

@@ -12,11 +12,31 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vhostuserd.core.descriptors import Capabilities, Descriptor, ProbeError, ProbeResult
-from vhostuserd.core.lookup import Directory, LookupResult, merge, search_path
+from vhostuserd.core.descriptors import (
+    Capabilities,
+    Descriptor,
+    Parsed,
+    ProbeError,
+    ProbeResult,
+    descriptor_json,
+)
+from vhostuserd.core.lookup import Directory, Listing, LookupResult, merge, search_path
 from vhostuserd.core.resolve import Resolution, resolve
 from vhostuserd.edges import procs, scan
 from vhostuserd.edges.probe import ProbeCache
+from vhostuserd.edges.procs import describe_status as describe_status
+from vhostuserd.edges.procs import status_text as status_text
+
+
+def read_file(path: str) -> Parsed | None:
+    """One candidate file as ``check`` names it (None: a directory, or no file at all)."""
+    parsed, _ = scan.read_candidate(path, os.path.basename(path), "check")
+    return parsed
+
+
+def list_all(dirs: Sequence[Directory]) -> list[Listing]:
+    """Every tier directory listed, most specific first."""
+    return scan.list_all(dirs)
 
 
 def default_search_path(*, system: bool, sysconfdir: str = "/etc") -> tuple[Directory, ...]:
@@ -33,8 +53,6 @@ def default_search_path(*, system: bool, sysconfdir: str = "/etc") -> tuple[Dire
 def descriptor_dict(d: Descriptor, caps: ProbeResult | None) -> dict[str, Any]:
     """The Descriptor object of docs/json.md, as the daemon's would be (``object`` null:
     offline, there is no D-Bus object)."""
-    from vhostuserd.client import descriptor_json
-
     return descriptor_json(
         name=d.name,
         path=d.path,
@@ -47,6 +65,19 @@ def descriptor_dict(d: Descriptor, caps: ProbeResult | None) -> dict[str, Any]:
         features=list(caps.features) if isinstance(caps, Capabilities) else None,
         probe_error=str(caps) if isinstance(caps, ProbeError) else None,
     )
+
+
+def run_with_socket(
+    loop: asyncio.AbstractEventLoop, argv: Sequence[str], sock: int
+) -> tuple[int, asyncio.Future[int]]:
+    """``vhostuserctl spawn --exec``: start ``argv`` in our session with our stdio and ``sock``
+    as fd 3; its pid, and its wait status once it exits. Raises OSError when the exec fails."""
+    reaper = procs.Reaper(loop)
+    reaper.install()
+    pid = procs.spawn(
+        argv, fds={0: 0, 1: 1, 2: 2, 3: sock}, env=dict(os.environ), new_session=False
+    )
+    return pid, reaper.watch(pid)
 
 
 @dataclass

@@ -20,17 +20,20 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from dbus_fast import Message, MessageType, PropertyAccess, Variant
 from dbus_fast.errors import DBusError
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
+from vhostuserd.bus.connection import Bus, current_message, error
 from vhostuserd.core import extras
-from vhostuserd.core.descriptors import Capabilities
+from vhostuserd.core.descriptors import Capabilities, Descriptor, ProbeResult
+from vhostuserd.core.index import Index
 from vhostuserd.core.names import BACKEND_IFACE, BACKEND_PREFIX
-from vhostuserd.core.options import OPTIONS, OptionError, SpawnPlan, plan, socket_kind_error
-from vhostuserd.edges import cgroup, userns
+from vhostuserd.core.options import SpawnPlan, plan, socket_kind_error
+from vhostuserd.core.optiontable import OPTIONS, OptionError
+from vhostuserd.edges import cgroup, settings, userns
 from vhostuserd.edges.authority import (
     MANAGE,
     SPAWN,
@@ -45,8 +48,18 @@ from vhostuserd.edges.authority import (
 )
 from vhostuserd.edges.supervisor import EXITED, Backend, SpawnError, Supervisor
 
-if TYPE_CHECKING:
-    from vhostuserd.bus.manager import Broker
+
+class BrokerView(Protocol):
+    """What the Spawner needs of the broker (`manager.Broker`): its bus, the index, the
+    capabilities of a descriptor, and being told when it may go idle."""
+
+    bus: Bus
+    index: Index
+
+    async def caps_for(self, d: Descriptor) -> ProbeResult: ...
+
+    def maybe_idle(self) -> None: ...
+
 
 log = logging.getLogger("vhostuserd.backends")
 
@@ -64,8 +77,6 @@ _O_PATH = getattr(os, "O_PATH", 0o10000000)
 
 
 def _error(name: str, message: str) -> Exception:
-    from vhostuserd.bus.manager import error
-
     return error(name, message)
 
 
@@ -314,7 +325,7 @@ class Spawner:
 
     def __init__(
         self,
-        broker: Broker,
+        broker: BrokerView,
         supervisor: Supervisor,
         authority: Authority,
         *,
@@ -418,8 +429,6 @@ class Spawner:
 
     async def may_manage(self, b: Backend, verb: str) -> None:
         """The owner uid and root may act on a backend; others need org.vhostuserd.manage."""
-        from vhostuserd.bus.manager import current_message
-
         msg = current_message.get()
         caller = await self.caller(msg.sender)
         if caller.uid in (0, b.owner_uid):
@@ -488,8 +497,6 @@ class Spawner:
     # ---- methods
 
     async def spawn(self, name: str, options: dict[str, Variant], fd: int) -> str:
-        from vhostuserd.bus.manager import current_message
-
         msg = current_message.get()
         sender = msg.sender
         self._spawning[sender] += 1
@@ -519,7 +526,9 @@ class Spawner:
                 result = await self.broker.caps_for(d)
                 caps = result if isinstance(result, Capabilities) else None
             try:
-                config, conf_path = extras.load(userns.sysconfdir_of(self.broker.index.dirs))
+                config, conf_path = settings.load_options(
+                    userns.sysconfdir_of(self.broker.index.dirs)
+                )
                 vetted = extras.extras_for(d.type, d.name, config, conf_path)
             except extras.ExtrasError as e:
                 raise _error(e.kind, f"{d.name}: {e}") from None
@@ -605,8 +614,6 @@ class Spawner:
 
     async def list_backends(self) -> list[dict[str, Variant]]:
         """The caller's own backends; everyone's for root and for holders of manage."""
-        from vhostuserd.bus.manager import current_message
-
         msg = current_message.get()
         caller = await self.caller(msg.sender)
         if caller.uid == 0 or (

@@ -93,7 +93,7 @@ def _opts(parser: argparse.ArgumentParser) -> list[str]:
 
 def _words() -> dict[str, str]:
     from vhostuserd.core.descriptors import KNOWN_TYPES
-    from vhostuserd.core.options import OPTIONS
+    from vhostuserd.core.optiontable import OPTIONS
 
     features = sorted(
         {k for k, spec in OPTIONS.items() if spec.needs_feature} | {"separate-options"}

@@ -118,9 +118,9 @@ records of running backends (\\-\\-state\\-dir), so a restarted daemon re\\-adop
 
 
 def vhostuserd_page() -> str:
-    from vhostuserd.daemon import build_parser
+    from vhostuserd.core.cmdline import build_parser
 
-    p = build_parser()
+    p = build_parser(__version__)
     return _page(
         "vhostuserd",
         8,

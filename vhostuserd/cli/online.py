@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from vhostuserd.cli.main import (
+from vhostuserd.cli.output import (
     EXIT_FAILED,
     EXIT_OK,
     Failure,
@@ -134,7 +134,7 @@ async def _monitor(c: BrokerClient, a: argparse.Namespace) -> int:
 
 def _parse_options(pairs: list[str], detach: bool) -> dict[str, Any]:
     from vhostuserd.client import option_variant
-    from vhostuserd.core.options import OPTIONS
+    from vhostuserd.core.optiontable import OPTIONS
 
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -382,7 +382,7 @@ async def _spawn(c: BrokerClient, a: argparse.Namespace) -> int:
     # --exec: one end to the backend, the other to CMD as fd 3.
     import shutil
 
-    from vhostuserd.edges import procs
+    from vhostuserd import local
 
     argv = [arg.replace("{fd}", "3") for arg in a.cmd]
     exe = shutil.which(argv[0])
@@ -395,21 +395,13 @@ async def _spawn(c: BrokerClient, a: argparse.Namespace) -> int:
     finally:
         theirs.close()
     backend_id = path.rsplit("/", 1)[-1]
-    reaper = procs.Reaper(loop)
-    reaper.install()
     try:
-        pid = procs.spawn(
-            [exe, *argv[1:]],
-            fds={0: 0, 1: 1, 2: 2, 3: ours_sock.fileno()},
-            env=dict(os.environ),
-            new_session=False,
-        )
+        pid, exited = local.run_with_socket(loop, [exe, *argv[1:]], ours_sock.fileno())
     except OSError as e:
         ours_sock.close()
         await c.stop(backend_id)
         raise Failure(f"cannot run {argv[0]}: {e.strerror}") from None
     ours_sock.close()
-    exited = reaper.watch(pid)
     print(
         f"backend {backend_id} started; running {' '.join(argv)} (pid {pid})",
         file=sys.stderr,
@@ -436,9 +428,9 @@ async def _spawn(c: BrokerClient, a: argparse.Namespace) -> int:
         except NotFound:
             pass  # it exited just now and is gone
         final = await _final(c, backend_id, path)
-    code, sig = procs.describe_status(status)
+    code, sig = local.describe_status(status)
     how = "stopped" if died is None else exit_text(*_exit_of(died))
-    print(f"{argv[0]} {procs.status_text(status)}; backend {backend_id} {how}", file=sys.stderr)
+    print(f"{argv[0]} {local.status_text(status)}; backend {backend_id} {how}", file=sys.stderr)
     if a.json:
         print_json(final)
     rc = code if sig < 0 else 128 + sig

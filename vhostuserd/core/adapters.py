@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vhostuserd.core.options import (
+from vhostuserd.core.optiontable import (
     CONNECTED,
     LISTENING,
     OPTIONS,

@@ -14,10 +14,11 @@ from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from vhostuserd.core import adapters
+from vhostuserd.core.adapters import Adapter
+
 if TYPE_CHECKING:
     from jsonschema.protocols import Validator
-
-    from vhostuserd.core.adapters import Adapter
 
 MAX_DESCRIPTOR_SIZE = 1024 * 1024
 """Descriptor files larger than this are rejected (rule 6), as libvirt does."""
@@ -285,8 +286,6 @@ def parse_descriptor(data: bytes, *, path: str, name: str, tier: str) -> Parsed:
         )
     adapter = None
     if "x-vhostuserd-adapter" in document:
-        from vhostuserd.core import adapters
-
         try:
             adapter = adapters.parse(document[adapters.KEY], btype, tier)
         except adapters.AdapterError as e:
@@ -327,3 +326,32 @@ def parse_capabilities(data: bytes, expected_type: str) -> ProbeResult:
         )
     features = tuple(document.get("features", ()))
     return Capabilities(document["type"], features, json.dumps(document, sort_keys=True))
+
+
+def descriptor_json(
+    *,
+    name: str,
+    path: str,
+    tier: str,
+    type: str,
+    description: str,
+    binary: str,
+    tags: list[str],
+    object: str | None,
+    features: list[str] | None,
+    probe_error: str | None,
+) -> dict[str, Any]:
+    """The one JSON shape of a descriptor (docs/json.md), online and offline alike."""
+    return {
+        "name": name,
+        "path": path,
+        "tier": tier,
+        "type": type,
+        "description": description,
+        "binary": binary,
+        "tags": tags,
+        "object": object,
+        "probed": features is not None or probe_error is not None,
+        "features": features,
+        "probe_error": probe_error,
+    }

@@ -223,12 +223,3 @@ def check_value(extras: Extras, name: str, value: object) -> str | None:
             f"not '{shown}'"
         )
     return None
-
-
-def load(sysconfdir: str) -> tuple[dict[str, dict[str, str]], str]:
-    """Read and validate ``SYSCONFDIR/vhostuserd/options.conf`` (absent: no extras)."""
-    try:
-        text, path = sysconf.read(sysconfdir, CONFIG)
-    except sysconf.SysconfError as e:
-        raise ExtrasError(str(e)) from None
-    return ({} if text is None else parse_config(text, path)), path

@@ -2,15 +2,14 @@
 options.conf): one format and one way of reading them.
 
 INI with ``[type:TYPE]`` and ``[DESCRIPTOR-NAME]`` sections, ``#`` and ``;`` comments (inline
-too), no interpolation and no default section; at most 64 KiB. `parse` is pure; `read` is
-the one file read. Each owner validates its own keys and raises its own typed error with the
-message of a `SysconfError`, which names the file.
+too), no interpolation and no default section; at most 64 KiB. `parse` is pure;
+`vhostuserd.edges.settings.read` is the one file read. Each owner validates its own keys and
+raises its own typed error with the message of a `SysconfError`, which names the file.
 """
 
 from __future__ import annotations
 
 import configparser
-import os
 
 MAX_BYTES = 64 * 1024
 
@@ -32,21 +31,6 @@ def parse(text: str, path: str) -> dict[str, dict[str, str]]:
     except configparser.Error as e:
         raise SysconfError(f"{path}: {str(e).splitlines()[0]}") from None
     return {section: dict(parser.items(section)) for section in parser.sections()}
-
-
-def read(sysconfdir: str, name: str) -> tuple[str | None, str]:
-    """The text of ``SYSCONFDIR/NAME`` (None when there is no such file) and its path."""
-    path = os.path.join(sysconfdir, name)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_BYTES + 1)
-    except FileNotFoundError:
-        return None, path
-    except OSError as e:
-        raise SysconfError(f"{path}: {e.strerror}") from None
-    if len(raw) > MAX_BYTES:
-        raise SysconfError(f"{path}: larger than {MAX_BYTES} bytes")
-    return raw.decode("utf-8", "replace"), path
 
 
 def sections_for(dtype: str, name: str) -> tuple[str, str]:

@@ -30,6 +30,8 @@ import re
 from dataclasses import dataclass, field
 
 from vhostuserd.core import sysconf
+from vhostuserd.core.units import format_bytes, format_usec
+from vhostuserd.edges import settings
 
 log = logging.getLogger("vhostuserd.cgroup")
 
@@ -85,9 +87,9 @@ def parse_limits(text: str, path: str) -> dict[str, dict[str, str]]:
     except sysconf.SysconfError as e:
         raise LimitsError(str(e)) from None
     out: dict[str, dict[str, str]] = {}
-    for section, settings in sections.items():
+    for section, entries in sections.items():
         values: dict[str, str] = {}
-        for key, value in settings.items():
+        for key, value in entries.items():
             if key not in LIMIT_FILES:
                 raise LimitsError(
                     f"{path}: [{section}] {key}: unknown setting ({', '.join(LIMIT_FILES)})"
@@ -100,7 +102,7 @@ def parse_limits(text: str, path: str) -> dict[str, dict[str, str]]:
 def limits_for(dtype: str, name: str, sysconfdir: str) -> dict[str, str]:
     """The admin's limits for a backend of descriptor ``name`` (its section over its type's)."""
     try:
-        text, path = sysconf.read(sysconfdir, CONFIG)
+        text, path = settings.read(sysconfdir, CONFIG)
     except sysconf.SysconfError as e:
         raise LimitsError(str(e)) from None
     if text is None:
@@ -173,21 +175,6 @@ class Usage:
         if self.memory_peak >= 0:
             parts.append(f"{format_bytes(self.memory_peak)} memory peak")
         return ", ".join(parts) or "nothing measured"
-
-
-def format_usec(usec: int) -> str:
-    if usec < 1000:
-        return f"{usec}us"
-    if usec < 1_000_000:
-        return f"{usec / 1000:.0f}ms"
-    return f"{usec / 1e6:.3f}s"
-
-
-def format_bytes(n: int) -> str:
-    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n}B"
 
 
 def _int(text: str | None) -> int:

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 from vhostuserd.core import sysconf
 from vhostuserd.core.lookup import SUBDIR, Directory
-from vhostuserd.core.options import IDMAP_MODES as OPTION_MODES
-from vhostuserd.edges import procs
+from vhostuserd.core.optiontable import IDMAP_MODES as OPTION_MODES
+from vhostuserd.edges import procs, settings
 
 CALLER, SUBIDS = "caller", "subids"
 IDMAP_MODES = OPTION_MODES  # the `idmap` Spawn option's values
@@ -217,7 +217,7 @@ def primary_gid(uid: int) -> int:
 
 def load_config(sysconfdir: str) -> tuple[dict[str, dict[str, str]], str]:
     try:
-        text, path = sysconf.read(sysconfdir, CONFIG)
+        text, path = settings.read(sysconfdir, CONFIG)
     except sysconf.SysconfError as e:
         raise UsernsError("SpawnFailed", str(e)) from None
     return ({} if text is None else parse_config(text, path)), path
