@@ -25,6 +25,7 @@ from dbus_fast.aio.message_bus import _MessageWriter
 from dbus_fast.errors import DBusError
 from dbus_fast.service import ServiceInterface
 
+from vhostuserd.core.errors import BrokerError, Err
 from vhostuserd.core.flow import ReplyCredit
 from vhostuserd.core.names import (
     BACKEND_IFACE,
@@ -68,8 +69,14 @@ def bounded(message: str, limit: int = MAX_ERROR_CHARS) -> str:
     return f"{message[:keep]} [... {len(message) - 2 * keep} characters cut ...] {message[-keep:]}"
 
 
-def error(name: str, message: str) -> DBusError:
+def error(name: Err | str, message: str) -> DBusError:
+    """The D-Bus error ``name`` (one of `core.errors.Err`) with ``message``, cut to size."""
     return DBusError(ERROR_PREFIX + name, bounded(message))
+
+
+def dbus_error(e: BrokerError) -> DBusError:
+    """What the core and the edges raise, as the D-Bus error a caller receives."""
+    return error(e.name, str(e))
 
 
 class _PatientWriter(_MessageWriter):
