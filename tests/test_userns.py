@@ -767,7 +767,7 @@ def test_unprivileged_daemon_uses_the_same_launch_where_the_kernel_allows_it(
     pkg = public_dir("vhostuserd-pkg-")
     try:
         shutil.copytree(
-            Path(userns.__file__).parent,
+            Path(userns.__file__).parent.parent,
             pkg / "vhostuserd",
             ignore=shutil.ignore_patterns("__pycache__"),
         )
@@ -1069,7 +1069,7 @@ def test_where_the_kernel_refuses_a_user_namespace_the_error_says_why() -> None:
     pkg = public_dir("vhostuserd-pkg-")
     try:
         shutil.copytree(
-            Path(userns.__file__).parent,
+            Path(userns.__file__).parent.parent,
             pkg / "vhostuserd",
             ignore=shutil.ignore_patterns("__pycache__"),
         )
