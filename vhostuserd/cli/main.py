@@ -1,8 +1,9 @@
 """``vhostuserctl``: the command-line client (docs/contract.md, section 4).
 
-Owns argument parsing and output (aligned tables for people, the JSON of docs/json.md for
-scripts). The ``--offline`` half runs the lookup in-process (`offline`); the rest talks to the
-daemon through `client`. Exit status: 0 done, 1 the request failed, 2 bad usage.
+Owns the argument parser and the dispatch: ``check`` and the ``--offline`` commands run the
+lookup in-process (`cli.offline`); the rest talk to the daemon through `client`
+(`cli.online`); what is printed is `cli.output`'s. Exit status: 0 done, 1 the request failed,
+2 bad usage.
 """
 
 from __future__ import annotations
@@ -15,10 +16,6 @@ from typing import Any
 from vhostuserd import __version__
 from vhostuserd.cli.offline import OFFLINE, check
 from vhostuserd.cli.output import EXIT_FAILED, EXIT_OK, Failure, print_error
-
-# ---------------------------------------------------------------- parser
-
-ONLINE_ONLY = ("spawn", "backends", "stop", "log", "monitor", "status", "reload")
 
 
 def _bus_options(parser: argparse.ArgumentParser, suppress: bool, offline: bool) -> None:
