@@ -81,24 +81,17 @@ def test_denied_spawn_is_not_authorized_and_names_the_action(
     assert sys_env.running() == []
 
 
-@pytest.mark.parametrize(
-    "descriptor,option,value",
-    [
-        ("50-gpu.json", "render-node", "/dev/null"),
-        ("50-gpu.json", "render-node", "/dev/dri/../null"),
-        ("50-gpu.json", "render-node", "/dev/dri/../../tmp"),
-        ("50-gpu.json", "render-node", "/dev/dri/renderD99999"),
-        ("50-input.json", "evdev-path", "/dev/input/../null"),
-        ("50-input.json", "evdev-path", "/dev/zero"),
-    ],
-)
 def test_device_option_that_is_not_such_a_device_fails_before_polkit_is_asked(
-    sys_env: SystemSetup, polkit: DbusmockPolkit, descriptor: str, option: str, value: str
+    sys_env: SystemSetup, polkit: DbusmockPolkit
 ) -> None:
+    # Which paths are such devices is authority.check_device's rule, case by case in
+    # tests/test_spawn_input_rules.py; here: the daemon checks before it asks polkit.
     polkit.set_allowed(SPAWN, SPAWN_DEVICE)
     caller = sys_env.callers(NOBODY)
-    message = caller.spawn(descriptor, {option: ("s", value)}).expect_error("InvalidOption")
-    assert option in message, message
+    message = caller.spawn("50-gpu.json", {"render-node": ("s", "/dev/dri/../null")}).expect_error(
+        "InvalidOption"
+    )
+    assert "render-node" in message and "/dev/dri/" in message, message
     assert polkit.checks() == [], "polkit was asked about a request that could never run"
     assert sys_env.running() == []
 
