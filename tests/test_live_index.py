@@ -4,6 +4,13 @@
 Every test drives the real daemon on a real private bus with real file operations and
 real inotify. Signal counts are exact: `Listener.settle` proves that the daemon has
 processed every event before the count is taken.
+
+How the index follows each kind of file operation (edits in place, masks, renames, symlinks,
+directories that come, go and move, bursts) is the watcher's and the index's rule, tested
+in-process in tests/test_index_watch.py (and tests/test_watcher.py, tests/test_index_model.py).
+Here: a change reaches clients as one IndexChanged with the Generation and ListDescriptors to
+match, a broken file as a Diagnostics change, the daemon answers Resolve through a storm of
+changes, and it watches with no thread of its own.
 """
 
 from __future__ import annotations
@@ -16,20 +23,16 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import pytest
-from busutil import Daemon, PrivateBus, Tree, await_for, descriptor, fake_backend, run
+from busutil import Daemon, PrivateBus, Tree, descriptor, fake_backend, run
 from helpers_live import (
-    DESCRIPTOR_IFACE,
     MANAGER_IFACE,
     PROPS_IFACE,
     CallFailed,
     Listener,
     expected_rows,
     listen,
-    overwrite,
     unwrap,
     write_atomic,
 )
@@ -75,226 +78,6 @@ def test_added_file_appears_with_one_index_changed(
     live(bus, tree, d, body)
 
 
-def test_file_modified_in_place_changes_the_descriptor(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    path = tree.write("data", "50-a.json", descriptor("gpu", description="before"))
-    d = start_daemon()
-
-    async def body(L: Listener) -> None:
-        g0, m = await L.generation(), L.mark()
-        overwrite(path, doc("gpu", "/usr/bin/false", "after"))
-        await L.wait_rows(lambda rows: rows[0][4] == "after", "the new description")
-        await L.settle(path.parent)
-        await L.assert_generation(m, g0, 1)
-        items = await L.assert_matches_disk(tree)
-        assert (items[0]["description"], items[0]["binary"]) == ("after", "/usr/bin/false")
-        # Same name, same object: changed in place, not removed and added.
-        assert not L.since(m, "InterfacesAdded") and not L.since(m, "InterfacesRemoved")
-        obj = descriptor_path("50-a.json")
-        assert await L.prop("Description", obj, DESCRIPTOR_IFACE) == "after"
-
-    live(bus, tree, d, body)
-
-
-def test_truncating_a_file_masks_the_name_and_rewriting_it_unmasks(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    tree.write("data", "50-a.json", descriptor("gpu", description="data tier"))
-    over = tree.write("sysconf", "50-a.json", descriptor("gpu", description="sysconf tier"))
-    d = start_daemon()
-
-    async def body(L: Listener) -> None:
-        g0, m = await L.generation(), L.mark()
-        assert (await L.descriptors())[0]["tier"] == "sysconf"
-        os.truncate(over, 0)
-        # Rule 3: the empty winner hides the name; the data-tier file does not come back.
-        await L.wait_rows([], "the name to be masked")
-        await L.settle(over.parent)
-        await L.assert_generation(m, g0, 1)
-        await L.assert_matches_disk(tree)
-        assert await L.diagnostics() == []
-        m1 = L.mark()
-        over.write_text(doc("gpu", description="unmasked"))
-        await L.wait_rows(lambda rows: len(rows) == 1, "the name to come back")
-        await L.settle(over.parent)
-        await L.assert_generation(m1, g0 + 1, 1)
-        items = await L.assert_matches_disk(tree)
-        assert (items[0]["tier"], items[0]["description"]) == ("sysconf", "unmasked")
-
-    live(bus, tree, d, body)
-
-
-def test_deleting_the_winner_uncovers_the_less_specific_file_and_then_the_name_goes(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    low = tree.write("data", "50-a.json", descriptor("gpu", description="data tier"))
-    high = tree.write("user", "50-a.json", descriptor("gpu", description="user tier"))
-    d = start_daemon()
-
-    async def body(L: Listener) -> None:
-        g0, m = await L.generation(), L.mark()
-        high.unlink()
-        await L.wait_rows(lambda rows: rows and rows[0][2] == "data", "the data tier file")
-        await L.settle(high.parent)
-        await L.assert_generation(m, g0, 1)
-        await L.assert_matches_disk(tree)
-        m1 = L.mark()
-        low.unlink()
-        await L.wait_rows([], "an empty index")
-        await L.settle(low.parent)
-        await L.assert_generation(m1, g0 + 1, 1)
-        await L.assert_matches_disk(tree)
-        assert len(L.since(m1, "InterfacesRemoved")) == 1
-
-    live(bus, tree, d, body)
-
-
-def test_atomic_rename_gives_exactly_one_index_changed(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    path = tree.write("sysconf", "50-a.json", descriptor("gpu", description="v1"))
-    d = start_daemon()
-
-    async def body(L: Listener) -> None:
-        for version, target in enumerate([path, path, path.parent / "60-new.json"], start=2):
-            g0, m = await L.generation(), L.mark()
-            write_atomic(target, doc("gpu", description=f"v{version}"))
-            await L.wait_rows(
-                lambda rows, v=version: any(r[4] == f"v{v}" for r in rows),
-                f"description v{version}",
-            )
-            await L.settle(path.parent)
-            await L.assert_generation(m, g0, 1)
-            await L.assert_matches_disk(tree)
-        # The temporary dot-files were never candidates.
-        assert all(".tmp" not in r[1] for r in await L.rows())
-        assert await L.diagnostics() == []
-
-    live(bus, tree, d, body)
-
-
-@pytest.mark.parametrize("missing", ["vhost-user", "qemu", "sysconfdir"])
-def test_directory_created_after_start_is_picked_up(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon, missing: str
-) -> None:
-    sysdir = tree.dir("sysconf")
-    gone = {"vhost-user": sysdir, "qemu": sysdir.parent, "sysconfdir": tree.sysconfdir}[missing]
-    shutil.rmtree(gone)
-    tree.write("data", "50-a.json", descriptor("gpu", description="data tier"))
-    d = start_daemon()
-
-    async def body(L: Listener) -> None:
-        g0, m = await L.generation(), L.mark()
-        await L.assert_matches_disk(tree)
-        sysdir.mkdir(parents=True)
-        (sysdir / "50-a.json").write_text(doc("gpu", description="sysconf tier"))
-        await L.wait_rows(lambda rows: rows and rows[0][2] == "sysconf", "the sysconf file")
-        await L.settle(sysdir)
-        await L.assert_generation(m, g0, 1)
-        await L.assert_matches_disk(tree)
-        # And the new directory stays watched.
-        m1 = L.mark()
-        (sysdir / "40-b.json").write_text(doc("input"))
-        await L.wait_names(["40-b.json", "50-a.json"])
-        await L.settle(sysdir)
-        await L.assert_generation(m1, g0 + 1, 1)
-        await L.assert_matches_disk(tree)
-
-    live(bus, tree, d, body)
-
-
-def test_directory_deleted_and_recreated_keeps_being_watched(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    sysdir = tree.dir("sysconf")
-    tree.write("sysconf", "50-a.json", descriptor("gpu", description="first"))
-    tree.write("data", "60-b.json", descriptor("input"))
-    d = start_daemon()
-
-    async def body(L: Listener) -> None:
-        for cycle in range(3):
-            g0, m = await L.generation(), L.mark()
-            shutil.rmtree(sysdir)
-            await L.wait_names(["60-b.json"])
-            await L.settle(tree.dir("data"))
-            await L.assert_generation(m, g0, 1)
-            await L.assert_matches_disk(tree)
-            m1 = L.mark()
-            sysdir.mkdir()
-            (sysdir / "50-a.json").write_text(doc("gpu", description=f"cycle {cycle}"))
-            await L.wait_names(["50-a.json", "60-b.json"])
-            await L.settle(sysdir)
-            await L.assert_generation(m1, g0 + 1, 1)
-            items = await L.assert_matches_disk(tree)
-            assert items[0]["description"] == f"cycle {cycle}"
-            # An in-place change in the recreated directory is seen too.
-            m2 = L.mark()
-            overwrite(sysdir / "50-a.json", doc("gpu", description=f"cycle {cycle} edited"))
-            await L.wait_rows(lambda rows, c=cycle: rows[0][4] == f"cycle {c} edited", "the edit")
-            await L.settle(sysdir)
-            await L.assert_generation(m2, g0 + 2, 1)
-        # Deleted and recreated at once (within one batch of events): the directory's
-        # path is the same, but its old watch is dead; the new one must be watched.
-        for cycle in range(3):
-            shutil.rmtree(sysdir)
-            sysdir.mkdir()
-            (sysdir / "50-a.json").write_text(doc("gpu", description=f"fast {cycle}"))
-            await L.wait_rows(lambda rows, c=cycle: rows[0][4] == f"fast {c}", "the recreated file")
-            await L.settle(sysdir)
-            await L.assert_matches_disk(tree)
-            g0, m = await L.generation(), L.mark()
-            overwrite(sysdir / "50-a.json", doc("gpu", description=f"fast {cycle} edited"))
-            await L.wait_rows(lambda rows, c=cycle: rows[0][4] == f"fast {c} edited", "the edit")
-            await L.settle(sysdir)
-            await L.assert_generation(m, g0, 1)
-
-    live(bus, tree, d, body)
-
-
-def test_symlink_retargeted(bus: PrivateBus, tree: Tree, start_daemon: StartDaemon) -> None:
-    targets = tree.root / "targets"
-    targets.mkdir()
-    (targets / "gpu.json").write_text(doc("gpu"))
-    (targets / "input.json").write_text(doc("input"))
-    link = tree.dir("sysconf") / "50-link.json"
-    link.symlink_to(targets / "gpu.json")
-    d = start_daemon()
-
-    def retarget(target: Path) -> None:
-        tmp = link.parent / ".50-link.json.new"
-        tmp.symlink_to(target)
-        tmp.rename(link)
-
-    async def body(L: Listener) -> None:
-        items = await L.assert_matches_disk(tree)
-        assert (items[0]["type"], items[0]["path"]) == ("gpu", str(link))
-        g0, m = await L.generation(), L.mark()
-        retarget(targets / "input.json")
-        await L.wait_rows(lambda rows: rows and rows[0][3] == "input", "the input target")
-        await L.settle(link.parent)
-        await L.assert_generation(m, g0, 1)
-        await L.assert_matches_disk(tree)
-        # A dangling target shadows and is diagnosed (rule 4).
-        m1 = L.mark()
-        retarget(targets / "missing.json")
-        await L.wait_rows([], "the dangling link to yield nothing")
-        await L.settle(link.parent)
-        await L.assert_generation(m1, g0 + 1, 1)
-        await L.assert_matches_disk(tree)
-        (diag,) = await L.diagnostics()
-        assert diag[:2] == (str(link), "error") and "dangling" in diag[2]
-        # Back to a valid target, the non-atomic way (ln -sf: unlink, then symlink).
-        link.unlink()
-        link.symlink_to(targets / "gpu.json")
-        await L.wait_rows(lambda rows: rows and rows[0][3] == "gpu", "the gpu target again")
-        await L.settle(link.parent)
-        await L.assert_matches_disk(tree)
-        assert await L.diagnostics() == []
-
-    live(bus, tree, d, body)
-
-
 def test_broken_sysconf_file_shadows_valid_data_file_until_fixed(
     bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
 ) -> None:
@@ -324,57 +107,6 @@ def test_broken_sysconf_file_shadows_valid_data_file_until_fixed(
         items = await L.assert_matches_disk(tree)
         assert items[0]["tier"] == "sysconf"
         assert await L.diagnostics() == []
-
-    live(bus, tree, d, body)
-
-
-def test_touching_a_file_without_changing_it_signals_nothing(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    path = tree.write("sysconf", "50-a.json", descriptor("gpu"))
-    data = path.read_bytes()
-    d = start_daemon()
-
-    async def body(L: Listener) -> None:
-        await L.wait_probed()  # its signal is not what this test is about
-        g0 = await L.generation()
-        before = await L.assert_matches_disk(tree)
-        m = L.mark()
-        os.utime(path)
-        overwrite(path, data)
-        write_atomic(path, data)
-        await L.settle(path.parent)
-        # "never when nothing effective changed": no IndexChanged, no object signal.
-        assert L.index_changed(m) == []
-        assert await L.generation() == g0
-        assert not [
-            s
-            for s in L.since(m)
-            if s.path != "/org/vhostuserd/Broker1"
-            or s.member != "PropertiesChanged"
-            or "Diagnostics" not in s.body[1]
-        ], [(s.path, s.member, s.body) for s in L.since(m)]
-        assert await L.assert_matches_disk(tree) == before
-
-    live(bus, tree, d, body)
-
-
-def test_burst_of_20_writes_coalesces(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    path = tree.write("sysconf", "50-a.json", descriptor("gpu", description="start"))
-    d = start_daemon()
-
-    async def body(L: Listener) -> None:
-        g0, m = await L.generation(), L.mark()
-        for i in range(20):
-            path.write_text(doc("gpu", description=f"write {i:02d}"))
-        await L.wait_rows(lambda rows: rows and rows[0][4] == "write 19", "the last write")
-        await L.settle(path.parent)
-        changes = L.index_changed(m)
-        assert 1 <= len(changes) < 20, changes
-        await L.assert_generation(m, g0, len(changes))
-        await L.assert_matches_disk(tree)
 
     live(bus, tree, d, body)
 
@@ -476,73 +208,6 @@ def test_rename_storm_with_concurrent_resolvers(
     assert elapsed < 60, elapsed
     assert d.proc.poll() is None, d.log()
     d.assert_clean_log()
-
-
-def test_directory_moved_away_and_back_is_followed(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    """A tier directory renamed away is no longer that tier (its watch follows the inode,
-    which is elsewhere now); renamed back, it is watched again."""
-    sysdir = tree.dir("sysconf")
-    aside = sysdir.parent / "vhost-user.aside"
-    tree.write("sysconf", "50-a.json", descriptor("gpu", description="sysconf"))
-    d = start_daemon()
-
-    async def body(L: Listener) -> None:
-        g0, m = await L.generation(), L.mark()
-        sysdir.rename(aside)
-        await L.wait_rows([], "the moved directory's descriptor to go")
-        # Changes in the directory where it is now are not the tier's.
-        (aside / "40-b.json").write_text(doc("input"))
-        sysdir.mkdir()
-        await L.settle(sysdir)
-        await L.assert_generation(m, g0, 1)
-        await L.assert_matches_disk(tree)
-        m1 = L.mark()
-        sysdir.rmdir()
-        aside.rename(sysdir)
-        await L.wait_names(["40-b.json", "50-a.json"])
-        await L.settle(sysdir)
-        await L.assert_generation(m1, g0 + 1, 1)
-        m2 = L.mark()
-        overwrite(sysdir / "50-a.json", doc("gpu", description="sysconf, edited"))
-        await L.wait_rows(lambda rows: rows[1][4] == "sysconf, edited", "the edit")
-        await L.settle(sysdir)
-        await L.assert_generation(m2, g0 + 2, 1)
-        await L.assert_matches_disk(tree)
-
-    live(bus, tree, d, body)
-
-
-def test_name_that_is_not_utf8_is_diagnosed_live_and_the_watch_goes_on(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    directory = os.fsencode(tree.dir("sysconf"))
-    bad = directory + b"/\xff-late.json"
-    shown = str(tree.dir("sysconf")) + "/\\xff-late.json"
-    tree.write("data", "50-a.json", descriptor("gpu"))
-    d = start_daemon()
-
-    async def body(L: Listener) -> None:
-        Path(os.fsdecode(bad)).write_text(doc("gpu"))
-        await await_for(lambda: L.diagnostics(), "a diagnostic")
-        (diag,) = await L.diagnostics()
-        assert diag[:2] == (shown, "error") and "UTF-8" in diag[2], diag
-        assert [r[0] for r in await L.rows()] == ["50-a.json"]
-        os.unlink(bad)
-        await await_for(lambda: _no_diagnostics(L), "the diagnostic to go")
-        g0, m = await L.generation(), L.mark()
-        tree.write("sysconf", "40-b.json", descriptor("input"))
-        await L.wait_names(["40-b.json", "50-a.json"])
-        await L.settle(tree.dir("sysconf"))
-        await L.assert_generation(m, g0, 1)
-        await L.assert_matches_disk(tree)
-
-    live(bus, tree, d, body)
-
-
-async def _no_diagnostics(L: Listener) -> bool:
-    return await L.diagnostics() == []
 
 
 def _tasks(pid: int) -> list[str]:
