@@ -3,13 +3,14 @@ points 1-8), against the real daemon on a private bus with fake backends as real
 
 - ``spawn --listen PATH`` replaces only a socket, only a stale one, only with ``--replace``;
   it never connects to a socket something listens on (a vhost-user backend takes any
-  connection as its front-end, and exits when it closes).
+  connection as its front-end, and exits when it closes). Which paths it refuses, and how it
+  says so, is `listen_socket`'s rule, tested on real paths in tests/test_cli_listen_rules.py;
+  here the CLI against the daemon, and a failed spawn that removes the socket it bound.
 - ``check --probe`` copes with files of different tiers sharing a name.
 - an unknown backend id is NotFound ("no backend 999"), in the CLI and in the client.
 - a broken file that hides a name is named by ``list`` and ``show``.
 - a backend that dies under ``spawn --exec`` is reported with its status and log tail, and
   the command exits non-zero.
-- socket path errors say what is wrong.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import os
 import re
 import signal
 import socket
-import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -68,49 +68,7 @@ def backends(bus: PrivateBus, tree: Tree) -> list[dict[str, object]]:
     return items
 
 
-# ---------------------------------------------------------------- 1: never a user's file
-
-
-def test_spawn_listen_refuses_a_regular_file_and_leaves_it_untouched(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    fake = install(tree, "honours_sigterm", "fs", short="fs")
-    start_daemon()
-    precious = tree.root / "f.txt"
-    precious.write_text("precious\n")
-    for extra in ([], ["--replace"]):
-        line = one_line(
-            ctl(bus, tree, "spawn", fake.name, "--listen", str(precious), "--detach", *extra)
-        )
-        assert str(precious) in line and "a regular file" in line, line
-        assert stat.S_ISREG(precious.lstat().st_mode) and precious.read_text() == "precious\n"
-    assert backends(bus, tree) == []
-
-
-# ---------------------------------------------------------------- 2: never connect to a live socket
-
-
-def test_spawn_listen_never_connects_to_a_socket_something_listens_on(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    fake = install(tree, "honours_sigterm", "fs", short="fs")
-    start_daemon()
-    path = tree.root / "live.sock"
-    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        live.bind(str(path))
-        live.listen(8)
-        live.setblocking(False)
-        for extra in ([], ["--replace"]):
-            r = ctl(bus, tree, "spawn", fake.name, "--listen", str(path), "--detach", *extra)
-            # A connect() to a listening Unix socket is queued at once: nothing was queued.
-            with pytest.raises(BlockingIOError):
-                live.accept()
-            assert "is listening" in one_line(r), r.stderr
-        assert stat.S_ISSOCK(path.lstat().st_mode)
-    finally:
-        live.close()
-    assert backends(bus, tree) == []
+# ---------------------------------------------------------------- 1, 2, 8: --listen PATH
 
 
 def test_spawn_listen_replaces_a_stale_socket_only_when_asked(
@@ -143,9 +101,7 @@ def test_spawn_listen_replaces_a_stale_socket_only_when_asked(
 # ---------------------------------------------------------------- 3: check --probe, shared names
 
 
-def test_check_probe_copes_with_files_of_different_tiers_sharing_a_name(
-    bus: PrivateBus, tree: Tree
-) -> None:
+def test_check_probe_copes_with_files_of_different_tiers_sharing_a_name(tree: Tree) -> None:
     good = install(tree, "honours_sigterm", "gpu", ["virgl"], short="gpu", write_descriptor=False)
     tree.write("data", "50-gpu.json", descriptor("gpu", str(good.path)))
     tree.write("sysconf", "50-gpu.json", descriptor("gpu", "/nonexistent/gpu"))
@@ -192,17 +148,14 @@ def test_an_unknown_backend_id_is_not_found_in_the_cli_and_the_client(
 # ---------------------------------------------------------------- 5: a broken file hides a name
 
 
-@pytest.mark.parametrize("offline", [False, True], ids=["online", "offline"])
-def test_list_and_show_name_the_broken_file_that_hides_a_descriptor(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon, offline: bool
-) -> None:
+def _hidden_by_a_broken_file(tree: Tree) -> Path:
     tree.write("data", "50-qemu-gpu.json", descriptor("gpu", description="the system's"))
     tree.write("data", "60-input.json", descriptor("input"))
-    broken = tree.write("user", "50-qemu-gpu.json", b'{"type": "gpu", "bin')  # truncated
-    where: list[str] = ["--offline", "--sysconfdir", str(tree.sysconfdir)] if offline else []
-    if not offline:
-        start_daemon()
-    r = ctl(None if offline else bus, tree, "list", *where)
+    return tree.write("user", "50-qemu-gpu.json", b'{"type": "gpu", "bin')  # truncated
+
+
+def _list_and_show_name(broken: Path, tree: Tree, bus: PrivateBus | None, *where: str) -> None:
+    r = ctl(bus, tree, "list", *where)
     assert r.returncode == 0, r.stderr
     assert "50-qemu-gpu.json" not in r.stdout and "60-input.json" in r.stdout
     notes = [
@@ -211,10 +164,23 @@ def test_list_and_show_name_the_broken_file_that_hides_a_descriptor(
         if x.startswith("vhostuserctl: 50-qemu-gpu.json: not listed")
     ]
     assert len(notes) == 1 and str(broken) in notes[0] and "broken" in notes[0], r.stderr
-    line = one_line(ctl(None if offline else bus, tree, "show", "50-qemu-gpu.json", *where))
+    line = one_line(ctl(bus, tree, "show", "50-qemu-gpu.json", *where))
     assert str(broken) in line and "broken" in line and "hides the name" in line, line
-    r = ctl(None if offline else bus, tree, "--json", "show", "50-qemu-gpu.json", *where)
+    r = ctl(bus, tree, "--json", "show", "50-qemu-gpu.json", *where)
     assert r.returncode == 1 and json.loads(r.stderr)["error"] == NOT_FOUND
+
+
+def test_list_and_show_name_the_broken_file_that_hides_a_descriptor(
+    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
+) -> None:
+    broken = _hidden_by_a_broken_file(tree)
+    start_daemon()
+    _list_and_show_name(broken, tree, bus)
+
+
+def test_list_and_show_offline_name_the_broken_file_that_hides_a_descriptor(tree: Tree) -> None:
+    broken = _hidden_by_a_broken_file(tree)
+    _list_and_show_name(broken, tree, None, "--offline", "--sysconfdir", str(tree.sysconfdir))
 
 
 # ---------------------------------------------------------------- 6: a backend dying under --exec
@@ -294,30 +260,6 @@ def test_spawn_exec_a_backend_that_exits_0_as_its_front_end_goes_is_no_failure(
     assert last.endswith((" stopped", " exited with status 0")), r.stderr
     assert f"while {sys.executable} ran" not in r.stderr and "Traceback" not in r.stderr, r.stderr
     d.assert_clean_log()
-
-
-# ---------------------------------------------------------------- 8: socket path errors
-
-
-def test_socket_path_errors_say_what_is_wrong(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    fake = install(tree, "honours_sigterm", "fs", short="fs")
-    start_daemon()
-    long_path = tree.root / ("x" * (120 - len(str(tree.root)) - 1))
-    assert len(str(long_path)) == 120
-    line = one_line(ctl(bus, tree, "spawn", fake.name, "--listen", str(long_path), "--detach"))
-    assert "120 bytes" in line and "at most 107" in line and "sun_path is 108 bytes" in line, line
-    assert "None" not in line
-    a_dir = tree.root / "sockets"
-    a_dir.mkdir()
-    line = one_line(ctl(bus, tree, "spawn", fake.name, "--listen", str(a_dir), "--detach"))
-    assert "it is a directory" in line and f"{a_dir}/backend.sock" in line, line
-    missing = tree.root / "nowhere" / "fs.sock"
-    line = one_line(ctl(bus, tree, "spawn", fake.name, "--listen", str(missing), "--detach"))
-    assert f"the directory {missing.parent} does not exist" in line, line
-    assert not long_path.exists() and list(a_dir.iterdir()) == []
-    assert backends(bus, tree) == []
 
 
 def test_a_failed_spawn_removes_the_socket_it_bound(
