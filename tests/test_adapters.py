@@ -4,9 +4,10 @@ Parsing, the placeholders and what they refuse are pure (`vhostuserd.adapters`, 
 through `descriptors.parse_descriptor` and `options.plan`) and tested table by table without
 a bus. The bus tests prove the wiring: a rust-vmm style fake (tests/fake_backends/
 socket_path.py, ``--socket-path`` only, no ``--print-capabilities``) is spawned from its
-adapter with its static capabilities and never probed; an adapter in the user tier is a
-broken file; `vhostuserctl check` validates adapters. The real backend, qemu-storage-daemon,
-in a real guest: tests/test_guest_blk_adapter.py.
+adapter with its static capabilities and never probed; `vhostuserctl check` validates
+adapters. An adapter in the user tier is a broken file (parse_descriptor's rule, below): the
+daemon serves such a file's diagnostic and refuses its name as it does any broken file's.
+The real backend, qemu-storage-daemon, in a real guest: tests/test_guest_blk_adapter.py.
 """
 
 from __future__ import annotations
@@ -321,38 +322,6 @@ def test_a_socket_path_backend_runs_from_its_adapter_on_the_callers_socket_unpro
 
     run(main())
     assert not (fake.report_dir / "probed").exists(), "an adapter's backend is never probed"
-
-
-def test_an_adapter_in_the_user_tier_is_broken_and_cannot_be_spawned(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    fake = install(tree, "socket_path", "rng", None, short="rng", write_descriptor=False)
-    doc = {
-        "description": "x",
-        "type": "rng",
-        "binary": str(fake.path),
-        adapters.KEY: {"socket": "listening", "argv": ["--socket-path={fd-path}"]},
-    }
-    tree.write("user", fake.name, doc)
-    start_daemon()
-
-    async def main() -> None:
-        c = await Client.open(bus.address)
-        diags = await c.diagnostics()
-        assert any(
-            "an adapter is trusted only from the data and sysconf tiers, not the user tier" in d[2]
-            for d in diags
-        ), diags
-        listener = listening(tree.root / "u.sock")
-        try:
-            reply = await c.raw_spawn(fake.name, {}, [listener.fileno()])
-        finally:
-            listener.close()
-        assert reply.error_name == "org.vhostuserd.Broker1.Error.NotFound", reply.body
-        await c.close()
-
-    run(main())
-    assert not list(fake.report_dir.glob("*.json")), "nothing ran"
 
 
 def test_vhostuserctl_check_validates_adapters(tmp_path: Path) -> None:

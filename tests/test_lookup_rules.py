@@ -32,7 +32,7 @@ from vhostuserd.core.descriptors import (
     parse_capabilities,
     parse_descriptor,
 )
-from vhostuserd.core.resolve import resolve
+from vhostuserd.core.resolve import EXPLAIN_MAX, resolve
 from vhostuserd.edges import scan
 from vhostuserd.edges.probe import DEFAULT_TIMEOUT, STDOUT_CAP, binary_identity
 
@@ -697,6 +697,29 @@ def test_rule5_no_match_says_why_for_every_candidate() -> None:
     assert "10-a.json: feature missing: virgl" in text
     assert "20-b.json: capabilities not probed yet" in text
     assert "1 descriptor(s) of other types" in text
+
+
+def test_rule5_an_unknown_type_says_how_many_descriptors_are_of_other_types() -> None:
+    ds = [_d("50-gpu.json"), _d("60-input.json", "input")]
+    r = resolve(ds, "nosuch", [], lambda d: None)
+    assert r.chosen is None
+    text = r.explain("nosuch", [])
+    assert "'nosuch'" in text and "2 descriptor(s) of other types" in text, text
+    assert "50-gpu.json" not in text, "candidates of other types are counted, not named"
+
+
+def test_rule5_an_empty_search_path_says_it_has_no_descriptors() -> None:
+    r = resolve([], "gpu", [], lambda d: None)
+    assert r.chosen is None and r.rejections == ()
+    assert "the search path has no descriptors" in r.explain("gpu", [])
+
+
+def test_rule5_no_match_spells_out_at_most_explain_max_rejections_and_counts_the_rest() -> None:
+    ds = [_d(f"{i:02d}-gpu.json") for i in range(EXPLAIN_MAX + 3)]
+    r = resolve(ds, "gpu", ["virgl"], lambda d: None)
+    text = r.explain("gpu", ["virgl"])
+    assert text.count("capabilities not probed yet") == EXPLAIN_MAX, text
+    assert "3 more of this type" in text, text
 
 
 # ================================================================ rule 6: validation
