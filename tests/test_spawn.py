@@ -4,11 +4,14 @@ Spawn, the Backend object, Stop, GetLog, Exited; section 2: --grace-period, --st
 Every backend is a fake from tests/fake_backends/ installed into the test's tree; what the
 child really got (argv, fd 3, stdin, cwd, session, environment, signal dispositions) is
 read from /proc or from the report the fake writes, never taken from the daemon's word.
+
+The supervisor's own rules (SIGKILL to the whole group at the grace period, the last 64 KiB
+of output kept, ids never reused across restarts, a settle time of 0 not waiting) are tested
+on it alone in tests/test_supervisor.py; here, that the daemon's calls and signals reach them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import glob
 import os
 import shutil
@@ -340,49 +343,6 @@ def test_stop_of_a_backend_that_honours_sigterm_returns_once_it_is_gone(
     run(main())
 
 
-def test_stop_of_a_backend_ignoring_sigterm_kills_its_whole_group_at_the_grace_period(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    fake = install(tree, "forks_grandchild", "gpu", [], short="stubborn", ignore_sigterm=True)
-    start_daemon("--grace-period", "1")
-
-    async def main() -> None:
-        c = await Client.open(bus.address)
-        path, props = await spawn(c, fake, tree.root)
-        pid = props["Pid"]
-        report = fake.report(pid)
-        grandchild = report["grandchild"]
-        assert report["grandchild_pgid"] == pid
-        t = Timer()
-        states: list[str] = []
-
-        async def watch_state() -> None:
-            while True:
-                states.append((await c.backend(path))["State"])
-                await asyncio.sleep(0.05)
-
-        watcher = asyncio.ensure_future(watch_state())
-        await asyncio.wait_for(c.stop(path), 10)
-        elapsed = t.elapsed
-        watcher.cancel()
-        # SIGKILL came at the grace period (1 s), not before and not much later.
-        assert 0.95 <= elapsed <= 2.5, elapsed
-        assert gone(pid), proc_stat(pid)
-        assert "stopping" in states
-        after = await c.backend(path)
-        assert (after["State"], after["ExitStatus"], after["ExitSignal"]) == (
-            "exited",
-            -1,
-            signal.SIGKILL,
-        )
-        # The helper it forked (same group, also ignoring SIGTERM) went with it, reaped too.
-        wait_for(lambda: gone(grandchild), f"the grandchild {grandchild} to be gone", 2.0)
-        wait_none_marked(tree, 2.0)
-        await c.close()
-
-    run(main())
-
-
 # ---------------------------------------------------------------- exits
 
 
@@ -478,30 +438,6 @@ def test_an_early_exit_within_settle_time_is_spawn_failed_with_status_and_stderr
     run(main())
 
 
-def test_settle_ms_0_returns_at_once_and_the_exit_comes_as_a_signal(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    fake = install(tree, "exits", "gpu", [], short="dies", status=5)
-    start_daemon()
-
-    async def main() -> None:
-        c = await Client.open(bus.address)
-        s = connected_pair()[1]
-        try:
-            # The same backend fails Spawn with the default settle time (250 ms) ...
-            with pytest.raises(SpawnFailed):
-                await c.spawn(fake.name, s.fileno())
-            # ... but with settle-ms 0, Spawn does not wait for it to fail.
-            path = await c.spawn(fake.name, s.fileno(), {"settle-ms": 0})
-        finally:
-            s.close()
-        await await_for(lambda: c.since(0, "Exited", path), "Exited")
-        assert [m.body for m in c.since(0, "Exited", path)] == [[5, -1]]
-        await c.close()
-
-    run(main())
-
-
 def test_exec_failure_is_spawn_failed_naming_the_binary(
     bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
 ) -> None:
@@ -529,76 +465,3 @@ def test_exec_failure_is_spawn_failed_naming_the_binary(
 
     run(main())
     assert d.proc.poll() is None
-
-
-# ---------------------------------------------------------------- GetLog
-
-
-def test_get_log_returns_the_output_capped_at_64_kib(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    chatty = install(tree, "chatty", "gpu", [], short="chatty", lines=4000)
-    quiet = install(tree, "honours_sigterm", "gpu", [], short="quiet")
-    start_daemon()
-
-    async def main() -> None:
-        c = await Client.open(bus.address)
-        path, props = await spawn(c, chatty, tree.root)
-        chatty.report(props["Pid"])
-        log = await await_for(
-            lambda: _log_with(c, path, "fake backend report:"), "the whole output in GetLog"
-        )
-        # About 256 KiB were written; the last 64 KiB are kept, the end intact.
-        assert len(log.encode()) == 64 * 1024, len(log.encode())
-        assert "line 0003999 " in log and "chatty: END OF OUTPUT\n" in log
-        assert "line 0000000 " not in log
-        assert log.endswith("\n") and log.rstrip("\n").splitlines()[-1].startswith(
-            "fake backend report:"
-        )
-
-        qpath, qprops = await spawn(c, quiet, tree.root)
-        quiet.report(qprops["Pid"])
-        qlog = await await_for(lambda: _log_with(c, qpath, "fake backend report:"), "the quiet log")
-        assert qlog.startswith("fake backend report:") and qlog.count("\n") == 1, qlog
-        for p in (path, qpath):
-            await c.stop(p)
-        await c.close()
-
-    run(main())
-
-
-async def _log_with(c: Client, path: str, text: str) -> str | None:
-    log = await c.get_log(path)
-    return log if text in log else None
-
-
-# ---------------------------------------------------------------- ids
-
-
-def test_ids_are_never_reused_also_across_a_daemon_restart(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    fake = install(tree, "honours_sigterm", "gpu", [], short="term")
-    dies = install(tree, "exits", "gpu", [], short="dies")
-    seen: list[str] = []
-
-    async def cycle() -> None:
-        c = await Client.open(bus.address, record=False)
-        for _ in range(2):
-            path, props = await spawn(c, fake, tree.root)
-            seen.append(props["Id"])
-            await c.stop(path)
-        s = connected_pair()[1]
-        with pytest.raises(SpawnFailed):
-            await c.spawn(dies.name, s.fileno())
-        s.close()
-        await c.close()
-
-    d = start_daemon()
-    run(cycle())
-    assert d.stop() == 0
-    start_daemon()
-    run(cycle())
-    assert len(set(seen)) == len(seen) == 4, seen
-    numbers = [int(i) for i in seen]
-    assert numbers == sorted(numbers), seen
