@@ -4,9 +4,10 @@ python-dbusmock's polkitd template ignores the subject and the flags and never a
 a challenge, so this module runs a small dbus-fast service that owns
 org.freedesktop.PolicyKit1 on the private system bus, answers CheckAuthorization from a
 table the test sets, and records every call: the subject must be the caller's unique bus
-name (never a pid, which can be recycled), the details must be the ones rules match on,
-and flags must be AllowUserInteraction (1) exactly when the caller's message header
-carried ALLOW_INTERACTIVE_AUTHORIZATION.
+name (never a pid, which can be recycled), and the details must be the ones rules match on.
+How the flags follow the caller's ALLOW_INTERACTIVE_AUTHORIZATION and what each answer
+becomes (a challenge, a no, an error) is Authority.check's rule, in tests/test_polkit_answers.py;
+tests/test_cli_interactive.py shows both against the real polkitd.
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ from helpers_auth import (
 )
 
 from vhostuserd.edges import authority
-
-INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 
 
 @pytest.fixture(scope="module")
@@ -106,43 +105,6 @@ def test_spawn_check_names_the_caller_by_its_unique_name_with_the_rule_details(
         "shared-dir": "/srv/share",
         "idmap": "caller",  # fs backends: the user namespace's mode in effect (userns)
     }
-
-
-def test_flags_are_1_only_when_the_call_allows_interactive_authorization(
-    sys_env: SystemSetup, polkit: RecordingPolkit
-) -> None:
-    polkit.answer({SPAWN: [True, False], MANAGE: [True, False]})
-    caller = sys_env.callers(NOBODY)
-    assert caller.spawn("50-gpu.json").ok
-    assert caller.spawn("50-gpu.json", interactive=True).ok
-    assert caller.call("Reload", interactive=True).ok
-    assert caller.call("Reload").ok
-    calls = polkit.calls()
-    assert [(c["action"], c["flags"]) for c in calls] == [
-        (SPAWN, 0),
-        (SPAWN, 1),
-        (MANAGE, 1),
-        (MANAGE, 0),
-    ]
-    assert all(c["subject"] == subject_of(caller) for c in calls)
-    assert calls[2]["details"] == {"request": "reload"}
-
-
-def test_challenge_becomes_interactive_authorization_required(
-    sys_env: SystemSetup, polkit: RecordingPolkit
-) -> None:
-    caller = sys_env.callers(NOBODY)
-    polkit.answer({SPAWN: [False, True]})
-    r = caller.spawn("50-gpu.json")
-    assert r.error == INTERACTIVE_REQUIRED, str(r)
-    assert SPAWN in r.message and "interactive" in r.message, r.message
-    # A plain "no" is NotAuthorized; a failing polkit is too, and says so.
-    polkit.answer({SPAWN: [False, False]})
-    assert SPAWN in caller.spawn("50-gpu.json").expect_error("NotAuthorized")
-    polkit.answer({SPAWN: "error"})
-    assert "could not be checked" in caller.spawn("50-gpu.json").expect_error("NotAuthorized")
-    assert sys_env.running() == []
-    assert len(polkit.calls()) == 3
 
 
 def test_manage_check_for_stop_names_the_backend_and_its_owner(
