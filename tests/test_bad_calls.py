@@ -5,7 +5,7 @@ messages that say why; malformed calls fail with the standard D-Bus errors; and 
 attached to calls (or signals) that do not take them are closed, not leaked: the
 daemon's open-fd count is the same after 1,000 of them. What Resolve's messages say is
 resolve's rule (tests/test_lookup_rules.py, rule 5), which names are found is Index.get's
-(tests/test_spawn_input_rules.py); here the daemon replies with them.
+(tests/test_lookup_rules.py, rule 1); here the daemon replies with them.
 """
 
 from __future__ import annotations

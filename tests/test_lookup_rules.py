@@ -32,9 +32,11 @@ from vhostuserd.core.descriptors import (
     parse_capabilities,
     parse_descriptor,
 )
+from vhostuserd.core.index import Index
 from vhostuserd.core.resolve import EXPLAIN_MAX, resolve
 from vhostuserd.edges import scan
 from vhostuserd.edges.probe import DEFAULT_TIMEOUT, STDOUT_CAP, binary_identity
+from vhostuserd.edges.watch import Feed
 
 
 @pytest.fixture
@@ -80,6 +82,26 @@ def test_rule1_only_json_files_directly_in_dir_are_candidates(t: Tree) -> None:
     result = t.lookup()
     assert names(result) == ["50-a.json"]
     assert result.diagnostics == ()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["50-nosuch.json", "", "../50-gpu.json", "../../etc/passwd", "/etc/passwd", "n" * 4096],
+    ids=["unknown", "empty", "relative-path", "traversal", "absolute-path", "4096-chars"],
+)
+def test_rule1_only_a_basename_of_the_effective_index_is_found(tmp_path: Path, name: str) -> None:
+    directory = tmp_path / "qemu/vhost-user"
+    directory.mkdir(parents=True)
+    (directory / "50-gpu.json").write_text(
+        '{"description": "d", "type": "gpu", "binary": "/usr/bin/true"}'
+    )
+    feed = Feed(Index([lookup.Directory("data", str(directory))]))
+    feed.rescan()
+    # What Spawn and GetCapabilities look names up in: a path, a traversal, a name that is
+    # not there, an empty or a huge one is no descriptor (NotFound).
+    assert feed.index.get("50-gpu.json") is not None
+    assert feed.index.get(str(directory / "50-gpu.json")) is None, "a path is no name"
+    assert feed.index.get(name) is None
 
 
 def test_rule1_other_names_do_not_shadow(t: Tree) -> None:

@@ -85,7 +85,7 @@ def test_device_option_that_is_not_such_a_device_fails_before_polkit_is_asked(
     sys_env: SystemSetup, polkit: DbusmockPolkit
 ) -> None:
     # Which paths are such devices is authority.check_device's rule, case by case in
-    # tests/test_spawn_input_rules.py; here: the daemon checks before it asks polkit.
+    # tests/test_socket_and_device_rules.py; here: the daemon checks before it asks polkit.
     polkit.set_allowed(SPAWN, SPAWN_DEVICE)
     caller = sys_env.callers(NOBODY)
     message = caller.spawn("50-gpu.json", {"render-node": ("s", "/dev/dri/../null")}).expect_error(

@@ -5,9 +5,11 @@ process, and costs the daemon nothing: one daemon serves every test of this modu
 after each of them its open-fd count is back at the baseline taken after a warm-up
 Spawn/Stop cycle (so that fds opened lazily, once, are not counted).
 
-The rules themselves (every kind of socket, option and name Spawn refuses) are tested case by
-case without a bus in tests/test_spawn_input_rules.py; here one case of each proves that the
-daemon applies the rule, replies with its D-Bus error and message, and stays as it was.
+The rules themselves are tested case by case without a bus: every option Spawn refuses in
+tests/test_spawn_options_rules.py, every socket in tests/test_socket_and_device_rules.py, the
+names it does not find in tests/test_lookup_rules.py (rule 1); here one case of each proves
+that the daemon applies the rule, replies with its D-Bus error and message, and stays as it
+was.
 """
 
 from __future__ import annotations

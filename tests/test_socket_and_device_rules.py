@@ -1,11 +1,11 @@
-"""What Spawn refuses in its input, decided without a bus (docs/contract.md section 3: Spawn,
-its options, its socket, Errors).
+"""What Spawn's socket and device paths must be (docs/contract.md section 3: Spawn, its
+socket, the device options), decided on real fds and real paths without a bus: the socket
+itself (`bus.backends.check_socket`), its kind for the backend type
+(`options.socket_kind_error`), and device options (`authority.check_device`).
 
-Each rule is the function that decides it, case by case: the options (`options.plan`), the
-socket itself (`bus.backends.check_socket`, on real fds) and its kind for the backend type
-(`options.socket_kind_error`), device options (`authority.check_device`, on real paths) and
-descriptor names (`Index.get`). tests/test_spawn_bad_input.py keeps one case of each on the
-bus, proving that the daemon applies the rule and replies with its D-Bus error.
+tests/test_spawn_bad_input.py and tests/test_polkit_mock.py keep one case of each on the bus,
+proving that the daemon applies the rule (before polkit is asked) and replies with its
+D-Bus error and message.
 """
 
 from __future__ import annotations
@@ -16,26 +16,22 @@ import socket
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from dbus_fast.errors import DBusError
 
 from vhostuserd.bus.backends import check_socket
 from vhostuserd.core import adapters
-from vhostuserd.core.descriptors import Capabilities, Descriptor
-from vhostuserd.core.index import Index
-from vhostuserd.core.lookup import Directory
+from vhostuserd.core.descriptors import Descriptor
 from vhostuserd.core.names import ERROR_PREFIX
-from vhostuserd.core.options import plan, socket_kind_error
-from vhostuserd.core.optiontable import MAX_OPTIONS, MAX_SETTLE_MS
+from vhostuserd.core.options import socket_kind_error
 from vhostuserd.edges.authority import check_device
-from vhostuserd.edges.watch import Feed
 
 
 def refusal(call: Callable[[], object]) -> tuple[str, str]:
-    """(error kind, message) of a call that must refuse: the kind an `OptionError` or a
-    `BrokerError` carries, or the short name of a D-Bus error."""
+    """(error kind, message) of a call that must refuse: the short name of its D-Bus error,
+    or the kind a `BrokerError` carries (what the edges raise once they stop building D-Bus
+    errors themselves)."""
     try:
         call()
     except DBusError as e:
@@ -49,110 +45,12 @@ def refusal(call: Callable[[], object]) -> tuple[str, str]:
     raise AssertionError("the call was not refused")
 
 
-def descriptor(btype: str, name: str = "") -> Descriptor:
-    name = name or f"50-{btype}.json"
+def descriptor(btype: str) -> Descriptor:
+    name = f"50-{btype}.json"
     return Descriptor(name, f"/x/{name}", "data", btype, "", f"/usr/libexec/{btype}")
 
 
-# What the bus tests' fake backends print for --print-capabilities.
-GPU, INPUT, FS = descriptor("gpu"), descriptor("input"), descriptor("fs")
-CAPS = {
-    "gpu": Capabilities("gpu", ("virgl", "vendor-thing"), "{}"),
-    "input": Capabilities("input", ("evdev-path", "no-grab"), "{}"),
-    "fs": Capabilities("fs", (), "{}"),
-}
-
-
-def refused_option(d: Descriptor, options: dict[str, tuple[str, Any]]) -> str:
-    """The InvalidOption message for ``options``, which must not be echoed back whole."""
-    kind, message = refusal(lambda: plan(d, CAPS[d.type], options))
-    assert kind == "InvalidOption", (kind, message)
-    assert len(message) < 1024, message[:200]
-    return message
-
-
-# ---------------------------------------------------------------- the options
-
-
-def test_an_unknown_option_is_named_with_what_the_backend_accepts() -> None:
-    message = refused_option(GPU, {"turbo": ("b", True)})
-    assert "'turbo'" in message and "unknown option" in message, message
-    assert "virgl" in message and "detach" in message, message
-
-
-def test_a_feature_the_probe_lists_is_not_an_option_unless_the_contract_names_it() -> None:
-    message = refused_option(GPU, {"vendor-thing": ("b", True)})
-    assert "'vendor-thing'" in message and "unknown option" in message, message
-
-
-def test_an_option_for_another_backend_type_says_whose_it_is() -> None:
-    message = refused_option(GPU, {"evdev-path": ("s", "/dev/input/event0")})
-    assert "'evdev-path'" in message and "only for input backends" in message, message
-
-
-def test_an_option_whose_feature_the_probe_does_not_list_says_so() -> None:
-    message = refused_option(GPU, {"render-node": ("s", "/dev/dri/renderD128")})
-    assert "'render-node'" in message and "does not list" in message, message
-
-
-def test_an_unprobed_backend_takes_only_the_options_that_need_no_capability() -> None:
-    assert plan(GPU, None, {"detach": ("b", True), "settle-ms": ("u", 0)}).detach
-    kind, message = refusal(lambda: plan(GPU, None, {"virgl": ("b", True)}))
-    assert kind == "InvalidOption" and "does not list the 'virgl' feature" in message, message
-
-
-@pytest.mark.parametrize(
-    ("value", "why"),
-    [
-        ("dev/input/event0", "absolute path"),
-        ("./event0", "absolute path"),
-        ("", "absolute path"),
-        ("/dev/input/event0\n--grab", "NUL or line breaks"),
-        ("/dev/input/event0\r", "NUL or line breaks"),
-        # D-Bus strings cannot carry a NUL (the bus drops such a message before the daemon
-        # sees it): the rule is there regardless, and only here can it be shown.
-        ("/dev/input/event0\0--grab", "NUL or line breaks"),
-        ("/dev/input/" + "e" * (64 * 1024), "longer than"),
-    ],
-    ids=["relative", "dot-relative", "empty", "newline", "carriage-return", "nul", "64KiB"],
-)
-def test_a_bad_path_value_is_refused_naming_the_option_and_why(value: str, why: str) -> None:
-    message = refused_option(INPUT, {"evdev-path": ("s", value)})
-    assert "'evdev-path'" in message and why in message, message
-
-
-def test_a_64_kib_option_name_is_refused_without_echoing_it() -> None:
-    message = refused_option(GPU, {"x" * 65536: ("b", True)})
-    assert "unknown option" in message, message[:200]
-
-
-@pytest.mark.parametrize(
-    ("option", "signature", "value", "want"),
-    [
-        ("virgl", "s", "true", "'b'"),
-        ("virgl", "u", 1, "'b'"),
-        ("detach", "s", "yes", "'b'"),
-        ("settle-ms", "i", 100, "'u'"),
-        ("settle-ms", "s", "100", "'u'"),
-    ],
-)
-def test_an_option_of_the_wrong_d_bus_type_names_the_type_it_must_have(
-    option: str, signature: str, value: object, want: str
-) -> None:
-    message = refused_option(GPU, {option: (signature, value)})
-    assert f"'{option}'" in message and want in message, message
-
-
-def test_a_settle_time_over_the_limit_is_refused() -> None:
-    assert plan(GPU, CAPS["gpu"], {"settle-ms": ("u", MAX_SETTLE_MS)}).settle_ms == MAX_SETTLE_MS
-    message = refused_option(GPU, {"settle-ms": ("u", 2**32 - 1)})
-    assert "'settle-ms'" in message and str(MAX_SETTLE_MS) in message, message
-
-
-def test_too_many_options_are_refused_before_any_is_looked_at() -> None:
-    options: dict[str, tuple[str, Any]] = {f"opt{i}": ("b", True) for i in range(1000)}
-    message = refused_option(GPU, options)
-    assert f"1000 > {MAX_OPTIONS}" in message, message
+GPU, FS = descriptor("gpu"), descriptor("fs")
 
 
 # ---------------------------------------------------------------- the socket: what it is
@@ -351,24 +249,3 @@ def test_a_real_device_passes_as_its_resolved_path() -> None:
     option, path = devices[0]
     real, st = check_device(option, path)
     assert real == os.path.realpath(path) and stat.S_ISCHR(st.st_mode)
-
-
-# ---------------------------------------------------------------- descriptor names
-
-
-@pytest.mark.parametrize(
-    "name",
-    ["50-nosuch.json", "", "../50-gpu.json", "../../etc/passwd", "/etc/passwd", "n" * 4096],
-    ids=["unknown", "empty", "relative-path", "traversal", "absolute-path", "4096-chars"],
-)
-def test_only_a_descriptor_name_of_the_effective_index_is_found(tmp_path: Path, name: str) -> None:
-    directory = tmp_path / "qemu/vhost-user"
-    directory.mkdir(parents=True)
-    (directory / "50-gpu.json").write_text(
-        '{"description": "d", "type": "gpu", "binary": "/usr/bin/true"}'
-    )
-    feed = Feed(Index([Directory("data", str(directory))]))
-    feed.rescan()
-    assert feed.index.get("50-gpu.json") is not None
-    assert feed.index.get(str(directory / "50-gpu.json")) is None, "a path is no name"
-    assert feed.index.get(name) is None
