@@ -4,9 +4,9 @@ Table-driven tests of the pure policy in vhostuserd.userns (which descriptors ge
 namespace, the idmap mode, the uid_map/gid_map text), then the real system service on a
 private system bus (python-dbusmock's polkitd allowing spawn) starting Debian's virtiofsd for
 uid 65534: what the backend is in the kernel's eyes (/proc/PID/status, its namespace's maps,
-what its credentials can and cannot do on the host), `idmap=subids` with and without an
-/etc/subuid entry (the files restored byte for byte), the admin's setting, and a daemon
-under strace that never executes newuidmap/newgidmap.
+what its credentials can and cannot do on the host), `idmap=subids` from an /etc/subuid
+entry (the files restored byte for byte; a missing entry is `id_map`'s rule, above), the
+admin's setting, and a daemon under strace that never executes newuidmap/newgidmap.
 """
 
 from __future__ import annotations
@@ -554,26 +554,9 @@ def test_idmap_subids_maps_the_callers_range_from_etc_subuid(
     assert details[-1]["idmap"] == "subids"
 
 
-def test_idmap_subids_without_an_entry_is_refused_naming_etc_subuid(
-    start: Start, share: Path, subid_files: Callable[[str, str], None], polkit: DbusmockPolkit
+def test_admin_setting_forbids_forces_or_turns_off_the_namespace(
+    start: Start, share: Path, polkit: DbusmockPolkit
 ) -> None:
-    subid_files("someoneelse:3000000:65536\n", "nobody:3100000:1000\n")
-    env = start()
-    caller = env.callers(NOBODY)
-    polkit.clear_calls()
-    message = caller.spawn(
-        FS, {"shared-dir": ("s", str(share)), "idmap": ("s", "subids")}, fd="listen"
-    ).expect_error("NotAuthorized")
-    assert "/etc/subuid has no range for user nobody (uid 65534)" in message, message
-    assert not polkit.checks(), "refused before polkit was asked"
-    assert caller.backends() == []
-    message = caller.spawn(
-        FS, {"shared-dir": ("s", str(share)), "idmap": ("s", "root")}, fd="listen"
-    ).expect_error("InvalidOption")
-    assert "idmap" in message
-
-
-def test_admin_setting_forbids_forces_or_turns_off_the_namespace(start: Start, share: Path) -> None:
     def forced_caller(tree: Tree, bindir: Path) -> None:
         _debian_virtiofsd(tree, bindir)
         conf = tree.sysconfdir / "vhostuserd"
@@ -582,6 +565,7 @@ def test_admin_setting_forbids_forces_or_turns_off_the_namespace(start: Start, s
 
     env = start(prepare=forced_caller)
     caller = env.callers(NOBODY)
+    polkit.clear_calls()
     message = caller.spawn(
         FS, {"shared-dir": ("s", str(share)), "idmap": ("s", "subids")}, fd="listen"
     ).expect_error("NotAuthorized")
@@ -589,6 +573,7 @@ def test_admin_setting_forbids_forces_or_turns_off_the_namespace(start: Start, s
         f"{env.tree.sysconfdir}/vhostuserd/userns.conf [{FS}]" in message
         and "allowed: caller" in message
     )
+    assert not polkit.checks(), "the id mapping is decided before polkit is asked"
     # 50-fs.json (a fake fs backend) runs plainly: the admin turned its namespace off.
     r = caller.spawn("50-fs.json", {"shared-dir": ("s", str(share))}, fd="listen")
     assert r.ok, str(r)
