@@ -1,6 +1,12 @@
 """Each backend in a cgroup v2 of its own (issue 14 part 2), against the real daemon, real
 processes and the machine's real cgroup v2 hierarchy.
 
+What the supervisor does with a backend's cgroup (entered before the first instruction, ended
+whole by Stop, measured, limited as cgroup.conf says) is tested on the supervisor alone in
+tests/test_supervisor.py; here, the daemon's side: its subtree and its start-up line, a
+backend stopped with its cgroup when its owner leaves, re-adoption after a restart,
+cgroup.conf read at each Spawn, and what `vhostuserctl status` and `backends` show.
+
 Where the daemon finds no usable cgroup v2 the tests that need one skip saying so; the
 controller-specific parts (memory, pids) skip where those controllers are not enabled (this
 machine's hybrid layout has memory on v1), printing the reason.
@@ -64,40 +70,6 @@ def backend_left_nothing(path: str, pids: list[int]) -> bool:
     return all(gone(p) for p in pids) and not os.path.exists(path)
 
 
-def test_a_backend_whose_grandchild_setsids_and_ignores_sigterm_leaves_nothing_after_stop(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    fake = install(tree, "daemonizes", short="daemon", ignore_sigterm=True)
-    d = start_daemon("--grace-period", str(GRACE))
-
-    async def main() -> None:
-        c = await Client.open(bus.address)
-        path, props = await spawn(c, fake, tree.root)
-        pid = props["Pid"]
-        report = fake.report(pid)
-        grandchild = report["grandchild"]
-        where = cgroup_dir(props)
-        # It escaped the group and the session (as today's group kill cannot reach), not the cgroup.
-        assert report["grandchild_sid"] != os.getsid(pid) == pid
-        assert os.getpgid(grandchild) != pid
-        assert in_cgroup(pid) == in_cgroup(grandchild) == props["Cgroup"]
-        assert os.path.basename(where) == f"backend-{props['Id']}"
-        await asyncio.wait_for(c.stop(path), 10)
-        await await_for(
-            lambda: backend_left_nothing(where, [pid, grandchild]),
-            lambda: (
-                f"backend {pid}, setsid grandchild {grandchild} and {where} gone: "
-                f"{proc_stat(grandchild)}, exists {os.path.exists(where)}"
-            ),
-            5,
-        )
-        await c.close()
-
-    run(main())
-    wait_none_marked(tree, 5.0)
-    assert "consumed" in d.log()
-
-
 def test_a_backend_whose_grandchild_setsids_and_ignores_sigterm_leaves_nothing_after_owner_leaves(
     bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
 ) -> None:
@@ -125,73 +97,6 @@ def test_a_backend_whose_grandchild_setsids_and_ignores_sigterm_leaves_nothing_a
 
     run(main())
     wait_none_marked(tree, 5.0)
-
-
-def test_a_backend_that_burns_cpu_shows_more_cpu_time_than_an_idle_one_and_it_grows_with_work(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    busy = install(tree, "daemonizes", short="busy", burn_s=0.4)
-    idle = install(tree, "daemonizes", short="idle")
-    start_daemon("--grace-period", str(GRACE))
-
-    async def main() -> None:
-        c = await Client.open(bus.address)
-        busy_path, busy_props = await spawn(c, busy, tree.root)
-        idle_path, idle_props = await spawn(c, idle, tree.root)
-        cgroup_dir(busy_props)
-        busy.report(busy_props["Pid"])  # it has burned its 0.4 s of CPU
-        idle.report(idle_props["Pid"])
-        b, i = await c.backend(busy_path), await c.backend(idle_path)
-        assert isinstance(b["CpuUsec"], int) and isinstance(i["CpuUsec"], int)
-        assert b["CpuUsec"] >= 400_000 > i["CpuUsec"] >= 0, (b["CpuUsec"], i["CpuUsec"])
-        # The listing carries the same numbers, and they only grow.
-        listed = {x["object"]: x for x in await c.list_backends()}
-        assert listed[busy_path]["cpu_usec"] >= b["CpuUsec"]
-        assert listed[busy_path]["cgroup"] == busy_props["Cgroup"]
-        # After the stop: the final numbers stay on the object while it lingers.
-        await c.stop(busy_path)
-        after = await c.backend(busy_path)
-        assert after["State"] == "exited" and after["CpuUsec"] >= b["CpuUsec"]
-        await c.stop(idle_path)
-        await c.close()
-
-    run(main())
-
-
-def test_memory_and_tasks_are_measured_where_those_controllers_are_enabled(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    fake = install(tree, "daemonizes", short="daemon")
-    start_daemon("--grace-period", str(GRACE))
-
-    async def main() -> None:
-        c = await Client.open(bus.address)
-        path, props = await spawn(c, fake, tree.root)
-        fake.report(props["Pid"])
-        where = cgroup_dir(props)
-        enabled = set(Path(os.path.dirname(where), "cgroup.subtree_control").read_text().split())
-        b = await c.backend(path)
-        await c.stop(path)
-        await c.close()
-        missing = []
-        for prop, controller in (
-            ("MemoryCurrent", "memory"),
-            ("MemoryPeak", "memory"),
-            ("Tasks", "pids"),
-        ):
-            if controller in enabled:
-                assert b[prop] > 0, (prop, b[prop])
-            else:
-                assert b[prop] == -1, (prop, b[prop])  # not measured: never a made-up number
-                missing.append(f"{prop} ({controller})")
-        if missing:
-            pytest.skip(
-                f"not measured here: {', '.join(missing)}: "
-                "those controllers are not enabled for the "
-                f"daemon's cgroup v2 subtree (enabled: {' '.join(sorted(enabled)) or 'none'})"
-            )
-
-    run(main())
 
 
 def test_a_sigkilled_daemon_restarted_readopts_the_backend_in_its_cgroup_and_stop_ends_all_of_it(
@@ -223,41 +128,6 @@ def test_a_sigkilled_daemon_restarted_readopts_the_backend_in_its_cgroup_and_sto
 
     run(main())
     wait_none_marked(tree, 5.0)
-
-
-def test_a_backend_is_in_its_cgroup_from_its_first_instruction(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    """The daemon's child is the launcher that enters the cgroup and execs the backend: the
-    backend program (here a shell that only reports its cgroup) never runs outside it."""
-    mount_or_skip()
-    script = tree.root / "bin" / "where.sh"
-    script.parent.mkdir(exist_ok=True)
-    out = tree.root / "where.txt"
-    script.write_text(
-        '#!/bin/sh\n[ "$1" = --print-capabilities ] && { echo \'{"type":"gpu"}\'; exit 0; }\n'
-        f"grep '^0::' /proc/self/cgroup > {out}.tmp; mv {out}.tmp {out}\nexec sleep 1000\n"
-    )
-    script.chmod(0o755)
-    from busutil import descriptor
-
-    tree.write("data", "50-where.json", descriptor("gpu", str(script)))
-    start_daemon("--grace-period", str(GRACE))
-
-    async def main() -> None:
-        c = await Client.open(bus.address)
-        s1, s2 = __import__("socket").socketpair()
-        path = await c.spawn("50-where.json", s2.fileno(), {"settle-ms": 0})
-        s2.close()
-        props = await c.backend(path)
-        cgroup_dir(props)
-        wait_for(out.exists, "the backend's report of its cgroup")
-        assert out.read_text().strip() == f"0::{props['Cgroup']}"
-        await c.stop(path)
-        s1.close()
-        await c.close()
-
-    run(main())
 
 
 def test_setup_reports_off_with_the_reason_when_no_cgroup_v2_is_mounted(tmp_path: Any) -> None:
@@ -359,48 +229,6 @@ def test_a_broken_cgroup_conf_is_a_typed_spawn_failure_naming_file_section_and_s
 
     run(main())
     assert d.proc.poll() is None
-
-
-def test_the_admins_limits_are_written_to_the_backends_cgroup_where_their_controllers_are_enabled(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    fake = install(tree, "daemonizes", short="daemon")
-    # The descriptor's own section wins over its type's.
-    write_limits(
-        tree,
-        f"[type:gpu]\ntasks-max = 8\ncpu-weight = 20\n[{fake.name}]\nmemory-max = 64M  # per VM\n"
-        "tasks-max = 32\n",
-    )
-    d = start_daemon()
-
-    async def main() -> tuple[str, set[str]]:
-        c = await Client.open(bus.address)
-        path, props = await spawn(c, fake, tree.root)
-        fake.report(props["Pid"])
-        where = cgroup_dir(props)
-        enabled = set(Path(os.path.dirname(where), "cgroup.subtree_control").read_text().split())
-        expected = {
-            "memory.max": ("memory", str(64 << 20)),
-            "pids.max": ("pids", "32"),
-            "cpu.weight": ("cpu", "20"),
-        }
-        for name, (controller, value) in expected.items():
-            if controller in enabled:
-                assert Path(where, name).read_text().strip() == value, name
-        await c.stop(path)
-        await c.close()
-        return where, enabled
-
-    _where, enabled = run(main())
-    missing = [c for c in ("memory", "pids", "cpu") if c not in enabled]
-    for controller in missing:  # said, not silently dropped
-        assert f"the {controller} controller is not enabled here" in d.log(), controller
-    if missing:
-        pytest.skip(
-            f"limits not applied here for {', '.join(missing)}: "
-            "those controllers are not enabled for the "
-            "daemon's cgroup v2 subtree (the daemon logged so)"
-        )
 
 
 def test_limit_values_are_parsed_to_what_the_cgroup_files_take() -> None:

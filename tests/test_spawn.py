@@ -133,7 +133,7 @@ def test_spawn_returns_a_backend_object_whose_properties_describe_the_child(
         }
         assert listed["cpu_usec"] >= (
             0 if props["Cgroup"] else -1
-        )  # tests/test_cgroup.py checks the numbers
+        )  # tests/test_supervisor.py checks the numbers
         # The object was announced on the manager's path (ObjectManager), properties and all.
         added = [m for m in c.since(0, "InterfacesAdded", MANAGER_PATH) if m.body[0] == path]
         assert len(added) == 1 and added[0].interface == OM_IFACE

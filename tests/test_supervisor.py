@@ -5,7 +5,9 @@ the test process, and no bus.
 
 How a backend that ignores SIGTERM is stopped, what its log keeps, that ids are never reused,
 also by the next supervisor on the same state directory (as after a restart of the daemon),
-and that a settle time of 0 does not wait. What the child did is read from /proc or from the
+that a settle time of 0 does not wait; and each backend in a cgroup v2 of its own (issue 14
+part 2): entered before its first instruction, ended whole by a stop, measured, and limited
+as the admin's cgroup.conf says. What the child did is read from /proc or from the
 report the fake writes. tests/test_spawn.py proves on the bus that Spawn, Stop, GetLog and
 Exited reach these, and what a child gets from the daemon (its fds, cwd, session, env).
 """
@@ -13,6 +15,7 @@ Exited reach these, and what a child gets from the daemon (its fds, cwd, session
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -31,7 +34,8 @@ from helpers_spawn import (
     wait_none_marked,
 )
 
-from vhostuserd.edges import procs
+from vhostuserd.edges import cgroup, procs
+from vhostuserd.edges.cgroup import CONTROLLERS, Cgroups
 from vhostuserd.edges.supervisor import EXITED, STOPPING, Backend, SpawnError, Supervisor
 
 
@@ -48,7 +52,10 @@ def state_dir(tree: Tree) -> Path:
 
 
 def supervising(
-    tree: Tree, body: Callable[[Supervisor], Awaitable[None]], grace_period: float = 1.0
+    tree: Tree,
+    body: Callable[[Supervisor], Awaitable[None]],
+    grace_period: float = 1.0,
+    cgroups: Cgroups | None = None,
 ) -> None:
     """Run ``body`` with a supervisor of its own on ``tree``'s state directory; the
     backends it left running are stopped after."""
@@ -56,7 +63,9 @@ def supervising(
     async def main() -> None:
         reaper = procs.Reaper(asyncio.get_running_loop())
         reaper.install()
-        sup = Supervisor(reaper, str(state_dir(tree)), grace_period, on_change=lambda b, w: None)
+        sup = Supervisor(
+            reaper, str(state_dir(tree)), grace_period, on_change=lambda b, w: None, cgroups=cgroups
+        )
         try:
             await body(sup)
         finally:
@@ -67,8 +76,11 @@ def supervising(
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
-def start(sup: Supervisor, fake: Fake | str, socket_fd: int | None = None) -> Backend:
-    """``fake`` started as the daemon starts a backend: BINARY --fd=3, with a socket at fd 3."""
+def start(
+    sup: Supervisor, fake: Fake | str, socket_fd: int | None = None, **limits: str
+) -> Backend:
+    """``fake`` started as the daemon starts a backend: BINARY --fd=3, with a socket at fd 3
+    (and the admin's cgroup ``limits``)."""
     binary = str(fake.path) if isinstance(fake, Fake) else fake
     ours, theirs = socket.socketpair()
     try:
@@ -79,6 +91,7 @@ def start(sup: Supervisor, fake: Fake | str, socket_fd: int | None = None) -> Ba
             owner=":1.42",
             owner_uid=os.getuid(),
             detached=False,
+            limits=limits or None,
         )
     finally:
         ours.close()
@@ -188,3 +201,179 @@ def test_a_settle_time_of_0_returns_at_once_and_the_exit_comes_after(tree: Tree)
         assert (late.exit_status, late.exit_signal) == (5, -1)
 
     supervising(tree, body)
+
+
+# ---------------------------------------------------------------- each backend in a cgroup
+
+
+@pytest.fixture
+def cgroups(tree: Tree) -> Iterator[Cgroups]:
+    """The supervisor's cgroup subtree, in nested mode under an empty cgroup made for the test
+    beside this process (so that this process is never moved; named vhostuserd-* like the
+    daemons', which conftest sweeps if a test leaves it), with the controllers its parent
+    offers enabled as a daemon's parent would."""
+    mount, own = cgroup.v2_mount(), cgroup.own_cgroup()
+    if mount is None or own is None:
+        pytest.skip("no cgroup v2 hierarchy is mounted on this machine")
+    rel = f"{own.rstrip('/')}/vhostuserd-tests-{os.getpid()}-{tree.root.name}"
+    here = os.path.join(mount, rel.lstrip("/"))
+    try:
+        os.mkdir(here)
+    except OSError as e:
+        pytest.skip(f"cannot make a cgroup v2 under {own}: {e.strerror}")
+    offered = Path(here, "cgroup.controllers").read_text().split()
+    for c in CONTROLLERS:
+        if c in offered:
+            try:
+                Path(here, "cgroup.subtree_control").write_text(f"+{c}")
+            except OSError:
+                pass
+    cg = Cgroups.setup(str(state_dir(tree)), own=rel)
+    try:
+        if not cg.enabled:
+            pytest.skip(f"the supervisor runs without cgroups here: {cg.why}")
+        yield cg
+    finally:
+        cg.release()
+        for d in (cg.base, here):
+            if d:
+                Cgroups.remove(d)
+
+
+def test_a_backend_whose_grandchild_setsids_and_ignores_sigterm_leaves_nothing_after_stop(
+    tree: Tree, cgroups: Cgroups, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vhostuserd.supervisor")
+    fake = install(tree, "daemonizes", short="daemon", ignore_sigterm=True)
+
+    async def body(sup: Supervisor) -> None:
+        b = start(sup, fake)
+        got = await report(fake, b.pid)
+        grandchild = got["grandchild"]
+        # It escaped the group and the session (as a group kill cannot reach), not the cgroup.
+        assert got["grandchild_sid"] != os.getsid(b.pid) == b.pid
+        assert os.getpgid(grandchild) != b.pid
+        assert cgroup.own_cgroup(b.pid) == cgroup.own_cgroup(grandchild)
+        assert cgroup.own_cgroup(b.pid) == cgroups.relative(b.cgroup)
+        assert os.path.basename(b.cgroup) == f"backend-{b.id}"
+        await asyncio.wait_for(sup.stop(b), 10)
+        await await_for(
+            lambda: gone(b.pid) and gone(grandchild) and not os.path.exists(b.cgroup),
+            lambda: f"backend {b.pid}, setsid grandchild {grandchild} and {b.cgroup} gone",
+            5,
+        )
+        wait_none_marked(tree, 5.0)
+
+    supervising(tree, body, grace_period=0.5, cgroups=cgroups)
+    assert "consumed" in caplog.text  # what it cost, said when it ended
+
+
+def test_a_backend_is_in_its_cgroup_from_its_first_instruction(
+    tree: Tree, cgroups: Cgroups
+) -> None:
+    """The supervisor's child is the launcher that enters the cgroup and execs the backend:
+    the backend program (here a shell that only reports its cgroup) never runs outside it."""
+    script = tree.root / "bin" / "where.sh"
+    script.parent.mkdir(exist_ok=True)
+    out = tree.root / "where.txt"
+    script.write_text(
+        f"#!/bin/sh\ngrep '^0::' /proc/self/cgroup > {out}.tmp; mv {out}.tmp {out}\n"
+        "exec sleep 1000\n"
+    )
+    script.chmod(0o755)
+
+    async def body(sup: Supervisor) -> None:
+        b = start(sup, str(script))
+        await await_for(out.exists, "the backend's report of its cgroup")
+        assert out.read_text().strip() == f"0::{cgroups.relative(b.cgroup)}"
+        await sup.stop(b)
+
+    supervising(tree, body, cgroups=cgroups)
+
+
+def test_a_backend_that_burns_cpu_shows_more_cpu_time_than_an_idle_one_and_it_grows_with_work(
+    tree: Tree, cgroups: Cgroups
+) -> None:
+    busy = install(tree, "daemonizes", short="busy", burn_s=0.4)
+    idle = install(tree, "daemonizes", short="idle")
+
+    async def body(sup: Supervisor) -> None:
+        b, i = start(sup, busy), start(sup, idle)
+        await report(busy, b.pid)  # it has burned its 0.4 s of CPU
+        await report(idle, i.pid)
+        burned, idled = sup.usage(b).cpu_usec, sup.usage(i).cpu_usec
+        assert burned >= 400_000 > idled >= 0, (burned, idled)
+        # After the stop: the final numbers stay with the exited backend.
+        await sup.stop(b)
+        assert b.state == EXITED and sup.usage(b).cpu_usec >= burned
+        await sup.stop(i)
+
+    supervising(tree, body, cgroups=cgroups)
+
+
+def test_memory_and_tasks_are_measured_where_those_controllers_are_enabled(
+    tree: Tree, cgroups: Cgroups
+) -> None:
+    fake = install(tree, "daemonizes", short="daemon")
+
+    async def body(sup: Supervisor) -> None:
+        b = start(sup, fake)
+        await report(fake, b.pid)
+        u = sup.usage(b)
+        await sup.stop(b)
+        missing = []
+        for name, value, controller in (
+            ("memory_current", u.memory_current, "memory"),
+            ("memory_peak", u.memory_peak, "memory"),
+            ("tasks", u.tasks, "pids"),
+        ):
+            if controller in cgroups.controllers:
+                assert value > 0, (name, value)
+            else:
+                assert value == -1, (name, value)  # not measured: never a made-up number
+                missing.append(f"{name} ({controller})")
+        if missing:
+            pytest.skip(
+                f"not measured here: {', '.join(missing)}: those controllers are not enabled "
+                f"for the cgroup v2 subtree (enabled: {' '.join(cgroups.controllers) or 'none'})"
+            )
+
+    supervising(tree, body, cgroups=cgroups)
+
+
+def test_the_admins_limits_are_written_to_the_backends_cgroup_where_their_controllers_are_enabled(
+    tree: Tree, cgroups: Cgroups, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = install(tree, "daemonizes", short="daemon")
+    conf = tree.sysconfdir / cgroup.CONFIG
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    # The descriptor's own section wins over its type's.
+    conf.write_text(
+        f"[type:gpu]\ntasks-max = 8\ncpu-weight = 20\n[{fake.name}]\nmemory-max = 64M  # per VM\n"
+        "tasks-max = 32\n"
+    )
+    limits = cgroup.limits_for("gpu", fake.name, str(tree.sysconfdir))
+    assert limits == {"tasks-max": "32", "cpu-weight": "20", "memory-max": str(64 << 20)}
+    expected = {
+        "memory.max": ("memory", str(64 << 20)),
+        "pids.max": ("pids", "32"),
+        "cpu.weight": ("cpu", "20"),
+    }
+
+    async def body(sup: Supervisor) -> None:
+        b = start(sup, fake, **limits)
+        await report(fake, b.pid)
+        for name, (controller, value) in expected.items():
+            if controller in cgroups.controllers:
+                assert Path(b.cgroup, name).read_text().strip() == value, name
+        await sup.stop(b)
+
+    supervising(tree, body, cgroups=cgroups)
+    missing = [c for c in ("memory", "pids", "cpu") if c not in cgroups.controllers]
+    for controller in missing:  # said, not silently dropped
+        assert f"the {controller} controller is not enabled here" in caplog.text, controller
+    if missing:
+        pytest.skip(
+            f"limits not applied here for {', '.join(missing)}: those controllers are not "
+            "enabled for the cgroup v2 subtree (the supervisor logged so)"
+        )
