@@ -88,6 +88,16 @@ class Watched:
         assert self.index.generation == mark[1] + n, (self.index.generation, mark, n)
         return got
 
+    async def edit_in_place(self, path: Path, description: str) -> None:
+        """Rewrite ``path`` in place with ``description``: exactly one change follows."""
+        m = self.mark()
+        overwrite(path, doc("gpu", description=description))
+        await self.wait_rows(
+            lambda ds: any(d.description == description for d in ds), f"the edit {description!r}"
+        )
+        await self.settle(path.parent)
+        self.assert_changes(m, 1)
+
     def assert_matches_disk(self) -> list[Descriptor]:
         """The index's descriptors and diagnostics equal a fresh scan of the tree."""
         assert [row(d) for d in self.index.descriptors] == expected_rows(self.tree)
@@ -257,13 +267,7 @@ def test_a_directory_deleted_and_recreated_keeps_being_watched(tree: Tree) -> No
             w.assert_changes(m, 1)
             assert w.assert_matches_disk()[0].description == f"cycle {cycle}"
             # An in-place change in the recreated directory is seen too.
-            m = w.mark()
-            overwrite(sysdir / "50-a.json", doc("gpu", description=f"cycle {cycle} edited"))
-            await w.wait_rows(
-                lambda ds, c=cycle: ds[0].description == f"cycle {c} edited", "the edit"
-            )
-            await w.settle(sysdir)
-            w.assert_changes(m, 1)
+            await w.edit_in_place(sysdir / "50-a.json", f"cycle {cycle} edited")
         # Deleted and recreated at once (within one batch of events): the directory's path
         # is the same, but its old watch is dead; the new one must be watched.
         for cycle in range(3):
@@ -275,13 +279,7 @@ def test_a_directory_deleted_and_recreated_keeps_being_watched(tree: Tree) -> No
             )
             await w.settle(sysdir)
             w.assert_matches_disk()
-            m = w.mark()
-            overwrite(sysdir / "50-a.json", doc("gpu", description=f"fast {cycle} edited"))
-            await w.wait_rows(
-                lambda ds, c=cycle: ds[0].description == f"fast {c} edited", "the edit"
-            )
-            await w.settle(sysdir)
-            w.assert_changes(m, 1)
+            await w.edit_in_place(sysdir / "50-a.json", f"fast {cycle} edited")
 
     watching(tree, body)
 
@@ -388,11 +386,7 @@ def test_a_directory_moved_away_and_back_is_followed(tree: Tree) -> None:
         await w.wait_names(["40-b.json", "50-a.json"])
         await w.settle(sysdir)
         w.assert_changes(m, 1)
-        m = w.mark()
-        overwrite(sysdir / "50-a.json", doc("gpu", description="sysconf, edited"))
-        await w.wait_rows(lambda ds: ds[1].description == "sysconf, edited", "the edit")
-        await w.settle(sysdir)
-        w.assert_changes(m, 1)
+        await w.edit_in_place(sysdir / "50-a.json", "sysconf, edited")
         w.assert_matches_disk()
 
     watching(tree, body)
