@@ -13,10 +13,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
+
+from vhostuserd.core import lookup
+from vhostuserd.edges import scan
 
 T = TypeVar("T")
 
@@ -177,76 +180,133 @@ class PrivateBus:
         return r.stdout.strip() == "b true"
 
 
+SUBDIR = Path("qemu/vhost-user")
+
+Content = bytes | str | Mapping[str, Any]
+
+
+def _as_bytes(content: Content) -> bytes:
+    if isinstance(content, bytes):
+        return content
+    if isinstance(content, str):
+        return content.encode("utf-8")
+    return json.dumps(content).encode("utf-8")
+
+
 @dataclass
 class Tree:
-    """A descriptor search path on disk: data dirs (most important first), sysconf, user."""
+    """A descriptor search path on disk under ``root``: ``data`` (one directory per
+    XDG_DATA_DIRS entry, most important first), ``sysconfdir``, and the user tier under
+    ``config_home`` ($HOME/.config). A tier's ``qemu/vhost-user`` directory is made when
+    `dir` (or `write`, `symlink`) first names it; `make` makes them all at once.
+
+    `env` is the environment of a vhostuserd or vhostuserctl that sees only this tree;
+    `search_path`, `listings` and `lookup` run the real scan and the pure merge over it."""
 
     root: Path
-    data: list[Path] = field(default_factory=list)
-    sysconfdir: Path = Path()
-    config_home: Path = Path()
+    data_count: int = 1
+    data: list[Path] = field(init=False)
+    sysconfdir: Path = field(init=False)
+    home: Path = field(init=False)
+    config_home: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.data = [self.root / f"data{i}" for i in range(self.data_count)]
+        self.sysconfdir = self.root / "etc"
+        self.home = self.root / "home"
+        self.config_home = self.home / ".config"
+        for d in [*self.data, self.sysconfdir, self.config_home]:
+            d.mkdir(parents=True, exist_ok=True)
+        (self.root / "run").mkdir(mode=0o700, exist_ok=True)  # $XDG_RUNTIME_DIR
 
     @classmethod
-    def make(cls, root: Path, n_data: int = 2) -> Tree:
-        t = cls(root)
-        t.data = [root / f"share{i}" for i in range(n_data)]
-        t.sysconfdir = root / "etc"
-        t.config_home = root / "config"
-        for d in t.data:
-            (d / "qemu/vhost-user").mkdir(parents=True)
-        (t.sysconfdir / "qemu/vhost-user").mkdir(parents=True)
-        (t.config_home / "qemu/vhost-user").mkdir(parents=True)
-        (root / "home").mkdir()
-        (root / "run").mkdir(mode=0o700)
+    def make(cls, root: Path, data_count: int = 2) -> Self:
+        """The daemon tests' tree: two data directories, and every tier's directory there
+        before the daemon starts watching."""
+        t = cls(root, data_count)
+        for i in range(data_count):
+            t.dir("data", i)
+        t.dir("sysconf")
+        t.dir("user")
         return t
 
-    def dir(self, tier: str, i: int = 0) -> Path:
-        if tier == "data":
-            return self.data[i] / "qemu/vhost-user"
-        if tier == "sysconf":
-            return self.sysconfdir / "qemu/vhost-user"
-        return self.config_home / "qemu/vhost-user"
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "DBUS_"))}
-        env.update(
-            XDG_DATA_DIRS=":".join(str(d) for d in self.data),
-            XDG_CONFIG_HOME=str(self.config_home),
-            HOME=str(self.root / "home"),
-            XDG_RUNTIME_DIR=str(self.root / "run"),
-        )
-        return env
+    def dir(self, tier: str, index: int = 0) -> Path:
+        """The ``qemu/vhost-user`` directory of ``tier`` ("data": the ``index``-th;
+        "sysconf"; "user"), made if it is missing."""
+        base = {
+            "data": self.data[index] if tier == "data" else None,
+            "sysconf": self.sysconfdir,
+            "user": self.config_home,
+        }[tier]
+        assert base is not None, tier
+        path = base / SUBDIR
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def write(
-        self,
-        tier: str,
-        name: str,
-        doc: dict[str, Any] | str | bytes,
-        i: int = 0,
-        atomic: bool = False,
+        self, tier: str, name: str, content: Content, index: int = 0, atomic: bool = False
     ) -> Path:
-        path = self.dir(tier, i) / name
-        data = (
-            doc
-            if isinstance(doc, bytes)
-            else (doc if isinstance(doc, str) else json.dumps(doc)).encode()
-        )
+        """Write ``content`` (a document is written as JSON) as ``name`` in ``tier``;
+        ``atomic``: through a temporary dot-file renamed over it."""
+        path = self.dir(tier, index) / name
         if atomic:
             tmp = path.parent / f".{name}.tmp"
-            tmp.write_bytes(data)
+            tmp.write_bytes(_as_bytes(content))
             os.rename(tmp, path)
         else:
-            path.write_bytes(data)
+            path.write_bytes(_as_bytes(content))
         return path
+
+    def symlink(self, tier: str, name: str, target: str | Path, index: int = 0) -> Path:
+        path = self.dir(tier, index) / name
+        path.symlink_to(target)
+        return path
+
+    @property
+    def xdg_data_dirs(self) -> str:
+        return ":".join(str(d) for d in self.data)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """This process's environment without its XDG_* and DBUS_* variables, with this
+        tree's data dirs, user tier, home and runtime directory (and ``extra``)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "DBUS_"))}
+        env.update(
+            LC_ALL="C.UTF-8",
+            HOME=str(self.home),
+            XDG_CONFIG_HOME=str(self.config_home),
+            XDG_DATA_DIRS=self.xdg_data_dirs,
+            XDG_RUNTIME_DIR=str(self.root / "run"),
+        )
+        env.update(extra)
+        return env
+
+    def search_path(self, *, system: bool = False) -> tuple[lookup.Directory, ...]:
+        """The search path a daemon or vhostuserctl started with `env` uses."""
+        env = self.env()
+        return lookup.search_path(
+            system=system,
+            sysconfdir=str(self.sysconfdir),
+            xdg_data_dirs=env["XDG_DATA_DIRS"],
+            xdg_config_home=env["XDG_CONFIG_HOME"],
+            home=env["HOME"],
+        )
+
+    def listings(self, *, system: bool = False) -> list[lookup.Listing]:
+        return scan.list_all(self.search_path(system=system))
+
+    def lookup(self, *, system: bool = False) -> lookup.LookupResult:
+        """The reference: the pure merge of a fresh scan of the directories."""
+        return lookup.merge(self.listings(system=system))
 
 
 class RealTree(Tree):
     """A test tree with /usr/share last in XDG_DATA_DIRS: the machine's Debian descriptors
     (50-qemu-gpu.json, 50-qemu-virtiofsd.json) come after the test's own."""
 
-    def env(self) -> dict[str, str]:
+    def env(self, **extra: str) -> dict[str, str]:
         env = super().env()
         env["XDG_DATA_DIRS"] += ":/usr/share"
+        env.update(extra)
         return env
 
 

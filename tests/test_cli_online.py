@@ -61,7 +61,7 @@ def setup(tree: Tree) -> dict[str, str]:
     inp = fake_backend(tree.root / "input-backend", "input", [])
     tree.write("data", "50-gpu.json", {**descriptor("gpu", gpu, "a gpu"), "tags": ["fast"]})
     tree.write("sysconf", "60-input.json", descriptor("input", inp, "keyboard"))
-    tree.write("data", "70-nobinary.json", descriptor("gpu", "/nonexistent/gpu", "gone"), i=1)
+    tree.write("data", "70-nobinary.json", descriptor("gpu", "/nonexistent/gpu", "gone"), index=1)
     return {"gpu": gpu, "input": inp}
 
 
