@@ -56,9 +56,12 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
 
 
 POLL = 0.015
+# How long `wait_for` and `await_for` wait by default: long enough for the slowest of them
+# (polkit and setpriv callers) on a busy machine; a condition that holds returns at once.
+WAIT = 20.0
 
 
-def wait_for(cond: Callable[[], T], what: str | Callable[[], str], timeout: float = 10.0) -> T:
+def wait_for(cond: Callable[[], T], what: str | Callable[[], str], timeout: float = WAIT) -> T:
     """Poll ``cond`` until it returns something true; fail naming ``what`` (computed lazily,
     to show the state that did not match) after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -73,7 +76,7 @@ def wait_for(cond: Callable[[], T], what: str | Callable[[], str], timeout: floa
 
 
 async def await_for(
-    cond: Callable[[], Any], what: str | Callable[[], str], timeout: float = 10.0
+    cond: Callable[[], Any], what: str | Callable[[], str], timeout: float = WAIT
 ) -> Any:
     """Async `wait_for`; ``cond`` may return an awaitable."""
     deadline = time.monotonic() + timeout

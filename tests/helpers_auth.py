@@ -27,12 +27,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import busutil
-from busutil import MANAGER_PATH, Daemon, PrivateBus, Tree
-
-T = TypeVar("T")
+from busutil import MANAGER_PATH, Daemon, PrivateBus, Tree, wait_for
 
 NOBODY = 65534
 
@@ -62,12 +60,6 @@ POLKIT_NAME = "org.freedesktop.PolicyKit1"
 POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
 DEBIAN_PYTHON = "/usr/bin/python3"
 TIMEOUT = 20.0
-
-
-def wait_for(cond: Callable[[], T], what: str | Callable[[], str], timeout: float = TIMEOUT) -> T:
-    """`busutil.wait_for` with this module's longer default (polkit and setpriv callers are
-    slow)."""
-    return busutil.wait_for(cond, what, timeout)
 
 
 def public_dir(prefix: str) -> Path:

@@ -19,15 +19,13 @@ import itertools
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
-from busutil import BUS_NAME, MANAGER_PATH, Tree, await_for, wait_for  # noqa: F401 - re-exported for the tests
+from busutil import BUS_NAME, MANAGER_PATH, Tree, await_for
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from vhostuserd.bus.manager import descriptor_path
-
-T = TypeVar("T")
 
 MANAGER_IFACE = "org.vhostuserd.Broker1.Manager"
 DESCRIPTOR_IFACE = "org.vhostuserd.Broker1.Descriptor"

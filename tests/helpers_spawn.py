@@ -21,19 +21,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from busutil import BUS_NAME, MANAGER_PATH, Daemon, Tree, await_for, descriptor, wait_for  # noqa: F401 - re-exported for the tests
+from busutil import BUS_NAME, MANAGER_PATH, Daemon, Tree, descriptor, wait_for
 from dbus_fast import Message, MessageType, Variant
 
 from vhostuserd.client import BrokerClient
 from vhostuserd.core.names import MANAGER_IFACE
 
-T = TypeVar("T")
-
 FAKES = Path(__file__).resolve().parent / "fake_backends"
 ERROR = "org.vhostuserd.Broker1.Error."
-POLL = 0.015
 TIMEOUT = 10.0
 
 OM_IFACE = "org.freedesktop.DBus.ObjectManager"

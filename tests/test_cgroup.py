@@ -16,18 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from busutil import Daemon, PrivateBus, Tree, run
-from helpers_spawn import (
-    Client,
-    await_for,
-    gone,
-    install,
-    kill_marked,
-    proc_stat,
-    spawn,
-    wait_for,
-    wait_none_marked,
-)
+from busutil import Daemon, PrivateBus, Tree, await_for, run, wait_for
+from helpers_spawn import Client, gone, install, kill_marked, proc_stat, spawn, wait_none_marked
 
 from vhostuserd.edges import cgroup
 

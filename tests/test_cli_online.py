@@ -24,13 +24,14 @@ from busutil import (
     Daemon,
     PrivateBus,
     Tree,
+    await_for,
     ctl,
     descriptor,
     fake_backend,
     run,
     wait_for,
 )
-from helpers_live import Listener, MatchWatcher, await_for, listen
+from helpers_live import Listener, MatchWatcher, listen
 from helpers_spawn import install, kill_marked
 
 from vhostuserd import __version__

@@ -21,8 +21,8 @@ from typing import Any
 
 import guest
 import pytest
-from busutil import VHOSTUSERCTL, Daemon, PrivateBus, RealTree, Tree
-from helpers_spawn import alive, gone, kill_marked, wait_for
+from busutil import VHOSTUSERCTL, Daemon, PrivateBus, RealTree, Tree, wait_for
+from helpers_spawn import alive, gone, kill_marked
 
 pytestmark = pytest.mark.e2e
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from busutil import Tree
+from busutil import Tree, wait_for
 from helpers_auth import (
     NOBODY,
     Caller,
@@ -33,7 +33,6 @@ from helpers_auth import (
     descriptor_doc,
     setup,
     system_bus,
-    wait_for,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

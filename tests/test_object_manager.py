@@ -12,13 +12,22 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from busutil import BUS_NAME, MANAGER_PATH, Daemon, PrivateBus, Tree, descriptor, fake_backend, run
+from busutil import (
+    BUS_NAME,
+    MANAGER_PATH,
+    Daemon,
+    PrivateBus,
+    Tree,
+    await_for,
+    descriptor,
+    fake_backend,
+    run,
+)
 from helpers_live import (
     DESCRIPTOR_IFACE,
     OM_IFACE,
     PROPS_IFACE,
     Listener,
-    await_for,
     listen,
     overwrite,
     unwrap,

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from busutil import PrivateBus, Tree
+from busutil import PrivateBus, Tree, wait_for
 from helpers_auth import (
     BACKEND_IFACE,
     MANAGE,
@@ -31,7 +31,6 @@ from helpers_auth import (
     ids,
     setup,
     status,
-    wait_for,
     wait_gone,
 )
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from busutil import PrivateBus, Tree
+from busutil import PrivateBus, Tree, wait_for
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 from helpers_auth import (
@@ -39,7 +39,6 @@ from helpers_auth import (
     public_dir,
     setup,
     status,
-    wait_for,
     wait_gone,
 )
 

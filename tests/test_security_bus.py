@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from busutil import BUS_NAME, MANAGER_PATH, PrivateBus, Tree
+from busutil import BUS_NAME, MANAGER_PATH, PrivateBus, Tree, wait_for
 from dbus_fast import Message
 from helpers_auth import (
     BACKEND_IFACE,
@@ -37,7 +37,6 @@ from helpers_auth import (
     setup,
     system_bus,
     system_daemon,
-    wait_for,
 )
 
 MANAGER_IFACE = "org.vhostuserd.Broker1.Manager"

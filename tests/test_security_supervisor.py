@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from busutil import Daemon, PrivateBus, Tree, stop_process
+from busutil import Daemon, PrivateBus, Tree, stop_process, wait_for
 from helpers_auth import (
     BACKEND_IFACE,
     NOBODY,
@@ -42,7 +42,6 @@ from helpers_auth import (
     SystemSetup,
     descriptor_doc,
     setup,
-    wait_for,
 )
 
 GRACE = "1"

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from busutil import VHOSTUSERCTL, VHOSTUSERD, PrivateBus, Tree, stop_process
+from busutil import VHOSTUSERCTL, VHOSTUSERD, PrivateBus, Tree, stop_process, wait_for
 from helpers_auth import (
     NOBODY,
     OTHER_UID,
@@ -39,7 +39,6 @@ from helpers_auth import (
     setup,
     status,
     system_daemon,
-    wait_for,
     wait_gone,
 )
 
