@@ -1,7 +1,7 @@
 """Helpers for the authorization tests: the system-mode daemon on a private system bus,
 unprivileged callers as real processes of another uid, polkit authorities (the
 python-dbusmock polkitd template, a recording mock of our own, the real polkitd), fake
-backends the system service will run, and looking at what actually runs.
+backends the system service will run (what runs is read from /proc by helpers_spawn).
 
 A `Caller` is a small dbus-fast client in its own process, started through
 `setpriv --reuid=UID` when UID is not 0; the test drives it over its stdin/stdout with one
@@ -18,7 +18,6 @@ import os
 import pwd
 import queue
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from typing import Any
 
 import busutil
 from busutil import MANAGER_PATH, Daemon, PrivateBus, Tree, wait_for
+from helpers_spawn import kill_marked, pids_with, status
 
 NOBODY = 65534
 
@@ -114,53 +114,6 @@ def system_daemon(bus: PrivateBus, tree: Tree, *args: str) -> Daemon:
     """The real vhostuserd with system tiers and polkit, on the private bus."""
     state = tree.root / "state"
     return Daemon(bus, tree, "--system", "--state-dir", str(state), *args)
-
-
-# ------------------------------------------------------------------ processes
-
-
-def cmdline(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")[:-1]]
-
-
-def status(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/status") as f:
-        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-
-
-def pids_with(marker: str) -> list[int]:
-    """Live (not zombie) processes with ``marker`` in their command line."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        argv = cmdline(int(entry))
-        if not argv or not any(marker in a for a in argv):
-            continue
-        try:
-            if status(int(entry)).get("State", "").startswith("Z"):
-                continue
-        except OSError:
-            continue
-        out.append(int(entry))
-    return out
-
-
-def kill_marked(marker: str) -> None:
-    for pid in pids_with(marker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def ids(status_line: str) -> list[int]:
-    return [int(x) for x in status_line.split()]
 
 
 # ------------------------------------------------------------------ callers
@@ -796,7 +749,7 @@ def setup(
         callers.close()
         if daemon is not None:
             daemon.stop()
-        kill_marked(bindir.name)
+        kill_marked(argv=bindir.name)
         shutil.rmtree(bindir, ignore_errors=True)
 
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import guest
 import pytest
 from busutil import VHOSTUSERCTL, PrivateBus, RealTree, wait_for
-from helpers_auth import NOBODY, Callers, nobody_workdir, status, system_daemon
-from helpers_spawn import alive, gone, proc_stat
+from helpers_auth import NOBODY, Callers, nobody_workdir, system_daemon
+from helpers_spawn import alive, gone, proc_stat, status
 from test_polkit_real import polkitd  # noqa: F401 - the real polkitd, a fixture
 
 DESCRIPTOR = "50-qemu-gpu.json"

@@ -28,11 +28,10 @@ from helpers_auth import (
     DbusmockPolkit,
     SystemSetup,
     backend_pid,
-    ids,
     setup,
-    status,
     wait_gone,
 )
+from helpers_spawn import ids, status
 
 
 @pytest.fixture

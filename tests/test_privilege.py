@@ -33,14 +33,12 @@ from helpers_auth import (
     SystemSetup,
     backend,
     backend_pid,
-    cmdline,
     descriptor_doc,
-    ids,
     public_dir,
     setup,
-    status,
     wait_gone,
 )
+from helpers_spawn import cmdline, ids, status
 
 from vhostuserd.core.descriptors import Capabilities, Descriptor
 from vhostuserd.core.options import OptionError, plan

@@ -33,14 +33,12 @@ from helpers_auth import (
     SystemSetup,
     backend_pid,
     descriptor_doc,
-    ids,
-    kill_marked,
     public_dir,
     setup,
-    status,
     system_daemon,
     wait_gone,
 )
+from helpers_spawn import ids, kill_marked, status
 
 from vhostuserd.core.descriptors import Capabilities, Descriptor
 from vhostuserd.core.lookup import Directory
@@ -395,7 +393,7 @@ def share() -> Iterator[Path]:
     os.chown(s / "hello", NOBODY, NOBODY)
     os.chown(s, NOBODY, NOBODY)
     yield s
-    kill_marked(d.name)  # its backends: the daemon leaves them running when it stops
+    kill_marked(argv=d.name)  # its backends: the daemon leaves them running when it stops
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -1011,7 +1009,7 @@ def test_unprivileged_session_service_runs_virtiofsd_in_a_user_namespace_that_su
                     p.kill()
                     p.wait()
         bus.close()
-        kill_marked(root.name)
+        kill_marked(argv=root.name)
         shutil.rmtree(root, ignore_errors=True)
 
 
