@@ -111,7 +111,7 @@ object_paths = st.sampled_from(["/", "/a", "/org/vhostuserd/Broker1", "/a/b_c/D9
 
 
 def values_for(sig: str, depth: int = 0) -> st.SearchStrategy[Any]:
-    """JSON for the caller process (see helpers_auth AGENT) that becomes a value of ``sig``."""
+    """JSON for the caller process (see tests/agents/caller.py) that becomes a value of ``sig``."""
     simple: dict[str, st.SearchStrategy[Any]] = {
         "s": text | paths_ish,
         "b": st.booleans(),

@@ -32,6 +32,8 @@ from helpers_auth import (
     DbusmockPolkit,
     Reply,
     SystemSetup,
+    agent,
+    as_nobody,
     descriptor_doc,
     public_dir,
     setup,
@@ -40,7 +42,6 @@ from helpers_auth import (
 )
 
 MANAGER_IFACE = "org.vhostuserd.Broker1.Manager"
-RAWBUS = Path(__file__).parent / "agents" / "rawbus.py"
 Start = Callable[..., SystemSetup]
 
 
@@ -69,25 +70,15 @@ def _socket_path(bus: PrivateBus) -> str:
 def public(tmp_path: Path) -> Iterator[Path]:
     """A directory uid 65534 can read: rawbus.py and its message files go there."""
     d = public_dir("vhostuserd-rawbus-")
-    (d / "rawbus.py").write_text(RAWBUS.read_text())
-    (d / "rawbus.py").chmod(0o644)
+    agent("rawbus.py", d)
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
 
 def _raw_peer(d: Path, *args: str) -> subprocess.Popen[str]:
     """rawbus.py as uid 65534."""
-    script = d / "rawbus.py"
     return subprocess.Popen(
-        [
-            "setpriv",
-            f"--reuid={NOBODY}",
-            f"--regid={NOBODY}",
-            "--clear-groups",
-            DEBIAN_PYTHON,
-            str(script),
-            *args,
-        ],
+        as_nobody(DEBIAN_PYTHON, str(d / "rawbus.py"), *args),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
