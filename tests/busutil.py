@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -334,13 +334,26 @@ def fake_backend(path: Path, btype: str, features: list[str], body: str = "") ->
 class Daemon:
     """The real vhostuserd, started as a subprocess on a private bus."""
 
-    def __init__(self, bus: PrivateBus, tree: Tree, *args: str, wait: bool = True) -> None:
+    def __init__(
+        self,
+        bus: PrivateBus,
+        tree: Tree,
+        *args: str,
+        wait: bool = True,
+        wrapper: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
+    ) -> None:
+        """``wrapper``: a command that ends by exec'ing the daemon's command line, which
+        follows it (a launcher, ``unshare``, ``strace``); ``env``: more variables than the
+        tree's; ``wait``: return once it is `ready`."""
         self.bus = bus
         self.tree = tree
         self.log_path = tree.root / f"vhostuserd-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - the daemon's stdout until stop()
         self.proc = subprocess.Popen(
             [
+                *wrapper,
                 VHOSTUSERD,
                 "--address",
                 bus.address,
@@ -350,16 +363,21 @@ class Daemon:
                 "debug",
                 *args,
             ],
-            env=tree.env(),
+            env=tree.env(**(env or {})),
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            pass_fds=pass_fds,
         )
         if wait:
-            try:
-                self.wait_ready()
-            except BaseException:
-                self.stop(signal.SIGKILL)  # never leave a half-started daemon behind
-                raise
+            self.ready()
+
+    def ready(self, timeout: float = 20) -> None:
+        """`wait_ready`, or SIGKILL: never leave a half-started daemon behind."""
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
 
     def wait_ready(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout

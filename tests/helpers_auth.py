@@ -120,10 +120,15 @@ def descriptor_doc(btype: str, binary: str) -> dict[str, Any]:
     return {"description": f"test {btype}", "type": btype, "binary": binary}
 
 
+def system_args(tree: Tree) -> tuple[str, ...]:
+    """vhostuserd's arguments for the system service (system tiers and polkit), with its state
+    directory in ``tree``."""
+    return ("--system", "--state-dir", str(tree.root / "state"))
+
+
 def system_daemon(bus: PrivateBus, tree: Tree, *args: str) -> Daemon:
     """The real vhostuserd with system tiers and polkit, on the private bus."""
-    state = tree.root / "state"
-    return Daemon(bus, tree, "--system", "--state-dir", str(state), *args)
+    return Daemon(bus, tree, *system_args(tree), *args)
 
 
 # ------------------------------------------------------------------ callers

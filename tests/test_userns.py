@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from busutil import VHOSTUSERCTL, VHOSTUSERD, PrivateBus, Tree, stop_process, wait_for
+from busutil import VHOSTUSERCTL, VHOSTUSERD, Daemon, PrivateBus, Tree, stop_process, wait_for
 from helpers_auth import (
     NOBODY,
     OTHER_UID,
@@ -35,10 +35,11 @@ from helpers_auth import (
     descriptor_doc,
     public_dir,
     setup,
+    system_args,
     system_daemon,
     wait_gone,
 )
-from helpers_spawn import ids, kill_marked, status
+from helpers_spawn import ids, kill_marked, proc_stat, status
 
 from vhostuserd.core.descriptors import Capabilities, Descriptor
 from vhostuserd.core.lookup import Directory
@@ -621,40 +622,14 @@ def test_two_callers_get_namespaces_mapping_their_own_uid(start: Start, share: P
 # ---------------------------------------------------------------- no setuid helper, ever
 
 
-class StracedDaemon:
+class StracedDaemon(Daemon):
     """The real system daemon under ``strace -f -e trace=execve``: every program it or
     anything it starts executes is in the trace."""
 
     def __init__(self, bus: PrivateBus, tree: Tree, trace: Path) -> None:
-        self.log_path = tree.root / "vhostuserd-straced.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                "strace",
-                "-f",
-                "-qq",
-                "-e",
-                "trace=execve",
-                "-e",
-                "signal=none",
-                "-s",
-                "256",
-                "-o",
-                str(trace),
-                VHOSTUSERD,
-                "--address",
-                bus.address,
-                "--sysconfdir",
-                str(tree.sysconfdir),
-                "--log-level",
-                "debug",
-                "--system",
-                "--state-dir",
-                str(tree.root / "state"),
-            ],
-            env=tree.env(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+        strace = ["strace", "-f", "-qq", "-e", "trace=execve", "-e", "signal=none", "-s", "256"]
+        super().__init__(
+            bus, tree, *system_args(tree), wait=False, wrapper=[*strace, "-o", str(trace)]
         )
         wait_for(
             lambda: (
@@ -665,28 +640,19 @@ class StracedDaemon:
         )
         assert self.proc.poll() is None, self.log()
 
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        """SIGTERM to the daemon itself (strace, told to stop, would detach and leave it
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """``sig`` to the daemon itself (strace, told to stop, would detach and leave it
         running); strace exits with it."""
         for entry in os.listdir("/proc"):
-            if entry.isdigit() and _ppid(int(entry)) == self.proc.pid:
-                os.kill(int(entry), signal.SIGTERM)
+            st = proc_stat(int(entry)) if entry.isdigit() else None
+            if st is not None and st[2] == self.proc.pid:
+                os.kill(int(entry), sig)
         try:
-            self.proc.wait(30)
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             stop_process(self.proc, signal.SIGKILL, 10)
         self._log.close()
-
-
-def _ppid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return -1
+        return self.proc.returncode
 
 
 def test_newuidmap_is_never_executed(
