@@ -567,6 +567,33 @@ def setup(
         shutil.rmtree(bindir, ignore_errors=True)
 
 
+Start = Callable[..., SystemSetup]
+
+
+def starts(
+    bus: PrivateBus,
+    polkit: DbusmockPolkit,
+    root: Path,
+    prepare: Callable[[Tree, Path], None] | None = None,
+) -> Iterator[Start]:
+    """For a ``start`` fixture, with polkit allowing spawn only: yields
+    start(*daemon_args, prepare=PREPARE), a `setup` on a `Tree.make(root)` that returns its
+    `SystemSetup`; afterwards polkit is reset and every setup stopped."""
+    polkit.reset()
+    polkit.set_allowed(SPAWN)
+    gens: list[Iterator[SystemSetup]] = []
+
+    def start(*args: str, prepare: Callable[[Tree, Path], None] | None = prepare) -> SystemSetup:
+        g = setup(bus, Tree.make(root), *args, prepare=prepare)
+        gens.append(g)
+        return next(g)
+
+    yield start
+    polkit.reset()
+    for g in gens:
+        next(g, None)
+
+
 def backend_pid(admin: Caller, path: str) -> int:
     return int(admin.prop("Pid", path, BACKEND_IFACE))
 

@@ -30,12 +30,12 @@ from helpers_auth import (
     PROPS_IFACE,
     SPAWN,
     DbusmockPolkit,
-    SystemSetup,
+    Start,
     backend,
     backend_pid,
     descriptor_doc,
     public_dir,
-    setup,
+    starts,
     wait_gone,
 )
 from helpers_spawn import cmdline, ids, status
@@ -43,25 +43,11 @@ from helpers_spawn import cmdline, ids, status
 from vhostuserd.core.descriptors import Capabilities, Descriptor
 from vhostuserd.core.options import OptionError, plan
 
-Start = Callable[..., SystemSetup]
-
 
 @pytest.fixture
 def start(sysbus: PrivateBus, polkit: DbusmockPolkit, tmp_path: Path) -> Iterator[Start]:
     """start(*daemon_args, prepare=None): the system daemon, polkit allowing spawn only."""
-    polkit.reset()
-    polkit.set_allowed(SPAWN)
-    gens: list[Iterator[SystemSetup]] = []
-
-    def go(*args: str, prepare: Callable[[Tree, Path], None] | None = None) -> SystemSetup:
-        g = setup(sysbus, Tree.make(tmp_path), *args, prepare=prepare)
-        gens.append(g)
-        return next(g)
-
-    yield go
-    for g in gens:
-        for _ in g:
-            pass
+    yield from starts(sysbus, polkit, tmp_path)
 
 
 # ---------------------------------------------------------------- nothing but descriptor names

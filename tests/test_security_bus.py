@@ -14,7 +14,7 @@ import shutil
 import struct
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,35 +31,22 @@ from helpers_auth import (
     Caller,
     DbusmockPolkit,
     Reply,
-    SystemSetup,
+    Start,
     agent,
     as_nobody,
     descriptor_doc,
     public_dir,
-    setup,
+    starts,
     system_bus,
     system_daemon,
 )
 
 MANAGER_IFACE = "org.vhostuserd.Broker1.Manager"
-Start = Callable[..., SystemSetup]
 
 
 @pytest.fixture
 def start(sysbus: PrivateBus, polkit: DbusmockPolkit, tmp_path: Path) -> Iterator[Start]:
-    polkit.reset()
-    polkit.set_allowed(SPAWN)
-    gens: list[Iterator[SystemSetup]] = []
-
-    def go(*args: str, prepare: Callable[[Tree, Path], None] | None = None) -> SystemSetup:
-        g = setup(sysbus, Tree.make(tmp_path), *args, prepare=prepare)
-        gens.append(g)
-        return next(g)
-
-    yield go
-    polkit.reset()
-    for g in gens:
-        next(g, None)
+    yield from starts(sysbus, polkit, tmp_path)
 
 
 def _socket_path(bus: PrivateBus) -> str:

@@ -30,11 +30,12 @@ from helpers_auth import (
     SPAWN,
     Callers,
     DbusmockPolkit,
+    Start,
     SystemSetup,
     backend_pid,
     descriptor_doc,
     public_dir,
-    setup,
+    starts,
     system_args,
     system_daemon,
     wait_gone,
@@ -352,8 +353,6 @@ def test_idmap_option_is_validated_like_the_others(value: str, error: str | None
 
 # ---------------------------------------------------------------- the real system service
 
-Start = Callable[..., SystemSetup]
-
 
 def _need_virtiofsd() -> None:
     for tool in (VIRTIOFSD, userns.UNSHARE, userns.NSENTER, userns.SETPRIV):
@@ -370,18 +369,7 @@ def _debian_virtiofsd(tree: Tree, _bindir: Path) -> None:
 @pytest.fixture
 def start(sysbus: PrivateBus, polkit: DbusmockPolkit, tmp_path: Path) -> Iterator[Start]:
     _need_virtiofsd()
-    polkit.reset()
-    polkit.set_allowed(SPAWN)
-    gens: list[Iterator[SystemSetup]] = []
-
-    def go(*args: str, prepare: Callable[[Tree, Path], None] = _debian_virtiofsd) -> SystemSetup:
-        g = setup(sysbus, Tree.make(tmp_path), *args, prepare=prepare)
-        gens.append(g)
-        return next(g)
-
-    yield go
-    for g in gens:
-        g.close()
+    yield from starts(sysbus, polkit, tmp_path, prepare=_debian_virtiofsd)
 
 
 @pytest.fixture
