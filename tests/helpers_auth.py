@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import busutil
-from busutil import MANAGER_PATH, Daemon, PrivateBus, Tree, wait_for
+from busutil import MANAGER_PATH, Daemon, PrivateBus, Tree, fake_backend, wait_for
 from helpers_spawn import kill_marked, pids_with, status
 
 NOBODY = 65534
@@ -105,15 +105,7 @@ def system_bus(extra_config: str = "") -> PrivateBus:
 def backend(directory: Path, name: str, btype: str, features: Sequence[str] = ()) -> str:
     """A root-owned fake backend that answers --print-capabilities and then keeps running as
     /bin/sh with its own argv (so /proc/PID/cmdline shows what it was given)."""
-    path = directory / name
-    caps = json.dumps({"type": btype, "features": list(features)})
-    path.write_text(
-        "#!/bin/sh\n"
-        f"if [ \"$1\" = --print-capabilities ]; then echo '{caps}'; exit 0; fi\n"
-        "while :; do sleep 1; done\n"
-    )
-    path.chmod(0o755)
-    return str(path)
+    return fake_backend(directory / name, btype, list(features), "while :; do sleep 1; done")
 
 
 def descriptor_doc(btype: str, binary: str) -> dict[str, Any]:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from helpers_auth import as_nobody
+
 from vhostuserd.core import lookup
 from vhostuserd.core.descriptors import ERROR, Diagnostic
-
-NOBODY = 65534
 
 
 def descriptor(btype: str = "gpu", binary: str = "/usr/bin/true", **extra: Any) -> dict[str, Any]:
@@ -155,11 +155,9 @@ def run_ctl(
 def run_unprivileged(code: str, *, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """Run a Python snippet where file modes are enforced: as uid/gid 65534 when we are root
     (setpriv), else as ourselves."""
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    argv = [sys.executable, "-c", code]
     return subprocess.run(
-        [*prefix, sys.executable, "-c", code],
+        as_nobody(*argv) if os.geteuid() == 0 else argv,
         capture_output=True,
         text=True,
         timeout=timeout,
