@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_lookup import Tree, descriptor, errors, names, run_unprivileged
+from busutil import Tree
+from helpers_lookup import descriptor, errors, names, run_unprivileged
 
 from vhostuserd.core import lookup
 from vhostuserd.core.descriptors import (

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from busutil import PrivateBus, Tree
+from busutil import PrivateBus, Tree, wait_for
 from helpers_auth import (
     BACKEND_IFACE,
     MANAGE,
@@ -28,12 +28,10 @@ from helpers_auth import (
     DbusmockPolkit,
     SystemSetup,
     backend_pid,
-    ids,
     setup,
-    status,
-    wait_for,
     wait_gone,
 )
+from helpers_spawn import ids, status
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from busutil import Daemon, PrivateBus, Tree, run
+from busutil import Daemon, PrivateBus, Tree, run, wait_for
 from dbus_fast import Variant
 from helpers_spawn import (
     ERROR,
@@ -31,7 +31,6 @@ from helpers_spawn import (
     marked,
     settle_fd_count,
     spawn,
-    wait_for,
 )
 
 from vhostuserd.client import QuotaExceeded

@@ -23,25 +23,24 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from busutil import VHOSTUSERCTL, VHOSTUSERD, PrivateBus, Tree, stop_process
+from busutil import VHOSTUSERCTL, VHOSTUSERD, Daemon, PrivateBus, Tree, stop_process, wait_for
 from helpers_auth import (
     NOBODY,
     OTHER_UID,
     SPAWN,
     Callers,
     DbusmockPolkit,
+    Start,
     SystemSetup,
     backend_pid,
     descriptor_doc,
-    ids,
-    kill_marked,
     public_dir,
-    setup,
-    status,
+    starts,
+    system_args,
     system_daemon,
-    wait_for,
     wait_gone,
 )
+from helpers_spawn import ids, kill_marked, proc_stat, status
 
 from vhostuserd.core.descriptors import Capabilities, Descriptor
 from vhostuserd.core.lookup import Directory
@@ -355,8 +354,6 @@ def test_idmap_option_is_validated_like_the_others(value: str, error: str | None
 
 # ---------------------------------------------------------------- the real system service
 
-Start = Callable[..., SystemSetup]
-
 
 def _need_virtiofsd() -> None:
     for tool in (VIRTIOFSD, userns.UNSHARE, userns.NSENTER, userns.SETPRIV):
@@ -373,18 +370,7 @@ def _debian_virtiofsd(tree: Tree, _bindir: Path) -> None:
 @pytest.fixture
 def start(sysbus: PrivateBus, polkit: DbusmockPolkit, tmp_path: Path) -> Iterator[Start]:
     _need_virtiofsd()
-    polkit.reset()
-    polkit.set_allowed(SPAWN)
-    gens: list[Iterator[SystemSetup]] = []
-
-    def go(*args: str, prepare: Callable[[Tree, Path], None] = _debian_virtiofsd) -> SystemSetup:
-        g = setup(sysbus, Tree.make(tmp_path), *args, prepare=prepare)
-        gens.append(g)
-        return next(g)
-
-    yield go
-    for g in gens:
-        g.close()
+    yield from starts(sysbus, polkit, tmp_path, prepare=_debian_virtiofsd)
 
 
 @pytest.fixture
@@ -397,7 +383,7 @@ def share() -> Iterator[Path]:
     os.chown(s / "hello", NOBODY, NOBODY)
     os.chown(s, NOBODY, NOBODY)
     yield s
-    kill_marked(d.name)  # its backends: the daemon leaves them running when it stops
+    kill_marked(argv=d.name)  # its backends: the daemon leaves them running when it stops
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -625,40 +611,14 @@ def test_two_callers_get_namespaces_mapping_their_own_uid(start: Start, share: P
 # ---------------------------------------------------------------- no setuid helper, ever
 
 
-class StracedDaemon:
+class StracedDaemon(Daemon):
     """The real system daemon under ``strace -f -e trace=execve``: every program it or
     anything it starts executes is in the trace."""
 
     def __init__(self, bus: PrivateBus, tree: Tree, trace: Path) -> None:
-        self.log_path = tree.root / "vhostuserd-straced.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                "strace",
-                "-f",
-                "-qq",
-                "-e",
-                "trace=execve",
-                "-e",
-                "signal=none",
-                "-s",
-                "256",
-                "-o",
-                str(trace),
-                VHOSTUSERD,
-                "--address",
-                bus.address,
-                "--sysconfdir",
-                str(tree.sysconfdir),
-                "--log-level",
-                "debug",
-                "--system",
-                "--state-dir",
-                str(tree.root / "state"),
-            ],
-            env=tree.env(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+        strace = ["strace", "-f", "-qq", "-e", "trace=execve", "-e", "signal=none", "-s", "256"]
+        super().__init__(
+            bus, tree, *system_args(tree), wait=False, wrapper=[*strace, "-o", str(trace)]
         )
         wait_for(
             lambda: (
@@ -669,28 +629,19 @@ class StracedDaemon:
         )
         assert self.proc.poll() is None, self.log()
 
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        """SIGTERM to the daemon itself (strace, told to stop, would detach and leave it
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """``sig`` to the daemon itself (strace, told to stop, would detach and leave it
         running); strace exits with it."""
         for entry in os.listdir("/proc"):
-            if entry.isdigit() and _ppid(int(entry)) == self.proc.pid:
-                os.kill(int(entry), signal.SIGTERM)
+            st = proc_stat(int(entry)) if entry.isdigit() else None
+            if st is not None and st[2] == self.proc.pid:
+                os.kill(int(entry), sig)
         try:
-            self.proc.wait(30)
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             stop_process(self.proc, signal.SIGKILL, 10)
         self._log.close()
-
-
-def _ppid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return -1
+        return self.proc.returncode
 
 
 def test_newuidmap_is_never_executed(
@@ -1013,7 +964,7 @@ def test_unprivileged_session_service_runs_virtiofsd_in_a_user_namespace_that_su
                     p.kill()
                     p.wait()
         bus.close()
-        kill_marked(root.name)
+        kill_marked(argv=root.name)
         shutil.rmtree(root, ignore_errors=True)
 
 
