@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dbus_fast import Message, MessageType, PropertyAccess, Variant
-from dbus_fast.errors import DBusError
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
-from vhostuserd.bus.connection import Bus, current_message, error
+from vhostuserd.bus.connection import Bus, current_message, dbus_error, error, replying_errors
 from vhostuserd.core import extras
 from vhostuserd.core.descriptors import Capabilities, Descriptor, ProbeResult
+from vhostuserd.core.errors import BrokerError, Err
 from vhostuserd.core.index import Index
 from vhostuserd.core.names import BACKEND_IFACE, BACKEND_PREFIX
 from vhostuserd.core.options import SpawnPlan, plan, socket_kind_error
@@ -76,10 +76,6 @@ DBUS: CallTarget = {
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
 
 
-def _error(name: str, message: str) -> Exception:
-    return error(name, message)
-
-
 @dataclass
 class Respawn:
     """A listening backend's restart budget (options.conf ``respawn = N T``) and what a
@@ -115,22 +111,24 @@ def check_socket(fd: int) -> bool:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         st = os.fstat(fd)
     except OSError as e:
-        raise _error(
-            "InvalidSocket", f"the socket argument is not a usable fd: {e.strerror}"
+        raise error(
+            Err.INVALID_SOCKET, f"the socket argument is not a usable fd: {e.strerror}"
         ) from None
     if flags & _O_PATH:
-        raise _error("InvalidSocket", "the socket argument is an O_PATH fd; pass the socket itself")
+        raise error(
+            Err.INVALID_SOCKET, "the socket argument is an O_PATH fd; pass the socket itself"
+        )
     if not stat.S_ISSOCK(st.st_mode):
         kind = "a pipe" if stat.S_ISFIFO(st.st_mode) else "not a socket"
-        raise _error(
-            "InvalidSocket",
+        raise error(
+            Err.INVALID_SOCKET,
             f"the socket argument is {kind}; an AF_UNIX SOCK_STREAM socket is needed",
         )
     try:
         domain = socket.socket(fileno=os.dup(fd))
     except OSError as e:
-        raise _error(
-            "InvalidSocket", f"the socket argument cannot be inspected: {e.strerror}"
+        raise error(
+            Err.INVALID_SOCKET, f"the socket argument cannot be inspected: {e.strerror}"
         ) from None
     try:
         family = domain.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
@@ -143,8 +141,8 @@ def check_socket(fd: int) -> bool:
     finally:
         domain.close()
     if family != socket.AF_UNIX:
-        raise _error(
-            "InvalidSocket", f"the socket argument is of family {family}; AF_UNIX is needed"
+        raise error(
+            Err.INVALID_SOCKET, f"the socket argument is of family {family}; AF_UNIX is needed"
         )
     if stype != socket.SOCK_STREAM:
         kinds: dict[int, str] = {
@@ -152,12 +150,12 @@ def check_socket(fd: int) -> bool:
             socket.SOCK_SEQPACKET: "SOCK_SEQPACKET",
         }
         name = kinds.get(stype, str(stype))
-        raise _error(
-            "InvalidSocket", f"the socket argument is {name}; vhost-user needs SOCK_STREAM"
+        raise error(
+            Err.INVALID_SOCKET, f"the socket argument is {name}; vhost-user needs SOCK_STREAM"
         )
     if not listening and not connected:
-        raise _error(
-            "InvalidSocket",
+        raise error(
+            Err.INVALID_SOCKET,
             "the socket argument is neither connected nor listening; pass one "
             "end of a socketpair or a bound, listening socket, as the backend needs",
         )
@@ -379,7 +377,7 @@ class Spawner:
         try:
             (creds,) = await self._dbus("GetConnectionCredentials", "s", [sender])
         except LookupError as e:
-            raise _error("NotAuthorized", f"cannot identify the caller {sender}: {e}") from None
+            raise error(Err.NOT_AUTHORIZED, f"cannot identify the caller {sender}: {e}") from None
         caller = Caller(
             sender,
             int(creds["UnixUserID"].value),
@@ -439,9 +437,11 @@ class Spawner:
             "backend": b.id,
             "owner-uid": str(b.owner_uid),
         }
-        if not await self.authority.allowed(msg, caller.uid, MANAGE, details):
-            raise _error(
-                "NotAuthorized",
+        with replying_errors():
+            allowed = await self.authority.allowed(msg, caller.uid, MANAGE, details)
+        if not allowed:
+            raise error(
+                Err.NOT_AUTHORIZED,
                 f"{MANAGE}: backend {b.id} belongs to uid {b.owner_uid}; "
                 f"uid {caller.uid} may not {verb}",
             )
@@ -451,8 +451,8 @@ class Spawner:
     ) -> RunAs:
         """polkit for the system service; returns the identity the backend will run as."""
         if self.system and (why := untrusted_reason(d.binary)) is not None:
-            raise _error(
-                "NotAuthorized",
+            raise error(
+                Err.NOT_AUTHORIZED,
                 f"{d.name}: its binary cannot be trusted by the system service: {why}",
             )
         device_gids: list[int] = []
@@ -492,7 +492,7 @@ class Spawner:
                 sysconfdir=userns.sysconfdir_of(self.broker.index.dirs),
             )
         except userns.UsernsError as e:
-            raise _error(e.kind, str(e)) from None
+            raise dbus_error(e) from None
 
     # ---- methods
 
@@ -501,7 +501,8 @@ class Spawner:
         sender = msg.sender
         self._spawning[sender] += 1
         try:
-            return await self._spawn(msg, name, options, fd)
+            with replying_errors():
+                return await self._spawn(msg, name, options, fd)
         finally:
             self._spawning[sender] -= 1
             if not self._spawning[sender]:
@@ -519,7 +520,7 @@ class Spawner:
             listening = check_socket(fd)
             d = self.broker.index.get(name)
             if d is None:
-                raise _error("NotFound", f"{name}: no such descriptor in the effective index")
+                raise error(Err.NOT_FOUND, f"{name}: no such descriptor in the effective index")
             raw = {k: (v.signature, v.value) for k, v in options.items()}
             caps = None
             if any(k not in ("detach", "settle-ms") for k in raw) or d.type == "fs":
@@ -531,28 +532,28 @@ class Spawner:
                 )
                 vetted = extras.extras_for(d.type, d.name, config, conf_path)
             except extras.ExtrasError as e:
-                raise _error(e.kind, f"{d.name}: {e}") from None
+                raise error(e.name, f"{d.name}: {e}") from None
             try:
                 p = plan(d, caps, raw, vetted)
                 if p.device_paths:  # checked, then resolved: polkit and the backend see the device
                     resolved = {k: ("s", check_device(k, v)[0]) for k, v in p.device_paths.items()}
                     p = plan(d, caps, {**raw, **resolved}, vetted)
             except OptionError as e:
-                raise _error(e.kind, str(e)) from None
+                raise dbus_error(e) from None
             why = socket_kind_error(d, listening)
             if why is not None:
-                raise _error("InvalidSocket", why)
+                raise error(Err.INVALID_SOCKET, why)
             caller = await self.caller(msg.sender)
             idmap = self._userns_map(d, p, caller)
             identity = await self.authorize_spawn(msg, caller, d, p, idmap)
             if self.supervisor.count() >= self.max_total:
-                raise _error(
-                    "QuotaExceeded",
+                raise error(
+                    Err.QUOTA_EXCEEDED,
                     f"{self.max_total} backends are running, the most this daemon runs",
                 )
             if self.supervisor.count(caller.uid) >= self.max_per_uid:
-                raise _error(
-                    "QuotaExceeded",
+                raise error(
+                    Err.QUOTA_EXCEEDED,
                     f"uid {caller.uid} already runs {self.max_per_uid} backends, its quota",
                 )
             # The caller may have left while we waited (for polkit, say): then nothing starts
@@ -564,8 +565,8 @@ class Spawner:
                     d.name,
                     caller.name,
                 )
-                raise _error(
-                    "SpawnFailed", f"the caller {caller.name} left the bus; nothing was started"
+                raise error(
+                    Err.SPAWN_FAILED, f"the caller {caller.name} left the bus; nothing was started"
                 )
             try:
                 limits = cgroup.limits_for(
@@ -584,11 +585,11 @@ class Spawner:
                         **args, socket_fd=fd, exec_prefix=prefix, extra_fds=ns_fds
                     )
             except cgroup.LimitsError as e:
-                raise _error(e.kind, f"{d.name}: {e}") from None
+                raise error(e.name, f"{d.name}: {e}") from None
             except userns.UsernsError as e:
-                raise _error(e.kind, f"{d.name}: {e}") from None
+                raise error(e.name, f"{d.name}: {e}") from None
             except SpawnError as e:
-                raise _error("SpawnFailed", f"{d.name}: {e}") from None
+                raise error(Err.SPAWN_FAILED, f"{d.name}: {e}") from None
             self._track(b)
             respawn = None
             if vetted.respawn is not None and listening:  # off for connected sockets
@@ -603,7 +604,7 @@ class Spawner:
             await self.supervisor.settle(b, p.settle_ms)
         except SpawnError as e:
             self._drop(obj)
-            raise _error("SpawnFailed", f"{d.name}: {e}") from None
+            raise error(Err.SPAWN_FAILED, f"{d.name}: {e}") from None
         if respawn is not None:
             respawn.settled = True
         return obj.path
@@ -616,10 +617,12 @@ class Spawner:
         """The caller's own backends; everyone's for root and for holders of manage."""
         msg = current_message.get()
         caller = await self.caller(msg.sender)
-        if caller.uid == 0 or (
-            any(o.b.owner_uid != caller.uid for o in self.objects.values())
-            and await self.authority.allowed(msg, caller.uid, MANAGE, {"list": "all"})
-        ):
+        with replying_errors():
+            see_all = caller.uid == 0 or (
+                any(o.b.owner_uid != caller.uid for o in self.objects.values())
+                and await self.authority.allowed(msg, caller.uid, MANAGE, {"list": "all"})
+            )
+        if see_all:
             return [o.as_dict() for o in self.objects.values()]
         return [o.as_dict() for o in self.objects.values() if o.b.owner_uid == caller.uid]
 
@@ -635,7 +638,7 @@ class Spawner:
         if any(o.b.owner_uid != caller.uid for o in self.objects.values()):
             try:
                 see_all = await self.authority.allowed(msg, caller.uid, MANAGE, {"list": "all"})
-            except DBusError:  # LimitsExceeded: too many checks pending; see your own only
+            except BrokerError:  # LimitsExceeded: too many checks pending; see your own only
                 see_all = False
         uid = caller.uid
         return lambda obj: see_all or obj.b.owner_uid == uid

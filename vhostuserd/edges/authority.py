@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import Any, TypedDict
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
-from dbus_fast.errors import DBusError
+
+from vhostuserd.core.errors import BrokerError, Err, InteractionRequired
 
 log = logging.getLogger("vhostuserd.authority")
 
@@ -50,7 +51,6 @@ POLKIT: CallTarget = {
     "path": "/org/freedesktop/PolicyKit1/Authority",
     "interface": "org.freedesktop.PolicyKit1.Authority",
 }
-INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 CHECK_ALLOW_INTERACTION = 1
 # A password prompt can take a while; a polkit that never answers must not hold a call forever.
 CHECK_TIMEOUT_S = 300.0
@@ -62,10 +62,6 @@ CHECKS_IN_FLIGHT = 96
 CHECKS_PER_UID = 8
 SETPRIV = "/usr/bin/setpriv"
 DEVICE_DIRS = {"render-node": "/dev/dri/", "evdev-path": "/dev/input/"}
-
-
-def _error(name: str, message: str) -> DBusError:
-    return DBusError("org.vhostuserd.Broker1.Error." + name, message)
 
 
 def flatpak_app_id(pid: int) -> str | None:
@@ -111,8 +107,8 @@ _app_id_slots = threading.BoundedSemaphore(8)
 async def caller_app_id(pid: int, timeout: float = APP_ID_TIMEOUT_S) -> str | None:
     """`flatpak_app_id` in a thread of its own; NotAuthorized when it cannot finish in time."""
     if not _app_id_slots.acquire(blocking=False):
-        raise _error(
-            "NotAuthorized",
+        raise BrokerError(
+            Err.NOT_AUTHORIZED,
             "cannot tell whether the caller is a Flatpak app: "
             "too many lookups of /.flatpak-info are hanging",
         )
@@ -137,8 +133,8 @@ async def caller_app_id(pid: int, timeout: float = APP_ID_TIMEOUT_S) -> str | No
     try:
         return await asyncio.wait_for(done, timeout)
     except TimeoutError:
-        raise _error(
-            "NotAuthorized",
+        raise BrokerError(
+            Err.NOT_AUTHORIZED,
             f"cannot tell whether the caller is a Flatpak app: reading "
             f"/proc/{pid}/root/.flatpak-info did not finish in {timeout:g} s",
         ) from None
@@ -219,13 +215,15 @@ def check_device(option: str, value: str) -> tuple[str, os.stat_result]:
     real = os.path.realpath(value)
     prefix = DEVICE_DIRS[option]
     if not real.startswith(prefix):
-        raise _error("InvalidOption", f"option '{option}': {value} is not under {prefix}")
+        raise BrokerError(Err.INVALID_OPTION, f"option '{option}': {value} is not under {prefix}")
     try:
         st = os.stat(real)
     except OSError as e:
-        raise _error("InvalidOption", f"option '{option}': {value}: {e.strerror}") from None
+        raise BrokerError(Err.INVALID_OPTION, f"option '{option}': {value}: {e.strerror}") from None
     if not stat.S_ISCHR(st.st_mode):
-        raise _error("InvalidOption", f"option '{option}': {value} is not a character device")
+        raise BrokerError(
+            Err.INVALID_OPTION, f"option '{option}': {value} is not a character device"
+        )
     return real, st
 
 
@@ -281,8 +279,8 @@ class CheckLimiter:
     @contextlib.asynccontextmanager
     async def slot(self, uid: int, action: str) -> AsyncIterator[None]:
         if self.outstanding[uid] >= self.per_uid:
-            raise _error(
-                "LimitsExceeded",
+            raise BrokerError(
+                Err.LIMITS_EXCEEDED,
                 f"{action}: uid {uid} already has {self.per_uid} authorization "
                 "checks waiting for polkit, the most one user may have; "
                 "call again once they are answered",
@@ -344,11 +342,11 @@ class Authority:
         return self.system and uid != 0
 
     async def check(self, msg: Message, uid: int, action: str, details: dict[str, str]) -> None:
-        """Return when the caller may perform ``action``; raise a D-Bus error otherwise."""
+        """Return when the caller may perform ``action``; raise a `BrokerError` otherwise."""
         if not self.system:
             if uid != os.getuid():
-                raise _error(
-                    "NotAuthorized",
+                raise BrokerError(
+                    Err.NOT_AUTHORIZED,
                     f"{action}: this session service acts for uid {os.getuid()} only, "
                     f"not uid {uid}",
                 )
@@ -367,8 +365,8 @@ class Authority:
             try:
                 reply = await asyncio.wait_for(self.bus.call(query), CHECK_TIMEOUT_S)
             except TimeoutError:
-                raise _error(
-                    "NotAuthorized", f"{action}: polkit did not answer in {CHECK_TIMEOUT_S:g} s"
+                raise BrokerError(
+                    Err.NOT_AUTHORIZED, f"{action}: polkit did not answer in {CHECK_TIMEOUT_S:g} s"
                 ) from None
         if reply.message_type is MessageType.ERROR:
             log.warning(
@@ -378,8 +376,8 @@ class Authority:
                 reply.error_name,
                 reply.body,
             )
-            raise _error(
-                "NotAuthorized",
+            raise BrokerError(
+                Err.NOT_AUTHORIZED,
                 f"{action}: authorization could not be checked "
                 f"({reply.error_name}: {reply.body[0] if reply.body else ''})",
             )
@@ -389,25 +387,23 @@ class Authority:
             return
         if challenge and interactive:
             # polkit could not ask: no authentication agent for the caller's session.
-            raise DBusError(
-                INTERACTIVE_REQUIRED,
+            raise InteractionRequired(
                 f"{action}: authentication is required, and no polkit "
                 "authentication agent was there to ask for it",
             )
         if challenge:
-            raise DBusError(
-                INTERACTIVE_REQUIRED,
+            raise InteractionRequired(
                 f"{action}: authentication is required; call again with "
                 "interactive authorization allowed (e.g. busctl --allow-interactive-authorization)",
             )
-        raise _error("NotAuthorized", f"{action}: not authorized for uid {uid}")
+        raise BrokerError(Err.NOT_AUTHORIZED, f"{action}: not authorized for uid {uid}")
 
     async def allowed(self, msg: Message, uid: int, action: str, details: dict[str, str]) -> bool:
         """Like `check`, for calls that do less instead of failing."""
         try:
             await self.check(msg, uid, action, details)
-        except DBusError as e:
-            if e.type.endswith(".LimitsExceeded"):
+        except BrokerError as e:
+            if e.name is Err.LIMITS_EXCEEDED:
                 raise  # not a "no": the caller is told to come back
             return False
         return True
