@@ -19,6 +19,7 @@ from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
 from vhostuserd import __version__
 from vhostuserd.bus.connection import Bus, current_message, error, error_reply, replying_errors
+from vhostuserd.core import policy
 from vhostuserd.core.descriptors import (
     Capabilities,
     Descriptor,
@@ -42,25 +43,6 @@ if TYPE_CHECKING:
     from vhostuserd.bus.backends import Spawner
 
 log = logging.getLogger("vhostuserd.service")
-
-# What one request may carry and one error may say (docs/threat-model.md, "Bounded replies"):
-# no reply may grow with what a caller sends, or a caller that never reads its replies makes
-# the daemon queue megabytes for it.
-MAX_FEATURES = 64
-MAX_FEATURE_BYTES = 128
-
-
-def features_error(features: list[str]) -> str | None:
-    """Why a requested feature list is refused (LimitsExceeded), or None. Says how much was
-    sent, never what: echoing it is what made an error as large as the call."""
-    if len(features) > MAX_FEATURES:
-        return f"{len(features)} features requested; at most {MAX_FEATURES} may be"
-    for i, f in enumerate(features):
-        if len(f.encode("utf-8", "surrogateescape")) > MAX_FEATURE_BYTES:
-            return (
-                f"feature #{i} is {len(f)} characters long; at most {MAX_FEATURE_BYTES} bytes each"
-            )
-    return None
 
 
 def escape_label(name: str) -> str:
@@ -242,10 +224,9 @@ class Manager(ServiceInterface):
     async def Reload(self) -> "t":
         msg = current_message.get()
         caller = await self.broker.spawner.caller(msg.sender)
+        ask = policy.ask_to_reload()
         with replying_errors():
-            await self.broker.spawner.authority.check(
-                msg, caller.uid, "org.vhostuserd.manage", {"request": "reload"}
-            )
+            await self.broker.spawner.authority.check(msg, caller.uid, ask.action, ask.details)
         self.broker.reload()
         return self.broker.index.generation
 
@@ -421,7 +402,7 @@ class Broker:
     def _resolve_now(self, msg: Message) -> Message | None:
         """Resolve without waiting, when every candidate's capabilities are known."""
         btype, features = msg.body
-        if (why := features_error(features)) is not None:
+        if (why := policy.features_error(features)) is not None:
             return error_reply(msg, Err.LIMITS_EXCEEDED, f"Resolve: {why}")
         probed: dict[str, ProbeResult] = {}
         if features:
@@ -438,7 +419,7 @@ class Broker:
         return Message.new_method_return(msg, "oa{sv}", [obj.path, obj.as_dict()])
 
     async def resolve(self, btype: str, features: list[str]) -> Descriptor:
-        if (why := features_error(features)) is not None:
+        if (why := policy.features_error(features)) is not None:
             raise error(Err.LIMITS_EXCEEDED, f"Resolve: {why}")
         descriptors = self.index.descriptors
         probed: dict[str, ProbeResult] = {}

@@ -18,11 +18,9 @@ from vhostuserd.core import extras as admin_extras
 from vhostuserd.core.descriptors import Capabilities, Descriptor
 from vhostuserd.core.extras import Extras
 from vhostuserd.core.optiontable import (
-    CONNECTED,
     DEFAULT_SETTLE_MS,
     DEVICE_OPTIONS,
     IDMAP_MODES,
-    LISTENING,
     MAX_OPTIONS,
     MAX_SETTLE_MS,
     MAX_STRING,
@@ -178,19 +176,3 @@ def _conventional_argv(
                 )
             argv += ["-o", f"source={directory}"]
     return argv
-
-
-def socket_kind_error(d: Descriptor, listening: bool) -> str | None:
-    """Why this socket is the wrong kind for ``d``, or None when it fits."""
-    kind = socket_kind_of(d)
-    if kind == CONNECTED and listening:
-        return (
-            f"{d.name} is a {d.type} backend: it serves the socket it is given, so it needs a "
-            "connected socket (one end of a socketpair), not a listening one"
-        )
-    if kind == LISTENING and not listening:
-        return (
-            f"{d.name} is a {d.type} backend: it accepts its front-end on the socket, so it "
-            "needs a listening socket (bind + listen), not a connected one"
-        )
-    return None
