@@ -364,7 +364,8 @@ def create(idmap: IdMap, timeout: float = HOLDER_TIMEOUT_S) -> Namespace:
         finally:
             for fd in (in_r, out_w, err_w):
                 os.close(fd)
-        os.write(in_w, b"x")
+        with contextlib.suppress(BrokenPipeError):  # unshare failed at once: stderr says why
+            os.write(in_w, b"x")
         ready, _, _ = select.select([out_r], [], [], timeout)
         echoed = os.read(out_r, 1) if ready else b""
         if echoed != b"x":
