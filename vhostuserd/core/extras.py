@@ -13,7 +13,7 @@ The admin, never a client, lists for a descriptor (``[DESCRIPTOR-NAME]``) or a b
   is started again on the same socket, at most N times in T seconds (`Spawner`).
 
 A client picks among these only; any other option stays refused (`options.plan`). The
-chosen options and the arguments they add are polkit details (`Spawner.authorize_spawn`).
+chosen options and the arguments they add are polkit details (`policy.ask_to_spawn`).
 Pure, except `load`, which reads the file.
 """
 
