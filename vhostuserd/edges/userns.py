@@ -40,6 +40,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from vhostuserd.core import sysconf
+from vhostuserd.core.errors import BrokerError, Err
 from vhostuserd.core.lookup import SUBDIR, Directory
 from vhostuserd.core.optiontable import IDMAP_MODES as OPTION_MODES
 from vhostuserd.edges import procs, settings
@@ -62,12 +63,9 @@ HOLDER_TIMEOUT_S = 5.0
 _TRUE, _FALSE = ("yes", "true", "on", "1"), ("no", "false", "off", "0")
 
 
-class UsernsError(Exception):
-    """A namespace that cannot be had; ``kind`` is the D-Bus error's short name."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
+class UsernsError(BrokerError):
+    """A namespace that cannot be had (SpawnFailed, or NotAuthorized and InvalidOption for what
+    the caller asked)."""
 
 
 # ---------------------------------------------------------------- policy (pure)
@@ -90,26 +88,26 @@ def parse_config(text: str, path: str) -> dict[str, dict[str, str]]:
     try:
         sections = sysconf.parse(text, path)
     except sysconf.SysconfError as e:
-        raise UsernsError("SpawnFailed", str(e)) from None
+        raise UsernsError(Err.SPAWN_FAILED, str(e)) from None
     for section, values in sections.items():
         for key, value in values.items():
             if key == "userns":
                 if value.lower() not in (*_TRUE, *_FALSE):
                     raise UsernsError(
-                        "SpawnFailed", f"{path}: [{section}] userns = {value!r}: yes or no"
+                        Err.SPAWN_FAILED, f"{path}: [{section}] userns = {value!r}: yes or no"
                     )
             elif key == "idmap":
                 modes = value.split()
                 bad = [m for m in modes if m not in IDMAP_MODES]
                 if not modes or bad or len(set(modes)) != len(modes):
                     raise UsernsError(
-                        "SpawnFailed",
+                        Err.SPAWN_FAILED,
                         f"{path}: [{section}] idmap = {value!r}: one or both of "
                         f"{', '.join(IDMAP_MODES)}, each once",
                     )
             else:
                 raise UsernsError(
-                    "SpawnFailed", f"{path}: [{section}] {key}: unknown setting (userns, idmap)"
+                    Err.SPAWN_FAILED, f"{path}: [{section}] {key}: unknown setting (userns, idmap)"
                 )
     return sections
 
@@ -136,7 +134,7 @@ def choose_mode(p: Policy, requested: str | None, name: str) -> str:
         return p.modes[0]
     if requested not in p.modes:
         raise UsernsError(
-            "NotAuthorized",
+            Err.NOT_AUTHORIZED,
             f"option 'idmap': {requested} is not allowed for {name} by "
             f"{p.source} (allowed: {' '.join(p.modes)})",
         )
@@ -186,7 +184,7 @@ def id_map(
         r = subid_range(text, user, uid)
         if r is None:
             raise UsernsError(
-                "NotAuthorized",
+                Err.NOT_AUTHORIZED,
                 f"option 'idmap': subids: {path} has no range for user {user} "
                 f"(uid {uid}); ask the administrator for one, or use idmap=caller",
             )
@@ -194,7 +192,7 @@ def id_map(
     (us, uc), (gs, gc) = ranges
     if us <= uid < us + uc or gs <= gid < gs + gc:
         raise UsernsError(
-            "NotAuthorized",
+            Err.NOT_AUTHORIZED,
             f"option 'idmap': subids: the range of user {user} in {subuid_path} "
             f"or {subgid_path} contains the user's own uid or gid",
         )
@@ -219,7 +217,7 @@ def load_config(sysconfdir: str) -> tuple[dict[str, dict[str, str]], str]:
     try:
         text, path = settings.read(sysconfdir, CONFIG)
     except sysconf.SysconfError as e:
-        raise UsernsError("SpawnFailed", str(e)) from None
+        raise UsernsError(Err.SPAWN_FAILED, str(e)) from None
     return ({} if text is None else parse_config(text, path)), path
 
 
@@ -230,7 +228,7 @@ def _read_subids(path: str) -> str:
     except FileNotFoundError:
         return ""
     except OSError as e:
-        raise UsernsError("SpawnFailed", f"{path}: {e.strerror}") from None
+        raise UsernsError(Err.SPAWN_FAILED, f"{path}: {e.strerror}") from None
 
 
 def plan_for(
@@ -247,7 +245,7 @@ def plan_for(
     if not p.enabled:
         if requested is not None:
             raise UsernsError(
-                "InvalidOption",
+                Err.INVALID_OPTION,
                 f"option 'idmap': {name} runs without a user namespace ({p.source})",
             )
         return None
@@ -256,14 +254,14 @@ def plan_for(
         if os.getuid() == 0:
             if requested is not None:
                 raise UsernsError(
-                    "InvalidOption",
+                    Err.INVALID_OPTION,
                     "option 'idmap': this session service runs as root, "
                     "and its backends run as root without a user namespace",
                 )
             return None
         if mode != CALLER:
             raise UsernsError(
-                "NotAuthorized",
+                Err.NOT_AUTHORIZED,
                 "option 'idmap': subids needs the system service (only root "
                 "may map a range from /etc/subuid); this session service can map only its "
                 "own uid (idmap=caller)",
@@ -362,11 +360,12 @@ def create(idmap: IdMap, timeout: float = HOLDER_TIMEOUT_S) -> Namespace:
                 [UNSHARE, "--user", "--mount", "--", "/bin/cat"], fds={0: in_r, 1: out_w, 2: err_w}
             )
         except OSError as e:
-            raise UsernsError("SpawnFailed", f"cannot run {UNSHARE}: {e.strerror}") from None
+            raise UsernsError(Err.SPAWN_FAILED, f"cannot run {UNSHARE}: {e.strerror}") from None
         finally:
             for fd in (in_r, out_w, err_w):
                 os.close(fd)
-        os.write(in_w, b"x")
+        with contextlib.suppress(BrokenPipeError):  # unshare failed at once: stderr says why
+            os.write(in_w, b"x")
         ready, _, _ = select.select([out_r], [], [], timeout)
         echoed = os.read(out_r, 1) if ready else b""
         if echoed != b"x":
@@ -380,7 +379,7 @@ def create(idmap: IdMap, timeout: float = HOLDER_TIMEOUT_S) -> Namespace:
             if (reason := unprivileged_userns_reason()) is not None:
                 why += f" (user namespaces are disabled here: {reason})"
             raise UsernsError(
-                "SpawnFailed", f"cannot create a user namespace for the backend: {why}"
+                Err.SPAWN_FAILED, f"cannot create a user namespace for the backend: {why}"
             )
         try:
             _write(f"/proc/{pid}/uid_map", idmap.uid_map)
@@ -392,7 +391,7 @@ def create(idmap: IdMap, timeout: float = HOLDER_TIMEOUT_S) -> Namespace:
             for fd in ours:
                 os.close(fd)
             raise UsernsError(
-                "SpawnFailed",
+                Err.SPAWN_FAILED,
                 f"cannot map ids in the backend's user namespace: {e.filename}: {e.strerror}",
             ) from None
         return Namespace(
