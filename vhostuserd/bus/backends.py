@@ -23,7 +23,7 @@ from dbus_fast import Message, MessageType, PropertyAccess, Variant
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
 from vhostuserd.bus.connection import Bus, current_message, error, replying_errors
-from vhostuserd.core import extras, policy
+from vhostuserd.core import extras, policy, userns_policy
 from vhostuserd.core.descriptors import Capabilities, Descriptor, ProbeResult
 from vhostuserd.core.errors import BrokerError, Err
 from vhostuserd.core.index import Index
@@ -78,7 +78,7 @@ class Respawn:
     window_s: int
     fd: int
     spawn: dict[str, Any]
-    idmap: userns.IdMap | None
+    idmap: userns_policy.IdMap | None
     prefix: tuple[str, ...]
     times: deque[float] = field(default_factory=deque)
     settled: bool = False
@@ -382,7 +382,7 @@ class Spawner:
         caller: Caller,
         d: Descriptor,
         p: SpawnPlan,
-        idmap: userns.IdMap | None,
+        idmap: userns_policy.IdMap | None,
         device_gids: tuple[int, ...],
     ) -> RunAs:
         """polkit for the system service; returns the identity the backend will run as."""
@@ -400,7 +400,7 @@ class Spawner:
             await self.authority.check(msg, caller.uid, ask.action, ask.details)
         return run_as(caller.uid, device_gids, system=self.system)
 
-    def _userns_map(self, d: Any, p: SpawnPlan, caller: Caller) -> userns.IdMap | None:
+    def _userns_map(self, d: Any, p: SpawnPlan, caller: Caller) -> userns_policy.IdMap | None:
         """Whether this backend runs in a user namespace, and its id map (`userns`)."""
         return userns.plan_for(
             system=self.system,
@@ -501,7 +501,7 @@ class Spawner:
                     b = self.supervisor.spawn(
                         **args, socket_fd=fd, exec_prefix=prefix, extra_fds=ns_fds
                     )
-            except (cgroup.LimitsError, userns.UsernsError) as e:
+            except (cgroup.LimitsError, userns_policy.UsernsError) as e:
                 raise error(e.name, f"{d.name}: {e}") from None
             except SpawnError as e:
                 raise error(Err.SPAWN_FAILED, f"{d.name}: {e}") from None
@@ -593,7 +593,7 @@ class Spawner:
                 new = self.supervisor.spawn(
                     **r.spawn, socket_fd=r.fd, exec_prefix=prefix, extra_fds=ns_fds
                 )
-        except (userns.UsernsError, SpawnError) as e:
+        except (userns_policy.UsernsError, SpawnError) as e:
             log.warning("backend %s: cannot respawn it: %s", obj.id, e)
             r.close()
             return False

@@ -27,7 +27,7 @@ SOCKET_KIND = {
 }
 
 DEVICE_OPTIONS = {"render-node": "/dev/dri/", "evdev-path": "/dev/input/"}
-IDMAP_MODES = ("caller", "subids")  # = userns.IDMAP_MODES: the user namespace's id mapping
+IDMAP_MODES = ("caller", "subids")  # = userns_policy.IDMAP_MODES: the user namespace's id mapping
 
 
 @dataclass(frozen=True, slots=True)
