@@ -6,6 +6,7 @@ The bus tests prove the wiring (that the daemon asks these rules, and answers wi
 
 from __future__ import annotations
 
+import dataclasses
 import stat
 from dataclasses import dataclass
 from typing import Any
@@ -586,3 +587,40 @@ def test_the_facts_of_a_real_fd(kind: str, refusal: str | None) -> None:
         for k in keep:
             k.close()
     assert (why is None) if refusal is None else (why is not None and refusal in why), why
+
+
+# ---- trusted binaries: each step on the way must be root's and not writable by others
+
+DIR = stat.S_IFDIR | 0o755
+STICKY = stat.S_IFDIR | stat.S_ISVTX | 0o777
+
+
+@pytest.mark.parametrize(
+    ("uid", "mode", "last", "refusal"),
+    [
+        (0, DIR, False, None),
+        (0, REG | 0o755, True, None),
+        (1000, DIR, False, "/s (on the way to /s/x) is owned by uid 1000, not root"),
+        (0, DIR | 0o020, False, "/s (on the way to /s/x) is group- or world-writable"),
+        (0, REG | 0o757, True, "is group- or world-writable"),
+        (0, STICKY, False, None),  # /tmp on the way is fine: nobody else can swap our entry
+        (0, STICKY, True, "is group- or world-writable"),
+    ],
+)
+def test_untrusted_step(uid: int, mode: int, last: bool, refusal: str | None) -> None:
+    why = policy.untrusted_step("/s", "/s/x", uid=uid, mode=mode, last=last)
+    assert why == refusal if refusal is None else refusal in (why or "")
+
+
+def test_untrusted_binaries_are_diagnosed_and_refused_by_name() -> None:
+    ok, bad = descriptor(name="50-ok.json"), descriptor(name="60-bad.json")
+    bad = dataclasses.replace(bad, binary="/home/u/x")
+    diags = policy.untrusted_diagnostics(
+        [ok, bad], lambda binary: "owned by uid 1000" if binary == "/home/u/x" else None
+    )
+    assert [(d.path, d.level) for d in diags] == [("/d/60-bad.json", "error")]
+    assert diags[0].message == "/binary: not run by the system service: owned by uid 1000"
+    e = policy.untrusted_refusal("60-bad.json", "owned by uid 1000")
+    assert e.name is Err.NOT_AUTHORIZED
+    said = "60-bad.json: its binary cannot be trusted by the system service: owned by uid 1000"
+    assert str(e) == said

@@ -22,7 +22,13 @@ from typing import Any, Protocol
 from dbus_fast import Message, MessageType, PropertyAccess, Variant
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
-from vhostuserd.bus.connection import Bus, current_message, error, replying_errors
+from vhostuserd.bus.connection import (
+    Bus,
+    current_message,
+    dbus_error,
+    error,
+    replying_errors,
+)
 from vhostuserd.core import extras, policy, userns_policy
 from vhostuserd.core.descriptors import Capabilities, Descriptor, ProbeResult
 from vhostuserd.core.errors import BrokerError, Err
@@ -387,10 +393,7 @@ class Spawner:
     ) -> RunAs:
         """polkit for the system service; returns the identity the backend will run as."""
         if self.system and (why := untrusted_reason(d.binary)) is not None:
-            raise error(
-                Err.NOT_AUTHORIZED,
-                f"{d.name}: its binary cannot be trusted by the system service: {why}",
-            )
+            raise dbus_error(policy.untrusted_refusal(d.name, why))
         # Only polkit reads the app id, and looking it up costs a thread (see caller_app_id).
         app = (
             await caller_app_id(caller.pid) if self.authority.consults_polkit(caller.uid) else None

@@ -347,14 +347,9 @@ class Broker:
         untrusted = self.probes.untrusted
         if untrusted is None:
             return self.index.diagnostics
-        extra = []
-        for d in self.index.descriptors:
-            why = untrusted(d.binary)
-            if why is not None:
-                extra.append(
-                    Diagnostic(d.path, "error", f"/binary: not run by the system service: {why}")
-                )
-        return self.index.diagnostics + tuple(extra)
+        return self.index.diagnostics + policy.untrusted_diagnostics(
+            self.index.descriptors, untrusted
+        )
 
     @property
     def busy(self) -> bool:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import shlex
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from vhostuserd.core.descriptors import Descriptor
+from vhostuserd.core.descriptors import ERROR, Descriptor, Diagnostic
 from vhostuserd.core.errors import BrokerError, Err, InteractionRequired
 from vhostuserd.core.options import SpawnPlan
 from vhostuserd.core.optiontable import CONNECTED, DEVICE_OPTIONS, LISTENING, OPTIONS
@@ -322,3 +322,38 @@ def features_error(features: list[str]) -> str | None:
                 f"feature #{i} is {len(f)} characters long; at most {MAX_FEATURE_BYTES} bytes each"
             )
     return None
+
+
+# ---- trusted binaries (the system service runs only root's programs, reached through root's
+# directories: `vhostuserd.edges.authority.untrusted_reason` walks the path and asks this)
+
+
+def untrusted_step(path: str, binary: str, *, uid: int, mode: int, last: bool) -> str | None:
+    """Why one step on the way to ``binary`` (a directory, a symlink or the binary itself, its
+    owner and mode as lstat says) makes it untrusted, or None. A sticky directory such as /tmp
+    may be writable by others, except as the last step."""
+    if uid != 0:
+        return f"{path} (on the way to {binary}) is owned by uid {uid}, not root"
+    sticky_dir = stat.S_ISDIR(mode) and mode & stat.S_ISVTX
+    if mode & 0o022 and not (sticky_dir and not last):
+        return f"{path} (on the way to {binary}) is group- or world-writable"
+    return None
+
+
+def untrusted_diagnostics(
+    descriptors: Iterable[Descriptor], reason: Callable[[str], str | None]
+) -> tuple[Diagnostic, ...]:
+    """The system service's diagnostics for descriptors whose binary it will not run."""
+    out = []
+    for d in descriptors:
+        why = reason(d.binary)
+        if why is not None:
+            out.append(Diagnostic(d.path, ERROR, f"/binary: not run by the system service: {why}"))
+    return tuple(out)
+
+
+def untrusted_refusal(name: str, why: str) -> BrokerError:
+    """Spawn of descriptor ``name`` on the system service, whose binary is untrusted."""
+    return BrokerError(
+        Err.NOT_AUTHORIZED, f"{name}: its binary cannot be trusted by the system service: {why}"
+    )

@@ -197,12 +197,7 @@ def _untrusted_step(
             st = os.lstat(path)
         except OSError as e:
             return f"{path}: {e.strerror}"
-    if st.st_uid != 0:
-        return f"{path} (on the way to {binary}) is owned by uid {st.st_uid}, not root"
-    sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
-    if st.st_mode & 0o022 and not (sticky_dir and not last):
-        return f"{path} (on the way to {binary}) is group- or world-writable"
-    return None
+    return policy.untrusted_step(path, binary, uid=st.st_uid, mode=st.st_mode, last=last)
 
 
 def check_device(option: str, value: str) -> tuple[str, int]:
