@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
+import report
 from busutil import BUS_NAME, MANAGER_PATH, VHOSTUSERD, Daemon, PrivateBus, Tree, descriptor
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
@@ -226,28 +227,8 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
     rows: list[dict[str, Any]] = []
     samples: dict[str, list[float]] = {}
 
-    def row(
-        name: str,
-        goal: str,
-        measured: float,
-        floor: float | None,
-        unit: str,
-        ratio: float | None,
-        ok: bool | None,
-        note: str = "",
-    ) -> None:
-        rows.append(
-            {
-                "row": name,
-                "goal": goal,
-                "measured": round(measured, 3),
-                "floor": None if floor is None else round(floor, 3),
-                "unit": unit,
-                "ratio": None if ratio is None else round(ratio, 3),
-                "at_goal": ok,
-                "note": note,
-            }
-        )
+    def row(*args: Any, **kw: Any) -> None:
+        rows.append(report.row(*args, **kw))
 
     with tempfile.TemporaryDirectory() as tmp:
         tree = Tree.make(Path(tmp))
@@ -392,11 +373,7 @@ def main() -> None:
     ap.add_argument("--json", default=str(HERE / "out" / "broker.json"))
     args = ap.parse_args()
     rows, samples = run(args.quick)
-    from report import print_table
-
-    print_table(rows)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": rows, "samples": samples}, indent=2))
+    report.publish(rows, samples, args.json)
 
 
 if __name__ == "__main__":

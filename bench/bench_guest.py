@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 import guest
-from busutil import VHOSTUSERCTL, Daemon, PrivateBus, Tree
+from busutil import VHOSTUSERCTL, Daemon, PrivateBus, RealTree
 
 DESCRIPTOR = "50-qemu-virtiofsd.json"
 GOAL = 1.05
@@ -47,13 +47,6 @@ dd if=/dev/zero of=/mnt/out bs=64k count=64 2>/dev/null || fail "write"
 umount /mnt || fail "umount"
 pass
 """
-
-
-class RealTree(Tree):
-    def env(self) -> dict[str, str]:
-        env = super().env()
-        env["XDG_DATA_DIRS"] += ":/usr/share"
-        return env
 
 
 def boot(work: Path, initrd: Path, token: str, sock: Path) -> float:

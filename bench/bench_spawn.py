@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import statistics
@@ -33,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
+import report
 from busutil import Daemon, PrivateBus, Tree, descriptor
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
@@ -187,28 +187,8 @@ def run(quick: bool, n_backends: int) -> tuple[list[dict[str, Any]], dict[str, l
     rows: list[dict[str, Any]] = []
     samples: dict[str, list[float]] = {}
 
-    def row(
-        name: str,
-        goal: str,
-        measured: float,
-        floor: float | None,
-        unit: str,
-        ratio: float | None,
-        ok: bool,
-        note: str = "",
-    ) -> None:
-        rows.append(
-            {
-                "row": name,
-                "goal": goal,
-                "measured": round(measured, 3),
-                "floor": None if floor is None else round(floor, 3),
-                "unit": unit,
-                "ratio": None if ratio is None else round(ratio, 3),
-                "at_goal": ok,
-                "note": note,
-            }
-        )
+    def row(*args: Any, **kw: Any) -> None:
+        rows.append(report.row(*args, **kw))
 
     n = 30 if quick else 100
     with tempfile.TemporaryDirectory() as tmp:
@@ -364,11 +344,7 @@ def main() -> None:
     ap.add_argument("--json", default=str(HERE / "out" / "spawn.json"))
     a = ap.parse_args()
     rows, samples = run(a.quick, a.backends)
-    from report import print_table
-
-    print_table(rows)
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps({"rows": rows, "samples": samples}, indent=2))
+    report.publish(rows, samples, a.json)
 
 
 if __name__ == "__main__":

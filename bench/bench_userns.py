@@ -10,6 +10,7 @@ import statistics
 import sys
 import time
 
+from vhostuserd.core import userns_policy
 from vhostuserd.edges import procs, userns
 
 UID = 65534
@@ -34,7 +35,7 @@ def _run(prefix: tuple[str, ...], fds: dict[int, int]) -> None:
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
-    m = userns.id_map("caller", UID, UID, "nobody", "", "")
+    m = userns_policy.id_map("caller", UID, UID, "nobody", "", "")
     create, plain, in_ns = [], [], []
     setpriv = (
         "/usr/bin/setpriv",

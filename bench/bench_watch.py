@@ -39,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
+import report
 from bench_broker import pct
 from bench_spawn import write_backend
 from busutil import MANAGER_PATH, Daemon, PrivateBus, Tree, descriptor
@@ -287,28 +288,8 @@ def run(quick: bool) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
     rows: list[dict[str, Any]] = []
     samples: dict[str, list[float]] = {}
 
-    def row(
-        name: str,
-        goal: str,
-        measured: float,
-        floor: float | None,
-        unit: str,
-        ratio: float | None,
-        ok: bool,
-        note: str = "",
-    ) -> None:
-        rows.append(
-            {
-                "row": name,
-                "goal": goal,
-                "measured": round(measured, 3),
-                "floor": None if floor is None else round(floor, 3),
-                "unit": unit,
-                "ratio": None if ratio is None else round(ratio, 3),
-                "at_goal": ok,
-                "note": note,
-            }
-        )
+    def row(*args: Any, **kw: Any) -> None:
+        rows.append(report.row(*args, **kw))
 
     with tempfile.TemporaryDirectory() as tmp:
         tree = Tree.make(Path(tmp) / "t")
@@ -412,11 +393,7 @@ def main() -> None:
     ap.add_argument("--json", default=str(HERE / "out" / "watch.json"))
     a = ap.parse_args()
     rows, samples = run(a.quick)
-    from report import print_table
-
-    print_table(rows)
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps({"rows": rows, "samples": samples}, indent=2))
+    report.publish(rows, samples, a.json)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,40 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
+
+
+def row(
+    name: str,
+    goal: str,
+    measured: float,
+    floor: float | None,
+    unit: str,
+    ratio: float | None,
+    ok: bool | None,
+    note: str = "",
+) -> dict[str, Any]:
+    """One row of the table: what was measured against its goal (and its floor, the same
+    work without vhostuserd, where there is one)."""
+    return {
+        "row": name,
+        "goal": goal,
+        "measured": round(measured, 3),
+        "floor": None if floor is None else round(floor, 3),
+        "unit": unit,
+        "ratio": None if ratio is None else round(ratio, 3),
+        "at_goal": ok,
+        "note": note,
+    }
+
+
+def publish(rows: list[dict[str, Any]], samples: dict[str, list[float]], path: str) -> None:
+    """Print the table of one benchmark run on its own, and write it with its samples as JSON."""
+    print_table(rows)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"rows": rows, "samples": samples}, indent=2))
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

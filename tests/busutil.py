@@ -13,10 +13,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
+
+from vhostuserd.core import lookup
+from vhostuserd.edges import scan
 
 T = TypeVar("T")
 
@@ -53,9 +56,12 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
 
 
 POLL = 0.015
+# How long `wait_for` and `await_for` wait by default: long enough for the slowest of them
+# (polkit and setpriv callers) on a busy machine; a condition that holds returns at once.
+WAIT = 20.0
 
 
-def wait_for(cond: Callable[[], T], what: str | Callable[[], str], timeout: float = 10.0) -> T:
+def wait_for(cond: Callable[[], T], what: str | Callable[[], str], timeout: float = WAIT) -> T:
     """Poll ``cond`` until it returns something true; fail naming ``what`` (computed lazily,
     to show the state that did not match) after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -70,7 +76,7 @@ def wait_for(cond: Callable[[], T], what: str | Callable[[], str], timeout: floa
 
 
 async def await_for(
-    cond: Callable[[], Any], what: str | Callable[[], str], timeout: float = 10.0
+    cond: Callable[[], Any], what: str | Callable[[], str], timeout: float = WAIT
 ) -> Any:
     """Async `wait_for`; ``cond`` may return an awaitable."""
     deadline = time.monotonic() + timeout
@@ -177,76 +183,133 @@ class PrivateBus:
         return r.stdout.strip() == "b true"
 
 
+SUBDIR = Path("qemu/vhost-user")
+
+Content = bytes | str | Mapping[str, Any]
+
+
+def _as_bytes(content: Content) -> bytes:
+    if isinstance(content, bytes):
+        return content
+    if isinstance(content, str):
+        return content.encode("utf-8")
+    return json.dumps(content).encode("utf-8")
+
+
 @dataclass
 class Tree:
-    """A descriptor search path on disk: data dirs (most important first), sysconf, user."""
+    """A descriptor search path on disk under ``root``: ``data`` (one directory per
+    XDG_DATA_DIRS entry, most important first), ``sysconfdir``, and the user tier under
+    ``config_home`` ($HOME/.config). A tier's ``qemu/vhost-user`` directory is made when
+    `dir` (or `write`, `symlink`) first names it; `make` makes them all at once.
+
+    `env` is the environment of a vhostuserd or vhostuserctl that sees only this tree;
+    `search_path`, `listings` and `lookup` run the real scan and the pure merge over it."""
 
     root: Path
-    data: list[Path] = field(default_factory=list)
-    sysconfdir: Path = Path()
-    config_home: Path = Path()
+    data_count: int = 1
+    data: list[Path] = field(init=False)
+    sysconfdir: Path = field(init=False)
+    home: Path = field(init=False)
+    config_home: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.data = [self.root / f"data{i}" for i in range(self.data_count)]
+        self.sysconfdir = self.root / "etc"
+        self.home = self.root / "home"
+        self.config_home = self.home / ".config"
+        for d in [*self.data, self.sysconfdir, self.config_home]:
+            d.mkdir(parents=True, exist_ok=True)
+        (self.root / "run").mkdir(mode=0o700, exist_ok=True)  # $XDG_RUNTIME_DIR
 
     @classmethod
-    def make(cls, root: Path, n_data: int = 2) -> Tree:
-        t = cls(root)
-        t.data = [root / f"share{i}" for i in range(n_data)]
-        t.sysconfdir = root / "etc"
-        t.config_home = root / "config"
-        for d in t.data:
-            (d / "qemu/vhost-user").mkdir(parents=True)
-        (t.sysconfdir / "qemu/vhost-user").mkdir(parents=True)
-        (t.config_home / "qemu/vhost-user").mkdir(parents=True)
-        (root / "home").mkdir()
-        (root / "run").mkdir(mode=0o700)
+    def make(cls, root: Path, data_count: int = 2) -> Self:
+        """The daemon tests' tree: two data directories, and every tier's directory there
+        before the daemon starts watching."""
+        t = cls(root, data_count)
+        for i in range(data_count):
+            t.dir("data", i)
+        t.dir("sysconf")
+        t.dir("user")
         return t
 
-    def dir(self, tier: str, i: int = 0) -> Path:
-        if tier == "data":
-            return self.data[i] / "qemu/vhost-user"
-        if tier == "sysconf":
-            return self.sysconfdir / "qemu/vhost-user"
-        return self.config_home / "qemu/vhost-user"
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "DBUS_"))}
-        env.update(
-            XDG_DATA_DIRS=":".join(str(d) for d in self.data),
-            XDG_CONFIG_HOME=str(self.config_home),
-            HOME=str(self.root / "home"),
-            XDG_RUNTIME_DIR=str(self.root / "run"),
-        )
-        return env
+    def dir(self, tier: str, index: int = 0) -> Path:
+        """The ``qemu/vhost-user`` directory of ``tier`` ("data": the ``index``-th;
+        "sysconf"; "user"), made if it is missing."""
+        base = {
+            "data": self.data[index] if tier == "data" else None,
+            "sysconf": self.sysconfdir,
+            "user": self.config_home,
+        }[tier]
+        assert base is not None, tier
+        path = base / SUBDIR
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def write(
-        self,
-        tier: str,
-        name: str,
-        doc: dict[str, Any] | str | bytes,
-        i: int = 0,
-        atomic: bool = False,
+        self, tier: str, name: str, content: Content, index: int = 0, atomic: bool = False
     ) -> Path:
-        path = self.dir(tier, i) / name
-        data = (
-            doc
-            if isinstance(doc, bytes)
-            else (doc if isinstance(doc, str) else json.dumps(doc)).encode()
-        )
+        """Write ``content`` (a document is written as JSON) as ``name`` in ``tier``;
+        ``atomic``: through a temporary dot-file renamed over it."""
+        path = self.dir(tier, index) / name
         if atomic:
             tmp = path.parent / f".{name}.tmp"
-            tmp.write_bytes(data)
+            tmp.write_bytes(_as_bytes(content))
             os.rename(tmp, path)
         else:
-            path.write_bytes(data)
+            path.write_bytes(_as_bytes(content))
         return path
+
+    def symlink(self, tier: str, name: str, target: str | Path, index: int = 0) -> Path:
+        path = self.dir(tier, index) / name
+        path.symlink_to(target)
+        return path
+
+    @property
+    def xdg_data_dirs(self) -> str:
+        return ":".join(str(d) for d in self.data)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """This process's environment without its XDG_* and DBUS_* variables, with this
+        tree's data dirs, user tier, home and runtime directory (and ``extra``)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "DBUS_"))}
+        env.update(
+            LC_ALL="C.UTF-8",
+            HOME=str(self.home),
+            XDG_CONFIG_HOME=str(self.config_home),
+            XDG_DATA_DIRS=self.xdg_data_dirs,
+            XDG_RUNTIME_DIR=str(self.root / "run"),
+        )
+        env.update(extra)
+        return env
+
+    def search_path(self, *, system: bool = False) -> tuple[lookup.Directory, ...]:
+        """The search path a daemon or vhostuserctl started with `env` uses."""
+        env = self.env()
+        return lookup.search_path(
+            system=system,
+            sysconfdir=str(self.sysconfdir),
+            xdg_data_dirs=env["XDG_DATA_DIRS"],
+            xdg_config_home=env["XDG_CONFIG_HOME"],
+            home=env["HOME"],
+        )
+
+    def listings(self, *, system: bool = False) -> list[lookup.Listing]:
+        return scan.list_all(self.search_path(system=system))
+
+    def lookup(self, *, system: bool = False) -> lookup.LookupResult:
+        """The reference: the pure merge of a fresh scan of the directories."""
+        return lookup.merge(self.listings(system=system))
 
 
 class RealTree(Tree):
     """A test tree with /usr/share last in XDG_DATA_DIRS: the machine's Debian descriptors
     (50-qemu-gpu.json, 50-qemu-virtiofsd.json) come after the test's own."""
 
-    def env(self) -> dict[str, str]:
+    def env(self, **extra: str) -> dict[str, str]:
         env = super().env()
         env["XDG_DATA_DIRS"] += ":/usr/share"
+        env.update(extra)
         return env
 
 
@@ -271,13 +334,26 @@ def fake_backend(path: Path, btype: str, features: list[str], body: str = "") ->
 class Daemon:
     """The real vhostuserd, started as a subprocess on a private bus."""
 
-    def __init__(self, bus: PrivateBus, tree: Tree, *args: str, wait: bool = True) -> None:
+    def __init__(
+        self,
+        bus: PrivateBus,
+        tree: Tree,
+        *args: str,
+        wait: bool = True,
+        wrapper: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
+    ) -> None:
+        """``wrapper``: a command that ends by exec'ing the daemon's command line, which
+        follows it (a launcher, ``unshare``, ``strace``); ``env``: more variables than the
+        tree's; ``wait``: return once it is `ready`."""
         self.bus = bus
         self.tree = tree
         self.log_path = tree.root / f"vhostuserd-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - the daemon's stdout until stop()
         self.proc = subprocess.Popen(
             [
+                *wrapper,
                 VHOSTUSERD,
                 "--address",
                 bus.address,
@@ -287,16 +363,21 @@ class Daemon:
                 "debug",
                 *args,
             ],
-            env=tree.env(),
+            env=tree.env(**(env or {})),
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            pass_fds=pass_fds,
         )
         if wait:
-            try:
-                self.wait_ready()
-            except BaseException:
-                self.stop(signal.SIGKILL)  # never leave a half-started daemon behind
-                raise
+            self.ready()
+
+    def ready(self, timeout: float = 20) -> None:
+        """`wait_ready`, or SIGKILL: never leave a half-started daemon behind."""
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
 
     def wait_ready(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout

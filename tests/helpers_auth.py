@@ -1,12 +1,12 @@
 """Helpers for the authorization tests: the system-mode daemon on a private system bus,
 unprivileged callers as real processes of another uid, polkit authorities (the
 python-dbusmock polkitd template, a recording mock of our own, the real polkitd), fake
-backends the system service will run, and looking at what actually runs.
+backends the system service will run (what runs is read from /proc by helpers_spawn).
 
-A `Caller` is a small dbus-fast client in its own process, started through
-`setpriv --reuid=UID` when UID is not 0; the test drives it over its stdin/stdout with one
-JSON object per line, so everything the daemon learns about the caller (uid, pid, unique
-name) comes from the bus, as it would for a real client.
+A `Caller` is a small dbus-fast client in its own process (tests/agents/caller.py), started
+through `setpriv --reuid=UID` when UID is not 0; the test drives it over its stdin/stdout
+with one JSON object per line, so everything the daemon learns about the caller (uid, pid,
+unique name) comes from the bus, as it would for a real client.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import os
 import pwd
 import queue
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,12 +26,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import busutil
-from busutil import MANAGER_PATH, Daemon, PrivateBus, Tree
-
-T = TypeVar("T")
+from busutil import MANAGER_PATH, Daemon, PrivateBus, Tree, fake_backend, wait_for
+from helpers_spawn import kill_marked, pids_with, status
 
 NOBODY = 65534
 
@@ -61,13 +59,8 @@ MANAGE = "org.vhostuserd.manage"
 POLKIT_NAME = "org.freedesktop.PolicyKit1"
 POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
 DEBIAN_PYTHON = "/usr/bin/python3"
+AGENTS = Path(__file__).resolve().parent / "agents"
 TIMEOUT = 20.0
-
-
-def wait_for(cond: Callable[[], T], what: str | Callable[[], str], timeout: float = TIMEOUT) -> T:
-    """`busutil.wait_for` with this module's longer default (polkit and setpriv callers are
-    slow)."""
-    return busutil.wait_for(cond, what, timeout)
 
 
 def public_dir(prefix: str) -> Path:
@@ -76,6 +69,15 @@ def public_dir(prefix: str) -> Path:
     d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     d.chmod(0o755)
     return d
+
+
+def agent(name: str, directory: Path) -> Path:
+    """tests/agents/NAME copied into ``directory`` (a `public_dir`) with mode 0644: there any
+    uid can run it, wherever the clone is (a directory above it may be closed to uid 65534)."""
+    path = directory / name
+    shutil.copyfile(AGENTS / name, path)
+    path.chmod(0o644)
+    return path
 
 
 def nobody_workdir(prefix: str) -> Iterator[Path]:
@@ -103,243 +105,37 @@ def system_bus(extra_config: str = "") -> PrivateBus:
 def backend(directory: Path, name: str, btype: str, features: Sequence[str] = ()) -> str:
     """A root-owned fake backend that answers --print-capabilities and then keeps running as
     /bin/sh with its own argv (so /proc/PID/cmdline shows what it was given)."""
-    path = directory / name
-    caps = json.dumps({"type": btype, "features": list(features)})
-    path.write_text(
-        "#!/bin/sh\n"
-        f"if [ \"$1\" = --print-capabilities ]; then echo '{caps}'; exit 0; fi\n"
-        "while :; do sleep 1; done\n"
-    )
-    path.chmod(0o755)
-    return str(path)
+    return fake_backend(directory / name, btype, list(features), "while :; do sleep 1; done")
 
 
 def descriptor_doc(btype: str, binary: str) -> dict[str, Any]:
     return {"description": f"test {btype}", "type": btype, "binary": binary}
 
 
+def system_args(tree: Tree) -> tuple[str, ...]:
+    """vhostuserd's arguments for the system service (system tiers and polkit), with its state
+    directory in ``tree``."""
+    return ("--system", "--state-dir", str(tree.root / "state"))
+
+
 def system_daemon(bus: PrivateBus, tree: Tree, *args: str) -> Daemon:
     """The real vhostuserd with system tiers and polkit, on the private bus."""
-    state = tree.root / "state"
-    return Daemon(bus, tree, "--system", "--state-dir", str(state), *args)
-
-
-# ------------------------------------------------------------------ processes
-
-
-def cmdline(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")[:-1]]
-
-
-def status(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/status") as f:
-        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-
-
-def pids_with(marker: str) -> list[int]:
-    """Live (not zombie) processes with ``marker`` in their command line."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        argv = cmdline(int(entry))
-        if not argv or not any(marker in a for a in argv):
-            continue
-        try:
-            if status(int(entry)).get("State", "").startswith("Z"):
-                continue
-        except OSError:
-            continue
-        out.append(int(entry))
-    return out
-
-
-def kill_marked(marker: str) -> None:
-    for pid in pids_with(marker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def ids(status_line: str) -> list[int]:
-    return [int(x) for x in status_line.split()]
+    return Daemon(bus, tree, *system_args(tree), *args)
 
 
 # ------------------------------------------------------------------ callers
 
-AGENT = r'''
-import asyncio, ctypes, json, os, socket, sys
-from dbus_fast import Message, MessageFlag, MessageType, Variant
-from dbus_fast.aio import MessageBus
-
-libc = ctypes.CDLL(None, use_errno=True)
-keep = []
-
-
-def out(obj):
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-def make_fd(kind, fds):
-    if kind == "socketpair":
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        keep.append(b)
-        fd = a.detach()
-    elif kind == "listen":
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind("")  # autobind: an abstract address
-        s.listen(1)
-        fd = s.detach()
-    elif kind == "dgram":
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        keep.append(b)
-        fd = a.detach()
-    elif kind == "seqpacket":
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        keep.append(b)
-        fd = a.detach()
-    elif kind == "tcp":
-        fd = socket.socket(socket.AF_INET, socket.SOCK_STREAM).detach()
-    elif kind == "pipe":
-        r, w = os.pipe()
-        keep.append(w)
-        fd = r
-    elif kind == "devnull":
-        fd = os.open("/dev/null", os.O_RDONLY)
-    elif kind == "opath":
-        fd = os.open("/", os.O_PATH)
-    elif kind == "dir":
-        fd = os.open("/", os.O_RDONLY)
-    else:
-        raise ValueError(kind)
-    fds.append(fd)
-    return len(fds) - 1
-
-
-def decode(x, fds):
-    if isinstance(x, dict):
-        if "$v" in x:
-            sig, value = x["$v"]
-            return Variant(sig, decode(value, fds))
-        if "$fd" in x:
-            return make_fd(x["$fd"], fds)
-        if "$bytes" in x:
-            return bytes.fromhex(x["$bytes"])
-        if "$tuple" in x:
-            return [decode(v, fds) for v in x["$tuple"]]
-        return {k: decode(v, fds) for k, v in x.items()}
-    if isinstance(x, list):
-        return [decode(v, fds) for v in x]
-    return x
-
-
-def encode(x):
-    if isinstance(x, Variant):
-        return encode(x.value)
-    if isinstance(x, dict):
-        return {str(k): encode(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [encode(v) for v in x]
-    if isinstance(x, bytes):
-        return list(x)
-    return x
-
-
-async def call(bus, cmd):
-    fds = []
-    try:
-        body = decode(cmd.get("body", []), fds)
-        flags = MessageFlag.NONE
-        if cmd.get("interactive"):
-            flags |= MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION
-        msg = Message(destination=cmd.get("destination", "org.vhostuserd.Broker1"),
-                      path=cmd.get("path", "/org/vhostuserd/Broker1"),
-                      interface=cmd.get("interface", "org.vhostuserd.Broker1.Manager"),
-                      member=cmd["member"], signature=cmd.get("signature", ""), body=body,
-                      unix_fds=fds, flags=flags)
-        reply = await bus.call(msg)
-    except Exception as e:
-        return {"id": cmd["id"], "local_error": f"{type(e).__name__}: {e}"}
-    finally:
-        for fd in fds:
-            os.close(fd)
-    if reply is None:
-        return {"id": cmd["id"], "local_error": "no reply"}
-    if reply.message_type is MessageType.ERROR:
-        return {"id": cmd["id"], "error": reply.error_name,
-                "message": reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""}
-    return {"id": cmd["id"], "body": encode(reply.body)}
-
-
-def fake_root(directory):
-    """Become root of a user namespace of our own and chroot: what any user can do where
-    unprivileged user namespaces are allowed. The bus connection stays open."""
-    CLONE_NEWUSER = 0x10000000
-    if libc.unshare(CLONE_NEWUSER) != 0:
-        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
-    os.chroot(directory)
-    os.chdir("/")
-
-
-async def main():
-    bus = await MessageBus(bus_address=sys.argv[1], negotiate_unix_fd=True).connect()
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 26)  # tests send calls of several MB
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    # One warm-up call, so that nothing is imported lazily after a chroot.
-    await call(bus, {"id": -1, "destination": "org.freedesktop.DBus",
-                     "path": "/org/freedesktop/DBus", "interface": "org.freedesktop.DBus",
-                     "member": "GetId"})
-    out({"hello": bus.unique_name, "uid": os.getuid(), "pid": os.getpid()})
-    tasks = set()
-
-    async def run(cmd):
-        out(await call(bus, cmd))
-
-    while True:
-        line = await reader.readline()
-        if not line:
-            break
-        cmd = json.loads(line)
-        op = cmd.get("op", "call")
-        if op == "call":
-            t = asyncio.ensure_future(run(cmd))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-        elif op == "fake_root":
-            try:
-                fake_root(cmd["dir"])
-                out({"id": cmd["id"], "body": []})
-            except OSError as e:
-                out({"id": cmd["id"], "local_error": str(e)})
-        elif op == "exit":
-            break
-    bus.disconnect()
-
-
-asyncio.run(main())
-'''
 
 _agent_path: Path | None = None
 
 
 def agent_path() -> Path:
-    """The caller script, in a directory every uid can read (one per test process)."""
+    """tests/agents/caller.py, in a directory every uid can read (one per test process)."""
     global _agent_path
     if _agent_path is None or not _agent_path.exists():
         d = public_dir("vhostuserd-agent-")
         atexit.register(shutil.rmtree, d, True)
-        p = d / "caller.py"
-        p.write_text(AGENT)
-        p.chmod(0o644)
-        _agent_path = p
+        _agent_path = agent("caller.py", d)
     return _agent_path
 
 
@@ -655,69 +451,24 @@ class DbusmockPolkit:
         self.log.close()
 
 
-RECORDING_POLKIT = r"""
-import asyncio, json, os, sys
-from dbus_fast import Message, MessageType, Variant
-from dbus_fast.aio import MessageBus
-
-address, record, answers = sys.argv[1:4]
-
-
-def plain(x):
-    if isinstance(x, Variant):
-        return {"sig": x.signature, "value": plain(x.value)}
-    if isinstance(x, dict):
-        return {k: plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [plain(v) for v in x]
-    return x
-
-
-async def main():
-    bus = await MessageBus(bus_address=address).connect()
-
-    def handler(msg):
-        if (msg.message_type is not MessageType.METHOD_CALL
-                or msg.interface != "org.freedesktop.PolicyKit1.Authority"):
-            return None
-        if msg.member != "CheckAuthorization" or msg.signature != "(sa{sv})sa{ss}us":
-            return Message.new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod",
-                                     msg.member or "")
-        subject, action, details, flags, cancel = msg.body
-        with open(record, "a") as f:
-            f.write(json.dumps({"sender": msg.sender, "path": msg.path, "subject": plain(subject),
-                                "action": action, "details": details, "flags": flags,
-                                "cancellation_id": cancel, "header_flags": int(msg.flags)}) + "\n")
-        with open(answers) as f:
-            table = json.load(f)
-        answer = table.get(action, table.get("*", [False, False]))
-        if answer == "error":
-            return Message.new_error(msg, "org.freedesktop.PolicyKit1.Error.Failed", "told to fail")
-        return Message.new_method_return(msg, "(bba{ss})", [[answer[0], answer[1], {}]])
-
-    bus.add_message_handler(handler)
-    await bus.request_name("org.freedesktop.PolicyKit1")
-    print("ready", flush=True)
-    await bus.wait_for_disconnect()
-
-
-asyncio.run(main())
-"""
-
-
 class RecordingPolkit:
-    """Our own polkit authority: answers from a table the test sets and records every
-    CheckAuthorization call as it arrived (subject, action, details, flags)."""
+    """Our own polkit authority (tests/agents/recording_polkit.py): answers from a table the
+    test sets and records every CheckAuthorization call as it arrived (subject, action,
+    details, flags)."""
 
     def __init__(self, bus: PrivateBus, directory: Path) -> None:
         self.record = directory / "polkit-calls.jsonl"
         self.answers = directory / "polkit-answers.json"
         self.record.write_text("")
         self.answer({})
-        script = directory / "recording_polkit.py"
-        script.write_text(RECORDING_POLKIT)
         self.proc = subprocess.Popen(
-            [sys.executable, str(script), bus.address, str(self.record), str(self.answers)],
+            [
+                sys.executable,
+                str(AGENTS / "recording_polkit.py"),
+                bus.address,
+                str(self.record),
+                str(self.answers),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -804,8 +555,35 @@ def setup(
         callers.close()
         if daemon is not None:
             daemon.stop()
-        kill_marked(bindir.name)
+        kill_marked(argv=bindir.name)
         shutil.rmtree(bindir, ignore_errors=True)
+
+
+Start = Callable[..., SystemSetup]
+
+
+def starts(
+    bus: PrivateBus,
+    polkit: DbusmockPolkit,
+    root: Path,
+    prepare: Callable[[Tree, Path], None] | None = None,
+) -> Iterator[Start]:
+    """For a ``start`` fixture, with polkit allowing spawn only: yields
+    start(*daemon_args, prepare=PREPARE), a `setup` on a `Tree.make(root)` that returns its
+    `SystemSetup`; afterwards polkit is reset and every setup stopped."""
+    polkit.reset()
+    polkit.set_allowed(SPAWN)
+    gens: list[Iterator[SystemSetup]] = []
+
+    def start(*args: str, prepare: Callable[[Tree, Path], None] | None = prepare) -> SystemSetup:
+        g = setup(bus, Tree.make(root), *args, prepare=prepare)
+        gens.append(g)
+        return next(g)
+
+    yield start
+    polkit.reset()
+    for g in gens:
+        next(g, None)
 
 
 def backend_pid(admin: Caller, path: str) -> int:

@@ -19,17 +19,13 @@ import itertools
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
-from busutil import BUS_NAME, MANAGER_PATH, Tree, await_for, wait_for  # noqa: F401 - re-exported for the tests
+from busutil import BUS_NAME, MANAGER_PATH, Tree, await_for
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from vhostuserd.bus.manager import descriptor_path
-from vhostuserd.core import lookup
-from vhostuserd.edges import scan
-
-T = TypeVar("T")
 
 MANAGER_IFACE = "org.vhostuserd.Broker1.Manager"
 DESCRIPTOR_IFACE = "org.vhostuserd.Broker1.Descriptor"
@@ -37,7 +33,6 @@ OM_IFACE = "org.freedesktop.DBus.ObjectManager"
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
 ERROR_PREFIX = "org.vhostuserd.Broker1.Error."
 
-POLL = 0.015
 TIMEOUT = 10.0
 
 
@@ -59,23 +54,6 @@ def unwrap(value: Any) -> Any:
 # ---------------------------------------------------------------- what is on disk
 
 
-def search_dirs(tree: Tree) -> tuple[lookup.Directory, ...]:
-    """The search path the daemon started for ``tree`` uses (tiers as --user)."""
-    env = tree.env()
-    return lookup.search_path(
-        system=False,
-        sysconfdir=str(tree.sysconfdir),
-        xdg_data_dirs=env["XDG_DATA_DIRS"],
-        xdg_config_home=env["XDG_CONFIG_HOME"],
-        home=env["HOME"],
-    )
-
-
-def on_disk(tree: Tree) -> lookup.LookupResult:
-    """The reference: the pure merge of a fresh scan of the directories."""
-    return lookup.merge(scan.list_all(search_dirs(tree)))
-
-
 def row(d: Any) -> Row:
     """The descriptor fields of a `Descriptor` or of an (unwrapped) ListDescriptors dict."""
     if isinstance(d, dict):
@@ -92,11 +70,11 @@ def row(d: Any) -> Row:
 
 
 def expected_rows(tree: Tree) -> list[Row]:
-    return [row(d) for d in on_disk(tree).descriptors]
+    return [row(d) for d in tree.lookup().descriptors]
 
 
 def expected_diagnostics(tree: Tree) -> list[tuple[str, str, str]]:
-    return [d.as_tuple() for d in on_disk(tree).diagnostics]
+    return [d.as_tuple() for d in tree.lookup().diagnostics]
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -319,7 +297,7 @@ class Listener:
         assert [row(d) for d in items] == expected_rows(tree)
         assert [d["object"] for d in items] == [descriptor_path(d["name"]) for d in items]
         assert await self.diagnostics() == expected_diagnostics(tree)
-        assert await self.prop("SearchPath") == [d.path for d in search_dirs(tree)]
+        assert await self.prop("SearchPath") == [d.path for d in tree.search_path()]
         return items
 
     async def assert_generation(self, mark: int, before: int, changes: int) -> None:

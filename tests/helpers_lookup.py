@@ -1,9 +1,8 @@
-"""Shared helpers for the lookup, probe and offline-CLI tests: real trees, real scripts.
+"""Shared helpers for the lookup, probe and offline-CLI tests: real scripts (their trees are
+`busutil.Tree`).
 
-`Tree` builds the three tiers (several XDG data dirs, sysconf, user) under a temporary
-directory and runs the real scan + merge over them. `write_backend` writes a small fake
-backend whose processes all carry a unique marker, so a test can prove that none is left
-behind (`leftover_processes`).
+`write_backend` writes a small fake backend whose processes all carry a unique marker, so a
+test can prove that none is left behind (`leftover_processes`).
 """
 
 from __future__ import annotations
@@ -14,18 +13,14 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from helpers_auth import as_nobody
+
 from vhostuserd.core import lookup
 from vhostuserd.core.descriptors import ERROR, Diagnostic
-from vhostuserd.edges import scan
-
-SUBDIR = Path("qemu/vhost-user")
-NOBODY = 65534
-
-Content = bytes | str | Mapping[str, Any]
 
 
 def descriptor(btype: str = "gpu", binary: str = "/usr/bin/true", **extra: Any) -> dict[str, Any]:
@@ -33,88 +28,6 @@ def descriptor(btype: str = "gpu", binary: str = "/usr/bin/true", **extra: Any) 
     doc: dict[str, Any] = {"description": f"test {btype} backend", "type": btype, "binary": binary}
     doc.update(extra)
     return doc
-
-
-def _as_bytes(content: Content) -> bytes:
-    if isinstance(content, bytes):
-        return content
-    if isinstance(content, str):
-        return content.encode("utf-8")
-    return json.dumps(content).encode("utf-8")
-
-
-@dataclass
-class Tree:
-    """Tier directories under ``root``: ``data`` (one per XDG_DATA_DIRS entry), ``sysconf``,
-    ``user``."""
-
-    root: Path
-    data_count: int = 1
-    data_roots: list[Path] = field(init=False)
-    sysconfdir: Path = field(init=False)
-    home: Path = field(init=False)
-    config_home: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.data_roots = [self.root / f"data{i}" for i in range(self.data_count)]
-        self.sysconfdir = self.root / "etc"
-        self.home = self.root / "home"
-        self.config_home = self.home / ".config"
-        for d in [*self.data_roots, self.sysconfdir, self.config_home]:
-            d.mkdir(parents=True, exist_ok=True)
-
-    def dir(self, tier: str, index: int = 0) -> Path:
-        """The ``qemu/vhost-user`` directory of a tier (created)."""
-        base = {
-            "data": self.data_roots[index] if tier == "data" else None,
-            "sysconf": self.sysconfdir,
-            "user": self.config_home,
-        }[tier]
-        assert base is not None, tier
-        path = base / SUBDIR
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def write(self, tier: str, name: str, content: Content, index: int = 0) -> Path:
-        path = self.dir(tier, index) / name
-        path.write_bytes(_as_bytes(content))
-        return path
-
-    def symlink(self, tier: str, name: str, target: str | Path, index: int = 0) -> Path:
-        path = self.dir(tier, index) / name
-        path.symlink_to(target)
-        return path
-
-    @property
-    def xdg_data_dirs(self) -> str:
-        return ":".join(str(d) for d in self.data_roots)
-
-    def search_path(self, *, system: bool = False) -> tuple[lookup.Directory, ...]:
-        return lookup.search_path(
-            system=system,
-            sysconfdir=str(self.sysconfdir),
-            xdg_data_dirs=self.xdg_data_dirs,
-            xdg_config_home=str(self.config_home),
-            home=str(self.home),
-        )
-
-    def listings(self, *, system: bool = False) -> list[lookup.Listing]:
-        return scan.list_all(self.search_path(system=system))
-
-    def lookup(self, *, system: bool = False) -> lookup.LookupResult:
-        return lookup.merge(self.listings(system=system))
-
-    def env(self, **extra: str) -> dict[str, str]:
-        """An isolated environment for a ``vhostuserctl`` subprocess that sees only this tree."""
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "LC_ALL": "C.UTF-8",
-            "HOME": str(self.home),
-            "XDG_CONFIG_HOME": str(self.config_home),
-            "XDG_DATA_DIRS": self.xdg_data_dirs,
-        }
-        env.update(extra)
-        return env
 
 
 def names(result: lookup.LookupResult) -> list[str]:
@@ -242,11 +155,9 @@ def run_ctl(
 def run_unprivileged(code: str, *, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """Run a Python snippet where file modes are enforced: as uid/gid 65534 when we are root
     (setpriv), else as ourselves."""
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    argv = [sys.executable, "-c", code]
     return subprocess.run(
-        [*prefix, sys.executable, "-c", code],
+        as_nobody(*argv) if os.geteuid() == 0 else argv,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -15,25 +15,23 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from busutil import BUS_NAME, MANAGER_PATH, Daemon, Tree, await_for, descriptor, wait_for  # noqa: F401 - re-exported for the tests
+from busutil import BUS_NAME, MANAGER_PATH, Daemon, Tree, descriptor, wait_for
 from dbus_fast import Message, MessageType, Variant
 
 from vhostuserd.client import BrokerClient
 from vhostuserd.core.names import MANAGER_IFACE
 
-T = TypeVar("T")
-
 FAKES = Path(__file__).resolve().parent / "fake_backends"
 ERROR = "org.vhostuserd.Broker1.Error."
-POLL = 0.015
 TIMEOUT = 10.0
 
 OM_IFACE = "org.freedesktop.DBus.ObjectManager"
@@ -155,27 +153,70 @@ def wait_none_marked(tree: Tree, timeout: float = TIMEOUT) -> None:
     )
 
 
-def kill_marked(tree: Tree) -> None:
-    """Clean up after a failed test: SIGKILL whatever is left, the fakes by their marker
-    and any other backend (a `sleep` a wrapper became, a real one) by the daemon's records
-    in the tree's state directory, when the pid still runs what was recorded."""
-    pids = {pid for pid, _comm, _state, _ppid in marked(tree)}
-    state = tree.root / "run" / "vhostuserd"
-    for record in state.glob("backend-*.json") if state.is_dir() else ():
-        try:
-            rec = json.loads(record.read_text())
-            st = proc_stat(int(rec["pid"]))
-        except (OSError, ValueError, KeyError, TypeError):
+def cmdline(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")[:-1]]
+
+
+def status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def ids(status_line: str) -> list[int]:
+    return [int(x) for x in status_line.split()]
+
+
+def pids_with(marker: str) -> list[int]:
+    """Live (not zombie) processes with ``marker`` in their command line."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
             continue
-        if st is not None and int(rec.get("start_time", 0)) in (0, st[4]):
-            pids.add(int(rec["pid"]))
+        argv = cmdline(int(entry))
+        if not argv or not any(marker in a for a in argv):
+            continue
+        try:
+            if status(int(entry)).get("State", "").startswith("Z"):
+                continue
+        except OSError:
+            continue
+        out.append(int(entry))
+    return out
+
+
+def kill_marked(tree: Tree | None = None, *, argv: str | None = None) -> None:
+    """Clean up after a test (a failed one above all): SIGKILL, with its process group,
+    whatever it left behind. With ``tree``: the fakes installed for it, by their marker, and
+    any other backend (a `sleep` a wrapper became, a real one) by the daemon's records in
+    the tree's state directory, when the pid still runs what was recorded. With ``argv``:
+    every live process that has it in its command line (the name of the directory its
+    binary or its files are in)."""
+    pids: set[int] = set()
+    if tree is not None:
+        pids.update(pid for pid, _comm, _state, _ppid in marked(tree))
+        state = tree.root / "run" / "vhostuserd"
+        for record in state.glob("backend-*.json") if state.is_dir() else ():
+            try:
+                rec = json.loads(record.read_text())
+                st = proc_stat(int(rec["pid"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if st is not None and int(rec.get("start_time", 0)) in (0, st[4]):
+                pids.add(int(rec["pid"]))
+    if argv is not None:
+        pids.update(pids_with(argv))
     for pid in pids:
         try:
-            os.killpg(pid, 9)
+            os.killpg(pid, signal.SIGKILL)
         except OSError:
             pass
         try:
-            os.kill(pid, 9)
+            os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
 

@@ -15,17 +15,20 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from busutil import BUS_NAME, MANAGER_PATH, Daemon, PrivateBus, Tree, descriptor, fake_backend, run
+from busutil import (
+    BUS_NAME,
+    MANAGER_PATH,
+    Daemon,
+    PrivateBus,
+    Tree,
+    await_for,
+    descriptor,
+    fake_backend,
+    run,
+)
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from helpers_live import (
-    ERROR_PREFIX,
-    MANAGER_IFACE,
-    PROPS_IFACE,
-    Listener,
-    await_for,
-    listen,
-)
+from helpers_live import ERROR_PREFIX, MANAGER_IFACE, PROPS_IFACE, Listener, listen
 
 from vhostuserd.bus.manager import descriptor_path
 

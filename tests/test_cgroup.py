@@ -22,18 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from busutil import Daemon, PrivateBus, Tree, run
-from helpers_spawn import (
-    Client,
-    await_for,
-    gone,
-    install,
-    kill_marked,
-    proc_stat,
-    spawn,
-    wait_for,
-    wait_none_marked,
-)
+from busutil import Daemon, PrivateBus, Tree, await_for, run, wait_for
+from helpers_spawn import Client, gone, install, kill_marked, proc_stat, spawn, wait_none_marked
 
 from vhostuserd.edges import cgroup
 
@@ -257,38 +247,8 @@ class UnitDaemon(Daemon):
     own cgroup, marked delegated with the ``trusted.delegate`` xattr, nothing else in it."""
 
     def __init__(self, bus: PrivateBus, tree: Tree, unit: str, *args: str) -> None:
-        import subprocess
-        import time
-
-        from busutil import VHOSTUSERD
-
-        self.bus, self.tree = bus, tree
-        self.log_path = tree.root / f"vhostuserd-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - the daemon's stdout until stop()
-        self.proc = subprocess.Popen(
-            [
-                "/bin/sh",
-                "-c",
-                'echo $$ > "$0/cgroup.procs" && exec "$@"',
-                unit,
-                VHOSTUSERD,
-                "--address",
-                bus.address,
-                "--sysconfdir",
-                str(tree.sysconfdir),
-                "--log-level",
-                "debug",
-                *args,
-            ],
-            env=tree.env(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop(signal.SIGKILL)
-            raise
+        wrapper = ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', unit]
+        super().__init__(bus, tree, *args, wrapper=wrapper)
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from dbus_fast.errors import DBusError
 
+from vhostuserd.core.errors import BrokerError, Err
 from vhostuserd.edges.authority import CheckLimiter
 
 
@@ -24,11 +24,11 @@ def test_a_uid_over_its_bound_is_refused_at_once_with_limits_exceeded() -> None:
         order: list[int] = []
         held = [asyncio.ensure_future(_hold(limiter, 1000, order, gate)) for _ in range(2)]
         await asyncio.sleep(0)
-        with pytest.raises(DBusError) as e:
+        with pytest.raises(BrokerError) as e:
             async with limiter.slot(1000, "org.vhostuserd.manage"):
                 pass
-        assert e.value.type == "org.vhostuserd.Broker1.Error.LimitsExceeded"
-        assert "uid 1000" in e.value.text and "org.vhostuserd.manage" in e.value.text
+        assert e.value.name is Err.LIMITS_EXCEEDED
+        assert "uid 1000" in str(e.value) and "org.vhostuserd.manage" in str(e.value)
         async with limiter.slot(1001, "org.vhostuserd.spawn"):  # another uid is not affected
             pass
         gate.set()

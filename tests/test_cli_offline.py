@@ -14,7 +14,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers_lookup import Tree, capabilities_backend, descriptor, run_ctl, write_backend
+from busutil import Tree
+from helpers_lookup import capabilities_backend, descriptor, run_ctl, write_backend
 
 from vhostuserd.cli.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 

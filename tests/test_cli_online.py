@@ -24,13 +24,14 @@ from busutil import (
     Daemon,
     PrivateBus,
     Tree,
+    await_for,
     ctl,
     descriptor,
     fake_backend,
     run,
     wait_for,
 )
-from helpers_live import Listener, MatchWatcher, await_for, listen
+from helpers_live import Listener, MatchWatcher, listen
 from helpers_spawn import install, kill_marked
 
 from vhostuserd import __version__
@@ -61,7 +62,7 @@ def setup(tree: Tree) -> dict[str, str]:
     inp = fake_backend(tree.root / "input-backend", "input", [])
     tree.write("data", "50-gpu.json", {**descriptor("gpu", gpu, "a gpu"), "tags": ["fast"]})
     tree.write("sysconf", "60-input.json", descriptor("input", inp, "keyboard"))
-    tree.write("data", "70-nobinary.json", descriptor("gpu", "/nonexistent/gpu", "gone"), i=1)
+    tree.write("data", "70-nobinary.json", descriptor("gpu", "/nonexistent/gpu", "gone"), index=1)
     return {"gpu": gpu, "input": inp}
 
 

@@ -18,19 +18,17 @@ import textwrap
 from collections.abc import Callable, Iterator
 
 import pytest
-from busutil import Daemon, PrivateBus, Tree, run
+from busutil import Daemon, PrivateBus, Tree, await_for, run, wait_for
 from helpers_spawn import (
     Client,
     Timer,
     alive,
-    await_for,
     gone,
     install,
     kill_marked,
     marked,
     proc_stat,
     spawn,
-    wait_for,
     wait_none_marked,
 )
 

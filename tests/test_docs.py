@@ -233,7 +233,7 @@ def test_tab_completes_commands_and_descriptor_names(tree: Tree) -> None:
     if shutil.which("bash") is None:
         pytest.skip("bash is not installed")
     tree.write("data", "50-test-gpu.json", descriptor("gpu"))
-    tree.write("data", "60-local-fs.json", descriptor("fs"), i=1)
+    tree.write("data", "60-local-fs.json", descriptor("fs"), index=1)
     env = {**tree.env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     assert set(_complete(["vhostuserctl", ""], env)) >= {
         "list",

@@ -21,12 +21,11 @@ from typing import Any
 
 import guest
 import pytest
-from busutil import VHOSTUSERCTL, Daemon, PrivateBus, RealTree, Tree
-from helpers_spawn import alive, gone, kill_marked, wait_for
+from busutil import VHOSTUSERCTL, Daemon, PrivateBus, RealTree, Tree, wait_for
+from helpers_spawn import alive, gone, kill_marked
 
 pytestmark = pytest.mark.e2e
 
-REAL_DIR = Path("/usr/share/qemu/vhost-user")
 QEMU = "qemu-system-x86_64"
 # Paused from the start: no guest runs, so TCG costs nothing and KVM is not needed.
 MACHINE = [
@@ -51,14 +50,9 @@ def require(*descriptors: str, qemu: bool = True) -> str:
     if qemu and not binary_qemu:
         pytest.skip(f"{QEMU} is not installed (scripts/setup installs qemu-system-x86)")
     for name in descriptors:
-        path = REAL_DIR / name
-        if not path.is_file():
-            pytest.skip(
-                f"{path} is not installed (scripts/setup installs the Debian QEMU packages)"
-            )
-        binary = json.loads(path.read_text()).get("binary", "")
-        if not os.access(binary, os.X_OK):
-            pytest.skip(f"{path} names {binary!r}, which is not an executable here")
+        reason = guest.why_no_debian_backend(name)
+        if reason:
+            pytest.skip(reason)
     return binary_qemu
 
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 from busutil import PrivateBus, Tree
-from helpers_auth import NOBODY, SPAWN, DbusmockPolkit, SystemSetup, backend_pid, cmdline, setup
+from helpers_auth import NOBODY, SPAWN, DbusmockPolkit, SystemSetup, backend_pid, setup
+from helpers_spawn import cmdline
 
 from vhostuserd.core import extras
 from vhostuserd.core.descriptors import Capabilities, Descriptor

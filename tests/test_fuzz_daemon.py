@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from busutil import Tree
+from busutil import Tree, wait_for
 from helpers_auth import (
     NOBODY,
     Caller,
@@ -33,7 +33,6 @@ from helpers_auth import (
     descriptor_doc,
     setup,
     system_bus,
-    wait_for,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -113,7 +112,7 @@ object_paths = st.sampled_from(["/", "/a", "/org/vhostuserd/Broker1", "/a/b_c/D9
 
 
 def values_for(sig: str, depth: int = 0) -> st.SearchStrategy[Any]:
-    """JSON for the caller process (see helpers_auth AGENT) that becomes a value of ``sig``."""
+    """JSON for the caller process (see tests/agents/caller.py) that becomes a value of ``sig``."""
     simple: dict[str, st.SearchStrategy[Any]] = {
         "s": text | paths_ish,
         "b": st.booleans(),

@@ -28,16 +28,8 @@ from pathlib import Path
 import guest
 import pytest
 from busutil import VHOSTUSERCTL, PrivateBus, Tree, wait_for
-from helpers_auth import (
-    NOBODY,
-    Callers,
-    as_nobody,
-    ids,
-    nobody_workdir,
-    status,
-    system_daemon,
-)
-from helpers_spawn import alive, gone
+from helpers_auth import NOBODY, Callers, as_nobody, nobody_workdir, system_daemon
+from helpers_spawn import alive, gone, ids, status
 from test_polkit_real import polkitd  # noqa: F401 - the real polkitd, a fixture
 
 REPO = Path(__file__).resolve().parent.parent

@@ -18,7 +18,6 @@ vhost-user-gpu or the means to run polkitd.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -28,12 +27,11 @@ from pathlib import Path
 import guest
 import pytest
 from busutil import VHOSTUSERCTL, PrivateBus, RealTree, wait_for
-from helpers_auth import NOBODY, Callers, nobody_workdir, status, system_daemon
-from helpers_spawn import alive, gone, proc_stat
+from helpers_auth import NOBODY, Callers, nobody_workdir, system_daemon
+from helpers_spawn import alive, gone, proc_stat, status
 from test_polkit_real import polkitd  # noqa: F401 - the real polkitd, a fixture
 
 DESCRIPTOR = "50-qemu-gpu.json"
-REAL_DIR = Path("/usr/share/qemu/vhost-user")
 ROWS = 8  # lines of text the guest draws, 16 pixels each with the default 8x16 font
 
 NOBODY_MAY_SPAWN_DEBIANS_GPU = """
@@ -67,15 +65,9 @@ pass
 
 @pytest.fixture
 def accelerator(request: pytest.FixtureRequest) -> str:
-    reason = guest.why_no_qemu()
+    reason = guest.why_no_qemu() or guest.why_no_debian_backend(DESCRIPTOR)
     if reason:
         pytest.skip(reason)
-    path = REAL_DIR / DESCRIPTOR
-    if not path.is_file():
-        pytest.skip(f"{path} is not installed (scripts/setup installs qemu-system-gui)")
-    binary = json.loads(path.read_text()).get("binary", "")
-    if not os.access(binary, os.X_OK):
-        pytest.skip(f"{path} names {binary!r}, which is not an executable here")
     if os.geteuid() != 0:
         pytest.skip("needs root: the system service, polkitd, and a caller of another uid")
     guest.assets()
@@ -145,7 +137,7 @@ def test_guest_draws_on_the_vhost_user_gpu_the_system_service_spawned_for_an_unp
 
         qemu_pid = wait_for(started, "vhostuserctl to start QEMU", 30)
         [backend] = admin(0).backends()
-        binary = json.loads((REAL_DIR / DESCRIPTOR).read_text())["binary"]
+        binary = guest.debian_binary(DESCRIPTOR)
         # Host side: the broker started Debian's backend, as the caller, for the caller.
         assert backend["descriptor"] == DESCRIPTOR and backend["argv"] == [binary, "--fd=3"]
         assert backend["owner_uid"] == NOBODY

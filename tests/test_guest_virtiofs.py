@@ -28,21 +28,14 @@ from busutil import VHOSTUSERCTL, Daemon, PrivateBus, RealTree, Tree, wait_for
 from helpers_spawn import alive, gone, kill_marked, proc_stat
 
 DESCRIPTOR = "50-qemu-virtiofsd.json"
-REAL_DIR = Path("/usr/share/qemu/vhost-user")
 TAG = "share"
 
 
 @pytest.fixture(scope="module")
 def accelerator(request: pytest.FixtureRequest) -> str:
-    reason = guest.why_no_qemu()
+    reason = guest.why_no_qemu() or guest.why_no_debian_backend(DESCRIPTOR)
     if reason:
         pytest.skip(reason)
-    path = REAL_DIR / DESCRIPTOR
-    if not path.is_file():
-        pytest.skip(f"{path} is not installed (scripts/setup installs the Debian QEMU packages)")
-    binary = json.loads(path.read_text()).get("binary", "")
-    if not os.access(binary, os.X_OK):
-        pytest.skip(f"{path} names {binary!r}, which is not an executable here")
     if os.geteuid() != 0:
         pytest.skip("Debian's virtiofsd runs only as root")
     guest.assets()  # fetches them on a machine where scripts/setup did not

@@ -17,7 +17,6 @@ in a user namespace"); this is the path that makes it work.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -28,20 +27,11 @@ from pathlib import Path
 import guest
 import pytest
 from busutil import VHOSTUSERCTL, PrivateBus, RealTree, wait_for
-from helpers_auth import (
-    NOBODY,
-    Callers,
-    as_nobody,
-    ids,
-    nobody_workdir,
-    status,
-    system_daemon,
-)
-from helpers_spawn import alive, gone
+from helpers_auth import NOBODY, Callers, as_nobody, nobody_workdir, system_daemon
+from helpers_spawn import alive, gone, ids, status
 from test_polkit_real import polkitd  # noqa: F401 - the real polkitd, a fixture
 
 DESCRIPTOR = "50-qemu-virtiofsd.json"
-REAL_DIR = Path("/usr/share/qemu/vhost-user")
 TAG = "share"
 
 NOBODY_MAY_SHARE_AS_ITSELF = """
@@ -71,15 +61,9 @@ pass
 
 @pytest.fixture
 def accelerator(request: pytest.FixtureRequest) -> str:
-    reason = guest.why_no_qemu()
+    reason = guest.why_no_qemu() or guest.why_no_debian_backend(DESCRIPTOR)
     if reason:
         pytest.skip(reason)
-    path = REAL_DIR / DESCRIPTOR
-    if not path.is_file():
-        pytest.skip(f"{path} is not installed (scripts/setup installs the Debian QEMU packages)")
-    binary = json.loads(path.read_text()).get("binary", "")
-    if not os.access(binary, os.X_OK):
-        pytest.skip(f"{path} names {binary!r}, which is not an executable here")
     if os.geteuid() != 0:
         pytest.skip("needs root: the system service, polkitd, and a caller of another uid")
     for tool in ("/usr/bin/unshare", "/usr/bin/nsenter"):
@@ -187,7 +171,7 @@ def test_guest_shares_an_unprivileged_callers_folder_through_the_system_services
         [backend] = admin(0).backends()
         assert backend["descriptor"] == DESCRIPTOR and backend["owner_uid"] == NOBODY
         pid = backend["pid"]
-        binary = json.loads((REAL_DIR / DESCRIPTOR).read_text())["binary"]
+        binary = guest.debian_binary(DESCRIPTOR)
         wait_for(
             lambda: os.readlink(f"/proc/{pid}/exe") == binary, "the backend to be virtiofsd itself"
         )

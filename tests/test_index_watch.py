@@ -2,7 +2,7 @@
 and 3: Generation, IndexChanged, Diagnostics), in-process and without a bus.
 
 `vhostuserd.edges.watch.Watcher` over `Feed` and the pure `core.index.Index`, on the daemon's
-own search path for a test tree (`helpers_live.search_dirs`), with real file operations and
+own search path for a test tree (`busutil.Tree.search_path`), with real file operations and
 real inotify on a real asyncio loop. The daemon emits one IndexChanged per effective `Change`
 the watcher reports (`bus.manager.Broker.on_change`), so counting effective changes here counts
 what a client would see; the bus tests in tests/test_live_index.py and
@@ -22,14 +22,7 @@ from pathlib import Path
 
 import pytest
 from busutil import Tree, await_for, descriptor
-from helpers_live import (
-    expected_diagnostics,
-    expected_rows,
-    overwrite,
-    row,
-    search_dirs,
-    write_atomic,
-)
+from helpers_live import expected_diagnostics, expected_rows, overwrite, row, write_atomic
 
 from vhostuserd.core.descriptors import Descriptor
 from vhostuserd.core.index import Change, Index
@@ -109,7 +102,7 @@ def watching(tree: Tree, body: Callable[[Watched], Awaitable[None]]) -> None:
     """Run ``body`` with a watcher armed over the daemon's search path for ``tree``."""
 
     async def main() -> None:
-        feed = Feed(Index(search_dirs(tree)))
+        feed = Feed(Index(tree.search_path()))
         feed.rescan()
         watcher = Watcher(feed, lambda change: w.changes.append(change))
         w = Watched(tree, feed.index, watcher)

@@ -12,13 +12,22 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from busutil import BUS_NAME, MANAGER_PATH, Daemon, PrivateBus, Tree, descriptor, fake_backend, run
+from busutil import (
+    BUS_NAME,
+    MANAGER_PATH,
+    Daemon,
+    PrivateBus,
+    Tree,
+    await_for,
+    descriptor,
+    fake_backend,
+    run,
+)
 from helpers_live import (
     DESCRIPTOR_IFACE,
     OM_IFACE,
     PROPS_IFACE,
     Listener,
-    await_for,
     listen,
     overwrite,
     unwrap,
@@ -155,7 +164,7 @@ def test_get_managed_objects_lists_every_descriptor_with_its_properties(
     gpu = fake_backend(tree.root / "gpu", "gpu", ["virgl", "render-node"])
     fs = fake_backend(tree.root / "fs", "fs", [])
     tree.write("data", "50-gpu.json", {**descriptor("gpu", gpu, "a gpu"), "tags": ["fast"]})
-    tree.write("data", "60-fs.json", descriptor("fs", fs, "shared dirs"), i=1)
+    tree.write("data", "60-fs.json", descriptor("fs", fs, "shared dirs"), index=1)
     tree.write("sysconf", "70-broken.json", descriptor("net", "/nonexistent/backend", "no binary"))
     tree.write("user", "80-bad.json", "{not json")
     tree.write("user", "90-masked.json", "")

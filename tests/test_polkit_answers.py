@@ -1,27 +1,29 @@
-"""Who is asked, and what polkit's answer means (`vhostuserd.edges.authority.Authority.check`,
+"""How the authority asks polkit and reads its answer (`vhostuserd.edges.authority.Authority`,
 docs/contract.md section 3: polkit actions), without a bus.
 
-The authority is given a stand-in for its bus connection that records each CheckAuthorization
-call and answers it the way polkitd does (the ``(bba{ss})`` result, an error, or nothing at
-all). The tests with python-dbusmock's polkitd (tests/test_polkit_mock.py,
-tests/test_polkit_subject.py) and the real one (tests/test_polkit_real.py,
-tests/test_cli_interactive.py) prove on the bus that the daemon asks, with the caller's
-header, and that these answers reach the caller.
+What an answer means is `core.policy`'s rule (tests/test_policy.py: test_polkit_verdict, and
+who is asked at all); here, what `Authority.check` does around it, given a stand-in for its bus
+connection that records each CheckAuthorization call and answers it the way polkitd does (the
+``(bba{ss})`` result, an error, or nothing at all): the query's subject, flags and details, an
+answer read into that rule, a polkit that fails or never answers, no query where the rule says
+none is needed, and `allowed`. The tests with python-dbusmock's polkitd
+(tests/test_polkit_mock.py, tests/test_polkit_subject.py) and the real one
+(tests/test_polkit_real.py, tests/test_cli_interactive.py) prove on the bus that the daemon
+asks with the caller's own header, and that the answers reach the caller.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
 
 import pytest
 from dbus_fast import Message, MessageFlag
-from dbus_fast.errors import DBusError
 
-from vhostuserd.core.names import ERROR_PREFIX
+from vhostuserd.core.errors import INTERACTIVE_REQUIRED, BrokerError, Err
+from vhostuserd.core.policy import SPAWN
 from vhostuserd.edges import authority
-from vhostuserd.edges.authority import INTERACTIVE_REQUIRED, SPAWN, Authority
+from vhostuserd.edges.authority import Authority
 
 NOBODY = 65534
 DETAILS = {"descriptor": "50-gpu.json", "type": "gpu", "binary": "/usr/libexec/gpu"}
@@ -70,13 +72,8 @@ def check(
 
     try:
         asyncio.run(asyncio.wait_for(main(), 10))
-    except DBusError as e:
-        return e.type, e.text or ""
-    except Exception as e:
-        name = getattr(getattr(e, "name", None), "dbus_name", None)  # a BrokerError
-        if name is None:
-            raise
-        return name, str(e)
+    except BrokerError as e:
+        return e.dbus_name, str(e)
     return None
 
 
@@ -102,15 +99,13 @@ def test_the_caller_is_the_subject_by_its_unique_name_and_interaction_only_if_it
 @pytest.mark.parametrize(
     ("answer", "interactive", "name", "words"),
     [
-        ((False, False), False, ERROR_PREFIX + "NotAuthorized", "not authorized for uid 65534"),
-        ((False, False), True, ERROR_PREFIX + "NotAuthorized", "not authorized for uid 65534"),
-        ((False, True), False, INTERACTIVE_REQUIRED, "call again with interactive"),
+        ((False, False), False, Err.NOT_AUTHORIZED.dbus_name, "not authorized for uid 65534"),
         ((False, True), True, INTERACTIVE_REQUIRED, "no polkit authentication agent"),
-        ("error", False, ERROR_PREFIX + "NotAuthorized", "could not be checked"),
+        ("error", False, Err.NOT_AUTHORIZED.dbus_name, "authorization could not be checked"),
     ],
-    ids=["no", "no-interactive", "challenge", "challenge-interactive", "polkit-error"],
+    ids=["no", "challenge-interactive", "polkit-error"],
 )
-def test_what_polkits_answer_becomes(
+def test_polkits_answer_is_read_into_the_verdict_and_a_failing_polkit_is_a_refusal(
     answer: tuple[bool, bool] | str, interactive: bool, name: str, words: str
 ) -> None:
     got = check(Polkitd(answer), NOBODY, interactive=interactive)
@@ -125,7 +120,7 @@ def test_a_polkit_that_never_answers_is_a_refusal_after_the_timeout(
 ) -> None:
     monkeypatch.setattr(authority, "CHECK_TIMEOUT_S", 0.2)
     got = check(Polkitd("hang"), NOBODY)
-    assert got is not None and got[0] == ERROR_PREFIX + "NotAuthorized", got
+    assert got is not None and got[0] == Err.NOT_AUTHORIZED.dbus_name, got
     assert "polkit did not answer in 0.2 s" in got[1], got
 
 
@@ -139,22 +134,20 @@ def test_a_session_service_acts_for_its_own_uid_only_and_never_asks_polkit() -> 
     polkitd = Polkitd((True, False))
     assert check(polkitd, os.getuid(), system=False) is None
     got = check(polkitd, NOBODY if os.getuid() != NOBODY else 0, system=False)
-    assert got is not None and got[0] == ERROR_PREFIX + "NotAuthorized", got
+    assert got is not None and got[0] == Err.NOT_AUTHORIZED.dbus_name, got
     assert f"acts for uid {os.getuid()} only" in got[1], got
     assert polkitd.queries == []
 
 
 def test_allowed_is_false_for_a_refusal_and_lets_limits_exceeded_through() -> None:
-    async def main() -> Any:
+    async def main() -> tuple[bool, Err | None]:
         a = Authority(Polkitd((False, False)), system=True)
         no = await a.allowed(call_from(), NOBODY, SPAWN, {})
         a.limiter = authority.CheckLimiter(in_flight=1, per_uid=0)  # no room for this uid
         try:
             await a.allowed(call_from(), NOBODY, SPAWN, {})
-        except DBusError as e:
-            return no, e.type
+        except BrokerError as e:
+            return no, e.name
         return no, None
 
-    no, raised = asyncio.run(main())
-    assert no is False
-    assert raised == ERROR_PREFIX + "LimitsExceeded"
+    assert asyncio.run(main()) == (False, Err.LIMITS_EXCEEDED)

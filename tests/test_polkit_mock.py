@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from busutil import PrivateBus, Tree
+from busutil import PrivateBus, Tree, wait_for
 from helpers_auth import (
     BACKEND_IFACE,
     MANAGE,
@@ -28,12 +28,10 @@ from helpers_auth import (
     DbusmockPolkit,
     SystemSetup,
     backend_pid,
-    ids,
     setup,
-    status,
-    wait_for,
     wait_gone,
 )
+from helpers_spawn import ids, status
 
 
 @pytest.fixture
@@ -84,8 +82,8 @@ def test_denied_spawn_is_not_authorized_and_names_the_action(
 def test_device_option_that_is_not_such_a_device_fails_before_polkit_is_asked(
     sys_env: SystemSetup, polkit: DbusmockPolkit
 ) -> None:
-    # Which paths are such devices is authority.check_device's rule, case by case in
-    # tests/test_socket_and_device_rules.py; here: the daemon checks before it asks polkit.
+    # Which paths are such devices is policy.device_error's rule, case by case in
+    # tests/test_policy.py (on real paths too); here: the daemon checks before it asks polkit.
     polkit.set_allowed(SPAWN, SPAWN_DEVICE)
     caller = sys_env.callers(NOBODY)
     message = caller.spawn("50-gpu.json", {"render-node": ("s", "/dev/dri/../null")}).expect_error(

@@ -20,16 +20,8 @@ from pathlib import Path
 
 import pytest
 from busutil import PrivateBus, Tree, stop_process
-from helpers_auth import (
-    NOBODY,
-    POLKIT_NAME,
-    SPAWN,
-    SystemSetup,
-    backend_pid,
-    ids,
-    setup,
-    status,
-)
+from helpers_auth import NOBODY, POLKIT_NAME, SPAWN, SystemSetup, backend_pid, setup
+from helpers_spawn import ids, status
 
 REPO = Path(__file__).resolve().parent.parent
 POLKITD = "/usr/lib/polkit-1/polkitd"

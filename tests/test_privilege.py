@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from busutil import PrivateBus, Tree
+from busutil import PrivateBus, Tree, wait_for
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 from helpers_auth import (
@@ -30,42 +30,25 @@ from helpers_auth import (
     PROPS_IFACE,
     SPAWN,
     DbusmockPolkit,
-    SystemSetup,
+    Start,
     backend,
     backend_pid,
-    cmdline,
     descriptor_doc,
-    ids,
     public_dir,
-    setup,
-    status,
-    wait_for,
+    starts,
     wait_gone,
 )
+from helpers_spawn import cmdline, ids, status
 
 from vhostuserd.core.descriptors import Capabilities, Descriptor
 from vhostuserd.core.options import plan
 from vhostuserd.core.optiontable import OptionError
 
-Start = Callable[..., SystemSetup]
-
 
 @pytest.fixture
 def start(sysbus: PrivateBus, polkit: DbusmockPolkit, tmp_path: Path) -> Iterator[Start]:
     """start(*daemon_args, prepare=None): the system daemon, polkit allowing spawn only."""
-    polkit.reset()
-    polkit.set_allowed(SPAWN)
-    gens: list[Iterator[SystemSetup]] = []
-
-    def go(*args: str, prepare: Callable[[Tree, Path], None] | None = None) -> SystemSetup:
-        g = setup(sysbus, Tree.make(tmp_path), *args, prepare=prepare)
-        gens.append(g)
-        return next(g)
-
-    yield go
-    for g in gens:
-        for _ in g:
-            pass
+    yield from starts(sysbus, polkit, tmp_path)
 
 
 # ---------------------------------------------------------------- nothing but descriptor names

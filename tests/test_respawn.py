@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from busutil import Daemon, PrivateBus, Tree, run
-from helpers_spawn import Client, await_for, connected_pair, install, kill_marked, listening
+from busutil import Daemon, PrivateBus, Tree, await_for, run
+from helpers_spawn import Client, connected_pair, install, kill_marked, listening
 
 from vhostuserd.core import extras
 

@@ -16,18 +16,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from busutil import Daemon, PrivateBus, Tree, run
-from helpers_spawn import (
-    Client,
-    Fake,
-    Timer,
-    alive,
-    await_for,
-    install,
-    kill_marked,
-    spawn,
-    wait_none_marked,
-)
+from busutil import Daemon, PrivateBus, Tree, await_for, run
+from helpers_spawn import Client, Fake, Timer, alive, install, kill_marked, spawn, wait_none_marked
 
 StartDaemon = Callable[..., Daemon]
 GRACE = 1.0

@@ -14,11 +14,11 @@ import shutil
 import struct
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from busutil import BUS_NAME, MANAGER_PATH, PrivateBus, Tree
+from busutil import BUS_NAME, MANAGER_PATH, PrivateBus, Tree, wait_for
 from dbus_fast import Message
 from helpers_auth import (
     BACKEND_IFACE,
@@ -31,35 +31,22 @@ from helpers_auth import (
     Caller,
     DbusmockPolkit,
     Reply,
-    SystemSetup,
+    Start,
+    agent,
+    as_nobody,
     descriptor_doc,
     public_dir,
-    setup,
+    starts,
     system_bus,
     system_daemon,
-    wait_for,
 )
 
 MANAGER_IFACE = "org.vhostuserd.Broker1.Manager"
-RAWBUS = Path(__file__).parent / "agents" / "rawbus.py"
-Start = Callable[..., SystemSetup]
 
 
 @pytest.fixture
 def start(sysbus: PrivateBus, polkit: DbusmockPolkit, tmp_path: Path) -> Iterator[Start]:
-    polkit.reset()
-    polkit.set_allowed(SPAWN)
-    gens: list[Iterator[SystemSetup]] = []
-
-    def go(*args: str, prepare: Callable[[Tree, Path], None] | None = None) -> SystemSetup:
-        g = setup(sysbus, Tree.make(tmp_path), *args, prepare=prepare)
-        gens.append(g)
-        return next(g)
-
-    yield go
-    polkit.reset()
-    for g in gens:
-        next(g, None)
+    yield from starts(sysbus, polkit, tmp_path)
 
 
 def _socket_path(bus: PrivateBus) -> str:
@@ -70,25 +57,15 @@ def _socket_path(bus: PrivateBus) -> str:
 def public(tmp_path: Path) -> Iterator[Path]:
     """A directory uid 65534 can read: rawbus.py and its message files go there."""
     d = public_dir("vhostuserd-rawbus-")
-    (d / "rawbus.py").write_text(RAWBUS.read_text())
-    (d / "rawbus.py").chmod(0o644)
+    agent("rawbus.py", d)
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
 
 def _raw_peer(d: Path, *args: str) -> subprocess.Popen[str]:
     """rawbus.py as uid 65534."""
-    script = d / "rawbus.py"
     return subprocess.Popen(
-        [
-            "setpriv",
-            f"--reuid={NOBODY}",
-            f"--regid={NOBODY}",
-            "--clear-groups",
-            DEBIAN_PYTHON,
-            str(script),
-            *args,
-        ],
+        as_nobody(DEBIAN_PYTHON, str(d / "rawbus.py"), *args),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from busutil import Daemon, PrivateBus, Tree, stop_process
+from busutil import Daemon, PrivateBus, Tree, stop_process, wait_for
 from helpers_auth import (
     BACKEND_IFACE,
     NOBODY,
@@ -42,7 +42,7 @@ from helpers_auth import (
     SystemSetup,
     descriptor_doc,
     setup,
-    wait_for,
+    system_args,
 )
 
 GRACE = "1"
@@ -329,44 +329,27 @@ class StoreDaemon(Daemon):
         stored: list[tuple[str, int]],
         *args: str,
     ) -> None:
-        from busutil import VHOSTUSERD
-
-        self.bus, self.tree = bus, tree
-        self.log_path = tree.root / f"vhostuserd-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - the daemon's stdout until stop()
-        cmd = [
+        launcher = [
             sys.executable,
             "-c",
             LAUNCHER,
             str(len(stored)),
             ":".join(n for n, _ in stored),
             *(str(fd) for _, fd in stored),
-            VHOSTUSERD,
-            "--address",
-            bus.address,
-            "--sysconfdir",
-            str(tree.sysconfdir),
-            "--log-level",
-            "debug",
-            "--system",
-            "--state-dir",
-            str(tree.root / "state"),
-            *args,
         ]
         with manager.lock:
-            self.proc = subprocess.Popen(
-                cmd,
-                env={**tree.env(), "NOTIFY_SOCKET": manager.path},
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
+            super().__init__(
+                bus,
+                tree,
+                *system_args(tree),
+                *args,
+                wait=False,
+                wrapper=launcher,
+                env={"NOTIFY_SOCKET": manager.path},
                 pass_fds=[fd for _, fd in stored],
             )
             manager.main_pid = self.proc.pid
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop(signal.SIGKILL)
-            raise
+        self.ready()
 
 
 # ------------------------------------------------------------------ fixtures and helpers
@@ -839,38 +822,8 @@ class NsDaemon(Daemon):
     """`busutil.Daemon` in --system mode as the init of a pid namespace of its own."""
 
     def __init__(self, bus: PrivateBus, tree: Tree, *args: str) -> None:
-        from busutil import VHOSTUSERD
-
-        self.bus, self.tree = bus, tree
-        self.log_path = tree.root / f"vhostuserd-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - the daemon's stdout until stop()
-        self.proc = subprocess.Popen(
-            [
-                "unshare",
-                "--pid",
-                "--mount-proc",
-                "--kill-child",
-                VHOSTUSERD,
-                "--address",
-                bus.address,
-                "--sysconfdir",
-                str(tree.sysconfdir),
-                "--log-level",
-                "debug",
-                "--system",
-                "--state-dir",
-                str(tree.root / "state"),
-                *args,
-            ],
-            env=tree.env(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop(signal.SIGKILL)
-            raise
+        wrapper = ["unshare", "--pid", "--mount-proc", "--kill-child"]
+        super().__init__(bus, tree, *system_args(tree), *args, wrapper=wrapper)
         self.inner = int(
             wait_for(
                 lambda: (

@@ -21,14 +21,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from busutil import MANAGER_PATH, Daemon, PrivateBus, Tree, run
+from busutil import MANAGER_PATH, Daemon, PrivateBus, Tree, await_for, run, wait_for
 from dbus_fast import Variant
 from helpers_spawn import (
     ERROR,
     OM_IFACE,
     Client,
     Timer,
-    await_for,
     connected_pair,
     environ_of,
     fds_of,
@@ -39,7 +38,6 @@ from helpers_spawn import (
     proc_stat,
     signal_masks,
     spawn,
-    wait_for,
     wait_none_marked,
 )
 

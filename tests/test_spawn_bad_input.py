@@ -6,10 +6,10 @@ after each of them its open-fd count is back at the baseline taken after a warm-
 Spawn/Stop cycle (so that fds opened lazily, once, are not counted).
 
 The rules themselves are tested case by case without a bus: every option Spawn refuses in
-tests/test_spawn_options_rules.py, every socket in tests/test_socket_and_device_rules.py, the
-names it does not find in tests/test_lookup_rules.py (rule 1); here one case of each proves
-that the daemon applies the rule, replies with its D-Bus error and message, and stays as it
-was.
+tests/test_spawn_options_rules.py, every socket and its kind in tests/test_policy.py (on real
+fds too), the names it does not find in tests/test_lookup_rules.py (rule 1); here one case of
+each proves that the daemon applies the rule, replies with its D-Bus error and message, and
+stays as it was.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from busutil import Daemon, PrivateBus, Tree, run
+from busutil import Daemon, PrivateBus, Tree, run, wait_for
 from dbus_fast import Variant
 from helpers_spawn import (
     ERROR,
@@ -35,7 +35,6 @@ from helpers_spawn import (
     marked,
     settle_fd_count,
     spawn,
-    wait_for,
 )
 
 from vhostuserd.client import QuotaExceeded

@@ -1,6 +1,7 @@
 """What Spawn accepts as options (docs/contract.md section 3, Spawn options), decided by
 `options.plan` without a bus: unknown options, options of other backend types or of features
-the probe does not list, values of the wrong D-Bus type, bad paths, limits.
+the probe does not list, values of the wrong D-Bus type, bad paths, limits; and which kind of
+socket (connected or listening) the plan says the backend takes.
 
 tests/test_spawn_bad_input.py proves on the bus that the daemon applies these rules and
 replies with InvalidOption and its message; tests/test_spawn.py, test_privilege.py,
@@ -13,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from vhostuserd.core import adapters
 from vhostuserd.core.descriptors import Capabilities, Descriptor
-from vhostuserd.core.options import plan
+from vhostuserd.core.options import plan, socket_kind_of
 from vhostuserd.core.optiontable import MAX_OPTIONS, MAX_SETTLE_MS, OptionError
 
 
@@ -123,3 +125,31 @@ def test_too_many_options_are_refused_before_any_is_looked_at() -> None:
     options: dict[str, tuple[str, Any]] = {f"opt{i}": ("b", True) for i in range(1000)}
     message = refused_option(GPU, options)
     assert f"1000 > {MAX_OPTIONS}" in message, message
+
+
+def _adapter(socket_kind: str) -> Descriptor:
+    adapter = adapters.parse(
+        {"socket": socket_kind, "argv": ["--socket-path={fd-path}"]}, "rng", "data"
+    )
+    return Descriptor("50-rng.json", "/x/50-rng.json", "data", "rng", "", "/x", adapter=adapter)
+
+
+@pytest.mark.parametrize(
+    ("d", "kind"),
+    [
+        (GPU, "connected"),
+        (INPUT, "connected"),
+        (FS, "listening"),
+        (descriptor("block"), "listening"),
+        (descriptor("scsi"), "listening"),
+        (descriptor("sound"), None),  # a type the contract does not know: either is passed on
+        (_adapter("listening"), "listening"),  # an adapter says which its backend takes
+        (_adapter("connected"), "connected"),
+    ],
+    ids=lambda v: v.name if isinstance(v, Descriptor) else str(v),
+)
+def test_the_socket_kind_is_the_one_the_backend_type_or_its_adapter_serves(
+    d: Descriptor, kind: str | None
+) -> None:
+    assert socket_kind_of(d) == kind
+    assert plan(d, d.static_capabilities or CAPS.get(d.type), {}).socket_kind == kind

@@ -23,26 +23,26 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from busutil import VHOSTUSERCTL, VHOSTUSERD, PrivateBus, Tree, stop_process
+from busutil import VHOSTUSERCTL, VHOSTUSERD, Daemon, PrivateBus, Tree, stop_process, wait_for
 from helpers_auth import (
     NOBODY,
     OTHER_UID,
     SPAWN,
     Callers,
     DbusmockPolkit,
+    Start,
     SystemSetup,
     backend_pid,
     descriptor_doc,
-    ids,
-    kill_marked,
     public_dir,
-    setup,
-    status,
+    starts,
+    system_args,
     system_daemon,
-    wait_for,
     wait_gone,
 )
+from helpers_spawn import ids, kill_marked, proc_stat, status
 
+from vhostuserd.core import userns_policy
 from vhostuserd.core.descriptors import Capabilities, Descriptor
 from vhostuserd.core.lookup import Directory
 from vhostuserd.core.options import plan
@@ -105,7 +105,7 @@ FS = "50-qemu-virtiofsd.json"
 def test_policy_comes_from_the_type_and_the_admin_setting(
     dtype: str, name: str, config: dict[str, dict[str, str]], enabled: bool, modes: tuple[str, ...]
 ) -> None:
-    p = userns.policy(dtype, name, config)
+    p = userns_policy.policy(dtype, name, config)
     assert (p.enabled, p.modes) == (enabled, modes)
 
 
@@ -123,14 +123,14 @@ def test_policy_comes_from_the_type_and_the_admin_setting(
 def test_idmap_mode_is_the_request_when_the_admin_allows_it(
     modes: tuple[str, ...], requested: str | None, chosen: str | None
 ) -> None:
-    p = userns.Policy(True, modes, "/etc/vhostuserd/userns.conf [x.json]")
+    p = userns_policy.Policy(True, modes, "/etc/vhostuserd/userns.conf [x.json]")
     if chosen is None:
-        with pytest.raises(userns.UsernsError) as e:
-            userns.choose_mode(p, requested, "x.json")
+        with pytest.raises(userns_policy.UsernsError) as e:
+            userns_policy.choose_mode(p, requested, "x.json")
         assert e.value.kind == "NotAuthorized"
         assert "/etc/vhostuserd/userns.conf [x.json]" in str(e.value) and requested in str(e.value)
     else:
-        assert userns.choose_mode(p, requested, "x.json") == chosen
+        assert userns_policy.choose_mode(p, requested, "x.json") == chosen
 
 
 @pytest.mark.parametrize(
@@ -150,10 +150,10 @@ def test_idmap_mode_is_the_request_when_the_admin_allows_it(
 )
 def test_admin_setting_errors_name_the_file_section_and_key(text: str, wanted: str | None) -> None:
     if wanted is None:
-        userns.parse_config(text, "/etc/vhostuserd/userns.conf")
+        userns_policy.parse_config(text, "/etc/vhostuserd/userns.conf")
         return
-    with pytest.raises(userns.UsernsError) as e:
-        userns.parse_config(text, "/etc/vhostuserd/userns.conf")
+    with pytest.raises(userns_policy.UsernsError) as e:
+        userns_policy.parse_config(text, "/etc/vhostuserd/userns.conf")
     assert wanted in str(e.value) and "/etc/vhostuserd/userns.conf" in str(e.value), str(e.value)
 
 
@@ -176,7 +176,7 @@ SUBUID = (
 def test_subid_range_is_the_first_valid_entry_by_name_or_uid(
     user: str, uid: int, found: tuple[int, int] | None
 ) -> None:
-    assert userns.subid_range(SUBUID, user, uid) == found
+    assert userns_policy.subid_range(SUBUID, user, uid) == found
 
 
 @pytest.mark.parametrize(
@@ -222,21 +222,21 @@ def test_id_map_is_the_caller_as_root_plus_the_subid_range_when_asked(
     mode: str, subuid: str, subgid: str, uid_map: str | None, gid_map: str | None, error: str | None
 ) -> None:
     if error is not None:
-        with pytest.raises(userns.UsernsError) as e:
-            userns.id_map(mode, 1000, 100, "alice", subuid, subgid)
+        with pytest.raises(userns_policy.UsernsError) as e:
+            userns_policy.id_map(mode, 1000, 100, "alice", subuid, subgid)
         assert e.value.kind == "NotAuthorized" and error in str(e.value), str(e.value)
         return
-    m = userns.id_map(mode, 1000, 100, "alice", subuid, subgid)
+    m = userns_policy.id_map(mode, 1000, 100, "alice", subuid, subgid)
     assert (m.mode, m.uid_map, m.gid_map) == (mode, uid_map, gid_map)
 
 
 def test_readmes_example_setting_means_what_it_says() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     text = readme.split("```ini\n", 1)[1].split("```", 1)[0]
-    config = userns.parse_config(text, "userns.conf")
-    assert userns.policy("fs", "50-qemu-virtiofsd.json", config).modes == ("caller",)
-    assert userns.policy("fs", "70-any.json", config).modes == ("caller", "subids")
-    assert not userns.policy("fs", "60-local-fs.json", config).enabled
+    config = userns_policy.parse_config(text, "userns.conf")
+    assert userns_policy.policy("fs", "50-qemu-virtiofsd.json", config).modes == ("caller",)
+    assert userns_policy.policy("fs", "70-any.json", config).modes == ("caller", "subids")
+    assert not userns_policy.policy("fs", "60-local-fs.json", config).enabled
 
 
 @pytest.mark.parametrize(
@@ -265,7 +265,7 @@ def test_plan_for_the_system_service(
         (tmp_path / "vhostuserd").mkdir()
         (tmp_path / "vhostuserd/userns.conf").write_text(conf)
 
-    def go() -> userns.IdMap | None:
+    def go() -> userns_policy.IdMap | None:
         return userns.plan_for(
             system=True,
             dtype=dtype,
@@ -276,7 +276,7 @@ def test_plan_for_the_system_service(
         )
 
     if isinstance(expected, str):
-        with pytest.raises(userns.UsernsError) as e:
+        with pytest.raises(userns_policy.UsernsError) as e:
             go()
         assert e.value.kind == expected
     elif expected is None:
@@ -284,6 +284,49 @@ def test_plan_for_the_system_service(
     else:
         m = go()
         assert m is not None and (m.mode, m.uid_map) == expected
+
+
+ON = userns_policy.Policy(True, ("caller", "subids"), "built-in default")
+OFF = userns_policy.Policy(False, ("caller", "subids"), "/etc/vhostuserd/userns.conf [type:fs]")
+
+
+@pytest.mark.parametrize(
+    ("p", "system", "daemon_uid", "uid", "requested", "expected"),
+    [
+        # the system service: the caller's uid decides; root gets one only when it asks
+        (ON, True, 0, 1000, None, "caller"),
+        (ON, True, 0, 1000, "subids", "subids"),
+        (ON, True, 0, 0, None, None),
+        (ON, True, 0, 0, "caller", "caller"),
+        (OFF, True, 0, 1000, None, None),
+        (OFF, True, 0, 1000, "caller", "InvalidOption: runs without a user namespace"),
+        # the session service acts for its own uid: caller only, and none when it is root
+        (ON, False, 1000, 1000, None, "caller"),
+        (ON, False, 1000, 1000, "subids", "NotAuthorized: subids needs the system service"),
+        (ON, False, 0, 0, None, None),
+        (ON, False, 0, 0, "caller", "InvalidOption: this session service runs as root"),
+    ],
+)
+def test_namespace_for_decides_who_gets_a_namespace_and_which_mode(
+    p: userns_policy.Policy,
+    system: bool,
+    daemon_uid: int,
+    uid: int,
+    requested: str | None,
+    expected: str | None,
+) -> None:
+    def go() -> str | None:
+        return userns_policy.namespace_for(
+            p, system=system, daemon_uid=daemon_uid, uid=uid, requested=requested, name="x.json"
+        )
+
+    if expected is not None and ":" in expected:
+        kind, said = expected.split(": ", 1)
+        with pytest.raises(userns_policy.UsernsError) as e:
+            go()
+        assert e.value.kind == kind and said in str(e.value)
+    else:
+        assert go() == expected
 
 
 def test_sysconfdir_is_the_sysconf_tiers_root() -> None:
@@ -355,8 +398,6 @@ def test_idmap_option_is_validated_like_the_others(value: str, error: str | None
 
 # ---------------------------------------------------------------- the real system service
 
-Start = Callable[..., SystemSetup]
-
 
 def _need_virtiofsd() -> None:
     for tool in (VIRTIOFSD, userns.UNSHARE, userns.NSENTER, userns.SETPRIV):
@@ -373,18 +414,7 @@ def _debian_virtiofsd(tree: Tree, _bindir: Path) -> None:
 @pytest.fixture
 def start(sysbus: PrivateBus, polkit: DbusmockPolkit, tmp_path: Path) -> Iterator[Start]:
     _need_virtiofsd()
-    polkit.reset()
-    polkit.set_allowed(SPAWN)
-    gens: list[Iterator[SystemSetup]] = []
-
-    def go(*args: str, prepare: Callable[[Tree, Path], None] = _debian_virtiofsd) -> SystemSetup:
-        g = setup(sysbus, Tree.make(tmp_path), *args, prepare=prepare)
-        gens.append(g)
-        return next(g)
-
-    yield go
-    for g in gens:
-        g.close()
+    yield from starts(sysbus, polkit, tmp_path, prepare=_debian_virtiofsd)
 
 
 @pytest.fixture
@@ -397,7 +427,7 @@ def share() -> Iterator[Path]:
     os.chown(s / "hello", NOBODY, NOBODY)
     os.chown(s, NOBODY, NOBODY)
     yield s
-    kill_marked(d.name)  # its backends: the daemon leaves them running when it stops
+    kill_marked(argv=d.name)  # its backends: the daemon leaves them running when it stops
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -513,14 +543,14 @@ def subid_files() -> Iterator[Callable[[str, str], None]]:
     lock = open(SUBID_LOCK, "a")  # noqa: SIM115 - held until the files are restored
     fcntl.flock(lock, fcntl.LOCK_EX)
     saved: dict[str, bytes | None] = {}
-    for path in (userns.SUBUID, userns.SUBGID):
+    for path in (userns_policy.SUBUID, userns_policy.SUBGID):
         try:
             saved[path] = Path(path).read_bytes()
         except FileNotFoundError:
             saved[path] = None
 
     def add(uid_line: str, gid_line: str) -> None:
-        for path, line in ((userns.SUBUID, uid_line), (userns.SUBGID, gid_line)):
+        for path, line in ((userns_policy.SUBUID, uid_line), (userns_policy.SUBGID, gid_line)):
             old = saved[path] or b""
             Path(path).write_bytes(
                 old + (b"" if not old or old.endswith(b"\n") else b"\n") + line.encode()
@@ -610,40 +640,14 @@ def test_two_callers_get_namespaces_mapping_their_own_uid(start: Start, share: P
 # ---------------------------------------------------------------- no setuid helper, ever
 
 
-class StracedDaemon:
+class StracedDaemon(Daemon):
     """The real system daemon under ``strace -f -e trace=execve``: every program it or
     anything it starts executes is in the trace."""
 
     def __init__(self, bus: PrivateBus, tree: Tree, trace: Path) -> None:
-        self.log_path = tree.root / "vhostuserd-straced.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                "strace",
-                "-f",
-                "-qq",
-                "-e",
-                "trace=execve",
-                "-e",
-                "signal=none",
-                "-s",
-                "256",
-                "-o",
-                str(trace),
-                VHOSTUSERD,
-                "--address",
-                bus.address,
-                "--sysconfdir",
-                str(tree.sysconfdir),
-                "--log-level",
-                "debug",
-                "--system",
-                "--state-dir",
-                str(tree.root / "state"),
-            ],
-            env=tree.env(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+        strace = ["strace", "-f", "-qq", "-e", "trace=execve", "-e", "signal=none", "-s", "256"]
+        super().__init__(
+            bus, tree, *system_args(tree), wait=False, wrapper=[*strace, "-o", str(trace)]
         )
         wait_for(
             lambda: (
@@ -654,28 +658,19 @@ class StracedDaemon:
         )
         assert self.proc.poll() is None, self.log()
 
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        """SIGTERM to the daemon itself (strace, told to stop, would detach and leave it
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """``sig`` to the daemon itself (strace, told to stop, would detach and leave it
         running); strace exits with it."""
         for entry in os.listdir("/proc"):
-            if entry.isdigit() and _ppid(int(entry)) == self.proc.pid:
-                os.kill(int(entry), signal.SIGTERM)
+            st = proc_stat(int(entry)) if entry.isdigit() else None
+            if st is not None and st[2] == self.proc.pid:
+                os.kill(int(entry), sig)
         try:
-            self.proc.wait(30)
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             stop_process(self.proc, signal.SIGKILL, 10)
         self._log.close()
-
-
-def _ppid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return -1
+        return self.proc.returncode
 
 
 def test_newuidmap_is_never_executed(
@@ -721,11 +716,12 @@ def test_newuidmap_is_never_executed(
 UNPRIVILEGED = r"""
 import os, subprocess, sys
 sys.path.insert(0, sys.argv[1])
+from vhostuserd.core import userns_policy
 from vhostuserd.edges import userns
-m = userns.id_map("caller", os.getuid(), os.getgid(), "x", "", "")
+m = userns_policy.id_map("caller", os.getuid(), os.getgid(), "x", "", "")
 try:
     ns = userns.create(m)
-except userns.UsernsError as e:
+except userns_policy.UsernsError as e:
     print("ERROR", e)
     sys.exit(3)
 from vhostuserd.edges import procs
@@ -795,7 +791,7 @@ def test_unprivileged_daemon_uses_the_same_launch_where_the_kernel_allows_it(
 def test_create_returns_the_user_and_mount_namespaces_with_the_maps_written() -> None:
     if os.getuid() != 0:
         pytest.skip("needs root to map another uid")
-    ns = userns.create(userns.id_map("caller", NOBODY, NOBODY, "nobody", "", ""))
+    ns = userns.create(userns_policy.id_map("caller", NOBODY, NOBODY, "nobody", "", ""))
     try:
         assert sorted(ns.fds) == [4, 5]
         uns, mns = (os.readlink(f"/proc/self/fd/{ns.fds[n]}") for n in (4, 5))
@@ -998,7 +994,7 @@ def test_unprivileged_session_service_runs_virtiofsd_in_a_user_namespace_that_su
                     p.kill()
                     p.wait()
         bus.close()
-        kill_marked(root.name)
+        kill_marked(argv=root.name)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -1033,12 +1029,13 @@ def test_namespaced_backend_is_re_adopted_after_a_sigkilled_daemon_and_stops(
 NO_NAMESPACES = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
+from vhostuserd.core import userns_policy
 from vhostuserd.edges import userns
 with open("/proc/sys/user/max_user_namespaces", "w") as f:
     f.write("0")
 try:
-    userns.create(userns.id_map("caller", 0, 0, "x", "", ""))
-except userns.UsernsError as e:
+    userns.create(userns_policy.id_map("caller", 0, 0, "x", "", ""))
+except userns_policy.UsernsError as e:
     print(e.kind, e)
 """
 

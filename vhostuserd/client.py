@@ -23,11 +23,11 @@ from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from vhostuserd.core.descriptors import descriptor_json
+from vhostuserd.core.errors import INTERACTIVE_REQUIRED, Err
 from vhostuserd.core.names import (
     BACKEND_IFACE,
     BUS_NAME,
     DESCRIPTOR_IFACE,
-    ERROR_PREFIX,
     MANAGER_IFACE,
     MANAGER_PATH,
 )
@@ -39,6 +39,11 @@ class BrokerError(Exception):
     def __init__(self, name: str, message: str) -> None:
         super().__init__(message)
         self.name = name
+
+    @property
+    def err(self) -> Err | None:
+        """Which of the service's errors (docs/contract.md section 6) this is, if any."""
+        return Err.of(self.name)
 
 
 class NotFound(BrokerError): ...
@@ -77,23 +82,29 @@ class Unavailable(BrokerError):
     """The daemon is not on the bus and could not be activated, or the bus is unreachable."""
 
 
-INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
+# The class of each of the service's errors: one per `Err` (a name without a class fails here,
+# at import), named as the error is.
+ERROR_CLASSES: dict[Err, type[BrokerError]] = {
+    Err.NOT_FOUND: NotFound,
+    Err.INVALID_OPTION: InvalidOption,
+    Err.INVALID_SOCKET: InvalidSocket,
+    Err.SPAWN_FAILED: SpawnFailed,
+    Err.PROBE_FAILED: ProbeFailed,
+    Err.QUOTA_EXCEEDED: QuotaExceeded,
+    Err.NOT_AUTHORIZED: NotAuthorized,
+    Err.LIMITS_EXCEEDED: LimitsExceeded,
+}
 _ERRORS: dict[str, type[BrokerError]] = {
-    **{
-        ERROR_PREFIX + c.__name__: c
-        for c in (
-            NotFound,
-            InvalidOption,
-            InvalidSocket,
-            SpawnFailed,
-            ProbeFailed,
-            QuotaExceeded,
-            LimitsExceeded,
-            NotAuthorized,
-        )
-    },
+    **{err.dbus_name: ERROR_CLASSES[err] for err in Err},
     INTERACTIVE_REQUIRED: InteractiveAuthorizationRequired,
 }
+
+
+def error_for(name: str, message: str) -> BrokerError:
+    """The exception for a D-Bus error ``name``: its class above, else a plain `BrokerError`."""
+    return _ERRORS.get(name, BrokerError)(name, message)
+
+
 # What a bus answers for an object path nothing is exported at (older daemons, and dbus-fast,
 # answer a call to a backend that does not exist this way).
 _NO_OBJECT = {
@@ -409,7 +420,7 @@ class BrokerClient:
                     f"vhostuserd is not running on {self.where} and could not be "
                     f"activated ({name}: {text})",
                 )
-            raise _ERRORS.get(name, BrokerError)(name, text)
+            raise error_for(name, text)
         return list(reply.body)
 
     async def get_property(
@@ -436,7 +447,7 @@ class BrokerClient:
             if d.name == name:
                 return d
         raise NotFound(
-            ERROR_PREFIX + "NotFound", f"{name}: no such descriptor in the effective index"
+            Err.NOT_FOUND.dbus_name, f"{name}: no such descriptor in the effective index"
         )
 
     async def resolve(self, type: str, features: Sequence[str] = ()) -> DescriptorInfo:
@@ -523,7 +534,7 @@ class BrokerClient:
             raise NotFound(e.name, f"no backend {backend}") from None
         except BrokerError as e:
             if e.name in _NO_OBJECT:
-                raise NotFound(ERROR_PREFIX + "NotFound", f"no backend {backend}") from None
+                raise NotFound(Err.NOT_FOUND.dbus_name, f"no backend {backend}") from None
             raise
 
     async def stop(self, backend: str, *, interactive: bool = False) -> None:

@@ -191,6 +191,7 @@ class Daemon:
         from vhostuserd.bus.backends import Spawner
         from vhostuserd.bus.manager import Broker
         from vhostuserd.core.index import Index
+        from vhostuserd.core.policy import Quota
         from vhostuserd.edges import procs
         from vhostuserd.edges.authority import Authority, untrusted_reason
         from vhostuserd.edges.probe import ProbeCache
@@ -234,8 +235,7 @@ class Daemon:
             supervisor,
             Authority(bus, system=self.opts.system_tiers),
             system=self.opts.system_tiers,
-            max_per_uid=self.opts.max_backends_per_user,
-            max_total=self.opts.max_backends,
+            quota=Quota(per_uid=self.opts.max_backends_per_user, total=self.opts.max_backends),
         )
         bus.on_call = self._touch
         if self.opts.system_tiers:

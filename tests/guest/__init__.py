@@ -39,6 +39,8 @@ QEMU = "qemu-system-x86_64"
 ACCEL_ENV = "VHOSTUSERD_GUEST_ACCEL"
 BOOT_TIMEOUT = float(os.environ.get("VHOSTUSERD_GUEST_TIMEOUT", "120"))
 
+DEBIAN_DESCRIPTORS = Path("/usr/share/qemu/vhost-user")  # the machine's, from Debian's QEMU
+
 MODULES_FS = ["virtio_pci", "virtiofs"]
 MODULES_GPU = ["virtio_pci", "virtio-gpu"]
 
@@ -54,6 +56,22 @@ def why_no_qemu() -> str | None:
         return f"{QEMU} is not installed (scripts/setup installs qemu-system-x86)"
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         return "the guest kernel comes from Debian packages: apt-get and dpkg-deb are needed"
+    return None
+
+
+def debian_binary(descriptor: str) -> str:
+    """The binary that the machine's descriptor DESCRIPTOR names ("" if none)."""
+    return str(json.loads((DEBIAN_DESCRIPTORS / descriptor).read_text()).get("binary", ""))
+
+
+def why_no_debian_backend(descriptor: str) -> str | None:
+    """The reason the machine's descriptor DESCRIPTOR cannot be used here, or None."""
+    path = DEBIAN_DESCRIPTORS / descriptor
+    if not path.is_file():
+        return f"{path} is not installed (scripts/setup installs the Debian QEMU packages)"
+    binary = debian_binary(descriptor)
+    if not os.access(binary, os.X_OK):
+        return f"{path} names {binary!r}, which is not an executable here"
     return None
 
 

@@ -1,21 +1,18 @@
 """The backend half of the service: Spawn, Backend objects, and whose backend is whose.
 
-Owns what happens between a Spawn call and a supervised process: the received socket is
-checked (a connected or listening AF_UNIX stream socket, as the backend needs) and closed
-on every path, the caller is identified by the bus alone, quotas are applied, and the
-backend is tied to the caller's unique name (stopped when it leaves the bus, unless
-detached). Process work is `supervisor`'s; option checking is `options`'.
-"""
+Owns what happens between a Spawn call and a supervised process, in the order a handler
+goes: the facts are gathered (the received socket's by `edges.sockets`, the caller's uid and
+pid from the bus alone, a device's node by `edges.authority`), `core.policy` decides on them
+(socket kind, devices, what polkit is asked, quotas, the identity the backend runs as), polkit
+is asked (`edges.authority`), and the backend is started and tied to the caller's unique name
+(stopped when it leaves the bus, unless detached). The received socket is closed on every
+path. Process work is `supervisor`'s; option checking is `options`'."""
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
-import shlex
-import socket
-import stat
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
@@ -23,29 +20,32 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dbus_fast import Message, MessageType, PropertyAccess, Variant
-from dbus_fast.errors import DBusError
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
-from vhostuserd.bus.connection import Bus, current_message, error
-from vhostuserd.core import extras
+from vhostuserd.bus.connection import (
+    Bus,
+    current_message,
+    dbus_error,
+    error,
+    replying_errors,
+)
+from vhostuserd.core import extras, policy, userns_policy
 from vhostuserd.core.descriptors import Capabilities, Descriptor, ProbeResult
+from vhostuserd.core.errors import BrokerError, Err
 from vhostuserd.core.index import Index
 from vhostuserd.core.names import BACKEND_IFACE, BACKEND_PREFIX
-from vhostuserd.core.options import SpawnPlan, plan, socket_kind_error
-from vhostuserd.core.optiontable import OPTIONS, OptionError
+from vhostuserd.core.options import SpawnPlan, plan
+from vhostuserd.core.policy import Quota, RunAs
 from vhostuserd.edges import cgroup, settings, userns
 from vhostuserd.edges.authority import (
-    MANAGE,
-    SPAWN,
-    SPAWN_DEVICE,
     Authority,
     CallTarget,
-    RunAs,
     caller_app_id,
     check_device,
     run_as,
     untrusted_reason,
 )
+from vhostuserd.edges.sockets import socket_facts
 from vhostuserd.edges.supervisor import EXITED, Backend, SpawnError, Supervisor
 
 
@@ -73,11 +73,6 @@ DBUS: CallTarget = {
     "path": "/org/freedesktop/DBus",
     "interface": "org.freedesktop.DBus",
 }
-_O_PATH = getattr(os, "O_PATH", 0o10000000)
-
-
-def _error(name: str, message: str) -> Exception:
-    return error(name, message)
 
 
 @dataclass
@@ -89,7 +84,7 @@ class Respawn:
     window_s: int
     fd: int
     spawn: dict[str, Any]
-    idmap: userns.IdMap | None
+    idmap: userns_policy.IdMap | None
     prefix: tuple[str, ...]
     times: deque[float] = field(default_factory=deque)
     settled: bool = False
@@ -107,61 +102,6 @@ class Caller:
     name: str
     uid: int
     pid: int
-
-
-def check_socket(fd: int) -> bool:
-    """Validate a received socket fd; returns whether it is listening. Raises InvalidSocket."""
-    try:
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        st = os.fstat(fd)
-    except OSError as e:
-        raise _error(
-            "InvalidSocket", f"the socket argument is not a usable fd: {e.strerror}"
-        ) from None
-    if flags & _O_PATH:
-        raise _error("InvalidSocket", "the socket argument is an O_PATH fd; pass the socket itself")
-    if not stat.S_ISSOCK(st.st_mode):
-        kind = "a pipe" if stat.S_ISFIFO(st.st_mode) else "not a socket"
-        raise _error(
-            "InvalidSocket",
-            f"the socket argument is {kind}; an AF_UNIX SOCK_STREAM socket is needed",
-        )
-    try:
-        domain = socket.socket(fileno=os.dup(fd))
-    except OSError as e:
-        raise _error(
-            "InvalidSocket", f"the socket argument cannot be inspected: {e.strerror}"
-        ) from None
-    try:
-        family = domain.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
-        stype = domain.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-        listening = bool(domain.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-        try:
-            connected = not listening and domain.getpeername() is not None
-        except OSError:
-            connected = False
-    finally:
-        domain.close()
-    if family != socket.AF_UNIX:
-        raise _error(
-            "InvalidSocket", f"the socket argument is of family {family}; AF_UNIX is needed"
-        )
-    if stype != socket.SOCK_STREAM:
-        kinds: dict[int, str] = {
-            socket.SOCK_DGRAM: "SOCK_DGRAM",
-            socket.SOCK_SEQPACKET: "SOCK_SEQPACKET",
-        }
-        name = kinds.get(stype, str(stype))
-        raise _error(
-            "InvalidSocket", f"the socket argument is {name}; vhost-user needs SOCK_STREAM"
-        )
-    if not listening and not connected:
-        raise _error(
-            "InvalidSocket",
-            "the socket argument is neither connected nor listening; pass one "
-            "end of a socketpair or a bound, listening socket, as the backend needs",
-        )
-    return listening
 
 
 class BackendObject(ServiceInterface):
@@ -330,16 +270,14 @@ class Spawner:
         authority: Authority,
         *,
         system: bool,
-        max_per_uid: int,
-        max_total: int,
+        quota: Quota,
     ) -> None:
         self.broker = broker
         self.authority = authority
         self.bus = broker.bus
         self.supervisor = supervisor
         self.system = system
-        self.max_per_uid = max_per_uid
-        self.max_total = max_total
+        self.quota = quota
         self.objects: dict[str, BackendObject] = {}
         self._owners: dict[str, set[str]] = {}
         self._callers: dict[str, Caller] = {}
@@ -379,7 +317,7 @@ class Spawner:
         try:
             (creds,) = await self._dbus("GetConnectionCredentials", "s", [sender])
         except LookupError as e:
-            raise _error("NotAuthorized", f"cannot identify the caller {sender}: {e}") from None
+            raise error(Err.NOT_AUTHORIZED, f"cannot identify the caller {sender}: {e}") from None
         caller = Caller(
             sender,
             int(creds["UnixUserID"].value),
@@ -431,68 +369,50 @@ class Spawner:
         """The owner uid and root may act on a backend; others need org.vhostuserd.manage."""
         msg = current_message.get()
         caller = await self.caller(msg.sender)
-        if caller.uid in (0, b.owner_uid):
+        ask = policy.ask_to_manage(caller.uid, b, verb)
+        if ask is None:
             return
-        details = {
-            "descriptor": b.descriptor,
-            "binary": b.binary,
-            "backend": b.id,
-            "owner-uid": str(b.owner_uid),
-        }
-        if not await self.authority.allowed(msg, caller.uid, MANAGE, details):
-            raise _error(
-                "NotAuthorized",
-                f"{MANAGE}: backend {b.id} belongs to uid {b.owner_uid}; "
-                f"uid {caller.uid} may not {verb}",
-            )
+        with replying_errors():
+            allowed = await self.authority.allowed(msg, caller.uid, ask.action, ask.details)
+        if not allowed:
+            raise error(Err.NOT_AUTHORIZED, ask.refusal)
+
+    async def _sees_all(self, msg: Message, caller: Caller) -> bool:
+        """Whether the caller sees every backend whole (`policy.ask_to_see_all`)."""
+        ask = policy.ask_to_see_all(caller.uid, (o.b.owner_uid for o in self.objects.values()))
+        return ask is None or await self.authority.allowed(msg, caller.uid, ask.action, ask.details)
 
     async def authorize_spawn(
-        self, msg: Message, caller: Caller, d: Any, p: SpawnPlan, idmap: userns.IdMap | None = None
+        self,
+        msg: Message,
+        caller: Caller,
+        d: Descriptor,
+        p: SpawnPlan,
+        idmap: userns_policy.IdMap | None,
+        device_gids: tuple[int, ...],
     ) -> RunAs:
         """polkit for the system service; returns the identity the backend will run as."""
         if self.system and (why := untrusted_reason(d.binary)) is not None:
-            raise _error(
-                "NotAuthorized",
-                f"{d.name}: its binary cannot be trusted by the system service: {why}",
-            )
-        device_gids: list[int] = []
-        for option, value in p.device_paths.items():
-            device_gids.append(check_device(option, value)[1].st_gid)
-        details = {"descriptor": d.name, "type": d.type, "binary": d.binary}
-        for key in ("render-node", "evdev-path", "shared-dir", "blk-file"):
-            if key in p.values:
-                details[key] = str(p.values[key])
-        if idmap is not None:
-            details["idmap"] = idmap.mode  # the mode in effect, asked for or not
-        for key, value in p.values.items():  # the admin-vetted extra options (`extras`)
-            if key not in details and key not in OPTIONS:
-                flag = isinstance(value, bool)
-                details[key] = ("true" if value else "false") if flag else str(value)
-        if p.extra_args:
-            details["extra-args"] = shlex.join(p.extra_args)
-        if self.authority.consults_polkit(caller.uid):
-            # Only polkit reads it, and looking it up costs a thread (see caller_app_id).
-            app = await caller_app_id(caller.pid)
-            if app:
-                details["flatpak-app-id"] = app
-        await self.authority.check(msg, caller.uid, SPAWN, details)
-        if device_gids:
-            await self.authority.check(msg, caller.uid, SPAWN_DEVICE, details)
-        return run_as(caller.uid, tuple(device_gids), system=self.system)
+            raise dbus_error(policy.untrusted_refusal(d.name, why))
+        # Only polkit reads the app id, and looking it up costs a thread (see caller_app_id).
+        app = (
+            await caller_app_id(caller.pid) if self.authority.consults_polkit(caller.uid) else None
+        )
+        mode = idmap.mode if idmap is not None else None  # the mode in effect, asked for or not
+        for ask in policy.ask_to_spawn(d, p, idmap_mode=mode, app_id=app):
+            await self.authority.check(msg, caller.uid, ask.action, ask.details)
+        return run_as(caller.uid, device_gids, system=self.system)
 
-    def _userns_map(self, d: Any, p: SpawnPlan, caller: Caller) -> userns.IdMap | None:
+    def _userns_map(self, d: Any, p: SpawnPlan, caller: Caller) -> userns_policy.IdMap | None:
         """Whether this backend runs in a user namespace, and its id map (`userns`)."""
-        try:
-            return userns.plan_for(
-                system=self.system,
-                dtype=d.type,
-                name=d.name,
-                requested=p.values.get("idmap"),
-                uid=caller.uid,
-                sysconfdir=userns.sysconfdir_of(self.broker.index.dirs),
-            )
-        except userns.UsernsError as e:
-            raise _error(e.kind, str(e)) from None
+        return userns.plan_for(
+            system=self.system,
+            dtype=d.type,
+            name=d.name,
+            requested=p.values.get("idmap"),
+            uid=caller.uid,
+            sysconfdir=userns.sysconfdir_of(self.broker.index.dirs),
+        )
 
     # ---- methods
 
@@ -501,7 +421,8 @@ class Spawner:
         sender = msg.sender
         self._spawning[sender] += 1
         try:
-            return await self._spawn(msg, name, options, fd)
+            with replying_errors():
+                return await self._spawn(msg, name, options, fd)
         finally:
             self._spawning[sender] -= 1
             if not self._spawning[sender]:
@@ -514,47 +435,47 @@ class Spawner:
         one read of the socket cannot carry 8,192 of them)."""
         return name in self._left_mid_spawn or name in self._departed
 
+    async def _plan(
+        self, name: str, options: dict[str, Variant], listening: bool
+    ) -> tuple[Descriptor, SpawnPlan, extras.Extras, tuple[int, ...]]:
+        """The descriptor, the plan of its command line (`options`), what the admin vetted
+        (`extras`) and the group of each device passed on: InvalidOption, InvalidSocket or
+        NotFound for a request that cannot be planned."""
+        d = self.broker.index.get(name)
+        if d is None:
+            raise error(Err.NOT_FOUND, f"{name}: no such descriptor in the effective index")
+        raw = {k: (v.signature, v.value) for k, v in options.items()}
+        caps = None
+        if any(k not in ("detach", "settle-ms") for k in raw) or d.type == "fs":
+            result = await self.broker.caps_for(d)
+            caps = result if isinstance(result, Capabilities) else None
+        try:
+            config, conf_path = settings.load_options(userns.sysconfdir_of(self.broker.index.dirs))
+            vetted = extras.extras_for(d.type, d.name, config, conf_path)
+        except extras.ExtrasError as e:
+            raise error(e.name, f"{d.name}: {e}") from None
+        p = plan(d, caps, raw, vetted)
+        # Checked, then resolved: polkit and the backend see the device itself.
+        devices = {k: check_device(k, v) for k, v in p.device_paths.items()}
+        if devices:
+            resolved = {k: ("s", real) for k, (real, _gid) in devices.items()}
+            p = plan(d, caps, {**raw, **resolved}, vetted)
+        if (why := policy.socket_kind_error(d, p.socket_kind, listening)) is not None:
+            raise error(Err.INVALID_SOCKET, why)
+        return d, p, vetted, tuple(gid for _real, gid in devices.values())
+
     async def _spawn(self, msg: Message, name: str, options: dict[str, Variant], fd: int) -> str:
         try:
-            listening = check_socket(fd)
-            d = self.broker.index.get(name)
-            if d is None:
-                raise _error("NotFound", f"{name}: no such descriptor in the effective index")
-            raw = {k: (v.signature, v.value) for k, v in options.items()}
-            caps = None
-            if any(k not in ("detach", "settle-ms") for k in raw) or d.type == "fs":
-                result = await self.broker.caps_for(d)
-                caps = result if isinstance(result, Capabilities) else None
-            try:
-                config, conf_path = settings.load_options(
-                    userns.sysconfdir_of(self.broker.index.dirs)
-                )
-                vetted = extras.extras_for(d.type, d.name, config, conf_path)
-            except extras.ExtrasError as e:
-                raise _error(e.kind, f"{d.name}: {e}") from None
-            try:
-                p = plan(d, caps, raw, vetted)
-                if p.device_paths:  # checked, then resolved: polkit and the backend see the device
-                    resolved = {k: ("s", check_device(k, v)[0]) for k, v in p.device_paths.items()}
-                    p = plan(d, caps, {**raw, **resolved}, vetted)
-            except OptionError as e:
-                raise _error(e.kind, str(e)) from None
-            why = socket_kind_error(d, listening)
-            if why is not None:
-                raise _error("InvalidSocket", why)
+            facts = socket_facts(fd)
+            if (why := policy.socket_error(facts)) is not None:
+                raise error(Err.INVALID_SOCKET, why)
+            d, p, vetted, device_gids = await self._plan(name, options, facts.listening)
             caller = await self.caller(msg.sender)
             idmap = self._userns_map(d, p, caller)
-            identity = await self.authorize_spawn(msg, caller, d, p, idmap)
-            if self.supervisor.count() >= self.max_total:
-                raise _error(
-                    "QuotaExceeded",
-                    f"{self.max_total} backends are running, the most this daemon runs",
-                )
-            if self.supervisor.count(caller.uid) >= self.max_per_uid:
-                raise _error(
-                    "QuotaExceeded",
-                    f"uid {caller.uid} already runs {self.max_per_uid} backends, its quota",
-                )
+            identity = await self.authorize_spawn(msg, caller, d, p, idmap, device_gids)
+            running = [(b.owner_uid, b.state == EXITED) for b in self.supervisor.backends.values()]
+            if (why := policy.quota_error(self.quota, caller.uid, running)) is not None:
+                raise error(Err.QUOTA_EXCEEDED, why)
             # The caller may have left while we waited (for polkit, say): then nothing starts
             # (the CVE-2021-3560 class of bug). From here to tracking there is no await, so a
             # departure not seen yet is handled after, by stopping the backend.
@@ -564,8 +485,8 @@ class Spawner:
                     d.name,
                     caller.name,
                 )
-                raise _error(
-                    "SpawnFailed", f"the caller {caller.name} left the bus; nothing was started"
+                raise error(
+                    Err.SPAWN_FAILED, f"the caller {caller.name} left the bus; nothing was started"
                 )
             try:
                 limits = cgroup.limits_for(
@@ -583,15 +504,13 @@ class Spawner:
                     b = self.supervisor.spawn(
                         **args, socket_fd=fd, exec_prefix=prefix, extra_fds=ns_fds
                     )
-            except cgroup.LimitsError as e:
-                raise _error(e.kind, f"{d.name}: {e}") from None
-            except userns.UsernsError as e:
-                raise _error(e.kind, f"{d.name}: {e}") from None
+            except (cgroup.LimitsError, userns_policy.UsernsError) as e:
+                raise error(e.name, f"{d.name}: {e}") from None
             except SpawnError as e:
-                raise _error("SpawnFailed", f"{d.name}: {e}") from None
+                raise error(Err.SPAWN_FAILED, f"{d.name}: {e}") from None
             self._track(b)
             respawn = None
-            if vetted.respawn is not None and listening:  # off for connected sockets
+            if vetted.respawn is not None and facts.listening:  # off for connected sockets
                 respawn = Respawn(*vetted.respawn, os.dup(fd), args, idmap, identity.exec_prefix())
         finally:
             os.close(fd)
@@ -603,7 +522,7 @@ class Spawner:
             await self.supervisor.settle(b, p.settle_ms)
         except SpawnError as e:
             self._drop(obj)
-            raise _error("SpawnFailed", f"{d.name}: {e}") from None
+            raise error(Err.SPAWN_FAILED, f"{d.name}: {e}") from None
         if respawn is not None:
             respawn.settled = True
         return obj.path
@@ -616,29 +535,23 @@ class Spawner:
         """The caller's own backends; everyone's for root and for holders of manage."""
         msg = current_message.get()
         caller = await self.caller(msg.sender)
-        if caller.uid == 0 or (
-            any(o.b.owner_uid != caller.uid for o in self.objects.values())
-            and await self.authority.allowed(msg, caller.uid, MANAGE, {"list": "all"})
-        ):
-            return [o.as_dict() for o in self.objects.values()]
-        return [o.as_dict() for o in self.objects.values() if o.b.owner_uid == caller.uid]
+        with replying_errors():
+            whole = await self._sees_all(msg, caller)
+        objs = self.objects.values()
+        return [o.as_dict() for o in objs if whole or o.b.owner_uid == caller.uid]
 
     async def view_for(self, msg: Message) -> Callable[[Any], bool]:
         """Which backend objects the caller of ``msg`` may see whole: its own; all of them for
         root and for a caller polkit allows org.vhostuserd.manage (asked once per call, only
         when there is another user's backend to see). The rest are seen without
-        `service.PRIVATE_BACKEND_PROPERTIES`."""
+        `connection.PRIVATE_BACKEND_PROPERTIES`."""
         caller = await self.caller(msg.sender)
-        if caller.uid == 0:
-            return lambda _obj: True
-        see_all = False
-        if any(o.b.owner_uid != caller.uid for o in self.objects.values()):
-            try:
-                see_all = await self.authority.allowed(msg, caller.uid, MANAGE, {"list": "all"})
-            except DBusError:  # LimitsExceeded: too many checks pending; see your own only
-                see_all = False
+        try:
+            whole = await self._sees_all(msg, caller)
+        except BrokerError:  # LimitsExceeded: too many checks pending; see your own only
+            whole = False
         uid = caller.uid
-        return lambda obj: see_all or obj.b.owner_uid == uid
+        return lambda obj: whole or obj.b.owner_uid == uid
 
     # ---- supervisor events
 
@@ -683,7 +596,7 @@ class Spawner:
                 new = self.supervisor.spawn(
                     **r.spawn, socket_fd=r.fd, exec_prefix=prefix, extra_fds=ns_fds
                 )
-        except (userns.UsernsError, SpawnError) as e:
+        except (userns_policy.UsernsError, SpawnError) as e:
             log.warning("backend %s: cannot respawn it: %s", obj.id, e)
             r.close()
             return False

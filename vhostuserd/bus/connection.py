@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
@@ -30,7 +31,6 @@ from vhostuserd.core.flow import ReplyCredit
 from vhostuserd.core.names import (
     BACKEND_IFACE,
     BACKEND_PREFIX,
-    ERROR_PREFIX,
     INTROSPECTABLE_IFACE,
     MANAGER_IFACE,
     MANAGER_PATH,
@@ -38,9 +38,6 @@ from vhostuserd.core.names import (
     PEER_IFACE,
     PROPERTIES_IFACE,
 )
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("vhostuserd.service")
 
@@ -69,14 +66,31 @@ def bounded(message: str, limit: int = MAX_ERROR_CHARS) -> str:
     return f"{message[:keep]} [... {len(message) - 2 * keep} characters cut ...] {message[-keep:]}"
 
 
-def error(name: Err | str, message: str) -> DBusError:
-    """The D-Bus error ``name`` (one of `core.errors.Err`) with ``message``, cut to size."""
-    return DBusError(ERROR_PREFIX + name, bounded(message))
-
-
 def dbus_error(e: BrokerError) -> DBusError:
-    """What the core and the edges raise, as the D-Bus error a caller receives."""
-    return error(e.name, str(e))
+    """What the core and the edges raise, as the D-Bus error a caller receives: the one place
+    the service builds its D-Bus errors, their messages cut to size."""
+    return DBusError(e.dbus_name, bounded(str(e)))
+
+
+def error(name: Err, message: str) -> DBusError:
+    """The D-Bus error ``name`` with ``message`` (`dbus_error`), for the bus's own refusals."""
+    return dbus_error(BrokerError(name, message))
+
+
+def error_reply(msg: Message, name: Err, message: str) -> Message:
+    """`error`, as the reply to ``msg``: for the handlers that answer with a message."""
+    e = error(name, message)
+    return Message.new_error(msg, e.type, e.text)
+
+
+@contextlib.contextmanager
+def replying_errors() -> Iterator[None]:
+    """Around a handler's work: a `BrokerError` raised inside leaves as its D-Bus error (what
+    dbus-fast sends back to the caller; any other exception is a bug, a generic error)."""
+    try:
+        yield
+    except BrokerError as e:
+        raise dbus_error(e) from None
 
 
 class _PatientWriter(_MessageWriter):
@@ -236,10 +250,8 @@ class Bus(MessageBus):
         ):
             # A backend that never was or is gone: say so in the project's words, not with
             # dbus-fast's UnknownMethod/UnknownObject.
-            return Message.new_error(
-                msg,
-                ERROR_PREFIX + "NotFound",
-                bounded(f"no backend {msg.path[len(BACKEND_PREFIX) :]}", 256),
+            return error_reply(
+                msg, Err.NOT_FOUND, bounded(f"no backend {msg.path[len(BACKEND_PREFIX) :]}", 256)
             )
         fast = self.fast_paths.get((msg.path, msg.interface, msg.member, msg.signature))
         if fast is not None:
@@ -275,7 +287,8 @@ class Bus(MessageBus):
 
     async def _reply_with(self, msg: Message, work: Awaitable[Message]) -> None:
         try:
-            reply = await work
+            with replying_errors():
+                reply = await work
         except DBusError as e:
             reply = Message.new_error(msg, e.type, bounded(e.text))
         except Exception as e:  # noqa: BLE001 - a bug here must not leave the call unanswered
@@ -311,12 +324,12 @@ class Bus(MessageBus):
         backend_id = msg.path[len(BACKEND_PREFIX) :]
         interface = self._path_exports.get(msg.path, {}).get(BACKEND_IFACE)
         if interface is None:  # gone meanwhile
-            return Message.new_error(msg, ERROR_PREFIX + "NotFound", f"no backend {backend_id}")
+            return error_reply(msg, Err.NOT_FOUND, f"no backend {backend_id}")
         props: dict[str, Variant] = interface.variants()  # type: ignore[attr-defined]
         if not whole(interface):
             if msg.member == "Get" and msg.body[1] in PRIVATE_BACKEND_PROPERTIES:
                 raise error(
-                    "NotAuthorized",
+                    Err.NOT_AUTHORIZED,
                     f"{msg.body[1]} of backend {backend_id}, another user's, is visible to its "
                     "owner and to holders of org.vhostuserd.manage only",
                 )

@@ -18,7 +18,8 @@ from dbus_fast import Message, PropertyAccess, Variant
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
 from vhostuserd import __version__
-from vhostuserd.bus.connection import Bus, bounded, current_message, error
+from vhostuserd.bus.connection import Bus, current_message, error, error_reply, replying_errors
+from vhostuserd.core import policy
 from vhostuserd.core.descriptors import (
     Capabilities,
     Descriptor,
@@ -26,11 +27,11 @@ from vhostuserd.core.descriptors import (
     ProbeError,
     ProbeResult,
 )
+from vhostuserd.core.errors import Err
 from vhostuserd.core.index import Change
 from vhostuserd.core.names import (
     DESCRIPTOR_IFACE,
     DESCRIPTOR_PREFIX,
-    ERROR_PREFIX,
     MANAGER_IFACE,
     MANAGER_PATH,
 )
@@ -42,25 +43,6 @@ if TYPE_CHECKING:
     from vhostuserd.bus.backends import Spawner
 
 log = logging.getLogger("vhostuserd.service")
-
-# What one request may carry and one error may say (docs/threat-model.md, "Bounded replies"):
-# no reply may grow with what a caller sends, or a caller that never reads its replies makes
-# the daemon queue megabytes for it.
-MAX_FEATURES = 64
-MAX_FEATURE_BYTES = 128
-
-
-def features_error(features: list[str]) -> str | None:
-    """Why a requested feature list is refused (LimitsExceeded), or None. Says how much was
-    sent, never what: echoing it is what made an error as large as the call."""
-    if len(features) > MAX_FEATURES:
-        return f"{len(features)} features requested; at most {MAX_FEATURES} may be"
-    for i, f in enumerate(features):
-        if len(f.encode("utf-8", "surrogateescape")) > MAX_FEATURE_BYTES:
-            return (
-                f"feature #{i} is {len(f)} characters long; at most {MAX_FEATURE_BYTES} bytes each"
-            )
-    return None
 
 
 def escape_label(name: str) -> str:
@@ -228,7 +210,7 @@ class Manager(ServiceInterface):
         msg.unix_fds = []
         if fd is None:
             raise error(
-                "InvalidSocket",
+                Err.INVALID_SOCKET,
                 f"the socket argument is fd #{index} of the call, "
                 f"which carries {len(received)} fd(s)",
             )
@@ -242,9 +224,9 @@ class Manager(ServiceInterface):
     async def Reload(self) -> "t":
         msg = current_message.get()
         caller = await self.broker.spawner.caller(msg.sender)
-        await self.broker.spawner.authority.check(
-            msg, caller.uid, "org.vhostuserd.manage", {"request": "reload"}
-        )
+        ask = policy.ask_to_reload()
+        with replying_errors():
+            await self.broker.spawner.authority.check(msg, caller.uid, ask.action, ask.details)
         self.broker.reload()
         return self.broker.index.generation
 
@@ -365,14 +347,9 @@ class Broker:
         untrusted = self.probes.untrusted
         if untrusted is None:
             return self.index.diagnostics
-        extra = []
-        for d in self.index.descriptors:
-            why = untrusted(d.binary)
-            if why is not None:
-                extra.append(
-                    Diagnostic(d.path, "error", f"/binary: not run by the system service: {why}")
-                )
-        return self.index.diagnostics + tuple(extra)
+        return self.index.diagnostics + policy.untrusted_diagnostics(
+            self.index.descriptors, untrusted
+        )
 
     @property
     def busy(self) -> bool:
@@ -398,7 +375,7 @@ class Broker:
     def _named(self, name: str) -> Descriptor:
         d = self.index.get(name)
         if d is None:
-            raise error("NotFound", f"{name}: no such descriptor in the effective index")
+            raise error(Err.NOT_FOUND, f"{name}: no such descriptor in the effective index")
         return d
 
     def cached_caps(self, d: Descriptor) -> ProbeResult | None:
@@ -420,8 +397,8 @@ class Broker:
     def _resolve_now(self, msg: Message) -> Message | None:
         """Resolve without waiting, when every candidate's capabilities are known."""
         btype, features = msg.body
-        if (why := features_error(features)) is not None:
-            return Message.new_error(msg, ERROR_PREFIX + "LimitsExceeded", f"Resolve: {why}")
+        if (why := policy.features_error(features)) is not None:
+            return error_reply(msg, Err.LIMITS_EXCEEDED, f"Resolve: {why}")
         probed: dict[str, ProbeResult] = {}
         if features:
             for d in self.index.descriptors:
@@ -432,15 +409,13 @@ class Broker:
                     probed[d.name] = result
         resolution = resolve(self.index.descriptors, btype, features, lambda d: probed.get(d.name))
         if resolution.chosen is None or resolution.chosen.name not in self.objects:
-            return Message.new_error(
-                msg, ERROR_PREFIX + "NotFound", bounded(resolution.explain(btype, features))
-            )
+            return error_reply(msg, Err.NOT_FOUND, resolution.explain(btype, features))
         obj = self.objects[resolution.chosen.name]
         return Message.new_method_return(msg, "oa{sv}", [obj.path, obj.as_dict()])
 
     async def resolve(self, btype: str, features: list[str]) -> Descriptor:
-        if (why := features_error(features)) is not None:
-            raise error("LimitsExceeded", f"Resolve: {why}")
+        if (why := policy.features_error(features)) is not None:
+            raise error(Err.LIMITS_EXCEEDED, f"Resolve: {why}")
         descriptors = self.index.descriptors
         probed: dict[str, ProbeResult] = {}
         if features:
@@ -450,12 +425,14 @@ class Broker:
             descriptors = self.index.descriptors  # the index may have moved on meanwhile
         resolution = resolve(descriptors, btype, features, lambda d: probed.get(d.name))
         if resolution.chosen is None or resolution.chosen.name not in self.objects:
-            raise error("NotFound", resolution.explain(btype, features))
+            raise error(Err.NOT_FOUND, resolution.explain(btype, features))
         return resolution.chosen
 
     async def capabilities(self, name: str) -> str:
         d = self._named(name)
         result = await self.caps_for(d)
         if isinstance(result, ProbeError):
-            raise error("ProbeFailed", f"{name}: {d.binary} --print-capabilities failed: {result}")
+            raise error(
+                Err.PROBE_FAILED, f"{name}: {d.binary} --print-capabilities failed: {result}"
+            )
         return result.json

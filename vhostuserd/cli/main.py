@@ -224,22 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_bus_options(p: argparse.ArgumentParser) -> None:
     bus = p.add_mutually_exclusive_group()
-    bus.add_argument(
-        "--system",
-        dest="bus",
-        action="store_const",
-        const="system",
-        default=argparse.SUPPRESS,
-        help="the system service's search path (the data and sysconf tiers)",
-    )
-    bus.add_argument(
-        "--user",
-        dest="bus",
-        action="store_const",
-        const="user",
-        default=argparse.SUPPRESS,
-        help="the session service's search path (the default)",
-    )
+    for which, says in (
+        ("system", "the system service's search path (the data and sysconf tiers)"),
+        ("user", "the session service's search path (the default)"),
+    ):
+        bus.add_argument(
+            f"--{which}",
+            dest="bus",
+            action="store_const",
+            const=which,
+            default=argparse.SUPPRESS,
+            help=says,
+        )
     p.add_argument(
         "--json",
         action="store_true",

@@ -19,6 +19,7 @@ from vhostuserd.cli.output import (
     shadow_notes,
     unknown_type,
 )
+from vhostuserd.core.errors import Err
 
 
 def _offline(args: argparse.Namespace) -> Any:
@@ -54,7 +55,8 @@ def _offline_named(args: argparse.Namespace) -> tuple[Any, Any]:
             [x.as_tuple() for x in lookup.result.diagnostics], set(), only=args.name
         )
         raise Failure(
-            notes[0] if notes else f"{args.name}: no such descriptor in the search path", "NotFound"
+            notes[0] if notes else f"{args.name}: no such descriptor in the search path",
+            Err.NOT_FOUND,
         )
     return lookup, d
 
@@ -73,7 +75,7 @@ def offline_capabilities(args: argparse.Namespace) -> int:
     lookup, d = _offline_named(args)
     caps = lookup.probe_each([d])[0]
     if isinstance(caps, ProbeError):
-        raise Failure(f"{d.name}: {d.binary} --print-capabilities failed: {caps}", "ProbeFailed")
+        raise Failure(f"{d.name}: {d.binary} --print-capabilities failed: {caps}", Err.PROBE_FAILED)
     print_json(json.loads(caps.json))
     return EXIT_OK
 
@@ -86,9 +88,10 @@ def offline_resolve(args: argparse.Namespace) -> int:
     if resolution.chosen is None:
         if not any(d.type == args.type for d in lookup.result.descriptors):
             raise Failure(
-                unknown_type(args.type) or resolution.explain(args.type, args.feature), "NotFound"
+                unknown_type(args.type) or resolution.explain(args.type, args.feature),
+                Err.NOT_FOUND,
             )
-        raise Failure(resolution.explain(args.type, args.feature), "NotFound")
+        raise Failure(resolution.explain(args.type, args.feature), Err.NOT_FOUND)
     d = resolution.chosen
     if args.json:
         print_json(descriptor_dict(d, probed.get(d.name)))

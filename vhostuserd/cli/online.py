@@ -41,6 +41,7 @@ from vhostuserd.client import (
     backend_dict,
     exit_text,
 )
+from vhostuserd.core.errors import Err
 
 LOG_TAIL_LINES = 20
 
@@ -66,7 +67,7 @@ async def _show(c: BrokerClient, a: argparse.Namespace) -> int:
     except NotFound:
         notes = shadow_notes(await _diagnostics(c), set(), only=a.name)
         if notes:
-            raise Failure(notes[0], "NotFound") from None
+            raise Failure(notes[0], Err.NOT_FOUND) from None
         raise
     print_one(d.as_dict(), a.json)
     return EXIT_OK
@@ -140,18 +141,18 @@ def _parse_options(pairs: list[str], detach: bool) -> dict[str, Any]:
     for pair in pairs:
         key, has_value, value = pair.partition("=")
         if not key:
-            raise Failure(f"-o {pair!r}: expected KEY or KEY=VALUE", "InvalidOption")
+            raise Failure(f"-o {pair!r}: expected KEY or KEY=VALUE", Err.INVALID_OPTION)
         spec = OPTIONS.get(key)
         if spec is not None and spec.signature == "b":
             if has_value and value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise Failure(f"-o {key}: a yes/no option, not {value!r}", "InvalidOption")
+                raise Failure(f"-o {key}: a yes/no option, not {value!r}", Err.INVALID_OPTION)
             out[key] = option_variant(key, not has_value or value.lower() in ("1", "true", "yes"))
         elif spec is None and not has_value:
             # A bare KEY the contract does not know: an admin's flag (options.conf flag.KEY).
             out[key] = option_variant(key, True)
         elif key == "settle-ms":
             if not value.isdigit():
-                raise Failure(f"-o settle-ms: milliseconds, not {value!r}", "InvalidOption")
+                raise Failure(f"-o settle-ms: milliseconds, not {value!r}", Err.INVALID_OPTION)
             out[key] = option_variant(key, int(value))
         else:
             out[key] = option_variant(key, value)
@@ -206,45 +207,45 @@ def listen_socket(path: str, *, replace: bool) -> socket.socket:
             f"cannot listen on {path}: the path is {size} bytes, and a Unix socket path "
             f"may have at most {SUN_PATH_MAX} (sun_path is 108 bytes); use a shorter one, "
             "e.g. in $XDG_RUNTIME_DIR or relative to the current directory",
-            "InvalidSocket",
+            Err.INVALID_SOCKET,
         )
     try:
         st: os.stat_result | None = os.lstat(path)
     except FileNotFoundError:
         st = None
     except OSError as e:
-        raise Failure(f"cannot listen on {path}: {e.strerror}", "InvalidSocket") from None
+        raise Failure(f"cannot listen on {path}: {e.strerror}", Err.INVALID_SOCKET) from None
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
             raise Failure(
                 f"cannot listen on {path}: it is a directory; give the socket's own path, "
                 f"e.g. {os.path.join(path, 'backend.sock')}",
-                "InvalidSocket",
+                Err.INVALID_SOCKET,
             )
         if not stat.S_ISSOCK(st.st_mode):
             kind = "a regular file" if stat.S_ISREG(st.st_mode) else "not a socket"
             raise Failure(
                 f"cannot listen on {path}: it exists and is {kind}; vhostuserctl only "
                 "replaces a stale socket: choose another path",
-                "InvalidSocket",
+                Err.INVALID_SOCKET,
             )
         if _is_live(path):
             raise Failure(
                 f"cannot listen on {path}: a socket there is listening (a running backend? "
                 "see vhostuserctl backends); stop it first or choose another path",
-                "InvalidSocket",
+                Err.INVALID_SOCKET,
             )
         if not replace:
             raise Failure(
                 f"cannot listen on {path}: a socket is already there, and nothing listens on "
                 "it; pass --replace to replace it",
-                "InvalidSocket",
+                Err.INVALID_SOCKET,
             )
         try:
             os.unlink(path)
         except OSError as e:
             raise Failure(
-                f"cannot replace the stale socket {path}: {e.strerror}", "InvalidSocket"
+                f"cannot replace the stale socket {path}: {e.strerror}", Err.INVALID_SOCKET
             ) from None
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -258,7 +259,7 @@ def listen_socket(path: str, *, replace: bool) -> socket.socket:
             why = "something appeared there meanwhile; try again"
         else:
             why = e.strerror or str(e)
-        raise Failure(f"cannot listen on {path}: {why}", "InvalidSocket") from None
+        raise Failure(f"cannot listen on {path}: {why}", Err.INVALID_SOCKET) from None
     return listener
 
 

@@ -9,19 +9,24 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from vhostuserd.core.errors import Err
 from vhostuserd.core.names import ERROR_PREFIX
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+# The name of the CLI's own failures (a command not found, say): none of the service's errors.
+FAILED = ERROR_PREFIX + "Failed"
+
+
 class Failure(Exception):
     """A request that failed; the message is printed on one line to stderr (under ``--json``,
-    as ``{"error": NAME, "message": MESSAGE}``). ``name`` is the D-Bus error name, or the short
-    name of one of the service's errors (NotFound, InvalidSocket, ...), default Failed."""
+    as ``{"error": NAME, "message": MESSAGE}``). ``name`` is one of the service's errors, or
+    the D-Bus error name the broker answered with; default FAILED."""
 
-    def __init__(self, message: str, name: str = "Failed") -> None:
+    def __init__(self, message: str, name: Err | str = FAILED) -> None:
         super().__init__(message)
-        self.name = name if "." in name else ERROR_PREFIX + name
+        self.name = name.dbus_name if isinstance(name, Err) else name
 
 
 def print_error(message: str, name: str, as_json: bool) -> None:

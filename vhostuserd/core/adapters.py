@@ -216,14 +216,12 @@ def _value(name: str, value: Any, t: Template) -> str:
     text = str(value)
     if text.startswith("-"):
         raise OptionError(
-            "InvalidOption",
             f"option '{name}': must not start with '-' (it would become an option of the backend)",
         )
     if "\0" in text or "\n" in text or "\r" in text:
-        raise OptionError("InvalidOption", f"option '{name}': must not contain NUL or line breaks")
+        raise OptionError(f"option '{name}': must not contain NUL or line breaks")
     if "," in text and t.option_string:
         raise OptionError(
-            "InvalidOption",
             f"option '{name}': must not contain ',' (it goes into an "
             "option string, where a comma would start another option)",
         )
@@ -251,14 +249,10 @@ def argv(a: Adapter, binary: str, name: str, values: Mapping[str, Any]) -> list[
     given = {k for k in values if k in OPTIONS and k not in NOT_PLACEHOLDERS}
     unused = sorted(given - a.used)
     if unused:
-        raise OptionError(
-            "InvalidOption", f"option '{unused[0]}': the adapter of {name} does not use it"
-        )
+        raise OptionError(f"option '{unused[0]}': the adapter of {name} does not use it")
     missing = sorted(a.required - given)
     if missing:
-        raise OptionError(
-            "InvalidOption", f"option '{missing[0]}': required by the adapter of {name}"
-        )
+        raise OptionError(f"option '{missing[0]}': required by the adapter of {name}")
     out = [binary, *(_render(t, values) for t in a.argv)]
     for option, templates in a.options:
         given_value = values.get(option)

@@ -66,3 +66,22 @@ class BrokerError(Exception):
     def kind(self) -> str:
         """The short name (``NotFound``, ...), as in the D-Bus error name."""
         return self.name.value
+
+    @property
+    def dbus_name(self) -> str:
+        """The D-Bus error name a caller receives."""
+        return self.name.dbus_name
+
+
+class InteractionRequired(BrokerError):
+    """A NotAuthorized that polkit would have turned into a password prompt, had the call
+    allowed interaction: sent as freedesktop's INTERACTIVE_REQUIRED, which tells a caller to
+    retry with interaction allowed (the client's InteractiveAuthorizationRequired is a
+    NotAuthorized)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Err.NOT_AUTHORIZED, message)
+
+    @property
+    def dbus_name(self) -> str:
+        return INTERACTIVE_REQUIRED

@@ -13,7 +13,7 @@ The admin, never a client, lists for a descriptor (``[DESCRIPTOR-NAME]``) or a b
   is started again on the same socket, at most N times in T seconds (`Spawner`).
 
 A client picks among these only; any other option stays refused (`options.plan`). The
-chosen options and the arguments they add are polkit details (`Spawner.authorize_spawn`).
+chosen options and the arguments they add are polkit details (`policy.ask_to_spawn`).
 Pure, except `load`, which reads the file.
 """
 
@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from vhostuserd.core import sysconf
+from vhostuserd.core.errors import BrokerError, Err
 
 CONFIG = "vhostuserd/options.conf"  # under the sysconf tier's root (default /etc)
 MAX_ARGS = 64
@@ -58,10 +59,12 @@ RESERVED = frozenset(
 )
 
 
-class ExtrasError(Exception):
-    """The admin's options.conf is wrong; the message names the file, section and setting."""
+class ExtrasError(BrokerError):
+    """The admin's options.conf is wrong (SpawnFailed); the message names the file, section and
+    setting."""
 
-    kind = "SpawnFailed"
+    def __init__(self, message: str) -> None:
+        super().__init__(Err.SPAWN_FAILED, message)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,11 +18,9 @@ from vhostuserd.core import extras as admin_extras
 from vhostuserd.core.descriptors import Capabilities, Descriptor
 from vhostuserd.core.extras import Extras
 from vhostuserd.core.optiontable import (
-    CONNECTED,
     DEFAULT_SETTLE_MS,
     DEVICE_OPTIONS,
     IDMAP_MODES,
-    LISTENING,
     MAX_OPTIONS,
     MAX_SETTLE_MS,
     MAX_STRING,
@@ -66,13 +64,11 @@ def allowed_options(
 
 def _check_path(name: str, value: str) -> str:
     if not value.startswith("/"):
-        raise OptionError(
-            "InvalidOption", f"option '{name}': must be an absolute path, not {value[:100]!r}"
-        )
+        raise OptionError(f"option '{name}': must be an absolute path, not {value[:100]!r}")
     if "\0" in value or "\n" in value or "\r" in value:
-        raise OptionError("InvalidOption", f"option '{name}': must not contain NUL or line breaks")
+        raise OptionError(f"option '{name}': must not contain NUL or line breaks")
     if len(value) > MAX_STRING:
-        raise OptionError("InvalidOption", f"option '{name}': longer than {MAX_STRING} characters")
+        raise OptionError(f"option '{name}': longer than {MAX_STRING} characters")
     return value
 
 
@@ -89,7 +85,7 @@ def plan(
     (`extras.extras_for`): their fixed arguments, and the choices and flags a client may add.
     """
     if len(options) > MAX_OPTIONS:
-        raise OptionError("InvalidOption", f"too many options ({len(options)} > {MAX_OPTIONS})")
+        raise OptionError(f"too many options ({len(options)} > {MAX_OPTIONS})")
     allowed = allowed_options(d, caps, extras)
     values: dict[str, Any] = {}
     for name, (signature, value) in options.items():
@@ -98,12 +94,11 @@ def plan(
         if extra is not None:
             if signature != extra:
                 raise OptionError(
-                    "InvalidOption",
                     f"option '{name}': must have D-Bus type '{extra}', not '{signature}' "
                     f"({extras.source})",
                 )
             if (why := admin_extras.check_value(extras, name, value)) is not None:
-                raise OptionError("InvalidOption", why)
+                raise OptionError(why)
             values[name] = value
             continue
         if spec is None or name not in allowed:
@@ -119,12 +114,10 @@ def plan(
             )
             shown = name if len(name) <= 64 and name.isprintable() else repr(name[:64])
             raise OptionError(
-                "InvalidOption",
                 f"option '{shown}': {why}; {d.name} ({d.type}) accepts: {', '.join(allowed)}",
             )
         if signature != spec.signature:
             raise OptionError(
-                "InvalidOption",
                 f"option '{name}': must have D-Bus type '{spec.signature}', not '{signature}'",
             )
         if name in PATH_OPTIONS:
@@ -132,11 +125,9 @@ def plan(
         if name == "idmap" and value not in IDMAP_MODES:
             shown = value[:64] if value.isprintable() else repr(value[:64])
             modes = ", ".join(IDMAP_MODES)
-            raise OptionError(
-                "InvalidOption", f"option 'idmap': must be one of {modes}, not '{shown}'"
-            )
+            raise OptionError(f"option 'idmap': must be one of {modes}, not '{shown}'")
         if name == "settle-ms" and value > MAX_SETTLE_MS:
-            raise OptionError("InvalidOption", f"option 'settle-ms': at most {MAX_SETTLE_MS}")
+            raise OptionError(f"option 'settle-ms': at most {MAX_SETTLE_MS}")
         values[name] = value
     if d.adapter is not None:  # the admin's argv template (`adapters`), not the conventions'
         argv = adapters.argv(d.adapter, d.binary, d.name, values)
@@ -180,25 +171,8 @@ def _conventional_argv(
             if "," in directory:
                 # The -o list is comma-separated: a comma would smuggle in another option.
                 raise OptionError(
-                    "InvalidOption",
                     f"option 'shared-dir': {d.name} takes it as '-o source=DIR', where a comma "
                     "would start another option; choose a directory without ','",
                 )
             argv += ["-o", f"source={directory}"]
     return argv
-
-
-def socket_kind_error(d: Descriptor, listening: bool) -> str | None:
-    """Why this socket is the wrong kind for ``d``, or None when it fits."""
-    kind = socket_kind_of(d)
-    if kind == CONNECTED and listening:
-        return (
-            f"{d.name} is a {d.type} backend: it serves the socket it is given, so it needs a "
-            "connected socket (one end of a socketpair), not a listening one"
-        )
-    if kind == LISTENING and not listening:
-        return (
-            f"{d.name} is a {d.type} backend: it accepts its front-end on the socket, so it "
-            "needs a listening socket (bind + listen), not a connected one"
-        )
-    return None

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vhostuserd.core.errors import BrokerError, Err
+
 MAX_OPTIONS = 16
 MAX_STRING = 4096
 MAX_SETTLE_MS = 10_000
@@ -25,7 +27,7 @@ SOCKET_KIND = {
 }
 
 DEVICE_OPTIONS = {"render-node": "/dev/dri/", "evdev-path": "/dev/input/"}
-IDMAP_MODES = ("caller", "subids")  # = userns.IDMAP_MODES: the user namespace's id mapping
+IDMAP_MODES = ("caller", "subids")  # = userns_policy.IDMAP_MODES: the user namespace's id mapping
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +52,8 @@ OPTIONS: dict[str, OptionSpec] = {
 PATH_OPTIONS = {"render-node", "evdev-path", "blk-file", "shared-dir"}
 
 
-class OptionError(Exception):
-    """A Spawn request the options make impossible; ``kind`` is the D-Bus error's short name."""
+class OptionError(BrokerError):
+    """A Spawn request the options make impossible: InvalidOption, naming the option."""
 
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
+    def __init__(self, message: str) -> None:
+        super().__init__(Err.INVALID_OPTION, message)

@@ -1,16 +1,17 @@
-"""Who may do what: polkit checks, trusted binaries, and the identity a backend runs as.
+"""Asking who may do what: the polkit client, trusted binaries, and the facts of the rules
+in `core.policy` that need the system (a device's node, a caller's groups).
 
 Owns the privilege boundary of the system service (docs/contract.md section 3, polkit actions):
 `CheckAuthorization` with the caller's unique bus name as subject, interaction only when
-the call's header allows it, the details admins match in rules (descriptor, type, binary,
-device paths, shared dir, the caller's Flatpak app id). uid 0 needs no check. In session
-mode there is no polkit: only the daemon's own uid may change anything.
+the call's header allows it, a bound on the checks in flight (`CheckLimiter`), the caller's
+Flatpak app id read safely. What is asked, of whom, and what an answer means are
+`core.policy`'s: uid 0 needs no check, and in session mode there is no polkit (only the
+daemon's own uid may change anything).
 
-Also owns two checks the system service makes before running anything: a descriptor's
-binary must be root-owned with no group- or world-writable directory above it, and device
-options must name a character device under /dev/dri/ or /dev/input/; and the identity a
-backend runs as (the caller's uid, primary gid and groups, plus the device's group when
-spawn-device was granted), applied through util-linux's setpriv with no_new_privs.
+Also reads what the system service checks before running anything: a descriptor's binary
+must be root-owned with no group- or world-writable directory above it (`untrusted_reason`),
+a device option's node (`check_device`), and the caller's groups in the user database for the
+identity its backend runs as (`run_as`, applied through util-linux's setpriv).
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import stat
 import threading
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, TypedDict
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
-from dbus_fast.errors import DBusError
+
+from vhostuserd.core import policy
+from vhostuserd.core.errors import BrokerError, Err
+from vhostuserd.core.policy import Account, RunAs
 
 log = logging.getLogger("vhostuserd.authority")
 
@@ -42,15 +45,11 @@ class CallTarget(TypedDict):
     interface: str
 
 
-SPAWN = "org.vhostuserd.spawn"
-SPAWN_DEVICE = "org.vhostuserd.spawn-device"
-MANAGE = "org.vhostuserd.manage"
 POLKIT: CallTarget = {
     "destination": "org.freedesktop.PolicyKit1",
     "path": "/org/freedesktop/PolicyKit1/Authority",
     "interface": "org.freedesktop.PolicyKit1.Authority",
 }
-INTERACTIVE_REQUIRED = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 CHECK_ALLOW_INTERACTION = 1
 # A password prompt can take a while; a polkit that never answers must not hold a call forever.
 CHECK_TIMEOUT_S = 300.0
@@ -60,12 +59,6 @@ CHECK_TIMEOUT_S = 300.0
 # can fill the rest, and the others are served in turn, one uid after another.
 CHECKS_IN_FLIGHT = 96
 CHECKS_PER_UID = 8
-SETPRIV = "/usr/bin/setpriv"
-DEVICE_DIRS = {"render-node": "/dev/dri/", "evdev-path": "/dev/input/"}
-
-
-def _error(name: str, message: str) -> DBusError:
-    return DBusError("org.vhostuserd.Broker1.Error." + name, message)
 
 
 def flatpak_app_id(pid: int) -> str | None:
@@ -111,8 +104,8 @@ _app_id_slots = threading.BoundedSemaphore(8)
 async def caller_app_id(pid: int, timeout: float = APP_ID_TIMEOUT_S) -> str | None:
     """`flatpak_app_id` in a thread of its own; NotAuthorized when it cannot finish in time."""
     if not _app_id_slots.acquire(blocking=False):
-        raise _error(
-            "NotAuthorized",
+        raise BrokerError(
+            Err.NOT_AUTHORIZED,
             "cannot tell whether the caller is a Flatpak app: "
             "too many lookups of /.flatpak-info are hanging",
         )
@@ -137,8 +130,8 @@ async def caller_app_id(pid: int, timeout: float = APP_ID_TIMEOUT_S) -> str | No
     try:
         return await asyncio.wait_for(done, timeout)
     except TimeoutError:
-        raise _error(
-            "NotAuthorized",
+        raise BrokerError(
+            Err.NOT_AUTHORIZED,
             f"cannot tell whether the caller is a Flatpak app: reading "
             f"/proc/{pid}/root/.flatpak-info did not finish in {timeout:g} s",
         ) from None
@@ -204,65 +197,38 @@ def _untrusted_step(
             st = os.lstat(path)
         except OSError as e:
             return f"{path}: {e.strerror}"
-    if st.st_uid != 0:
-        return f"{path} (on the way to {binary}) is owned by uid {st.st_uid}, not root"
-    sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
-    if st.st_mode & 0o022 and not (sticky_dir and not last):
-        return f"{path} (on the way to {binary}) is group- or world-writable"
-    return None
+    return policy.untrusted_step(path, binary, uid=st.st_uid, mode=st.st_mode, last=last)
 
 
-def check_device(option: str, value: str) -> tuple[str, os.stat_result]:
-    """A device option must resolve to a character device in its directory. Returns the
-    resolved path, which is what the backend is given: a symlink the caller controls could
-    point elsewhere by the time the backend opens it."""
+def check_device(option: str, value: str) -> tuple[str, int]:
+    """The path device option ``option`` = ``value`` resolves to and the device's group, once
+    `policy.device_error` allows it; InvalidOption otherwise."""
     real = os.path.realpath(value)
-    prefix = DEVICE_DIRS[option]
-    if not real.startswith(prefix):
-        raise _error("InvalidOption", f"option '{option}': {value} is not under {prefix}")
     try:
         st = os.stat(real)
     except OSError as e:
-        raise _error("InvalidOption", f"option '{option}': {value}: {e.strerror}") from None
-    if not stat.S_ISCHR(st.st_mode):
-        raise _error("InvalidOption", f"option '{option}': {value} is not a character device")
-    return real, st
+        node: int | str = str(e.strerror)
+        gid = -1
+    else:
+        node, gid = st.st_mode, st.st_gid
+    why = policy.device_error(option, value, real, node)
+    if why is not None:
+        raise BrokerError(Err.INVALID_OPTION, why)
+    return real, gid
 
 
-@dataclass(frozen=True)
-class RunAs:
-    """The identity a backend runs as; empty prefix: as the daemon itself."""
-
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-    no_new_privs: bool
-
-    def exec_prefix(self) -> tuple[str, ...]:
-        if self.uid == os.getuid() and not self.no_new_privs:
-            return ()
-        prefix = [SETPRIV]
-        if self.uid != os.getuid():
-            groups = ",".join(str(g) for g in self.groups) or str(self.gid)
-            prefix += [f"--reuid={self.uid}", f"--regid={self.gid}", f"--groups={groups}"]
-        if self.no_new_privs:
-            prefix.append("--no-new-privs")
-        return (*prefix, "--")
-
-
-def run_as(uid: int, extra_gids: tuple[int, ...] = (), *, system: bool) -> RunAs:
-    """The caller's uid, primary gid and supplementary groups from the user database."""
-    if not system:
-        return RunAs(os.getuid(), os.getgid(), (), False)
-    try:
-        pw = pwd.getpwuid(uid)
-        gid = pw.pw_gid
-        groups = os.getgrouplist(pw.pw_name, gid)
-    except KeyError:
-        # A uid with no passwd entry (a container's, say): its own group only.
-        gid, groups = uid, [uid]
-    all_groups = tuple(dict.fromkeys([*groups, *extra_gids]))
-    return RunAs(uid, gid, all_groups, True)
+def run_as(uid: int, device_gids: tuple[int, ...] = (), *, system: bool) -> RunAs:
+    """`policy.run_as` for caller ``uid``, its groups from the user database."""
+    account = None
+    if system:
+        try:
+            pw = pwd.getpwuid(uid)
+            account = Account(pw.pw_gid, tuple(os.getgrouplist(pw.pw_name, pw.pw_gid)))
+        except KeyError:
+            pass  # no passwd entry: the policy gives it its own group only
+    return policy.run_as(
+        uid, device_gids, system=system, daemon=(os.getuid(), os.getgid()), account=account
+    )
 
 
 class CheckLimiter:
@@ -281,8 +247,8 @@ class CheckLimiter:
     @contextlib.asynccontextmanager
     async def slot(self, uid: int, action: str) -> AsyncIterator[None]:
         if self.outstanding[uid] >= self.per_uid:
-            raise _error(
-                "LimitsExceeded",
+            raise BrokerError(
+                Err.LIMITS_EXCEEDED,
                 f"{action}: uid {uid} already has {self.per_uid} authorization "
                 "checks waiting for polkit, the most one user may have; "
                 "call again once they are answered",
@@ -340,20 +306,17 @@ class Authority:
         self.limiter = CheckLimiter()
 
     def consults_polkit(self, uid: int) -> bool:
-        """Whether `check` asks polkit for this caller (system service, not root)."""
-        return self.system and uid != 0
+        """Whether `check` asks polkit for this caller (`policy.consults_polkit`)."""
+        return policy.consults_polkit(system=self.system, uid=uid)
 
     async def check(self, msg: Message, uid: int, action: str, details: dict[str, str]) -> None:
-        """Return when the caller may perform ``action``; raise a D-Bus error otherwise."""
+        """Return when the caller may perform ``action``; raise a `BrokerError` otherwise."""
         if not self.system:
-            if uid != os.getuid():
-                raise _error(
-                    "NotAuthorized",
-                    f"{action}: this session service acts for uid {os.getuid()} only, "
-                    f"not uid {uid}",
-                )
+            why = policy.session_refusal(action, uid=uid, daemon_uid=os.getuid())
+            if why is not None:
+                raise BrokerError(Err.NOT_AUTHORIZED, why)
             return
-        if uid == 0:
+        if not self.consults_polkit(uid):
             return
         interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
         subject = ["system-bus-name", {"name": Variant("s", msg.sender)}]
@@ -367,8 +330,8 @@ class Authority:
             try:
                 reply = await asyncio.wait_for(self.bus.call(query), CHECK_TIMEOUT_S)
             except TimeoutError:
-                raise _error(
-                    "NotAuthorized", f"{action}: polkit did not answer in {CHECK_TIMEOUT_S:g} s"
+                raise BrokerError(
+                    Err.NOT_AUTHORIZED, f"{action}: polkit did not answer in {CHECK_TIMEOUT_S:g} s"
                 ) from None
         if reply.message_type is MessageType.ERROR:
             log.warning(
@@ -378,36 +341,29 @@ class Authority:
                 reply.error_name,
                 reply.body,
             )
-            raise _error(
-                "NotAuthorized",
+            raise BrokerError(
+                Err.NOT_AUTHORIZED,
                 f"{action}: authorization could not be checked "
                 f"({reply.error_name}: {reply.body[0] if reply.body else ''})",
             )
         authorized, challenge, _details = reply.body[0]
-        if authorized:
-            log.info("polkit: %s (uid %d) may %s", msg.sender, uid, action)
-            return
-        if challenge and interactive:
-            # polkit could not ask: no authentication agent for the caller's session.
-            raise DBusError(
-                INTERACTIVE_REQUIRED,
-                f"{action}: authentication is required, and no polkit "
-                "authentication agent was there to ask for it",
-            )
-        if challenge:
-            raise DBusError(
-                INTERACTIVE_REQUIRED,
-                f"{action}: authentication is required; call again with "
-                "interactive authorization allowed (e.g. busctl --allow-interactive-authorization)",
-            )
-        raise _error("NotAuthorized", f"{action}: not authorized for uid {uid}")
+        refusal = policy.polkit_verdict(
+            action,
+            uid=uid,
+            authorized=bool(authorized),
+            challenge=bool(challenge),
+            interactive=interactive,
+        )
+        if refusal is not None:
+            raise refusal
+        log.info("polkit: %s (uid %d) may %s", msg.sender, uid, action)
 
     async def allowed(self, msg: Message, uid: int, action: str, details: dict[str, str]) -> bool:
         """Like `check`, for calls that do less instead of failing."""
         try:
             await self.check(msg, uid, action, details)
-        except DBusError as e:
-            if e.type.endswith(".LimitsExceeded"):
+        except BrokerError as e:
+            if e.name is Err.LIMITS_EXCEEDED:
                 raise  # not a "no": the caller is told to come back
             return False
         return True

@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass, field
 
 from vhostuserd.core import sysconf
+from vhostuserd.core.errors import BrokerError, Err
 from vhostuserd.core.units import format_bytes, format_usec
 from vhostuserd.edges import settings
 
@@ -52,10 +53,12 @@ LIMIT_FILES = {
 _SIZE = re.compile(r"([0-9]+)([KMGT]?)")
 
 
-class LimitsError(Exception):
-    """The admin's cgroup.conf is wrong; the message names the file, section and setting."""
+class LimitsError(BrokerError):
+    """The admin's cgroup.conf is wrong (SpawnFailed); the message names the file, section and
+    setting."""
 
-    kind = "SpawnFailed"
+    def __init__(self, message: str) -> None:
+        super().__init__(Err.SPAWN_FAILED, message)
 
 
 def _limit_value(key: str, value: str, where: str) -> str:

@@ -40,8 +40,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from vhostuserd.core.policy import SETPRIV
 from vhostuserd.edges import procs
-from vhostuserd.edges.authority import SETPRIV
 from vhostuserd.edges.cgroup import Cgroups, Usage
 
 log = logging.getLogger("vhostuserd.supervisor")
@@ -358,13 +358,6 @@ class Supervisor:
         log.warning("%s: %s; quarantined as %s", path, why, dest)
 
     # ---- starting
-
-    def count(self, uid: int | None = None) -> int:
-        return sum(
-            1
-            for b in self.backends.values()
-            if b.state != EXITED and (uid is None or b.owner_uid == uid)
-        )
 
     def spawn(
         self,

@@ -8,14 +8,11 @@ own ids (and, with ``idmap=subids``, the caller's range from /etc/subuid and /et
 files the guest creates belong to the caller and a compromised backend is the caller, not
 host root.
 
-Two halves:
+The decisions are `vhostuserd.core.userns_policy`'s (which descriptors get a namespace, which
+``idmap`` mode, the map text). Here:
 
-* Pure policy (`parse_config`, `policy`, `choose_mode`, `subid_range`, `id_map`: no I/O):
-  which descriptors get a namespace (the descriptor's type, ``fs`` by default, and the
-  admin's ``SYSCONFDIR/vhostuserd/userns.conf``, never a client string), which ``idmap``
-  mode applies (``caller`` | ``subids``, the admin may forbid or force one), and the
-  uid_map/gid_map text. `plan_for` reads the files and applies it to one Spawn (a root
-  caller, and a root session service, get no namespace unless asked).
+* `plan_for` reads the admin's userns.conf, /etc/subuid and /etc/subgid and the user
+  database, and applies the decisions to one Spawn.
 * The launch (`create`), with no setuid helper and no Python between fork and exec: a
   holder, ``unshare --user --mount -- cat``, is started with posix_spawn; once it echoes a
   byte back (so the namespaces exist) the daemon writes its ``uid_map``, ``setgroups``
@@ -36,21 +33,26 @@ import pwd
 import select
 import signal
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from vhostuserd.core import sysconf
+from vhostuserd.core.errors import Err
 from vhostuserd.core.lookup import SUBDIR, Directory
-from vhostuserd.core.optiontable import IDMAP_MODES as OPTION_MODES
+from vhostuserd.core.userns_policy import (
+    CALLER,
+    CONFIG,
+    SUBGID,
+    SUBUID,
+    IdMap,
+    UsernsError,
+    id_map,
+    namespace_for,
+    parse_config,
+    policy,
+)
 from vhostuserd.edges import procs, settings
 
-CALLER, SUBIDS = "caller", "subids"
-IDMAP_MODES = OPTION_MODES  # the `idmap` Spawn option's values
-CONFIG = "vhostuserd/userns.conf"  # under the sysconf tier's root (default /etc)
-# Types that get a namespace unless the admin says otherwise. gpu and input backends run
-# plainly as the caller: they need the caller's groups (render, input) and no "root".
-DEFAULT_TYPES = frozenset({"fs"})
-SUBUID, SUBGID = "/etc/subuid", "/etc/subgid"
 UNSHARE, NSENTER, SETPRIV, SH = (
     "/usr/bin/unshare",
     "/usr/bin/nsenter",
@@ -59,146 +61,6 @@ UNSHARE, NSENTER, SETPRIV, SH = (
 )
 USER_FD, MNT_FD = 4, 5
 HOLDER_TIMEOUT_S = 5.0
-_TRUE, _FALSE = ("yes", "true", "on", "1"), ("no", "false", "off", "0")
-
-
-class UsernsError(Exception):
-    """A namespace that cannot be had; ``kind`` is the D-Bus error's short name."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-# ---------------------------------------------------------------- policy (pure)
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """Whether a descriptor's backends run in a user namespace, and the idmap modes allowed
-    there (the first is the default); ``source`` says which setting decided."""
-
-    enabled: bool
-    modes: tuple[str, ...]
-    source: str
-
-
-def parse_config(text: str, path: str) -> dict[str, dict[str, str]]:
-    """The admin's settings: ``[type:TYPE]`` and ``[DESCRIPTOR-NAME]`` sections with
-    ``userns = yes|no`` and ``idmap = MODE [MODE]`` (the modes allowed, the first the default).
-    Raises UsernsError naming the file, the section and the key for anything else."""
-    try:
-        sections = sysconf.parse(text, path)
-    except sysconf.SysconfError as e:
-        raise UsernsError("SpawnFailed", str(e)) from None
-    for section, values in sections.items():
-        for key, value in values.items():
-            if key == "userns":
-                if value.lower() not in (*_TRUE, *_FALSE):
-                    raise UsernsError(
-                        "SpawnFailed", f"{path}: [{section}] userns = {value!r}: yes or no"
-                    )
-            elif key == "idmap":
-                modes = value.split()
-                bad = [m for m in modes if m not in IDMAP_MODES]
-                if not modes or bad or len(set(modes)) != len(modes):
-                    raise UsernsError(
-                        "SpawnFailed",
-                        f"{path}: [{section}] idmap = {value!r}: one or both of "
-                        f"{', '.join(IDMAP_MODES)}, each once",
-                    )
-            else:
-                raise UsernsError(
-                    "SpawnFailed", f"{path}: [{section}] {key}: unknown setting (userns, idmap)"
-                )
-    return sections
-
-
-def policy(
-    dtype: str, name: str, config: Mapping[str, Mapping[str, str]], path: str = CONFIG
-) -> Policy:
-    """The policy for descriptor ``name`` of type ``dtype``: built-in defaults, then the
-    ``[type:TYPE]`` section, then the descriptor's own section, each key overriding."""
-    enabled, source = dtype in DEFAULT_TYPES, "built-in default"
-    modes: tuple[str, ...] = (CALLER, SUBIDS)
-    for section in sysconf.sections_for(dtype, name):
-        values = config.get(section, {})
-        if "userns" in values:
-            enabled, source = values["userns"].lower() in _TRUE, f"{path} [{section}]"
-        if "idmap" in values:
-            modes, source = tuple(values["idmap"].split()), f"{path} [{section}]"
-    return Policy(enabled, modes, source)
-
-
-def choose_mode(p: Policy, requested: str | None, name: str) -> str:
-    """The idmap mode a spawn gets: the request if the admin allows it, else the default."""
-    if requested is None:
-        return p.modes[0]
-    if requested not in p.modes:
-        raise UsernsError(
-            "NotAuthorized",
-            f"option 'idmap': {requested} is not allowed for {name} by "
-            f"{p.source} (allowed: {' '.join(p.modes)})",
-        )
-    return requested
-
-
-def subid_range(text: str, user: str, uid: int) -> tuple[int, int] | None:
-    """The first ``start, count`` of ``user`` (by name or uid) in /etc/subuid-format text."""
-    for line in text.splitlines():
-        parts = line.strip().split(":")
-        if len(parts) != 3 or parts[0] not in (user, str(uid)):
-            continue
-        try:
-            start, count = int(parts[1]), int(parts[2])
-        except ValueError:
-            continue
-        if start > 0 and count > 0 and start + count <= 1 << 32:
-            return start, count
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class IdMap:
-    mode: str
-    uid_map: str
-    gid_map: str
-
-
-def id_map(
-    mode: str,
-    uid: int,
-    gid: int,
-    user: str,
-    subuid: str,
-    subgid: str,
-    *,
-    subuid_path: str = SUBUID,
-    subgid_path: str = SUBGID,
-) -> IdMap:
-    """uid_map/gid_map text: ``caller``: 0 is the caller, nothing else is mapped; ``subids``:
-    also 1..N to the caller's range (the first one listed for the user)."""
-    own_u, own_g = f"0 {uid} 1\n", f"0 {gid} 1\n"
-    if mode == CALLER:
-        return IdMap(mode, own_u, own_g)
-    ranges = []
-    for path, text in ((subuid_path, subuid), (subgid_path, subgid)):
-        r = subid_range(text, user, uid)
-        if r is None:
-            raise UsernsError(
-                "NotAuthorized",
-                f"option 'idmap': subids: {path} has no range for user {user} "
-                f"(uid {uid}); ask the administrator for one, or use idmap=caller",
-            )
-        ranges.append(r)
-    (us, uc), (gs, gc) = ranges
-    if us <= uid < us + uc or gs <= gid < gs + gc:
-        raise UsernsError(
-            "NotAuthorized",
-            f"option 'idmap': subids: the range of user {user} in {subuid_path} "
-            f"or {subgid_path} contains the user's own uid or gid",
-        )
-    return IdMap(mode, f"{own_u}1 {us} {uc}\n", f"{own_g}1 {gs} {gc}\n")
 
 
 def user_name(uid: int) -> str:
@@ -219,7 +81,7 @@ def load_config(sysconfdir: str) -> tuple[dict[str, dict[str, str]], str]:
     try:
         text, path = settings.read(sysconfdir, CONFIG)
     except sysconf.SysconfError as e:
-        raise UsernsError("SpawnFailed", str(e)) from None
+        raise UsernsError(Err.SPAWN_FAILED, str(e)) from None
     return ({} if text is None else parse_config(text, path)), path
 
 
@@ -230,49 +92,23 @@ def _read_subids(path: str) -> str:
     except FileNotFoundError:
         return ""
     except OSError as e:
-        raise UsernsError("SpawnFailed", f"{path}: {e.strerror}") from None
+        raise UsernsError(Err.SPAWN_FAILED, f"{path}: {e.strerror}") from None
 
 
 def plan_for(
     *, system: bool, dtype: str, name: str, requested: str | None, uid: int, sysconfdir: str
 ) -> IdMap | None:
-    """The map a spawn of descriptor ``name`` by ``uid`` gets, or None for no namespace.
-
-    A root caller of the system service gets one only when it asks (``idmap``). The session
-    service acts for its own uid: it gives a namespace only when it is not root (a root
-    session service runs virtiofsd as root, as before), and only ``caller`` (an
-    unprivileged process may write a one-line map of its own ids only)."""
+    """The map a spawn of descriptor ``name`` by ``uid`` gets, or None for no namespace: the
+    admin's file and the user database read here, decided by `userns_policy.namespace_for`."""
     config, path = load_config(sysconfdir)
     p = policy(dtype, name, config, path)
-    if not p.enabled:
-        if requested is not None:
-            raise UsernsError(
-                "InvalidOption",
-                f"option 'idmap': {name} runs without a user namespace ({p.source})",
-            )
+    mode = namespace_for(
+        p, system=system, daemon_uid=os.getuid(), uid=uid, requested=requested, name=name
+    )
+    if mode is None:
         return None
-    mode = choose_mode(p, requested, name)
     if not system:
-        if os.getuid() == 0:
-            if requested is not None:
-                raise UsernsError(
-                    "InvalidOption",
-                    "option 'idmap': this session service runs as root, "
-                    "and its backends run as root without a user namespace",
-                )
-            return None
-        if mode != CALLER:
-            raise UsernsError(
-                "NotAuthorized",
-                "option 'idmap': subids needs the system service (only root "
-                "may map a range from /etc/subuid); this session service can map only its "
-                "own uid (idmap=caller)",
-            )
         return id_map(CALLER, os.getuid(), os.getgid(), user_name(os.getuid()), "", "")
-    if uid == 0 and requested is None:
-        # Root needs no "root": a namespace mapping only uid 0 would make every other
-        # owner's files in the share unreachable. Root gets one only when it asks for it.
-        return None
     gid = primary_gid(uid)
     if mode == CALLER:
         return id_map(mode, uid, gid, user_name(uid), "", "")
@@ -362,11 +198,12 @@ def create(idmap: IdMap, timeout: float = HOLDER_TIMEOUT_S) -> Namespace:
                 [UNSHARE, "--user", "--mount", "--", "/bin/cat"], fds={0: in_r, 1: out_w, 2: err_w}
             )
         except OSError as e:
-            raise UsernsError("SpawnFailed", f"cannot run {UNSHARE}: {e.strerror}") from None
+            raise UsernsError(Err.SPAWN_FAILED, f"cannot run {UNSHARE}: {e.strerror}") from None
         finally:
             for fd in (in_r, out_w, err_w):
                 os.close(fd)
-        os.write(in_w, b"x")
+        with contextlib.suppress(BrokenPipeError):  # unshare failed at once: stderr says why
+            os.write(in_w, b"x")
         ready, _, _ = select.select([out_r], [], [], timeout)
         echoed = os.read(out_r, 1) if ready else b""
         if echoed != b"x":
@@ -380,7 +217,7 @@ def create(idmap: IdMap, timeout: float = HOLDER_TIMEOUT_S) -> Namespace:
             if (reason := unprivileged_userns_reason()) is not None:
                 why += f" (user namespaces are disabled here: {reason})"
             raise UsernsError(
-                "SpawnFailed", f"cannot create a user namespace for the backend: {why}"
+                Err.SPAWN_FAILED, f"cannot create a user namespace for the backend: {why}"
             )
         try:
             _write(f"/proc/{pid}/uid_map", idmap.uid_map)
@@ -392,7 +229,7 @@ def create(idmap: IdMap, timeout: float = HOLDER_TIMEOUT_S) -> Namespace:
             for fd in ours:
                 os.close(fd)
             raise UsernsError(
-                "SpawnFailed",
+                Err.SPAWN_FAILED,
                 f"cannot map ids in the backend's user namespace: {e.filename}: {e.strerror}",
             ) from None
         return Namespace(
