@@ -30,6 +30,7 @@ from vhostuserd.bus.connection import Bus, current_message, error
 from vhostuserd.core import extras
 from vhostuserd.core.descriptors import Capabilities, Descriptor, ProbeResult
 from vhostuserd.core.index import Index
+from vhostuserd.core.lifecycle import Event, Transition
 from vhostuserd.core.names import BACKEND_IFACE, BACKEND_PREFIX
 from vhostuserd.core.options import SpawnPlan, plan, socket_kind_error
 from vhostuserd.core.optiontable import OPTIONS, OptionError
@@ -46,7 +47,7 @@ from vhostuserd.edges.authority import (
     run_as,
     untrusted_reason,
 )
-from vhostuserd.edges.supervisor import EXITED, Backend, SpawnError, Supervisor
+from vhostuserd.edges.supervisor import Backend, SpawnError, Supervisor
 
 
 class BrokerView(Protocol):
@@ -92,7 +93,6 @@ class Respawn:
     idmap: userns.IdMap | None
     prefix: tuple[str, ...]
     times: deque[float] = field(default_factory=deque)
-    settled: bool = False
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -170,10 +170,9 @@ class BackendObject(ServiceInterface):
     def __init__(self, spawner: Spawner, backend: Backend) -> None:
         super().__init__(BACKEND_IFACE)
         self.spawner = spawner
-        self.b = backend  # the current process: a respawn replaces it (`Spawner._respawn`)
-        self.id = backend.id  # the object's, kept across respawns
-        self.path = BACKEND_PREFIX + backend.id
-        self.restarts = 0
+        self.b = backend  # the current process: a respawn replaces it (`Spawner.on_change`)
+        self.id = backend.life.id  # the object's, kept across respawns
+        self.path = BACKEND_PREFIX + self.id
         self.respawn: Respawn | None = None
 
     def as_dict(self) -> dict[str, Variant]:
@@ -186,7 +185,7 @@ class BackendObject(ServiceInterface):
             "pid": Variant("u", b.pid),
             "owner_uid": Variant("u", b.owner_uid),
             "owner": Variant("s", b.owner),
-            "state": Variant("s", b.state),
+            "state": Variant("s", b.life.shown),
             "exit_status": Variant("i", b.exit_status),
             "exit_signal": Variant("i", b.exit_signal),
             "started_at": Variant("t", b.started_at),
@@ -228,7 +227,7 @@ class BackendObject(ServiceInterface):
             "tasks": "Tasks",
         }
         props = {names[k]: v for k, v in d.items() if k in names}
-        return {**props, "Restarts": Variant("u", self.restarts)}
+        return {**props, "Restarts": Variant("u", self.b.life.restarts)}
 
     @dbus_property(access=PropertyAccess.READ)
     def Id(self) -> "s":
@@ -236,7 +235,7 @@ class BackendObject(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Restarts(self) -> "u":
-        return self.restarts
+        return self.b.life.restarts
 
     @dbus_property(access=PropertyAccess.READ)
     def Descriptor(self) -> "s":
@@ -264,7 +263,7 @@ class BackendObject(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def State(self) -> "s":
-        return self.b.state
+        return self.b.life.shown
 
     @dbus_property(access=PropertyAccess.READ)
     def ExitStatus(self) -> "i":
@@ -348,8 +347,6 @@ class Spawner:
         # exact, however many other connections come and go (the record above is bounded).
         self._spawning: Counter[str] = Counter()
         self._left_mid_spawn: set[str] = set()
-        self._exited_emitted: set[str] = set()
-        self._respawned: dict[str, BackendObject] = {}  # a respawned process's id -> its object
         self.bus.on_departure.append(self._on_departure)
 
     # ---- bus helpers
@@ -396,10 +393,7 @@ class Spawner:
         return bool(has)
 
     def _track(self, b: Backend) -> None:
-        self._owners.setdefault(b.owner, set()).add(b.id)
-
-    def _untrack(self, b: Backend) -> None:
-        self._untrack_id(b.owner, b.id)
+        self._owners.setdefault(b.owner, set()).add(b.life.id)
 
     def _untrack_id(self, owner: str, backend_id: str) -> None:
         ids = self._owners.get(owner)
@@ -421,9 +415,9 @@ class Spawner:
     def owner_gone(self, name: str) -> None:
         for backend_id in list(self._owners.get(name, ())):
             obj = self.objects.get(backend_id)
-            if obj is not None and not obj.b.detached and obj.b.state != EXITED:
+            if obj is not None and not obj.b.detached and obj.b.life.alive:
                 log.info("backend %s: its owner %s left the bus; stopping it", backend_id, name)
-                self.supervisor.stop(obj.b)
+                self.supervisor.stop(obj.b, Event.OWNER_LEFT)
 
     # ---- authorization
 
@@ -604,8 +598,6 @@ class Spawner:
         except SpawnError as e:
             self._drop(obj)
             raise _error("SpawnFailed", f"{d.name}: {e}") from None
-        if respawn is not None:
-            respawn.settled = True
         return obj.path
 
     async def stop_call(self, obj: BackendObject) -> None:
@@ -642,28 +634,33 @@ class Spawner:
 
     # ---- supervisor events
 
-    def on_change(self, b: Backend, what: str) -> None:
-        obj = self.objects.get(b.id) or self._respawned.get(b.id)
-        if obj is None or obj.b is not b:
+    def on_change(self, b: Backend, step: Transition) -> None:
+        """Show one step of a backend's life cycle (`core.lifecycle`) on its object."""
+        obj = self.objects.get(b.life.id)
+        if obj is None:
+            return  # not exported yet (spawned, re-adopted), or gone
+        if step.event is Event.RESPAWNED:
+            obj.b = b  # the new process, in the same life
+            obj.emit_properties_changed({"State": b.life.shown, "Restarts": b.life.restarts})
+            obj.Respawned(b.life.restarts)
             return
-        if what == "exited" and self._respawn(obj, b):
+        if step.exited_by_itself and self._respawn(obj, b):
             return
-        obj.emit_properties_changed(
-            {"State": b.state, "ExitStatus": b.exit_status, "ExitSignal": b.exit_signal}
-        )
-        if what == "exited":
-            if obj.id not in self._exited_emitted:
-                self._exited_emitted.add(obj.id)
-                obj.Exited(b.exit_status, b.exit_signal)
+        if step.shown_change:
+            obj.emit_properties_changed(
+                {"State": b.life.shown, "ExitStatus": b.exit_status, "ExitSignal": b.exit_signal}
+            )
+        if step.event is Event.EXITED:
+            obj.Exited(b.exit_status, b.exit_signal)
             self._untrack_id(b.owner, obj.id)
             asyncio.get_running_loop().call_later(LINGER_S, self._drop, obj)
 
     def _respawn(self, obj: BackendObject, b: Backend) -> bool:
-        """Start an exited listening backend again on the same socket, if its budget allows
-        (options.conf ``respawn = N T``); never after a Stop or its owner's departure (both
-        stop it), nor before the Spawn's settle time passed."""
+        """Start a listening backend that exited by itself again on the same socket, if its
+        budget allows (options.conf ``respawn = N T``). The new process's `Event.RESPAWNED`
+        comes back through `on_change`, which shows it on the object."""
         r = obj.respawn
-        if r is None or r.fd < 0 or not r.settled or b._stopping is not None:
+        if r is None or r.fd < 0:
             return False
         now = time.monotonic()
         while r.times and now - r.times[0] > r.window_s:
@@ -681,41 +678,33 @@ class Spawner:
         try:
             with userns.launch(r.idmap, r.prefix) as (prefix, ns_fds):
                 new = self.supervisor.spawn(
-                    **r.spawn, socket_fd=r.fd, exec_prefix=prefix, extra_fds=ns_fds
+                    **r.spawn, socket_fd=r.fd, exec_prefix=prefix, extra_fds=ns_fds, replacing=b
                 )
         except (userns.UsernsError, SpawnError) as e:
             log.warning("backend %s: cannot respawn it: %s", obj.id, e)
             r.close()
             return False
         r.times.append(now)
-        self._respawned.pop(b.id, None)
-        if new.id != obj.id:
-            self._respawned[new.id] = obj
-        self.supervisor.remove(b)
-        obj.b = new
-        obj.restarts += 1
         log.info(
             "backend %s exited (%s); respawned as pid %d (restart %d of at most %d in %d s)",
             obj.id,
             how,
             new.pid,
-            obj.restarts,
+            new.life.restarts,
             r.limit,
             r.window_s,
         )
-        obj.emit_properties_changed({"State": new.state, "Restarts": obj.restarts})
-        obj.Respawned(obj.restarts)
         return True
 
     def _drop(self, obj: BackendObject) -> None:
-        if self.objects.pop(obj.id, None) is not None:
-            self.bus.unexport(obj.path, obj)
-        self._respawned.pop(obj.b.id, None)
+        """Its object leaves the bus (the linger time is over, or its Spawn failed)."""
+        if self.objects.pop(obj.id, None) is None:
+            return  # dropped already: a failed Spawn, then its linger timer
+        self.bus.unexport(obj.path, obj)
         if obj.respawn is not None:
             obj.respawn.close()
         self._untrack_id(obj.b.owner, obj.id)
         self.supervisor.remove(obj.b)
-        self._exited_emitted.discard(obj.id)
         self.broker.maybe_idle()
 
     def readopt(self) -> None:
@@ -735,7 +724,7 @@ class Spawner:
             if (
                 b.adopted
                 and not b.detached
-                and b.state != EXITED
+                and b.life.alive
                 and not await self.name_has_owner(b.owner)
             ):
                 log.info(
@@ -743,7 +732,7 @@ class Spawner:
                     b.id,
                     b.owner,
                 )
-                self.supervisor.stop(b)
+                self.supervisor.stop(b, Event.OWNER_LEFT)
 
     @property
     def busy(self) -> bool:
