@@ -22,13 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from dbus_fast import Message, MessageType, PropertyAccess, Variant
+from dbus_fast import Message, MessageType, Variant
 from dbus_fast.errors import DBusError
-from dbus_fast.service import ServiceInterface, dbus_property, method, signal
+from dbus_fast.service import method, signal
 
 from vhostuserd.bus.connection import Bus, current_message, error
+from vhostuserd.bus.properties import FieldObject
 from vhostuserd.core import extras
 from vhostuserd.core.descriptors import Capabilities, Descriptor, ProbeResult
+from vhostuserd.core.fields import BACKEND_FIELDS, BackendView
 from vhostuserd.core.index import Index
 from vhostuserd.core.lifecycle import Event, Transition
 from vhostuserd.core.names import BACKEND_IFACE, BACKEND_PREFIX
@@ -164,8 +166,11 @@ def check_socket(fd: int) -> bool:
     return listening
 
 
-class BackendObject(ServiceInterface):
-    """One backend, at /org/vhostuserd/Broker1/backend/<id>."""
+class BackendObject(FieldObject):
+    """One backend, at /org/vhostuserd/Broker1/backend/<id>: its properties are
+    `BACKEND_FIELDS`, its state its life cycle's (`core.lifecycle`)."""
+
+    fields = BACKEND_FIELDS
 
     def __init__(self, spawner: Spawner, backend: Backend) -> None:
         super().__init__(BACKEND_IFACE)
@@ -175,131 +180,11 @@ class BackendObject(ServiceInterface):
         self.path = BACKEND_PREFIX + self.id
         self.respawn: Respawn | None = None
 
-    def as_dict(self) -> dict[str, Variant]:
-        b = self.b
-        return {
-            "id": Variant("s", self.id),
-            "descriptor": Variant("s", b.descriptor),
-            "binary": Variant("s", b.binary),
-            "argv": Variant("as", list(b.argv)),
-            "pid": Variant("u", b.pid),
-            "owner_uid": Variant("u", b.owner_uid),
-            "owner": Variant("s", b.owner),
-            "state": Variant("s", b.life.shown),
-            "exit_status": Variant("i", b.exit_status),
-            "exit_signal": Variant("i", b.exit_signal),
-            "started_at": Variant("t", b.started_at),
-            "detached": Variant("b", b.detached),
-            "object": Variant("o", self.path),
-            **self._accounting(),
-        }
-
-    def _accounting(self) -> dict[str, Variant]:
-        """Its cgroup and what it consumed (`cgroup`); -1 where not measured."""
-        u = self.spawner.supervisor.usage(self.b)
-        return {
-            "cgroup": Variant("s", self.spawner.supervisor.cgroups.relative(self.b.cgroup)),
-            "cpu_usec": Variant("x", u.cpu_usec),
-            "memory_current": Variant("x", u.memory_current),
-            "memory_peak": Variant("x", u.memory_peak),
-            "tasks": Variant("x", u.tasks),
-        }
-
-    def variants(self) -> dict[str, Variant]:
-        d = self.as_dict()
-        names = {
-            "id": "Id",
-            "descriptor": "Descriptor",
-            "binary": "Binary",
-            "argv": "Argv",
-            "pid": "Pid",
-            "owner_uid": "OwnerUid",
-            "owner": "Owner",
-            "state": "State",
-            "exit_status": "ExitStatus",
-            "exit_signal": "ExitSignal",
-            "started_at": "StartedAt",
-            "detached": "Detached",
-            "cgroup": "Cgroup",
-            "cpu_usec": "CpuUsec",
-            "memory_current": "MemoryCurrent",
-            "memory_peak": "MemoryPeak",
-            "tasks": "Tasks",
-        }
-        props = {names[k]: v for k, v in d.items() if k in names}
-        return {**props, "Restarts": Variant("u", self.b.life.restarts)}
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Id(self) -> "s":
-        return self.id
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Restarts(self) -> "u":
-        return self.b.life.restarts
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Descriptor(self) -> "s":
-        return self.b.descriptor
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Binary(self) -> "s":
-        return self.b.binary
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Argv(self) -> "as":
-        return list(self.b.argv)
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Pid(self) -> "u":
-        return self.b.pid
-
-    @dbus_property(access=PropertyAccess.READ)
-    def OwnerUid(self) -> "u":
-        return self.b.owner_uid
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Owner(self) -> "s":
-        return self.b.owner
-
-    @dbus_property(access=PropertyAccess.READ)
-    def State(self) -> "s":
-        return self.b.life.shown
-
-    @dbus_property(access=PropertyAccess.READ)
-    def ExitStatus(self) -> "i":
-        return self.b.exit_status
-
-    @dbus_property(access=PropertyAccess.READ)
-    def ExitSignal(self) -> "i":
-        return self.b.exit_signal
-
-    @dbus_property(access=PropertyAccess.READ)
-    def StartedAt(self) -> "t":
-        return self.b.started_at
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Detached(self) -> "b":
-        return self.b.detached
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Cgroup(self) -> "s":
-        return self.spawner.supervisor.cgroups.relative(self.b.cgroup)
-
-    @dbus_property(access=PropertyAccess.READ)
-    def CpuUsec(self) -> "x":
-        return self.spawner.supervisor.usage(self.b).cpu_usec
-
-    @dbus_property(access=PropertyAccess.READ)
-    def MemoryCurrent(self) -> "x":
-        return self.spawner.supervisor.usage(self.b).memory_current
-
-    @dbus_property(access=PropertyAccess.READ)
-    def MemoryPeak(self) -> "x":
-        return self.spawner.supervisor.usage(self.b).memory_peak
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Tasks(self) -> "x":
-        return self.spawner.supervisor.usage(self.b).tasks
+    def model(self) -> BackendView:
+        supervisor = self.spawner.supervisor
+        return BackendView(
+            self.b, supervisor.cgroups.relative(self.b.cgroup), supervisor.usage(self.b)
+        )
 
     @method()
     async def Stop(self) -> "":
@@ -619,7 +504,7 @@ class Spawner:
         """Which backend objects the caller of ``msg`` may see whole: its own; all of them for
         root and for a caller polkit allows org.vhostuserd.manage (asked once per call, only
         when there is another user's backend to see). The rest are seen without
-        `service.PRIVATE_BACKEND_PROPERTIES`."""
+        `core.fields.PRIVATE_BACKEND_PROPERTIES`."""
         caller = await self.caller(msg.sender)
         if caller.uid == 0:
             return lambda _obj: True
@@ -641,15 +526,13 @@ class Spawner:
             return  # not exported yet (spawned, re-adopted), or gone
         if step.event is Event.RESPAWNED:
             obj.b = b  # the new process, in the same life
-            obj.emit_properties_changed({"State": b.life.shown, "Restarts": b.life.restarts})
+            obj.emit_properties_changed(obj.values("State", "Restarts"))
             obj.Respawned(b.life.restarts)
             return
         if step.exited_by_itself and self._respawn(obj, b):
             return
         if step.shown_change:
-            obj.emit_properties_changed(
-                {"State": b.life.shown, "ExitStatus": b.exit_status, "ExitSignal": b.exit_signal}
-            )
+            obj.emit_properties_changed(obj.values("State", "ExitStatus", "ExitSignal"))
         if step.event is Event.EXITED:
             obj.Exited(b.exit_status, b.exit_signal)
             self._untrack_id(b.owner, obj.id)
