@@ -6,6 +6,9 @@ fd 3, stdout/stderr into a pipe read on the event loop, its exit seen through a 
 from the spawn on (no thread per backend), stopped with SIGTERM to its process group and
 SIGKILL when the grace period runs out. Every signal goes through that pidfd, never to a
 pid or group number that may have been freed and reused (`procs.signal_group`).
+Each step of a backend's life (spawned, settled, stopped, killed, exited, respawned, ...)
+is one event of its life cycle (`core.lifecycle`), taken by `Supervisor._advance` alone,
+which reports the transition to the bus.
 
 The backend runs as the caller, who owns its process: it may ptrace it, read and write its
 fds. So nothing the daemon does with it may depend on what its fd table holds: output is
