@@ -27,6 +27,7 @@ from dbus_fast.errors import DBusError
 from dbus_fast.service import ServiceInterface
 
 from vhostuserd.core.errors import BrokerError, Err
+from vhostuserd.core.fields import PRIVATE_BACKEND_PROPERTIES
 from vhostuserd.core.flow import ReplyCredit
 from vhostuserd.core.names import (
     BACKEND_IFACE,
@@ -41,9 +42,6 @@ from vhostuserd.core.names import (
 
 log = logging.getLogger("vhostuserd.service")
 
-# What a caller may see of another user's backend on the system service (docs/threat-model.md,
-# "Per-caller view"): everything but these, which say what it runs, as whom, and where.
-PRIVATE_BACKEND_PROPERTIES = frozenset({"Argv", "Pid", "Owner", "OwnerUid"})
 
 MAX_ERROR_CHARS = 4096
 
