@@ -374,26 +374,22 @@ class Bus(MessageBus):
         props = variants()
         if self.backend_view is not None and interface.name == BACKEND_IFACE:
             props = public_backend(props)  # a broadcast: everyone receives it
-        self.send(
-            Message.new_signal(
-                path=_manager_for(path),
-                interface=OBJECT_MANAGER_IFACE,
-                member="InterfacesAdded",
-                signature="oa{sa{sv}}",
-                body=[path, {interface.name: props}],
-            )
-        )
+        self._object_manager_signal(path, "InterfacesAdded", "oa{sa{sv}}", {interface.name: props})
 
     def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
         if self._disconnected:
             return
+        self._object_manager_signal(path, "InterfacesRemoved", "oas", removed_interfaces)
+
+    def _object_manager_signal(self, path: str, member: str, signature: str, what: Any) -> None:
+        """An ObjectManager signal about ``path``, sent from its manager's path."""
         self.send(
             Message.new_signal(
                 path=_manager_for(path),
                 interface=OBJECT_MANAGER_IFACE,
-                member="InterfacesRemoved",
-                signature="oas",
-                body=[path, removed_interfaces],
+                member=member,
+                signature=signature,
+                body=[path, what],
             )
         )
 
