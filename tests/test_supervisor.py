@@ -34,9 +34,10 @@ from helpers_spawn import (
     wait_none_marked,
 )
 
+from vhostuserd.core.lifecycle import State
 from vhostuserd.edges import cgroup, procs
 from vhostuserd.edges.cgroup import CONTROLLERS, Cgroups
-from vhostuserd.edges.supervisor import EXITED, STOPPING, Backend, SpawnError, Supervisor
+from vhostuserd.edges.supervisor import Backend, SpawnError, Supervisor
 
 
 @pytest.fixture
@@ -116,16 +117,17 @@ def test_a_backend_ignoring_sigterm_is_killed_with_its_whole_group_at_the_grace_
         got = await report(stubborn, b.pid)
         grandchild = got["grandchild"]
         assert got["grandchild_pgid"] == b.pid
+        steps: list[State] = []
+        sup.on_change = lambda _b, step: steps.append(step.after)
         t0 = time.monotonic()
-        stopping = sup.stop(b)
-        await await_for(lambda: b.state == STOPPING or stopping.done(), "the stop to begin")
-        assert b.state == STOPPING, "stopped before the grace period"
-        await asyncio.wait_for(stopping, 10)
+        await asyncio.wait_for(sup.stop(b), 10)
         elapsed = time.monotonic() - t0
+        # SIGTERM, then SIGKILL once the grace period ran out, then its exit.
+        assert steps == [State.STOPPING, State.KILLING, State.EXITED], steps
         # SIGKILL came at the grace period (1 s), not before and not much later.
         assert 0.95 <= elapsed <= 2.5, elapsed
         assert gone(b.pid)
-        assert (b.state, b.exit_status, b.exit_signal) == (EXITED, -1, signal.SIGKILL)
+        assert (b.life.state, b.exit_status, b.exit_signal) == (State.EXITED, -1, signal.SIGKILL)
         # The helper it forked (same group, also ignoring SIGTERM) went with it.
         await await_for(lambda: gone(grandchild), f"the grandchild {grandchild} to be gone", 2.0)
         wait_none_marked(tree, 2.0)
@@ -196,8 +198,9 @@ def test_a_settle_time_of_0_returns_at_once_and_the_exit_comes_after(tree: Tree)
         # ... but a settle time of 0 does not wait for it to fail.
         late = start(sup, fake)
         await sup.settle(late, 0)
-        assert late.state != EXITED
-        await await_for(lambda: late.state == EXITED, "the backend's exit, after the settle")
+        assert late.life.alive
+        await await_for(lambda: not late.life.alive, "the backend's exit, after the settle")
+        assert late.life.state is State.EXITED
         assert (late.exit_status, late.exit_signal) == (5, -1)
 
     supervising(tree, body)
@@ -305,7 +308,7 @@ def test_a_backend_that_burns_cpu_shows_more_cpu_time_than_an_idle_one_and_it_gr
         assert burned >= 400_000 > idled >= 0, (burned, idled)
         # After the stop: the final numbers stay with the exited backend.
         await sup.stop(b)
-        assert b.state == EXITED and sup.usage(b).cpu_usec >= burned
+        assert b.life.state is State.EXITED and sup.usage(b).cpu_usec >= burned
         await sup.stop(i)
 
     supervising(tree, body, cgroups=cgroups)

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from vhostuserd.core.descriptors import descriptor_json
+from vhostuserd.core import fields
 from vhostuserd.core.errors import INTERACTIVE_REQUIRED, Err
+from vhostuserd.core.fields import BACKEND_FIELDS, json_from_bus
 from vhostuserd.core.names import (
     BACKEND_IFACE,
     BUS_NAME,
@@ -134,111 +135,27 @@ def _unwrap(value: Any) -> Any:
     return value
 
 
-@dataclass(frozen=True)
-class DescriptorInfo:
-    """One effective descriptor as the daemon reports it (the ListDescriptors dict)."""
+class DescriptorInfo(fields.DescriptorInfo):
+    """One effective descriptor as the daemon reports it (the ListDescriptors dict); `as_dict`
+    is its JSON (docs/json.md)."""
 
-    name: str
-    path: str
-    tier: str
-    type: str
-    description: str
-    binary: str
-    tags: tuple[str, ...]
-    features: tuple[str, ...] | None
-    probe_error: str | None
-    object: str
+    __slots__ = ()
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DescriptorInfo:
-        d = _unwrap(d)
-        return cls(
-            name=d["name"],
-            path=d["path"],
-            tier=d["tier"],
-            type=d["type"],
-            description=d["description"],
-            binary=d["binary"],
-            tags=tuple(d.get("tags", ())),
-            features=tuple(d["features"]) if "features" in d else None,
-            probe_error=d.get("probe_error"),
-            object=d.get("object", ""),
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        """The Descriptor object of docs/json.md: every key always present, null when unknown."""
-        return descriptor_json(
-            name=self.name,
-            path=self.path,
-            tier=self.tier,
-            type=self.type,
-            description=self.description,
-            binary=self.binary,
-            tags=list(self.tags),
-            object=self.object or None,
-            features=None if self.features is None else list(self.features),
-            probe_error=self.probe_error,
-        )
-
-
-BACKEND_KEYS = (
-    "id",
-    "object",
-    "descriptor",
-    "binary",
-    "argv",
-    "pid",
-    "owner_uid",
-    "owner",
-    "state",
-    "exit_status",
-    "exit_signal",
-    "started_at",
-    "detached",
-    "cgroup",
-    "cpu_usec",
-    "memory_current",
-    "memory_peak",
-    "tasks",
-)
-_CAMEL = {
-    "Id": "id",
-    "Descriptor": "descriptor",
-    "Binary": "binary",
-    "Argv": "argv",
-    "Pid": "pid",
-    "OwnerUid": "owner_uid",
-    "Owner": "owner",
-    "State": "state",
-    "ExitStatus": "exit_status",
-    "ExitSignal": "exit_signal",
-    "StartedAt": "started_at",
-    "Detached": "detached",
-    "Cgroup": "cgroup",
-    "CpuUsec": "cpu_usec",
-    "MemoryCurrent": "memory_current",
-    "MemoryPeak": "memory_peak",
-    "Tasks": "tasks",
-}
+    def from_dict(cls, said: Mapping[str, Any]) -> Self:
+        """From a ListDescriptors or Resolve dict, its values D-Bus variants or not."""
+        return super().from_dict(_unwrap(said))
 
 
 def backend_dict(props: dict[str, Any], object: str | None = None) -> dict[str, Any]:
     """The one JSON shape of a backend (docs/json.md) from a ListBackends dict or the D-Bus
     properties: snake_case keys, all present; the exit status and signal null (not -1) when
     they do not apply."""
-    d = {_CAMEL.get(k, k): v for k, v in props.items()}
-    out: dict[str, Any] = {k: d.get(k) for k in BACKEND_KEYS}
+    out = json_from_bus(BACKEND_FIELDS, props)
     if object is not None:
         out["object"] = object
     if out["id"] is None and out["object"]:
         out["id"] = str(out["object"]).rsplit("/", 1)[-1]
-    for k in ("exit_status", "exit_signal", "cpu_usec", "memory_current", "memory_peak", "tasks"):
-        if out[k] is not None and int(out[k]) < 0:
-            out[k] = None
-    if out["cgroup"] == "":
-        out["cgroup"] = None
-    if out["argv"] is not None:
-        out["argv"] = list(out["argv"])
     return out
 
 
@@ -290,20 +207,8 @@ class Event:
         if self.kind.startswith("descriptor-"):
             out["name"] = props.get("Name")
             if self.kind == "descriptor-added":
-                probed = bool(props.get("Probed"))
-                error = props.get("ProbeError") or None
-                out["descriptor"] = descriptor_json(
-                    name=props.get("Name", ""),
-                    path=props.get("Path", ""),
-                    tier=props.get("Tier", ""),
-                    type=props.get("Type", ""),
-                    description=props.get("Description", ""),
-                    binary=props.get("Binary", ""),
-                    tags=list(props.get("Tags", [])),
-                    object=self.object or None,
-                    features=list(props.get("Features", [])) if probed and not error else None,
-                    probe_error=error if probed else None,
-                )
+                info = DescriptorInfo.from_properties(props, self.object or None)
+                out["descriptor"] = info.as_dict()
         elif self.kind.startswith("backend-"):
             out["name"] = self.object.rsplit("/", 1)[-1] if self.object else None
             b = backend_dict(props, self.object or None)

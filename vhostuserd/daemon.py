@@ -223,7 +223,7 @@ class Daemon:
                 reaper,
                 self._state_dir(),
                 self.opts.grace_period,
-                on_change=lambda b, what: broker.spawner.on_change(b, what),
+                on_change=lambda b, step: broker.spawner.on_change(b, step),
                 cgroups=cgroups,
             )
         except OSError as e:

@@ -12,14 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vhostuserd.core.descriptors import (
-    Capabilities,
-    Descriptor,
-    Parsed,
-    ProbeError,
-    ProbeResult,
-    descriptor_json,
-)
+from vhostuserd.core.descriptors import Descriptor, Parsed, ProbeResult
+from vhostuserd.core.fields import DescriptorInfo
 from vhostuserd.core.lookup import Directory, Listing, LookupResult, merge, search_path
 from vhostuserd.core.resolve import Resolution, resolve
 from vhostuserd.edges import procs, scan
@@ -53,18 +47,7 @@ def default_search_path(*, system: bool, sysconfdir: str = "/etc") -> tuple[Dire
 def descriptor_dict(d: Descriptor, caps: ProbeResult | None) -> dict[str, Any]:
     """The Descriptor object of docs/json.md, as the daemon's would be (``object`` null:
     offline, there is no D-Bus object)."""
-    return descriptor_json(
-        name=d.name,
-        path=d.path,
-        tier=d.tier,
-        type=d.type,
-        description=d.description,
-        binary=d.binary,
-        tags=list(d.tags),
-        object=None,
-        features=list(caps.features) if isinstance(caps, Capabilities) else None,
-        probe_error=str(caps) if isinstance(caps, ProbeError) else None,
-    )
+    return DescriptorInfo.of(d, caps, None).as_dict()
 
 
 def run_with_socket(

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from dbus_fast import Message, MessageType, PropertyAccess, Variant
-from dbus_fast.service import ServiceInterface, dbus_property, method, signal
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.service import method, signal
 
 from vhostuserd.bus.connection import (
     Bus,
@@ -29,10 +29,13 @@ from vhostuserd.bus.connection import (
     error,
     replying_errors,
 )
+from vhostuserd.bus.properties import FieldObject
 from vhostuserd.core import extras, policy, userns_policy
 from vhostuserd.core.descriptors import Capabilities, Descriptor, ProbeResult
 from vhostuserd.core.errors import BrokerError, Err
+from vhostuserd.core.fields import BACKEND_FIELDS, BackendView
 from vhostuserd.core.index import Index
+from vhostuserd.core.lifecycle import Event, Transition
 from vhostuserd.core.names import BACKEND_IFACE, BACKEND_PREFIX
 from vhostuserd.core.options import SpawnPlan, plan
 from vhostuserd.core.policy import Quota, RunAs
@@ -46,7 +49,7 @@ from vhostuserd.edges.authority import (
     untrusted_reason,
 )
 from vhostuserd.edges.sockets import socket_facts
-from vhostuserd.edges.supervisor import EXITED, Backend, SpawnError, Supervisor
+from vhostuserd.edges.supervisor import Backend, SpawnError, Supervisor
 
 
 class BrokerView(Protocol):
@@ -87,7 +90,6 @@ class Respawn:
     idmap: userns_policy.IdMap | None
     prefix: tuple[str, ...]
     times: deque[float] = field(default_factory=deque)
-    settled: bool = False
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -104,143 +106,25 @@ class Caller:
     pid: int
 
 
-class BackendObject(ServiceInterface):
-    """One backend, at /org/vhostuserd/Broker1/backend/<id>."""
+class BackendObject(FieldObject):
+    """One backend, at /org/vhostuserd/Broker1/backend/<id>: its properties are
+    `BACKEND_FIELDS`, its state its life cycle's (`core.lifecycle`)."""
+
+    fields = BACKEND_FIELDS
 
     def __init__(self, spawner: Spawner, backend: Backend) -> None:
         super().__init__(BACKEND_IFACE)
         self.spawner = spawner
-        self.b = backend  # the current process: a respawn replaces it (`Spawner._respawn`)
-        self.id = backend.id  # the object's, kept across respawns
-        self.path = BACKEND_PREFIX + backend.id
-        self.restarts = 0
+        self.b = backend  # the current process: a respawn replaces it (`Spawner.on_change`)
+        self.id = backend.life.id  # the object's, kept across respawns
+        self.path = BACKEND_PREFIX + self.id
         self.respawn: Respawn | None = None
 
-    def as_dict(self) -> dict[str, Variant]:
-        b = self.b
-        return {
-            "id": Variant("s", self.id),
-            "descriptor": Variant("s", b.descriptor),
-            "binary": Variant("s", b.binary),
-            "argv": Variant("as", list(b.argv)),
-            "pid": Variant("u", b.pid),
-            "owner_uid": Variant("u", b.owner_uid),
-            "owner": Variant("s", b.owner),
-            "state": Variant("s", b.state),
-            "exit_status": Variant("i", b.exit_status),
-            "exit_signal": Variant("i", b.exit_signal),
-            "started_at": Variant("t", b.started_at),
-            "detached": Variant("b", b.detached),
-            "object": Variant("o", self.path),
-            **self._accounting(),
-        }
-
-    def _accounting(self) -> dict[str, Variant]:
-        """Its cgroup and what it consumed (`cgroup`); -1 where not measured."""
-        u = self.spawner.supervisor.usage(self.b)
-        return {
-            "cgroup": Variant("s", self.spawner.supervisor.cgroups.relative(self.b.cgroup)),
-            "cpu_usec": Variant("x", u.cpu_usec),
-            "memory_current": Variant("x", u.memory_current),
-            "memory_peak": Variant("x", u.memory_peak),
-            "tasks": Variant("x", u.tasks),
-        }
-
-    def variants(self) -> dict[str, Variant]:
-        d = self.as_dict()
-        names = {
-            "id": "Id",
-            "descriptor": "Descriptor",
-            "binary": "Binary",
-            "argv": "Argv",
-            "pid": "Pid",
-            "owner_uid": "OwnerUid",
-            "owner": "Owner",
-            "state": "State",
-            "exit_status": "ExitStatus",
-            "exit_signal": "ExitSignal",
-            "started_at": "StartedAt",
-            "detached": "Detached",
-            "cgroup": "Cgroup",
-            "cpu_usec": "CpuUsec",
-            "memory_current": "MemoryCurrent",
-            "memory_peak": "MemoryPeak",
-            "tasks": "Tasks",
-        }
-        props = {names[k]: v for k, v in d.items() if k in names}
-        return {**props, "Restarts": Variant("u", self.restarts)}
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Id(self) -> "s":
-        return self.id
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Restarts(self) -> "u":
-        return self.restarts
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Descriptor(self) -> "s":
-        return self.b.descriptor
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Binary(self) -> "s":
-        return self.b.binary
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Argv(self) -> "as":
-        return list(self.b.argv)
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Pid(self) -> "u":
-        return self.b.pid
-
-    @dbus_property(access=PropertyAccess.READ)
-    def OwnerUid(self) -> "u":
-        return self.b.owner_uid
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Owner(self) -> "s":
-        return self.b.owner
-
-    @dbus_property(access=PropertyAccess.READ)
-    def State(self) -> "s":
-        return self.b.state
-
-    @dbus_property(access=PropertyAccess.READ)
-    def ExitStatus(self) -> "i":
-        return self.b.exit_status
-
-    @dbus_property(access=PropertyAccess.READ)
-    def ExitSignal(self) -> "i":
-        return self.b.exit_signal
-
-    @dbus_property(access=PropertyAccess.READ)
-    def StartedAt(self) -> "t":
-        return self.b.started_at
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Detached(self) -> "b":
-        return self.b.detached
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Cgroup(self) -> "s":
-        return self.spawner.supervisor.cgroups.relative(self.b.cgroup)
-
-    @dbus_property(access=PropertyAccess.READ)
-    def CpuUsec(self) -> "x":
-        return self.spawner.supervisor.usage(self.b).cpu_usec
-
-    @dbus_property(access=PropertyAccess.READ)
-    def MemoryCurrent(self) -> "x":
-        return self.spawner.supervisor.usage(self.b).memory_current
-
-    @dbus_property(access=PropertyAccess.READ)
-    def MemoryPeak(self) -> "x":
-        return self.spawner.supervisor.usage(self.b).memory_peak
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Tasks(self) -> "x":
-        return self.spawner.supervisor.usage(self.b).tasks
+    def model(self) -> BackendView:
+        supervisor = self.spawner.supervisor
+        return BackendView(
+            self.b, supervisor.cgroups.relative(self.b.cgroup), supervisor.usage(self.b)
+        )
 
     @method()
     async def Stop(self) -> "":
@@ -286,8 +170,6 @@ class Spawner:
         # exact, however many other connections come and go (the record above is bounded).
         self._spawning: Counter[str] = Counter()
         self._left_mid_spawn: set[str] = set()
-        self._exited_emitted: set[str] = set()
-        self._respawned: dict[str, BackendObject] = {}  # a respawned process's id -> its object
         self.bus.on_departure.append(self._on_departure)
 
     # ---- bus helpers
@@ -334,10 +216,7 @@ class Spawner:
         return bool(has)
 
     def _track(self, b: Backend) -> None:
-        self._owners.setdefault(b.owner, set()).add(b.id)
-
-    def _untrack(self, b: Backend) -> None:
-        self._untrack_id(b.owner, b.id)
+        self._owners.setdefault(b.owner, set()).add(b.life.id)
 
     def _untrack_id(self, owner: str, backend_id: str) -> None:
         ids = self._owners.get(owner)
@@ -359,9 +238,9 @@ class Spawner:
     def owner_gone(self, name: str) -> None:
         for backend_id in list(self._owners.get(name, ())):
             obj = self.objects.get(backend_id)
-            if obj is not None and not obj.b.detached and obj.b.state != EXITED:
+            if obj is not None and not obj.b.detached and obj.b.life.alive:
                 log.info("backend %s: its owner %s left the bus; stopping it", backend_id, name)
-                self.supervisor.stop(obj.b)
+                self.supervisor.stop(obj.b, Event.OWNER_LEFT)
 
     # ---- authorization
 
@@ -473,7 +352,7 @@ class Spawner:
             caller = await self.caller(msg.sender)
             idmap = self._userns_map(d, p, caller)
             identity = await self.authorize_spawn(msg, caller, d, p, idmap, device_gids)
-            running = [(b.owner_uid, b.state == EXITED) for b in self.supervisor.backends.values()]
+            running = [(b.owner_uid, not b.life.alive) for b in self.supervisor.backends.values()]
             if (why := policy.quota_error(self.quota, caller.uid, running)) is not None:
                 raise error(Err.QUOTA_EXCEEDED, why)
             # The caller may have left while we waited (for polkit, say): then nothing starts
@@ -523,8 +402,6 @@ class Spawner:
         except SpawnError as e:
             self._drop(obj)
             raise error(Err.SPAWN_FAILED, f"{d.name}: {e}") from None
-        if respawn is not None:
-            respawn.settled = True
         return obj.path
 
     async def stop_call(self, obj: BackendObject) -> None:
@@ -544,7 +421,7 @@ class Spawner:
         """Which backend objects the caller of ``msg`` may see whole: its own; all of them for
         root and for a caller polkit allows org.vhostuserd.manage (asked once per call, only
         when there is another user's backend to see). The rest are seen without
-        `connection.PRIVATE_BACKEND_PROPERTIES`."""
+        `core.fields.PRIVATE_BACKEND_PROPERTIES`."""
         caller = await self.caller(msg.sender)
         try:
             whole = await self._sees_all(msg, caller)
@@ -555,28 +432,31 @@ class Spawner:
 
     # ---- supervisor events
 
-    def on_change(self, b: Backend, what: str) -> None:
-        obj = self.objects.get(b.id) or self._respawned.get(b.id)
-        if obj is None or obj.b is not b:
+    def on_change(self, b: Backend, step: Transition) -> None:
+        """Show one step of a backend's life cycle (`core.lifecycle`) on its object."""
+        obj = self.objects.get(b.life.id)
+        if obj is None:
+            return  # not exported yet (spawned, re-adopted), or gone
+        if step.event is Event.RESPAWNED:
+            obj.b = b  # the new process, in the same life
+            obj.emit_properties_changed(obj.values("State", "Restarts"))
+            obj.Respawned(b.life.restarts)
             return
-        if what == "exited" and self._respawn(obj, b):
+        if step.exited_by_itself and self._respawn(obj, b):
             return
-        obj.emit_properties_changed(
-            {"State": b.state, "ExitStatus": b.exit_status, "ExitSignal": b.exit_signal}
-        )
-        if what == "exited":
-            if obj.id not in self._exited_emitted:
-                self._exited_emitted.add(obj.id)
-                obj.Exited(b.exit_status, b.exit_signal)
+        if step.shown_change:
+            obj.emit_properties_changed(obj.values("State", "ExitStatus", "ExitSignal"))
+        if step.event is Event.EXITED:
+            obj.Exited(b.exit_status, b.exit_signal)
             self._untrack_id(b.owner, obj.id)
             asyncio.get_running_loop().call_later(LINGER_S, self._drop, obj)
 
     def _respawn(self, obj: BackendObject, b: Backend) -> bool:
-        """Start an exited listening backend again on the same socket, if its budget allows
-        (options.conf ``respawn = N T``); never after a Stop or its owner's departure (both
-        stop it), nor before the Spawn's settle time passed."""
+        """Start a listening backend that exited by itself again on the same socket, if its
+        budget allows (options.conf ``respawn = N T``). The new process's `Event.RESPAWNED`
+        comes back through `on_change`, which shows it on the object."""
         r = obj.respawn
-        if r is None or r.fd < 0 or not r.settled or b._stopping is not None:
+        if r is None or r.fd < 0:
             return False
         now = time.monotonic()
         while r.times and now - r.times[0] > r.window_s:
@@ -594,41 +474,33 @@ class Spawner:
         try:
             with userns.launch(r.idmap, r.prefix) as (prefix, ns_fds):
                 new = self.supervisor.spawn(
-                    **r.spawn, socket_fd=r.fd, exec_prefix=prefix, extra_fds=ns_fds
+                    **r.spawn, socket_fd=r.fd, exec_prefix=prefix, extra_fds=ns_fds, replacing=b
                 )
         except (userns_policy.UsernsError, SpawnError) as e:
             log.warning("backend %s: cannot respawn it: %s", obj.id, e)
             r.close()
             return False
         r.times.append(now)
-        self._respawned.pop(b.id, None)
-        if new.id != obj.id:
-            self._respawned[new.id] = obj
-        self.supervisor.remove(b)
-        obj.b = new
-        obj.restarts += 1
         log.info(
             "backend %s exited (%s); respawned as pid %d (restart %d of at most %d in %d s)",
             obj.id,
             how,
             new.pid,
-            obj.restarts,
+            new.life.restarts,
             r.limit,
             r.window_s,
         )
-        obj.emit_properties_changed({"State": new.state, "Restarts": obj.restarts})
-        obj.Respawned(obj.restarts)
         return True
 
     def _drop(self, obj: BackendObject) -> None:
-        if self.objects.pop(obj.id, None) is not None:
-            self.bus.unexport(obj.path, obj)
-        self._respawned.pop(obj.b.id, None)
+        """Its object leaves the bus (the linger time is over, or its Spawn failed)."""
+        if self.objects.pop(obj.id, None) is None:
+            return  # dropped already: a failed Spawn, then its linger timer
+        self.bus.unexport(obj.path, obj)
         if obj.respawn is not None:
             obj.respawn.close()
         self._untrack_id(obj.b.owner, obj.id)
         self.supervisor.remove(obj.b)
-        self._exited_emitted.discard(obj.id)
         self.broker.maybe_idle()
 
     def readopt(self) -> None:
@@ -648,7 +520,7 @@ class Spawner:
             if (
                 b.adopted
                 and not b.detached
-                and b.state != EXITED
+                and b.life.alive
                 and not await self.name_has_owner(b.owner)
             ):
                 log.info(
@@ -656,7 +528,7 @@ class Spawner:
                     b.id,
                     b.owner,
                 )
-                self.supervisor.stop(b)
+                self.supervisor.stop(b, Event.OWNER_LEFT)
 
     @property
     def busy(self) -> bool:

@@ -27,6 +27,7 @@ from dbus_fast.errors import DBusError
 from dbus_fast.service import ServiceInterface
 
 from vhostuserd.core.errors import BrokerError, Err
+from vhostuserd.core.fields import PRIVATE_BACKEND_PROPERTIES
 from vhostuserd.core.flow import ReplyCredit
 from vhostuserd.core.names import (
     BACKEND_IFACE,
@@ -41,9 +42,6 @@ from vhostuserd.core.names import (
 
 log = logging.getLogger("vhostuserd.service")
 
-# What a caller may see of another user's backend on the system service (docs/threat-model.md,
-# "Per-caller view"): everything but these, which say what it runs, as whom, and where.
-PRIVATE_BACKEND_PROPERTIES = frozenset({"Argv", "Pid", "Owner", "OwnerUid"})
 
 MAX_ERROR_CHARS = 4096
 
@@ -376,26 +374,22 @@ class Bus(MessageBus):
         props = variants()
         if self.backend_view is not None and interface.name == BACKEND_IFACE:
             props = public_backend(props)  # a broadcast: everyone receives it
-        self.send(
-            Message.new_signal(
-                path=_manager_for(path),
-                interface=OBJECT_MANAGER_IFACE,
-                member="InterfacesAdded",
-                signature="oa{sa{sv}}",
-                body=[path, {interface.name: props}],
-            )
-        )
+        self._object_manager_signal(path, "InterfacesAdded", "oa{sa{sv}}", {interface.name: props})
 
     def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
         if self._disconnected:
             return
+        self._object_manager_signal(path, "InterfacesRemoved", "oas", removed_interfaces)
+
+    def _object_manager_signal(self, path: str, member: str, signature: str, what: Any) -> None:
+        """An ObjectManager signal about ``path``, sent from its manager's path."""
         self.send(
             Message.new_signal(
                 path=_manager_for(path),
                 interface=OBJECT_MANAGER_IFACE,
-                member="InterfacesRemoved",
-                signature="oas",
-                body=[path, removed_interfaces],
+                member=member,
+                signature=signature,
+                body=[path, what],
             )
         )
 

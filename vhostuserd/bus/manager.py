@@ -14,20 +14,27 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from dbus_fast import Message, PropertyAccess, Variant
+from dbus_fast import Message, PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
 from vhostuserd import __version__
-from vhostuserd.bus.connection import Bus, current_message, error, error_reply, replying_errors
+from vhostuserd.bus.connection import (
+    Bus,
+    current_message,
+    error,
+    error_reply,
+    replying_errors,
+)
+from vhostuserd.bus.properties import FieldObject
 from vhostuserd.core import policy
 from vhostuserd.core.descriptors import (
-    Capabilities,
     Descriptor,
     Diagnostic,
     ProbeError,
     ProbeResult,
 )
 from vhostuserd.core.errors import Err
+from vhostuserd.core.fields import DESCRIPTOR_FIELDS, DescriptorInfo
 from vhostuserd.core.index import Change
 from vhostuserd.core.names import (
     DESCRIPTOR_IFACE,
@@ -64,111 +71,34 @@ def descriptor_path(name: str) -> str:
     return DESCRIPTOR_PREFIX + escape_label(name)
 
 
-def descriptor_variants(
-    d: Descriptor, caps: ProbeResult | None, path: str | None
-) -> dict[str, Variant]:
-    """The ListDescriptors/Resolve dict of docs/contract.md section 3."""
-    out = {
-        "name": Variant("s", d.name),
-        "path": Variant("s", d.path),
-        "tier": Variant("s", d.tier),
-        "type": Variant("s", d.type),
-        "description": Variant("s", d.description),
-        "binary": Variant("s", d.binary),
-        "tags": Variant("as", list(d.tags)),
-    }
-    if isinstance(caps, Capabilities):
-        out["features"] = Variant("as", list(caps.features))
-    elif isinstance(caps, ProbeError):
-        out["probe_error"] = Variant("s", str(caps))
-    if path is not None:
-        out["object"] = Variant("o", path)
-    return out
+class DescriptorObject(FieldObject):
+    """One effective descriptor, at /org/vhostuserd/Broker1/descriptor/<escaped name>: its
+    properties are `DESCRIPTOR_FIELDS`."""
 
-
-class DescriptorObject(ServiceInterface):
-    """One effective descriptor, at /org/vhostuserd/Broker1/descriptor/<escaped name>."""
+    fields = DESCRIPTOR_FIELDS
 
     def __init__(self, descriptor: Descriptor) -> None:
         super().__init__(DESCRIPTOR_IFACE)
         self.descriptor = descriptor
         self.path = descriptor_path(descriptor.name)
         self.caps: ProbeResult | None = None
-        self._dict: dict[str, Variant] | None = None
+        self._info: DescriptorInfo | None = None
 
-    def as_dict(self) -> dict[str, Variant]:
-        if self._dict is None:
-            self._dict = descriptor_variants(self.descriptor, self.caps, self.path)
-        return self._dict
-
-    def variants(self) -> dict[str, Variant]:
-        d = self.descriptor
-        caps = self.caps
-        return {
-            "Name": Variant("s", d.name),
-            "Path": Variant("s", d.path),
-            "Tier": Variant("s", d.tier),
-            "Type": Variant("s", d.type),
-            "Description": Variant("s", d.description),
-            "Binary": Variant("s", d.binary),
-            "Tags": Variant("as", list(d.tags)),
-            "Probed": Variant("b", caps is not None),
-            "Features": Variant(
-                "as", list(caps.features) if isinstance(caps, Capabilities) else []
-            ),
-            "ProbeError": Variant("s", str(caps) if isinstance(caps, ProbeError) else ""),
-        }
+    def model(self) -> DescriptorInfo:
+        if self._info is None:
+            self._info = DescriptorInfo.of(self.descriptor, self.caps, self.path)
+        return self._info
 
     def update(self, descriptor: Descriptor | None = None, caps: ProbeResult | None = None) -> None:
         before = self.variants()
         if descriptor is not None:
             self.descriptor = descriptor
         self.caps = caps
-        self._dict = None
+        self._info = None
         after = self.variants()
         changed = {k: v.value for k, v in after.items() if before[k] != v}
         if changed:
             self.emit_properties_changed(changed)
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Name(self) -> "s":
-        return self.descriptor.name
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Path(self) -> "s":
-        return self.descriptor.path
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Tier(self) -> "s":
-        return self.descriptor.tier
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Type(self) -> "s":
-        return self.descriptor.type
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Description(self) -> "s":
-        return self.descriptor.description
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Binary(self) -> "s":
-        return self.descriptor.binary
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Tags(self) -> "as":
-        return list(self.descriptor.tags)
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Probed(self) -> "b":
-        return self.caps is not None
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Features(self) -> "as":
-        return list(self.caps.features) if isinstance(self.caps, Capabilities) else []
-
-    @dbus_property(access=PropertyAccess.READ)
-    def ProbeError(self) -> "s":
-        return str(self.caps) if isinstance(self.caps, ProbeError) else ""
 
 
 class Manager(ServiceInterface):

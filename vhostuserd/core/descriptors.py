@@ -85,17 +85,6 @@ class Descriptor:
         doc = {"type": self.type, "features": list(self.adapter.features)}
         return Capabilities(self.type, self.adapter.features, json.dumps(doc, sort_keys=True))
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "path": self.path,
-            "tier": self.tier,
-            "type": self.type,
-            "description": self.description,
-            "binary": self.binary,
-            "tags": list(self.tags),
-        }
-
 
 @dataclass(frozen=True, slots=True)
 class Parsed:
@@ -326,32 +315,3 @@ def parse_capabilities(data: bytes, expected_type: str) -> ProbeResult:
         )
     features = tuple(document.get("features", ()))
     return Capabilities(document["type"], features, json.dumps(document, sort_keys=True))
-
-
-def descriptor_json(
-    *,
-    name: str,
-    path: str,
-    tier: str,
-    type: str,
-    description: str,
-    binary: str,
-    tags: list[str],
-    object: str | None,
-    features: list[str] | None,
-    probe_error: str | None,
-) -> dict[str, Any]:
-    """The one JSON shape of a descriptor (docs/json.md), online and offline alike."""
-    return {
-        "name": name,
-        "path": path,
-        "tier": tier,
-        "type": type,
-        "description": description,
-        "binary": binary,
-        "tags": tags,
-        "object": object,
-        "probed": features is not None or probe_error is not None,
-        "features": features,
-        "probe_error": probe_error,
-    }

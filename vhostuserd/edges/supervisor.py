@@ -6,6 +6,9 @@ fd 3, stdout/stderr into a pipe read on the event loop, its exit seen through a 
 from the spawn on (no thread per backend), stopped with SIGTERM to its process group and
 SIGKILL when the grace period runs out. Every signal goes through that pidfd, never to a
 pid or group number that may have been freed and reused (`procs.signal_group`).
+Each step of a backend's life (spawned, settled, stopped, killed, exited, respawned, ...)
+is one event of its life cycle (`core.lifecycle`), taken by `Supervisor._advance` alone,
+which reports the transition to the bus.
 
 The backend runs as the caller, who owns its process: it may ptrace it, read and write its
 fds. So nothing the daemon does with it may depend on what its fd table holds: output is
@@ -40,6 +43,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from vhostuserd.core.lifecycle import Event, Lifecycle, Transition
 from vhostuserd.core.policy import SETPRIV
 from vhostuserd.edges import procs
 from vhostuserd.edges.cgroup import Cgroups, Usage
@@ -52,7 +56,6 @@ READ_CHUNK = 16 * 1024  # read at most this much per wake-up of a backend's pipe
 READ_PER_S = 1024 * 1024  # read at most this much per backend per second; then it waits
 LOG_LINES_PER_S, LOG_BURST = 20, 200  # lines per backend into the daemon's log
 LOG_LINES_PER_S_ALL, LOG_BURST_ALL = 200, 1000  # lines of all backends together
-RUNNING, STOPPING, EXITED = "running", "stopping", "exited"
 ID_BLOCK = 64
 _RECORD = re.compile(r"backend-(.*)\.json")
 
@@ -207,11 +210,11 @@ class Backend:
     started_at: int  # microseconds since the epoch
     start_time: int  # /proc/PID/stat starttime, for re-adoption
     exe: str
+    life: Lifecycle  # its state (`core.lifecycle`), shared with the processes that respawn it
     log_pipe: str = ""  # "pipe:[inode]" of the daemon's own read end, recorded at spawn
     cgroup: str = ""  # its own cgroup v2 directory (absolute), "" without cgroups
     usage: Usage = field(default_factory=Usage, repr=False)  # what it consumed, final once exited
     adopted: bool = False
-    state: str = RUNNING
     exit_status: int = -1
     exit_signal: int = -1
     log: bytearray = field(default_factory=bytearray, repr=False)
@@ -280,14 +283,15 @@ def _load_record(path: str, backend_id: str) -> tuple[dict[str, Any], list[str]]
 
 
 class Supervisor:
-    """All backends of this daemon. ``on_change(backend, what)`` reports "state" and "exited"."""
+    """All backends of this daemon. ``on_change(backend, transition)`` reports every step of a
+    backend's life cycle (`core.lifecycle`), as `_advance` takes it."""
 
     def __init__(
         self,
         reaper: procs.Reaper,
         state_dir: str,
         grace_period: float,
-        on_change: Callable[[Backend, str], None],
+        on_change: Callable[[Backend, Transition], None],
         store: FdStore | None = None,
         cgroups: Cgroups | None = None,
     ) -> None:
@@ -371,11 +375,14 @@ class Supervisor:
         exec_prefix: tuple[str, ...] = (),
         limits: dict[str, str] | None = None,
         extra_fds: Mapping[int, int] | None = None,
+        replacing: Backend | None = None,
     ) -> Backend:
         """Start one backend with ``socket_fd`` as its fd 3. Raises SpawnError.
 
         ``extra_fds`` ({child fd: our fd}, above 3): what ``exec_prefix`` needs, e.g. the user
-        namespace `userns.create` made; the prefix closes them before the backend runs."""
+        namespace `userns.create` made; the prefix closes them before the backend runs.
+        ``replacing``: the exited backend this one respawns; the new process (its own id and
+        record) carries on its life (the same object), and the old one is forgotten."""
         backend_id = self._next_id()
         cgroup, placement = self._cgroup_for(backend_id, limits)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -419,6 +426,7 @@ class Supervisor:
             started_at=time.time_ns() // 1000,
             start_time=0,
             exe="",
+            life=replacing.life if replacing is not None else Lifecycle(backend_id),
             log_pipe=f"pipe:[{os.fstat(out_r).st_ino}]",
             pidfd=pidfd,
             cgroup=cgroup,
@@ -444,7 +452,17 @@ class Supervisor:
             owner_uid,
             ", detached" if detached else "",
         )
+        if replacing is None:
+            self._advance(b, Event.SPAWNED)
+        else:
+            self._discard(replacing)
+            self._advance(b, Event.RESPAWNED)
         return b
+
+    def _advance(self, b: Backend, event: Event) -> None:
+        """The one way a backend's state changes: its life cycle's table decides (raising on an
+        event its state does not allow), then the daemon hears of the step."""
+        self.on_change(b, b.life.advance(event))
 
     def _cgroup_for(
         self, backend_id: str, limits: dict[str, str] | None
@@ -482,11 +500,12 @@ class Supervisor:
                 f"{b.binary} {procs.status_text(b.exited.result())} at once"
                 + (f"; its output ends with:\n{tail}" if tail else " (no output)")
             )
+        self._advance(b, Event.SETTLED)
         self._identify(b)
 
     def _identify(self, b: Backend) -> None:
         """Record what re-adoption checks: start time and executable."""
-        if b.state == EXITED:
+        if b.exited is None or b.exited.done():  # its process is gone (a respawn's old one too)
             return
         start_time = b.start_time or _proc_start_time(b.pid) or 0
         exe = _proc_exe(b.pid) or b.exe
@@ -588,7 +607,6 @@ class Supervisor:
 
     def _on_exit(self, b: Backend, status: int) -> None:
         b.exit_status, b.exit_signal = procs.describe_status(status)
-        b.state = EXITED
         if b.pidfd >= 0:
             os.close(b.pidfd)
             b.pidfd = -1
@@ -610,7 +628,7 @@ class Supervisor:
             else "exited (status unknown: re-adopted after a restart)",
             consumed,
         )
-        self.on_change(b, "exited")
+        self._advance(b, Event.EXITED)
 
     def _remove_cgroup(self, path: str, delay: float = 0.005) -> None:
         """rmdir the cgroup once its killed members are gone (they leave it as they die)."""
@@ -624,12 +642,14 @@ class Supervisor:
 
     def usage(self, b: Backend) -> Usage:
         """What ``b`` consumed so far (final once it exited); all -1 without a cgroup."""
-        if b.cgroup and b.state != EXITED:
+        if b.cgroup and b.life.alive:
             return self.cgroups.usage(b.cgroup)
         return b.usage
 
-    def stop(self, b: Backend) -> asyncio.Task[None]:
-        """SIGTERM the group, SIGKILL after the grace period; done when the process is gone."""
+    def stop(self, b: Backend, why: Event = Event.STOP) -> asyncio.Task[None]:
+        """SIGTERM the group, SIGKILL after the grace period; done when the process is gone.
+        ``why``: Stop, or its owner left the bus (`Event.OWNER_LEFT`)."""
+        self._advance(b, why)
         if b._stopping is None:
             b._stopping = asyncio.ensure_future(self._stop(b))
         return b._stopping
@@ -638,8 +658,6 @@ class Supervisor:
         assert b.exited is not None
         if b.exited.done():
             return
-        b.state = STOPPING
-        self.on_change(b, "state")
         self._signal(b, signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(b.exited), self.grace_period)
@@ -650,13 +668,19 @@ class Supervisor:
                 b.pid,
                 self.grace_period,
             )
+            self._advance(b, Event.GRACE_EXPIRED)
             self._signal(b, signal.SIGKILL)
             if b.cgroup:
                 self.cgroups.kill(b.cgroup)
             await asyncio.shield(b.exited)
 
     def remove(self, b: Backend) -> None:
-        """Forget an exited backend: its output too, even if something outside its group
+        """Its object left the bus: forget the exited backend."""
+        self._advance(b, Event.REMOVED)
+        self._discard(b)
+
+    def _discard(self, b: Backend) -> None:
+        """Forget an exited process: its output too, even if something outside its group
         still holds the pipe's write end."""
         self.backends.pop(b.id, None)
         self._close_output(b)
@@ -874,6 +898,7 @@ class Supervisor:
             started_at=rec["started_at"] if "started_at" in rec else int((began or 0) * 1e6),
             start_time=start_time,
             exe=exe,
+            life=Lifecycle(backend_id),
             log_pipe=rec.get("log_pipe", ""),
             adopted=True,
             pidfd=pidfd,
@@ -883,6 +908,7 @@ class Supervisor:
             pid, pidfd, before_reap=lambda: self._kill_helpers(b), child=False
         )
         self.backends[b.id] = b
+        self._advance(b, Event.READOPTED)
         out = None
         if stored_log is not None:
             if self._our_pipe(stored_log, b.log_pipe, read_end=True):
