@@ -379,10 +379,10 @@ class Spawner:
         if r is None or r.fd < 0:
             return False
         now = time.monotonic()
-        while r.times and now - r.times[0] > r.window_s:
-            r.times.popleft()
+        recent = policy.recent_restarts(r.times, now, r.window_s)
+        r.times = deque(recent)
         how = f"status {b.exit_status}" if b.exit_signal < 0 else f"signal {b.exit_signal}"
-        if len(r.times) >= r.limit:
+        if len(recent) >= r.limit:
             said = (
                 f"vhostuserd: backend {obj.id} exited ({how}); respawn limit reached "
                 f"({r.limit} restarts in {r.window_s} s): not restarting\n"
