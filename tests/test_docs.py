@@ -334,3 +334,35 @@ def test_the_documented_linger_of_an_exited_backend_is_the_daemons() -> None:
     assert said in build_parser().format_help() + "".join(
         p.format_help() for p in _subparsers().values()
     )
+
+
+def test_every_source_file_the_docs_name_exists() -> None:
+    """README.md and docs/ name modules by path (`vhostuserd/edges/userns.py`); a move must
+    take them along."""
+    named = set()
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        named |= {(doc.name, m) for m in re.findall(r"\bvhostuserd/[\w/]+\.py\b", doc.read_text())}
+    missing = sorted(f"{doc}: {path}" for doc, path in named if not (REPO / path).is_file())
+    assert named and not missing, missing
+
+
+def test_the_architecture_names_only_modules_that_exist() -> None:
+    """docs/architecture.md's table lists each package's modules (`descriptors`, `watch`, ...):
+    each is a module of that package, or one of the top-level modules it mentions."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    top = {p.stem for p in (REPO / "vhostuserd").glob("*.py")}
+    rows = re.findall(r"^\| `vhostuserd/(\w+)/` \| (.*?) \|", text, re.M)
+    assert {pkg for pkg, _ in rows} == {"core", "edges", "bus", "cli"}, rows
+    wrong = []
+    for pkg, cell in rows:
+        here = {p.stem for p in (REPO / "vhostuserd" / pkg).glob("*.py")}
+        for name in re.findall(r"`([a-z_]+)`", cell):
+            if name not in here | top:
+                wrong.append(f"{pkg}/{name}")
+    assert not wrong, wrong
+    for pkg in ("core", "edges", "bus", "cli"):
+        listed = {n for p, cell in rows if p == pkg for n in re.findall(r"`([a-z_]+)`", cell)}
+        unlisted = {
+            p.stem for p in (REPO / "vhostuserd" / pkg).glob("*.py") if p.stem != "__init__"
+        } - listed
+        assert not unlisted, f"docs/architecture.md does not list {pkg}: {sorted(unlisted)}"

@@ -693,3 +693,18 @@ def test_untrusted_binaries_are_diagnosed_and_refused_by_name() -> None:
     assert e.name is Err.NOT_AUTHORIZED
     said = "60-bad.json: its binary cannot be trusted by the system service: owned by uid 1000"
     assert str(e) == said
+
+
+@pytest.mark.parametrize(
+    ("times", "now", "window", "left"),
+    [
+        ([], 100.0, 60, []),
+        ([10.0, 50.0, 90.0], 100.0, 60, [50.0, 90.0]),  # 10 s is 90 s ago: no longer counts
+        ([40.0], 100.0, 60, [40.0]),  # exactly the window ago still counts
+        ([1.0, 2.0], 100.0, 60, []),
+    ],
+)
+def test_restarts_older_than_the_window_no_longer_count(
+    times: list[float], now: float, window: int, left: list[float]
+) -> None:
+    assert policy.recent_restarts(times, now, window) == left

@@ -152,7 +152,7 @@ class Daemon:
     async def _own_name(self, bus: Bus) -> None:
         from dbus_fast import Message, NameFlag, RequestNameReply
 
-        from vhostuserd.bus.backends import DBUS
+        from vhostuserd.bus.callers import DBUS
         from vhostuserd.core.names import BUS_NAME
 
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
@@ -309,7 +309,7 @@ class Daemon:
         """Return once idle and our name is released with every queued call answered."""
         from dbus_fast import Message, MessageType
 
-        from vhostuserd.bus.backends import DBUS
+        from vhostuserd.bus.callers import DBUS
         from vhostuserd.core.names import BUS_NAME
 
         timeout = self.opts.idle_timeout

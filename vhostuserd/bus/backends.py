@@ -14,14 +14,15 @@ import asyncio
 import logging
 import os
 import time
-from collections import Counter, OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import Message, Variant
 from dbus_fast.service import method, signal
 
+from vhostuserd.bus.callers import Caller, Callers
 from vhostuserd.bus.connection import (
     Bus,
     current_message,
@@ -42,7 +43,6 @@ from vhostuserd.core.policy import Quota, RunAs
 from vhostuserd.edges import cgroup, settings, userns
 from vhostuserd.edges.authority import (
     Authority,
-    CallTarget,
     caller_app_id,
     check_device,
     run_as,
@@ -67,15 +67,6 @@ class BrokerView(Protocol):
 log = logging.getLogger("vhostuserd.backends")
 
 LINGER_S = 3.0
-DEPARTURES = (
-    "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
-    "member='NameOwnerChanged',arg2=''"
-)
-DBUS: CallTarget = {
-    "destination": "org.freedesktop.DBus",
-    "path": "/org/freedesktop/DBus",
-    "interface": "org.freedesktop.DBus",
-}
 
 
 @dataclass
@@ -95,15 +86,6 @@ class Respawn:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is calling, from the bus's own records: never from the call's arguments."""
-
-    name: str
-    uid: int
-    pid: int
 
 
 class BackendObject(FieldObject):
@@ -164,56 +146,14 @@ class Spawner:
         self.quota = quota
         self.objects: dict[str, BackendObject] = {}
         self._owners: dict[str, set[str]] = {}
-        self._callers: dict[str, Caller] = {}
-        self._departed: OrderedDict[str, None] = OrderedDict()
-        # Callers with a Spawn in progress, and those of them that left the bus meanwhile:
-        # exact, however many other connections come and go (the record above is bounded).
-        self._spawning: Counter[str] = Counter()
-        self._left_mid_spawn: set[str] = set()
-        self.bus.on_departure.append(self._on_departure)
-
-    # ---- bus helpers
-
-    async def _dbus(
-        self, member: str, signature: str = "", body: list[Any] | None = None
-    ) -> list[Any]:
-        reply = await self.bus.call(
-            Message(member=member, signature=signature, body=body or [], **DBUS)
-        )
-        assert reply is not None
-        if reply.message_type is MessageType.ERROR:
-            raise LookupError(f"{reply.error_name}: {reply.body[0] if reply.body else ''}")
-        return list(reply.body)
+        self.callers = Callers(self.bus)
+        self.callers.on_departure.append(self._on_departure)
 
     async def start(self) -> None:
-        """Hear about every connection that leaves the bus: one match for the daemon's life,
-        instead of a match (and a round trip) per owner and per Spawn."""
-        await self._dbus("AddMatch", "s", [DEPARTURES])
+        await self.callers.start()
 
     async def caller(self, sender: str) -> Caller:
-        """uid and pid of a connection, from the bus; cached, since unique names are never
-        reused."""
-        known = self._callers.get(sender)
-        if known is not None:
-            return known
-        try:
-            (creds,) = await self._dbus("GetConnectionCredentials", "s", [sender])
-        except LookupError as e:
-            raise error(Err.NOT_AUTHORIZED, f"cannot identify the caller {sender}: {e}") from None
-        caller = Caller(
-            sender,
-            int(creds["UnixUserID"].value),
-            int(creds.get("ProcessID", Variant("u", 0)).value),
-        )
-        if sender not in self._departed:
-            self._callers[sender] = caller
-            if len(self._callers) > 4096:
-                self._callers.pop(next(iter(self._callers)))
-        return caller
-
-    async def name_has_owner(self, name: str) -> bool:
-        (has,) = await self._dbus("NameHasOwner", "s", [name])
-        return bool(has)
+        return await self.callers.caller(sender)
 
     def _track(self, b: Backend) -> None:
         self._owners.setdefault(b.owner, set()).add(b.life.id)
@@ -226,12 +166,6 @@ class Spawner:
                 del self._owners[owner]
 
     def _on_departure(self, name: str) -> None:
-        self._callers.pop(name, None)
-        self._departed[name] = None
-        if name in self._spawning:
-            self._left_mid_spawn.add(name)
-        if len(self._departed) > 8192:
-            self._departed.popitem(last=False)
         if name in self._owners:
             self.owner_gone(name)
 
@@ -297,22 +231,8 @@ class Spawner:
 
     async def spawn(self, name: str, options: dict[str, Variant], fd: int) -> str:
         msg = current_message.get()
-        sender = msg.sender
-        self._spawning[sender] += 1
-        try:
-            with replying_errors():
-                return await self._spawn(msg, name, options, fd)
-        finally:
-            self._spawning[sender] -= 1
-            if not self._spawning[sender]:
-                del self._spawning[sender]
-                self._left_mid_spawn.discard(sender)
-
-    def _left(self, name: str) -> bool:
-        """Has the caller ``name`` left the bus? Exact for a caller with a Spawn in progress
-        (a departure before the call's task ran is still in the recent-departures record:
-        one read of the socket cannot carry 8,192 of them)."""
-        return name in self._left_mid_spawn or name in self._departed
+        with self.callers.calling(msg.sender), replying_errors():
+            return await self._spawn(msg, name, options, fd)
 
     async def _plan(
         self, name: str, options: dict[str, Variant], listening: bool
@@ -358,7 +278,7 @@ class Spawner:
             # The caller may have left while we waited (for polkit, say): then nothing starts
             # (the CVE-2021-3560 class of bug). From here to tracking there is no await, so a
             # departure not seen yet is handled after, by stopping the backend.
-            if self._left(caller.name):
+            if self.callers.left(caller.name):
                 log.info(
                     "Spawn of %s for %s: the caller left the bus; nothing was started",
                     d.name,
@@ -459,10 +379,10 @@ class Spawner:
         if r is None or r.fd < 0:
             return False
         now = time.monotonic()
-        while r.times and now - r.times[0] > r.window_s:
-            r.times.popleft()
+        recent = policy.recent_restarts(r.times, now, r.window_s)
+        r.times = deque(recent)
         how = f"status {b.exit_status}" if b.exit_signal < 0 else f"signal {b.exit_signal}"
-        if len(r.times) >= r.limit:
+        if len(recent) >= r.limit:
             said = (
                 f"vhostuserd: backend {obj.id} exited ({how}); respawn limit reached "
                 f"({r.limit} restarts in {r.window_s} s): not restarting\n"
@@ -521,7 +441,7 @@ class Spawner:
                 b.adopted
                 and not b.detached
                 and b.life.alive
-                and not await self.name_has_owner(b.owner)
+                and not await self.callers.name_has_owner(b.owner)
             ):
                 log.info(
                     "backend %s: its owner %s left the bus while we were away; stopping it",

@@ -1,10 +1,11 @@
-"""The D-Bus face of the broker: the Manager and Descriptor objects of docs/contract.md section 3.
+"""The D-Bus face of the broker: the Manager and Descriptor objects of docs/contract.md section 3,
+and the `Broker` that wires them to the live index and the probes.
 
-Owns what is exported (paths, interfaces, properties, signals, error names) and the bus
-connection's fixes: ObjectManager signals sent from the manager's path (dbus-fast sends
-them from the object's own), the calling message made available to handlers, and received
-fds closed for every call that does not take them. Lookup and spawning logic live in the
-modules it wires together (`index`, `capabilities`, `resolve`).
+Owns what is exported at the manager's path and under ``descriptor/``: the objects follow the
+index's changes, probes run once per binary and fill in capabilities, Resolve is answered
+from the message handler when no probe is needed (`_resolve_now`) and by the method when one
+is. The rules are the core's (`resolve`, `policy`); the connection and its fixes are
+`bus.connection`'s; Spawn and the backends are `bus.backends`'.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from vhostuserd.core.descriptors import (
     ProbeError,
     ProbeResult,
 )
-from vhostuserd.core.errors import Err
+from vhostuserd.core.errors import BrokerError, Err
 from vhostuserd.core.fields import DESCRIPTOR_FIELDS, DescriptorInfo
 from vhostuserd.core.index import Change
 from vhostuserd.core.names import (
@@ -117,8 +118,7 @@ class Manager(ServiceInterface):
 
     @method()
     async def Resolve(self, type: "s", features: "as") -> "oa{sv}":
-        d = await self.broker.resolve(type, features)
-        obj = self.broker.objects[d.name]
+        obj = await self.broker.resolve(type, features)
         return [obj.path, obj.as_dict()]
 
     @method()
@@ -324,39 +324,44 @@ class Broker:
             obj.update(caps=result)
         return result
 
+    def _candidates(self, btype: str, features: list[str]) -> list[Descriptor]:
+        """The descriptors whose capabilities a Resolve needs (none without features); a
+        request over the bounds is refused first (`policy.features_error`)."""
+        if (why := policy.features_error(features)) is not None:
+            raise BrokerError(Err.LIMITS_EXCEEDED, f"Resolve: {why}")
+        return [d for d in self.index.descriptors if d.type == btype] if features else []
+
+    def _chosen(
+        self, btype: str, features: list[str], probed: dict[str, ProbeResult]
+    ) -> DescriptorObject:
+        """Rule 5 over the index as it is now (it may have moved on while probes ran), with
+        these capabilities; NotFound says why each candidate was rejected."""
+        resolution = resolve(self.index.descriptors, btype, features, lambda d: probed.get(d.name))
+        if resolution.chosen is None or resolution.chosen.name not in self.objects:
+            raise BrokerError(Err.NOT_FOUND, resolution.explain(btype, features))
+        return self.objects[resolution.chosen.name]
+
     def _resolve_now(self, msg: Message) -> Message | None:
         """Resolve without waiting, when every candidate's capabilities are known."""
         btype, features = msg.body
-        if (why := policy.features_error(features)) is not None:
-            return error_reply(msg, Err.LIMITS_EXCEEDED, f"Resolve: {why}")
-        probed: dict[str, ProbeResult] = {}
-        if features:
-            for d in self.index.descriptors:
-                if d.type == btype:
-                    result = self.cached_caps(d)
-                    if result is None:
-                        return None  # a probe is needed: the async method waits for it
-                    probed[d.name] = result
-        resolution = resolve(self.index.descriptors, btype, features, lambda d: probed.get(d.name))
-        if resolution.chosen is None or resolution.chosen.name not in self.objects:
-            return error_reply(msg, Err.NOT_FOUND, resolution.explain(btype, features))
-        obj = self.objects[resolution.chosen.name]
+        try:
+            probed: dict[str, ProbeResult] = {}
+            for d in self._candidates(btype, features):
+                result = self.cached_caps(d)
+                if result is None:
+                    return None  # a probe is needed: the async method waits for it
+                probed[d.name] = result
+            obj = self._chosen(btype, features, probed)
+        except BrokerError as e:
+            return error_reply(msg, e.name, str(e))
         return Message.new_method_return(msg, "oa{sv}", [obj.path, obj.as_dict()])
 
-    async def resolve(self, btype: str, features: list[str]) -> Descriptor:
-        if (why := policy.features_error(features)) is not None:
-            raise error(Err.LIMITS_EXCEEDED, f"Resolve: {why}")
-        descriptors = self.index.descriptors
-        probed: dict[str, ProbeResult] = {}
-        if features:
-            candidates = [d for d in descriptors if d.type == btype]
+    async def resolve(self, btype: str, features: list[str]) -> DescriptorObject:
+        with replying_errors():
+            candidates = self._candidates(btype, features)
             results = await asyncio.gather(*(self.caps_for(d) for d in candidates))
             probed = {d.name: r for d, r in zip(candidates, results, strict=True)}
-            descriptors = self.index.descriptors  # the index may have moved on meanwhile
-        resolution = resolve(descriptors, btype, features, lambda d: probed.get(d.name))
-        if resolution.chosen is None or resolution.chosen.name not in self.objects:
-            raise error(Err.NOT_FOUND, resolution.explain(btype, features))
-        return resolution.chosen
+            return self._chosen(btype, features, probed)
 
     async def capabilities(self, name: str) -> str:
         d = self._named(name)

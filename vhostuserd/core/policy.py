@@ -357,3 +357,12 @@ def untrusted_refusal(name: str, why: str) -> BrokerError:
     return BrokerError(
         Err.NOT_AUTHORIZED, f"{name}: its binary cannot be trusted by the system service: {why}"
     )
+
+
+# ---- respawn (options.conf ``respawn = N T``: at most N restarts in any T seconds)
+
+
+def recent_restarts(times: Iterable[float], now: float, window_s: float) -> list[float]:
+    """The restart times (oldest first) that still count against the budget at ``now``: a
+    backend may be restarted again while fewer than N of them are left."""
+    return [t for t in times if now - t <= window_s]
