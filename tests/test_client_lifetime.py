@@ -2,8 +2,9 @@
 
 A backend belongs to the connection that spawned it: when that connection leaves the bus
 (it disconnects, or its process is SIGKILLed) its backends are stopped, unless detached.
-Only the owner's uid (or root) may stop a backend or read its log. That a session service
-spawns for its own uid only is Authority.check's rule, in tests/test_polkit_answers.py.
+Who may stop a backend or read its log (the owner's uid, root, holders of manage) is
+`core.policy`'s rule, tested as a table in tests/test_policy.py (test_manage, and the session
+service's own uid only); the bus side is test_privilege.py's and test_polkit_mock.py's.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -26,7 +26,6 @@ from helpers_spawn import (
     gone,
     install,
     kill_marked,
-    marked,
     proc_stat,
     spawn,
     wait_none_marked,
@@ -176,118 +175,3 @@ def test_a_sigkilled_client_loses_its_backends_but_not_the_detached_one(
             if f:
                 f.close()
     wait_none_marked(tree, 2.0)
-
-
-def test_a_second_connection_of_the_same_uid_may_stop_a_backend(
-    bus: PrivateBus, tree: Tree, start_daemon: StartDaemon
-) -> None:
-    fake = install(tree, "honours_sigterm", "gpu", [], short="polite")
-    start_daemon()
-
-    async def main() -> None:
-        first = await Client.open(bus.address, record=False)
-        second = await Client.open(bus.address, record=False)
-        path, props = await spawn(first, fake, tree.root)
-        assert path in [x["object"] for x in await second.list_backends()]
-        await second.stop(path)
-        assert gone(props["Pid"])
-        # The owner's connection is still there; its backend is gone all the same.
-        assert (await first.backend(path))["State"] == "exited"
-        await first.close()
-        await second.close()
-
-    run(main())
-
-
-# ---------------------------------------------------------------- another uid
-
-
-@pytest.fixture
-def open_bus() -> Iterator[PrivateBus]:
-    """A private bus that other uids can reach (the shared one's directory is 0700)."""
-    b = PrivateBus()
-    os.chmod(b.dir, 0o711)
-    yield b
-    b.close()
-
-
-def as_nobody(bus: PrivateBus, *args: str) -> subprocess.CompletedProcess[str]:
-    """busctl ARGS, run as uid nobody."""
-    return nobody("busctl", f"--address={bus.address}", *args)
-
-
-def nobody(*cmd: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            shutil.which("setpriv") or "setpriv",
-            f"--reuid={NOBODY}",
-            f"--regid={NOBODY}",
-            "--clear-groups",
-            *cmd,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=env,
-        check=False,
-    )
-
-
-def require_nobody(bus: PrivateBus) -> None:
-    if os.getuid() != 0:
-        pytest.skip("needs root to run a client as another uid")
-    if shutil.which("setpriv") is None or shutil.which("busctl") is None:
-        pytest.skip("needs setpriv (util-linux) and busctl (systemd) to act as another uid")
-    probe = as_nobody(
-        bus,
-        "call",
-        "org.freedesktop.DBus",
-        "/org/freedesktop/DBus",
-        "org.freedesktop.DBus",
-        "GetId",
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"uid {NOBODY} cannot reach the private bus here: {probe.stderr.strip()}")
-
-
-def test_another_uid_may_not_stop_a_backend_read_its_log_or_see_it(
-    open_bus: PrivateBus, tree: Tree
-) -> None:
-    bus = open_bus
-    require_nobody(bus)
-    fake = install(tree, "honours_sigterm", "gpu", [], short="polite")
-    d = Daemon(bus, tree)
-    try:
-
-        async def start() -> tuple[str, dict[str, object]]:
-            c = await Client.open(bus.address, record=False)
-            out = await spawn(c, fake, tree.root, {"detach": True})
-            await c.close()
-            return out
-
-        path, props = run(start())
-        obj = ("org.vhostuserd.Broker1", path, "org.vhostuserd.Broker1.Backend")
-        stop = as_nobody(bus, "call", *obj, "Stop")
-        assert stop.returncode != 0 and "may not stop it" in stop.stderr, stop
-        log = as_nobody(bus, "call", *obj, "GetLog")
-        assert log.returncode != 0 and "may not read its log" in log.stderr, log
-        listed = as_nobody(
-            bus,
-            "call",
-            "org.vhostuserd.Broker1",
-            "/org/vhostuserd/Broker1",
-            "org.vhostuserd.Broker1.Manager",
-            "ListBackends",
-        )
-        assert listed.returncode == 0 and listed.stdout.strip() == "aa{sv} 0", listed
-        assert [p for p, *_ in marked(tree)] == [props["Pid"]], "only root's backend runs"
-
-        async def stop_as_root() -> None:
-            c = await Client.open(bus.address, record=False)
-            await c.stop(path)
-            await c.close()
-
-        run(stop_as_root())
-        assert gone(int(props["Pid"]))  # type: ignore[arg-type]
-    finally:
-        d.stop()

@@ -235,35 +235,6 @@ def own_bus() -> Iterator[PrivateBus]:
     b.close()
 
 
-def test_quota_per_user(own_bus: PrivateBus, tree: Tree) -> None:
-    bus = own_bus
-    fake = install(tree, "honours_sigterm", "gpu", [], short="gpu")
-    d = Daemon(bus, tree, "--max-backends-per-user", "3")
-
-    async def main() -> None:
-        c = await Client.open(bus.address, record=False)
-        paths = [(await spawn(c, fake, tree.root))[0] for _ in range(3)]
-        baseline = d.fd_count()
-        for _ in range(3):
-            with pytest.raises(QuotaExceeded) as e:
-                await spawn(c, fake, tree.root)
-            assert f"uid {os.getuid()}" in str(e.value) and "3" in str(e.value), str(e.value)
-        settle_fd_count(d, baseline)
-        assert len(marked(tree)) == 3
-        # A stopped backend frees its place.
-        await c.stop(paths[0])
-        paths[0] = (await spawn(c, fake, tree.root))[0]
-        for p in paths:
-            await c.stop(p)
-        await c.close()
-
-    try:
-        run(main())
-    finally:
-        kill_marked(tree)
-        d.stop()
-
-
 def test_quota_of_the_daemon(own_bus: PrivateBus, tree: Tree) -> None:
     bus = own_bus
     fake = install(tree, "honours_sigterm", "gpu", [], short="gpu")
