@@ -68,12 +68,17 @@ def _features_cell(d: dict[str, Any]) -> str:
     return NOT_PROBED
 
 
-def print_descriptors(items: list[dict[str, Any]], as_json: bool) -> None:
+def _printed_plainly(items: list[dict[str, Any]], as_json: bool, none: str) -> bool:
+    """A list is printed as JSON, or as ``none`` when it is empty: then there is no table."""
     if as_json:
         print_json(items)
-        return
-    if not items:
-        print("no descriptors")
+    elif not items:
+        print(none)
+    return as_json or not items
+
+
+def print_descriptors(items: list[dict[str, Any]], as_json: bool) -> None:
+    if _printed_plainly(items, as_json, "no descriptors"):
         return
     rows = [[d["name"], d["type"], d["tier"], d["binary"], _features_cell(d)] for d in items]
     print(table(rows, ["NAME", "TYPE", "TIER", "BINARY", "FEATURES"]))
@@ -101,11 +106,7 @@ def print_one(d: dict[str, Any], as_json: bool) -> None:
 def print_backends(items: list[dict[str, Any]], as_json: bool) -> None:
     from vhostuserd.client import exit_text
 
-    if as_json:
-        print_json(items)
-        return
-    if not items:
-        print("no backends")
+    if _printed_plainly(items, as_json, "no backends"):
         return
     rows = []
     for b in items:
