@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 from busutil import (
     REPO,
     VHOSTUSERCTL,
+    WAIT,
     Daemon,
     PrivateBus,
     Tree,
@@ -286,17 +288,31 @@ def test_the_readme_python_snippet_runs_as_pasted(
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert proc.stdout is not None
     try:
-        first = proc.stdout.readline() if proc.stdout else ""
+        first = _line_within(proc, WAIT)
         assert first == f"50-gpu.json {gpu} ('virgl',)\n", (
             first,
-            proc.stderr.read() if proc.poll() else "",
+            proc.stderr.read() if proc.poll() is not None and proc.stderr else "",
         )
-        tree.write("sysconf", "60-new.json", descriptor("input"))  # the loop prints the events
-        line = proc.stdout.readline() if proc.stdout else ""
+        # The snippet subscribes to the events only after it printed: a change made before
+        # its subscription reaches the bus is not told to it. Make changes until one is.
+        line = ""
+        for i in range(int(WAIT)):
+            tree.write("sysconf", f"60-new-{i}.json", descriptor("input"))
+            line = _line_within(proc, 1.0)
+            if line:
+                break
         assert "'event': 'descriptor-added'" in line or "'event': 'index-changed'" in line, line
     finally:
         stop_process(proc)
+
+
+def _line_within(proc: subprocess.Popen[str], seconds: float) -> str:
+    """The next line ``proc`` prints within ``seconds``, or "" (never blocks longer)."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], seconds)
+    return proc.stdout.readline() if ready else ""
 
 
 def test_the_unit_comment_on_no_new_privileges_says_what_the_code_does() -> None:
