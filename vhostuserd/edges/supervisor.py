@@ -40,13 +40,14 @@ import socket
 import stat
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from vhostuserd.core.lifecycle import Event, Lifecycle, Transition
 from vhostuserd.core.policy import SETPRIV
 from vhostuserd.edges import procs
+from vhostuserd.edges.backend import Backend
 from vhostuserd.edges.cgroup import Cgroups, Usage
+from vhostuserd.edges.lograte import LOG_BURST_ALL, LOG_LINES_PER_S, LOG_LINES_PER_S_ALL, Bucket
 
 log = logging.getLogger("vhostuserd.supervisor")
 
@@ -54,8 +55,6 @@ LOG_KEEP = 64 * 1024  # what GetLog returns at most: the last 64 KiB of output
 LINE_MAX = 1024  # longest line passed to the daemon's log (the rest is cut)
 READ_CHUNK = 16 * 1024  # read at most this much per wake-up of a backend's pipe
 READ_PER_S = 1024 * 1024  # read at most this much per backend per second; then it waits
-LOG_LINES_PER_S, LOG_BURST = 20, 200  # lines per backend into the daemon's log
-LOG_LINES_PER_S_ALL, LOG_BURST_ALL = 200, 1000  # lines of all backends together
 ID_BLOCK = 64
 _RECORD = re.compile(r"backend-(.*)\.json")
 
@@ -119,23 +118,6 @@ def _pipefs_dev() -> int:
         os.close(w)
 
 
-class _Bucket:
-    """A token bucket: ``rate`` per second, at most ``burst`` at once."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens = burst
-        self.last = time.monotonic()
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-
 class FdStore:
     """The systemd file descriptor store (sd_notify FDSTORE=1 with FDNAME=, fds back as
     LISTEN_FDS / LISTEN_FDNAMES at the next start), when systemd gave us a NOTIFY_SOCKET.
@@ -197,55 +179,6 @@ class FdStore:
         return self.taken.pop(name, None)
 
 
-@dataclass
-class Backend:
-    id: str
-    descriptor: str
-    binary: str
-    argv: tuple[str, ...]
-    pid: int
-    owner: str
-    owner_uid: int
-    detached: bool
-    started_at: int  # microseconds since the epoch
-    start_time: int  # /proc/PID/stat starttime, for re-adoption
-    exe: str
-    life: Lifecycle  # its state (`core.lifecycle`), shared with the processes that respawn it
-    log_pipe: str = ""  # "pipe:[inode]" of the daemon's own read end, recorded at spawn
-    cgroup: str = ""  # its own cgroup v2 directory (absolute), "" without cgroups
-    usage: Usage = field(default_factory=Usage, repr=False)  # what it consumed, final once exited
-    adopted: bool = False
-    exit_status: int = -1
-    exit_signal: int = -1
-    log: bytearray = field(default_factory=bytearray, repr=False)
-    out_fd: int = field(default=-1, repr=False)
-    pidfd: int = field(default=-1, repr=False)  # held from spawn (or re-adoption) to exit
-    exited: asyncio.Future[int] | None = field(default=None, repr=False)
-    _partial: bytes = field(default=b"", repr=False)
-    _stopping: asyncio.Task[None] | None = field(default=None, repr=False)
-    _lines: _Bucket = field(default_factory=lambda: _Bucket(LOG_LINES_PER_S, LOG_BURST), repr=False)
-    _suppressed: int = field(default=0, repr=False)
-    _window: float = field(default=0.0, repr=False)
-    _window_bytes: int = field(default=0, repr=False)
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "descriptor": self.descriptor,
-            "binary": self.binary,
-            "argv": list(self.argv),
-            "pid": self.pid,
-            "owner": self.owner,
-            "owner_uid": self.owner_uid,
-            "detached": self.detached,
-            "started_at": self.started_at,
-            "start_time": self.start_time,
-            "exe": self.exe,
-            "log_pipe": self.log_pipe,
-            "cgroup": self.cgroup,
-        }
-
-
 def _is_int(v: Any, low: int = 0) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
@@ -305,7 +238,7 @@ class Supervisor:
         self.backends: dict[str, Backend] = {}
         self._id_next = 0
         self._id_reserved = 0
-        self._lines = _Bucket(LOG_LINES_PER_S_ALL, LOG_BURST_ALL)
+        self._lines = Bucket(LOG_LINES_PER_S_ALL, LOG_BURST_ALL)
         self._pipefs = _pipefs_dev()
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
 
