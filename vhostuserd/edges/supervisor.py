@@ -27,7 +27,6 @@ the very pipe recorded at spawn; else the log starts empty, with a warning.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import errno
 import fcntl
@@ -36,7 +35,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import stat
 import time
 from collections.abc import Callable, Mapping
@@ -47,6 +45,7 @@ from vhostuserd.core.policy import SETPRIV
 from vhostuserd.edges import procs
 from vhostuserd.edges.backend import Backend
 from vhostuserd.edges.cgroup import Cgroups, Usage
+from vhostuserd.edges.fdstore import FdStore
 from vhostuserd.edges.lograte import LOG_BURST_ALL, LOG_LINES_PER_S, LOG_LINES_PER_S_ALL, Bucket
 
 log = logging.getLogger("vhostuserd.supervisor")
@@ -116,67 +115,6 @@ def _pipefs_dev() -> int:
     finally:
         os.close(r)
         os.close(w)
-
-
-class FdStore:
-    """The systemd file descriptor store (sd_notify FDSTORE=1 with FDNAME=, fds back as
-    LISTEN_FDS / LISTEN_FDNAMES at the next start), when systemd gave us a NOTIFY_SOCKET.
-
-    What systemd passed at start-up is taken at once (``taken``), only if LISTEN_PID is us;
-    the variables are removed so that nothing we start sees them."""
-
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
-        path = env.get("NOTIFY_SOCKET", "")
-        self.address = ("\0" + path[1:]) if path.startswith("@") else path
-        self.taken: dict[str, int] = {}
-        n, names, listen_pid = (
-            env.get("LISTEN_FDS", ""),
-            env.get("LISTEN_FDNAMES", ""),
-            env.get("LISTEN_PID", ""),
-        )
-        if environ is None:
-            for var in ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID"):
-                os.environ.pop(var, None)
-        if not (n.isdigit() and listen_pid == str(os.getpid())):
-            return
-        labels = names.split(":") if names else []
-        for i in range(int(n)):
-            fd = 3 + i
-            try:
-                os.set_inheritable(fd, False)
-            except OSError:
-                continue
-            name = labels[i] if i < len(labels) else ""
-            if name in self.taken or not name.startswith("backend-"):
-                os.close(fd)  # not one of ours (or a duplicate): nothing will use it
-                continue
-            self.taken[name] = fd
-
-    @property
-    def available(self) -> bool:
-        return bool(self.address.startswith(("/", "\0")))
-
-    def _send(self, text: str, fds: list[int]) -> bool:
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-                # (socket.send_fds ignores its address argument before Python 3.12.)
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-                s.sendmsg([text.encode()], anc, 0, self.address)
-            return True
-        except OSError as e:
-            log.warning("file descriptor store: %s failed: %s", text.replace("\n", " "), e)
-            return False
-
-    def add(self, name: str, fd: int) -> bool:
-        return self.available and self._send(f"FDSTORE=1\nFDNAME={name}", [fd])
-
-    def remove(self, name: str) -> None:
-        if self.available:
-            self._send(f"FDSTOREREMOVE=1\nFDNAME={name}", [])
-
-    def pop(self, name: str) -> int | None:
-        return self.taken.pop(name, None)
 
 
 def _is_int(v: Any, low: int = 0) -> bool:
