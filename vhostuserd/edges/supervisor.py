@@ -30,10 +30,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
-import json
 import logging
 import os
-import re
 import signal
 import stat
 import time
@@ -47,6 +45,7 @@ from vhostuserd.edges.backend import Backend
 from vhostuserd.edges.cgroup import Cgroups, Usage
 from vhostuserd.edges.fdstore import FdStore
 from vhostuserd.edges.lograte import LOG_BURST_ALL, LOG_LINES_PER_S, LOG_LINES_PER_S_ALL, Bucket
+from vhostuserd.edges.records import Records
 
 log = logging.getLogger("vhostuserd.supervisor")
 
@@ -54,8 +53,6 @@ LOG_KEEP = 64 * 1024  # what GetLog returns at most: the last 64 KiB of output
 LINE_MAX = 1024  # longest line passed to the daemon's log (the rest is cut)
 READ_CHUNK = 16 * 1024  # read at most this much per wake-up of a backend's pipe
 READ_PER_S = 1024 * 1024  # read at most this much per backend per second; then it waits
-ID_BLOCK = 64
-_RECORD = re.compile(r"backend-(.*)\.json")
 
 
 class SpawnError(Exception):
@@ -117,42 +114,6 @@ def _pipefs_dev() -> int:
         os.close(w)
 
 
-def _is_int(v: Any, low: int = 0) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-_CHECKS: dict[str, Callable[[Any], bool]] = {
-    "descriptor": lambda v: isinstance(v, str),
-    "binary": lambda v: isinstance(v, str),
-    "argv": lambda v: isinstance(v, list) and bool(v) and all(isinstance(a, str) for a in v),
-    "pid": lambda v: _is_int(v, 2),
-    "owner": lambda v: isinstance(v, str),
-    "owner_uid": lambda v: _is_int(v),
-    "detached": lambda v: isinstance(v, bool),
-    "started_at": lambda v: _is_int(v),
-    "start_time": lambda v: _is_int(v),
-    "exe": lambda v: isinstance(v, str),
-    "log_pipe": lambda v: isinstance(v, str),
-    "cgroup": lambda v: isinstance(v, str),
-}
-
-
-def _load_record(path: str, backend_id: str) -> tuple[dict[str, Any], list[str]]:
-    """The fields of a record that are sound, and what is wrong with the rest."""
-    try:
-        with open(path, "rb") as f:
-            raw = json.loads(f.read(1 << 20))
-    except (OSError, ValueError) as e:
-        return {}, [f"unreadable ({e})"]
-    if not isinstance(raw, dict):
-        return {}, [f"not a JSON object but {type(raw).__name__}"]
-    good = {k: raw[k] for k, ok in _CHECKS.items() if k in raw and ok(raw[k])}
-    bad = [k for k in _CHECKS if k not in good and k not in ("log_pipe", "cgroup")]
-    if raw.get("id") != backend_id:
-        bad.insert(0, "id")
-    return good, bad
-
-
 class Supervisor:
     """All backends of this daemon. ``on_change(backend, transition)`` reports every step of a
     backend's life cycle (`core.lifecycle`), as `_advance` takes it."""
@@ -174,63 +135,9 @@ class Supervisor:
         self.store = store if store is not None else FdStore()
         self.cgroups = cgroups if cgroups is not None else Cgroups(why="not asked for")
         self.backends: dict[str, Backend] = {}
-        self._id_next = 0
-        self._id_reserved = 0
         self._lines = Bucket(LOG_LINES_PER_S_ALL, LOG_BURST_ALL)
         self._pipefs = _pipefs_dev()
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-
-    # ---- ids and records
-
-    def _next_id(self) -> str:
-        """Ids are never reused, across restarts too: the state dir holds a bound that the
-        daemon reserves ids below, a block at a time (so a spawn rarely writes it)."""
-        if self._id_next >= self._id_reserved:
-            path = os.path.join(self.state_dir, "next-id")
-            if self._id_reserved == 0:
-                try:
-                    with open(path) as f:
-                        self._id_next = max(1, int(f.read().strip() or "1"))
-                except (OSError, ValueError):
-                    self._id_next = 1
-                self._id_next = max(
-                    self._id_next, *(int(i) + 1 for i in self.backends if i.isdigit()), 1
-                )
-            self._id_reserved = self._id_next + ID_BLOCK
-            self._write_atomic(path, f"{self._id_reserved}\n")
-        n = self._id_next
-        self._id_next += 1
-        return str(n)
-
-    def _write_atomic(self, path: str, text: str) -> None:
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-
-    def _record_path(self, backend_id: str) -> str:
-        return os.path.join(self.state_dir, f"backend-{backend_id}.json")
-
-    def _save(self, b: Backend) -> None:
-        self._write_atomic(self._record_path(b.id), json.dumps(b.record()))
-
-    def _forget(self, b: Backend) -> None:
-        try:
-            os.unlink(self._record_path(b.id))
-        except FileNotFoundError:
-            pass
-
-    def _quarantine(self, path: str, why: str) -> None:
-        """Keep a record that cannot be trusted for a human to look at, out of our way."""
-        dest, n = f"{path}.bad", 1
-        while os.path.exists(dest):
-            dest, n = f"{path}.bad.{n}", n + 1
-        try:
-            os.replace(path, dest)
-        except OSError as e:
-            log.warning("%s: %s; cannot quarantine it: %s", path, why, e.strerror)
-            return
-        log.warning("%s: %s; quarantined as %s", path, why, dest)
+        self.records = Records(state_dir)
 
     # ---- starting
 
@@ -254,7 +161,7 @@ class Supervisor:
         namespace `userns.create` made; the prefix closes them before the backend runs.
         ``replacing``: the exited backend this one respawns; the new process (its own id and
         record) carries on its life (the same object), and the old one is forgotten."""
-        backend_id = self._next_id()
+        backend_id = self.records.next_id(self.backends)
         cgroup, placement = self._cgroup_for(backend_id, limits)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         null = procs.open_devnull()
@@ -306,7 +213,7 @@ class Supervisor:
         self.backends[b.id] = b
         self._read_output(b, out_r)
         b.exited.add_done_callback(lambda f: self._on_exit(b, f.result()))
-        self._save(b)
+        self.records.save(b)
         self.store.add(f"backend-{b.id}-pid", pidfd)
         self.store.add(f"backend-{b.id}-log", out_r)
         # Reading /proc/PID/* while the child is still inside exec blocks until the exec is
@@ -382,7 +289,7 @@ class Supervisor:
         exe = _proc_exe(b.pid) or b.exe
         if (start_time, exe) != (b.start_time, b.exe):
             b.start_time, b.exe = start_time, exe
-            self._save(b)
+            self.records.save(b)
 
     # ---- output
 
@@ -483,7 +390,7 @@ class Supervisor:
             b.pidfd = -1
         self.store.remove(f"backend-{b.id}-pid")
         self.store.remove(f"backend-{b.id}-log")
-        self._forget(b)
+        self.records.forget(b.id)
         self._read_some(b)
         consumed = ""
         if b.cgroup:
@@ -685,8 +592,7 @@ class Supervisor:
     def readopt(self) -> list[Backend]:
         """Take back the backends a previous instance recorded (or stored) that still run."""
         adopted = []
-        names = sorted(os.listdir(self.state_dir))
-        ids = [m.group(1) for n in names if (m := _RECORD.fullmatch(n))]
+        ids = self.records.ids()
         for name in sorted(self.store.taken):  # stored, with no record left at all
             backend_id = name[len("backend-") :].rsplit("-", 1)[0]
             if backend_id not in ids and name.endswith("-pid"):
@@ -709,13 +615,9 @@ class Supervisor:
         return adopted
 
     def _readopt_one(self, backend_id: str) -> Backend | None:
-        path = self._record_path(backend_id)
         stored_pidfd = self.store.pop(f"backend-{backend_id}-pid")
         stored_log = self.store.pop(f"backend-{backend_id}-log")
-        if os.path.exists(path):
-            rec, bad = _load_record(path, backend_id)
-        else:
-            rec, bad = {}, ["missing"]
+        rec, bad = self.records.load(backend_id)
         if not backend_id.isdigit():
             rec, bad = {}, ["not a backend id of ours"]
         found = self._identify_adopted(
@@ -726,23 +628,23 @@ class Supervisor:
                 os.close(fd)
             for what in ("pid", "log"):
                 self.store.remove(f"backend-{backend_id}-{what}")
-            if bad and os.path.exists(path):
-                self._quarantine(
-                    path,
+            if bad and self.records.has(backend_id):
+                self.records.quarantine(
+                    backend_id,
                     f"record of backend {backend_id} is damaged ({', '.join(bad)}); "
                     "its process cannot be identified, so it is not supervised",
                 )
             elif bad:
                 log.warning("backend %s: stored, but with no record: gone", backend_id)
-            elif os.path.exists(path):
+            elif self.records.has(backend_id):
                 log.info("backend %s (pid %d) is gone; record removed", backend_id, rec["pid"])
-                os.unlink(path)
+                self.records.forget(backend_id)
             return None
         pid, pidfd, start_time = found
         if bad:
-            if os.path.exists(path):
-                self._quarantine(
-                    path,
+            if self.records.has(backend_id):
+                self.records.quarantine(
+                    backend_id,
                     f"record of backend {backend_id} is damaged ({', '.join(bad)}); its process "
                     f"(pid {pid}) still runs and is re-adopted with what /proc says",
                 )
@@ -804,7 +706,7 @@ class Supervisor:
         if stored_pidfd is None:
             self.store.add(f"backend-{b.id}-pid", pidfd)
         if bad:
-            self._save(b)
+            self.records.save(b)
 
         def on_exit(f: asyncio.Future[int], b: Backend = b) -> None:
             self._on_exit(b, f.result())
