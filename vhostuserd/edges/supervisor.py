@@ -1,5 +1,5 @@
-"""Running backends: start, watch, log, stop, record and re-adopt them. The process edge
-of Spawn, with no D-Bus in it.
+"""Running backends: start, watch, log and stop them. The process edge of Spawn, with no
+D-Bus in it.
 
 Owns each backend's life: started by `procs.spawn` in its own session with the socket as
 fd 3, stdout/stderr into a pipe read on the event loop, its exit seen through a pidfd held
@@ -16,35 +16,29 @@ read from the daemon's own end of the pipe, a bounded amount per wake-up and per
 and only a rate-limited share of it goes to the daemon's log (the last 64 KiB are kept for
 GetLog whatever the rate).
 
-Each running backend has a small state file, so a restarted daemon (even after SIGKILL)
-re-adopts those still alive with the same pid, start time and executable; a damaged record
-is quarantined (``.bad``), never trusted, and its backend still adopted or reported where
-it can be. The output pipe is taken back without opening anything by path through the
-backend's fd table: from the systemd file descriptor store (`FdStore`, where the daemon
-put its read end and the pidfd at spawn), else with pidfd_getfd(2), accepted only if it is
-the very pipe recorded at spawn; else the log starts empty, with a warning.
+While it runs, each backend has a record in the state directory (`records`) and, under
+systemd, its pidfd and the read end of its output pipe are in the fd store (`fdstore`), so a
+restarted daemon (even after SIGKILL) takes back those still alive: `readopt` finds which
+they are, and the supervisor watches them again from there (`Supervisor.readopt`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import logging
 import os
 import signal
-import stat
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from vhostuserd.core.lifecycle import Event, Lifecycle, Transition
-from vhostuserd.core.policy import SETPRIV
 from vhostuserd.edges import procs
 from vhostuserd.edges.backend import Backend
 from vhostuserd.edges.cgroup import Cgroups, Usage
 from vhostuserd.edges.fdstore import FdStore
 from vhostuserd.edges.lograte import LOG_BURST_ALL, LOG_LINES_PER_S, LOG_LINES_PER_S_ALL, Bucket
+from vhostuserd.edges.readopt import Readopter, proc_exe, proc_start_time
 from vhostuserd.edges.records import Records
 
 log = logging.getLogger("vhostuserd.supervisor")
@@ -57,61 +51,6 @@ READ_PER_S = 1024 * 1024  # read at most this much per backend per second; then 
 
 class SpawnError(Exception):
     """The backend could not be started or died at once; the message says how."""
-
-
-def _proc_start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return None
-    return int(fields[19])  # field 22, starttime, counted after "pid (comm)"
-
-
-def _proc_start_epoch(pid: int) -> float | None:
-    """When ``pid`` started, in seconds since the epoch (boot time + its start ticks)."""
-    ticks = _proc_start_time(pid)
-    if ticks is None:
-        return None
-    try:
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-    except (OSError, StopIteration, ValueError):
-        return None
-    return btime + ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _proc_exe(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return None
-
-
-def _proc_uid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
-
-
-def _proc_cmdline(pid: int) -> tuple[str, ...]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return ()
-    return tuple(a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")[:-1])
-
-
-def _pipefs_dev() -> int:
-    r, w = os.pipe()
-    try:
-        return os.fstat(r).st_dev
-    finally:
-        os.close(r)
-        os.close(w)
 
 
 class Supervisor:
@@ -136,8 +75,8 @@ class Supervisor:
         self.cgroups = cgroups if cgroups is not None else Cgroups(why="not asked for")
         self.backends: dict[str, Backend] = {}
         self._lines = Bucket(LOG_LINES_PER_S_ALL, LOG_BURST_ALL)
-        self._pipefs = _pipefs_dev()
         self.records = Records(state_dir)
+        self._readopter = Readopter(self.records, self.store, self.cgroups)
 
     # ---- starting
 
@@ -285,8 +224,8 @@ class Supervisor:
         """Record what re-adoption checks: start time and executable."""
         if b.exited is None or b.exited.done():  # its process is gone (a respawn's old one too)
             return
-        start_time = b.start_time or _proc_start_time(b.pid) or 0
-        exe = _proc_exe(b.pid) or b.exe
+        start_time = b.start_time or proc_start_time(b.pid) or 0
+        exe = proc_exe(b.pid) or b.exe
         if (start_time, exe) != (b.start_time, b.exe):
             b.start_time, b.exe = start_time, exe
             self.records.save(b)
@@ -465,139 +404,10 @@ class Supervisor:
 
     # ---- restart
 
-    def _our_pipe(self, fd: int, log_pipe: str, *, read_end: bool) -> bool:
-        """Is ``fd`` (an open file we hold) the backend's output pipe recorded at spawn?"""
-        try:
-            st = os.fstat(fd)
-            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-        except OSError:
-            return False
-        if not stat.S_ISFIFO(st.st_mode) or st.st_dev != self._pipefs:
-            return False
-        if read_end and mode != os.O_RDONLY:
-            return False
-        return not log_pipe or log_pipe == f"pipe:[{st.st_ino}]"
-
-    def _take_output(self, b: Backend) -> int | None:
-        """A read end of the backend's output pipe, from the fd object its stdout or stderr
-        holds (pidfd_getfd), if that is the pipe recorded at spawn; else None. The fd table
-        is the caller's to change at any time: whatever it holds is checked on our copy,
-        which it cannot change, and only our own copy is reopened (for reading)."""
-        if not b.log_pipe.startswith("pipe:["):
-            return None
-        for target in (1, 2):
-            try:
-                got = procs.pidfd_getfd(b.pidfd, target)
-            except OSError as e:
-                log.debug("backend %s: pidfd_getfd of its fd %d: %s", b.id, target, e.strerror)
-                continue
-            try:
-                if self._our_pipe(got, b.log_pipe, read_end=False):
-                    return os.open(
-                        f"/proc/self/fd/{got}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
-                    )
-            except OSError as e:
-                log.debug("backend %s: cannot reopen its output pipe: %s", b.id, e.strerror)
-            finally:
-                os.close(got)
-        return None
-
-    def _identify_adopted(
-        self, backend_id: str, rec: dict[str, Any], stored_pidfd: int | None
-    ) -> tuple[int, int, int] | None:
-        """(pid, pidfd, start time) of the recorded backend if it still runs, else None.
-
-        A pidfd from the store is the process itself. Otherwise one is opened for the
-        recorded pid first, and the process checked after (start time, executable): a
-        process that took the pid before the open fails the check; one after cannot be
-        what the pidfd refers to."""
-        if stored_pidfd is not None:
-            pid = procs.pidfd_pid(stored_pidfd)
-            if pid > 0 and rec.get("pid", pid) == pid:
-                return pid, stored_pidfd, _proc_start_time(pid) or rec.get("start_time", 0)
-            os.close(stored_pidfd)
-            if pid > 0:
-                log.warning(
-                    "backend %s: its recorded pid %s is not its process's (%d): ignored",
-                    backend_id,
-                    rec.get("pid"),
-                    pid,
-                )
-        if "pid" not in rec or not ("start_time" in rec or "started_at" in rec):
-            return None
-        pid = rec["pid"]
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            return None
-        current = _proc_exe(pid)
-        expected = {rec.get("exe", ""), os.path.realpath(rec.get("binary", "") or "/"), SETPRIV}
-        if rec.get("start_time"):
-            same = _proc_start_time(pid) == rec["start_time"]
-        elif (
-            "started_at" in rec
-        ):  # recorded before it could be identified: its start must match the spawn's
-            began = _proc_start_epoch(pid)
-            same = began is not None and abs(began - rec["started_at"] / 1e6) < 2.0
-        else:
-            same = False
-        # Not identified yet (killed within 50 ms of the spawn): the start time decides.
-        if not same or (rec.get("exe") and current not in expected):
-            os.close(pidfd)
-            return None
-        return pid, pidfd, rec.get("start_time") or _proc_start_time(pid) or 0
-
-    def _adopted_cgroup(self, backend_id: str, pid: int, recorded: str) -> str:
-        """The re-adopted backend's cgroup: where the kernel says its process is, if that is
-        one of ours (a record is only a hint)."""
-        if not self.cgroups.enabled:
-            return ""
-        found = self.cgroups.of_process(pid)
-        if found is None:
-            if recorded:
-                log.warning(
-                    "backend %s (pid %d): not in its recorded cgroup %s any more",
-                    backend_id,
-                    pid,
-                    recorded,
-                )
-            return ""
-        if recorded and recorded != found:
-            log.warning(
-                "backend %s (pid %d): in cgroup %s, not the recorded %s",
-                backend_id,
-                pid,
-                found,
-                recorded,
-            )
-        return found
-
-    def _sweep_cgroups(self, adopted: set[str]) -> None:
-        """Cgroups of backends that went while no daemon ran are removed; one that still holds
-        processes but belongs to no backend we could identify is reported, and left alone."""
-        for path in self.cgroups.leftovers():
-            if path in adopted:
-                continue
-            if not self.cgroups.populated(path):
-                self.cgroups.remove(path)
-                continue
-            log.warning(
-                "cgroup %s holds processes (%s) of no backend that could be re-adopted; left "
-                "running, unsupervised (echo 1 > %s/cgroup.kill ends them)",
-                path,
-                " ".join(map(str, self.cgroups.members(path)[:10])),
-                path,
-            )
-
     def readopt(self) -> list[Backend]:
         """Take back the backends a previous instance recorded (or stored) that still run."""
         adopted = []
-        ids = self.records.ids()
-        for name in sorted(self.store.taken):  # stored, with no record left at all
-            backend_id = name[len("backend-") :].rsplit("-", 1)[0]
-            if backend_id not in ids and name.endswith("-pid"):
-                ids.append(backend_id)
-        for backend_id in ids:
+        for backend_id in self._readopter.ids():
             try:
                 b = self._readopt_one(backend_id)
             except Exception as e:  # noqa: BLE001 - one backend must never stop the start-up
@@ -607,110 +417,31 @@ class Supervisor:
                 continue
             if b is not None:
                 adopted.append(b)
-        self._sweep_cgroups({b.cgroup for b in adopted})
-        for name, fd in list(self.store.taken.items()):  # of backends that are gone
-            os.close(fd)
-            self.store.remove(name)
-        self.store.taken.clear()
+        self._readopter.finish(adopted)
         return adopted
 
     def _readopt_one(self, backend_id: str) -> Backend | None:
-        stored_pidfd = self.store.pop(f"backend-{backend_id}-pid")
-        stored_log = self.store.pop(f"backend-{backend_id}-log")
-        rec, bad = self.records.load(backend_id)
-        if not backend_id.isdigit():
-            rec, bad = {}, ["not a backend id of ours"]
-        found = self._identify_adopted(
-            backend_id, rec, stored_pidfd if backend_id.isdigit() else None
-        )
+        """Watch the backend again if `Readopter.find` identifies its process."""
+        found = self._readopter.find(backend_id)
         if found is None:
-            for fd in (stored_log,) if stored_log is not None else ():
-                os.close(fd)
-            for what in ("pid", "log"):
-                self.store.remove(f"backend-{backend_id}-{what}")
-            if bad and self.records.has(backend_id):
-                self.records.quarantine(
-                    backend_id,
-                    f"record of backend {backend_id} is damaged ({', '.join(bad)}); "
-                    "its process cannot be identified, so it is not supervised",
-                )
-            elif bad:
-                log.warning("backend %s: stored, but with no record: gone", backend_id)
-            elif self.records.has(backend_id):
-                log.info("backend %s (pid %d) is gone; record removed", backend_id, rec["pid"])
-                self.records.forget(backend_id)
             return None
-        pid, pidfd, start_time = found
-        if bad:
-            if self.records.has(backend_id):
-                self.records.quarantine(
-                    backend_id,
-                    f"record of backend {backend_id} is damaged ({', '.join(bad)}); its process "
-                    f"(pid {pid}) still runs and is re-adopted with what /proc says",
-                )
-            else:
-                log.warning(
-                    "backend %s (pid %d): found in the file descriptor store with no record; "
-                    "re-adopted with what /proc says",
-                    backend_id,
-                    pid,
-                )
-        exe = _proc_exe(pid) or rec.get("exe", "")
-        began = _proc_start_epoch(pid)
-        b = Backend(
-            id=backend_id,
-            descriptor=rec.get("descriptor", ""),
-            binary=rec.get("binary", exe),
-            argv=tuple(rec["argv"]) if "argv" in rec else (_proc_cmdline(pid) or (exe,)),
-            pid=pid,
-            # Whose it is and whether it outlives its owner: unknown means root's to manage,
-            # the process's own uid (what it runs as), and never stopped for a departure.
-            owner=rec.get("owner", "") if "owner" in rec and "detached" in rec else "",
-            owner_uid=rec["owner_uid"] if "owner_uid" in rec else (_proc_uid(pid) or 0),
-            detached=rec["detached"] if "owner" in rec and "detached" in rec else True,
-            started_at=rec["started_at"] if "started_at" in rec else int((began or 0) * 1e6),
-            start_time=start_time,
-            exe=exe,
-            life=Lifecycle(backend_id),
-            log_pipe=rec.get("log_pipe", ""),
-            adopted=True,
-            pidfd=pidfd,
-            cgroup=self._adopted_cgroup(backend_id, pid, rec.get("cgroup", "")),
-        )
+        b = found.backend
         b.exited = self.reaper.watch(
-            pid, pidfd, before_reap=lambda: self._kill_helpers(b), child=False
+            b.pid, b.pidfd, before_reap=lambda: self._kill_helpers(b), child=False
         )
         self.backends[b.id] = b
         self._advance(b, Event.READOPTED)
-        out = None
-        if stored_log is not None:
-            if self._our_pipe(stored_log, b.log_pipe, read_end=True):
-                out = stored_log
-            else:
-                log.warning("backend %s: the stored fd is not its output pipe: ignored", b.id)
-                os.close(stored_log)
-                self.store.remove(f"backend-{b.id}-log")
-        if out is None:
-            out = self._take_output(b)
-            if out is not None:
-                self.store.add(f"backend-{b.id}-log", out)
-        if out is None:
-            log.warning(
-                "backend %s (pid %d): its output pipe cannot be taken back safely (its stdout is "
-                "not the pipe recorded at spawn); its log starts empty and stays so",
-                b.id,
-                pid,
-            )
-        else:
+        out = self._readopter.take_output(b, found.stored_log)
+        if out is not None:
             self._read_output(b, out)
-        if stored_pidfd is None:
-            self.store.add(f"backend-{b.id}-pid", pidfd)
-        if bad:
+        if not found.pidfd_stored:
+            self.store.add(f"backend-{b.id}-pid", b.pidfd)
+        if found.damaged:
             self.records.save(b)
 
         def on_exit(f: asyncio.Future[int], b: Backend = b) -> None:
             self._on_exit(b, f.result())
 
         b.exited.add_done_callback(on_exit)
-        log.info("backend %s (pid %d, %s) re-adopted", b.id, pid, b.descriptor)
+        log.info("backend %s (pid %d, %s) re-adopted", b.id, b.pid, b.descriptor)
         return b
