@@ -48,8 +48,9 @@ from vhostuserd.edges.authority import (
     run_as,
     untrusted_reason,
 )
+from vhostuserd.edges.backend import Backend
 from vhostuserd.edges.sockets import socket_facts
-from vhostuserd.edges.supervisor import Backend, SpawnError, Supervisor
+from vhostuserd.edges.supervisor import SpawnError, Supervisor
 
 
 class BrokerView(Protocol):

@@ -1,5 +1,5 @@
-"""Running backends: start, watch, log, stop, record and re-adopt them. The process edge
-of Spawn, with no D-Bus in it.
+"""Running backends: start, watch, log and stop them. The process edge of Spawn, with no
+D-Bus in it.
 
 Owns each backend's life: started by `procs.spawn` in its own session with the socket as
 fd 3, stdout/stderr into a pipe read on the event loop, its exit seen through a pidfd held
@@ -16,37 +16,30 @@ read from the daemon's own end of the pipe, a bounded amount per wake-up and per
 and only a rate-limited share of it goes to the daemon's log (the last 64 KiB are kept for
 GetLog whatever the rate).
 
-Each running backend has a small state file, so a restarted daemon (even after SIGKILL)
-re-adopts those still alive with the same pid, start time and executable; a damaged record
-is quarantined (``.bad``), never trusted, and its backend still adopted or reported where
-it can be. The output pipe is taken back without opening anything by path through the
-backend's fd table: from the systemd file descriptor store (`FdStore`, where the daemon
-put its read end and the pidfd at spawn), else with pidfd_getfd(2), accepted only if it is
-the very pipe recorded at spawn; else the log starts empty, with a warning.
+While it runs, each backend has a record in the state directory (`records`) and, under
+systemd, its pidfd and the read end of its output pipe are in the fd store (`fdstore`), so a
+restarted daemon (even after SIGKILL) takes back those still alive: `readopt` finds which
+they are, and the supervisor watches them again from there (`Supervisor.readopt`).
 """
 
 from __future__ import annotations
 
-import array
 import asyncio
 import errno
-import fcntl
-import json
 import logging
 import os
-import re
 import signal
-import socket
-import stat
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
 from vhostuserd.core.lifecycle import Event, Lifecycle, Transition
-from vhostuserd.core.policy import SETPRIV
 from vhostuserd.edges import procs
+from vhostuserd.edges.backend import Backend
 from vhostuserd.edges.cgroup import Cgroups, Usage
+from vhostuserd.edges.fdstore import FdStore
+from vhostuserd.edges.lograte import LOG_BURST_ALL, LOG_LINES_PER_S, LOG_LINES_PER_S_ALL, Bucket
+from vhostuserd.edges.readopt import Readopter, proc_exe, proc_start_time
+from vhostuserd.edges.records import Records
 
 log = logging.getLogger("vhostuserd.supervisor")
 
@@ -54,232 +47,10 @@ LOG_KEEP = 64 * 1024  # what GetLog returns at most: the last 64 KiB of output
 LINE_MAX = 1024  # longest line passed to the daemon's log (the rest is cut)
 READ_CHUNK = 16 * 1024  # read at most this much per wake-up of a backend's pipe
 READ_PER_S = 1024 * 1024  # read at most this much per backend per second; then it waits
-LOG_LINES_PER_S, LOG_BURST = 20, 200  # lines per backend into the daemon's log
-LOG_LINES_PER_S_ALL, LOG_BURST_ALL = 200, 1000  # lines of all backends together
-ID_BLOCK = 64
-_RECORD = re.compile(r"backend-(.*)\.json")
 
 
 class SpawnError(Exception):
     """The backend could not be started or died at once; the message says how."""
-
-
-def _proc_start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return None
-    return int(fields[19])  # field 22, starttime, counted after "pid (comm)"
-
-
-def _proc_start_epoch(pid: int) -> float | None:
-    """When ``pid`` started, in seconds since the epoch (boot time + its start ticks)."""
-    ticks = _proc_start_time(pid)
-    if ticks is None:
-        return None
-    try:
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-    except (OSError, StopIteration, ValueError):
-        return None
-    return btime + ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _proc_exe(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return None
-
-
-def _proc_uid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
-
-
-def _proc_cmdline(pid: int) -> tuple[str, ...]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return ()
-    return tuple(a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")[:-1])
-
-
-def _pipefs_dev() -> int:
-    r, w = os.pipe()
-    try:
-        return os.fstat(r).st_dev
-    finally:
-        os.close(r)
-        os.close(w)
-
-
-class _Bucket:
-    """A token bucket: ``rate`` per second, at most ``burst`` at once."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens = burst
-        self.last = time.monotonic()
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-
-class FdStore:
-    """The systemd file descriptor store (sd_notify FDSTORE=1 with FDNAME=, fds back as
-    LISTEN_FDS / LISTEN_FDNAMES at the next start), when systemd gave us a NOTIFY_SOCKET.
-
-    What systemd passed at start-up is taken at once (``taken``), only if LISTEN_PID is us;
-    the variables are removed so that nothing we start sees them."""
-
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
-        path = env.get("NOTIFY_SOCKET", "")
-        self.address = ("\0" + path[1:]) if path.startswith("@") else path
-        self.taken: dict[str, int] = {}
-        n, names, listen_pid = (
-            env.get("LISTEN_FDS", ""),
-            env.get("LISTEN_FDNAMES", ""),
-            env.get("LISTEN_PID", ""),
-        )
-        if environ is None:
-            for var in ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID"):
-                os.environ.pop(var, None)
-        if not (n.isdigit() and listen_pid == str(os.getpid())):
-            return
-        labels = names.split(":") if names else []
-        for i in range(int(n)):
-            fd = 3 + i
-            try:
-                os.set_inheritable(fd, False)
-            except OSError:
-                continue
-            name = labels[i] if i < len(labels) else ""
-            if name in self.taken or not name.startswith("backend-"):
-                os.close(fd)  # not one of ours (or a duplicate): nothing will use it
-                continue
-            self.taken[name] = fd
-
-    @property
-    def available(self) -> bool:
-        return bool(self.address.startswith(("/", "\0")))
-
-    def _send(self, text: str, fds: list[int]) -> bool:
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-                # (socket.send_fds ignores its address argument before Python 3.12.)
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-                s.sendmsg([text.encode()], anc, 0, self.address)
-            return True
-        except OSError as e:
-            log.warning("file descriptor store: %s failed: %s", text.replace("\n", " "), e)
-            return False
-
-    def add(self, name: str, fd: int) -> bool:
-        return self.available and self._send(f"FDSTORE=1\nFDNAME={name}", [fd])
-
-    def remove(self, name: str) -> None:
-        if self.available:
-            self._send(f"FDSTOREREMOVE=1\nFDNAME={name}", [])
-
-    def pop(self, name: str) -> int | None:
-        return self.taken.pop(name, None)
-
-
-@dataclass
-class Backend:
-    id: str
-    descriptor: str
-    binary: str
-    argv: tuple[str, ...]
-    pid: int
-    owner: str
-    owner_uid: int
-    detached: bool
-    started_at: int  # microseconds since the epoch
-    start_time: int  # /proc/PID/stat starttime, for re-adoption
-    exe: str
-    life: Lifecycle  # its state (`core.lifecycle`), shared with the processes that respawn it
-    log_pipe: str = ""  # "pipe:[inode]" of the daemon's own read end, recorded at spawn
-    cgroup: str = ""  # its own cgroup v2 directory (absolute), "" without cgroups
-    usage: Usage = field(default_factory=Usage, repr=False)  # what it consumed, final once exited
-    adopted: bool = False
-    exit_status: int = -1
-    exit_signal: int = -1
-    log: bytearray = field(default_factory=bytearray, repr=False)
-    out_fd: int = field(default=-1, repr=False)
-    pidfd: int = field(default=-1, repr=False)  # held from spawn (or re-adoption) to exit
-    exited: asyncio.Future[int] | None = field(default=None, repr=False)
-    _partial: bytes = field(default=b"", repr=False)
-    _stopping: asyncio.Task[None] | None = field(default=None, repr=False)
-    _lines: _Bucket = field(default_factory=lambda: _Bucket(LOG_LINES_PER_S, LOG_BURST), repr=False)
-    _suppressed: int = field(default=0, repr=False)
-    _window: float = field(default=0.0, repr=False)
-    _window_bytes: int = field(default=0, repr=False)
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "descriptor": self.descriptor,
-            "binary": self.binary,
-            "argv": list(self.argv),
-            "pid": self.pid,
-            "owner": self.owner,
-            "owner_uid": self.owner_uid,
-            "detached": self.detached,
-            "started_at": self.started_at,
-            "start_time": self.start_time,
-            "exe": self.exe,
-            "log_pipe": self.log_pipe,
-            "cgroup": self.cgroup,
-        }
-
-
-def _is_int(v: Any, low: int = 0) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-_CHECKS: dict[str, Callable[[Any], bool]] = {
-    "descriptor": lambda v: isinstance(v, str),
-    "binary": lambda v: isinstance(v, str),
-    "argv": lambda v: isinstance(v, list) and bool(v) and all(isinstance(a, str) for a in v),
-    "pid": lambda v: _is_int(v, 2),
-    "owner": lambda v: isinstance(v, str),
-    "owner_uid": lambda v: _is_int(v),
-    "detached": lambda v: isinstance(v, bool),
-    "started_at": lambda v: _is_int(v),
-    "start_time": lambda v: _is_int(v),
-    "exe": lambda v: isinstance(v, str),
-    "log_pipe": lambda v: isinstance(v, str),
-    "cgroup": lambda v: isinstance(v, str),
-}
-
-
-def _load_record(path: str, backend_id: str) -> tuple[dict[str, Any], list[str]]:
-    """The fields of a record that are sound, and what is wrong with the rest."""
-    try:
-        with open(path, "rb") as f:
-            raw = json.loads(f.read(1 << 20))
-    except (OSError, ValueError) as e:
-        return {}, [f"unreadable ({e})"]
-    if not isinstance(raw, dict):
-        return {}, [f"not a JSON object but {type(raw).__name__}"]
-    good = {k: raw[k] for k, ok in _CHECKS.items() if k in raw and ok(raw[k])}
-    bad = [k for k in _CHECKS if k not in good and k not in ("log_pipe", "cgroup")]
-    if raw.get("id") != backend_id:
-        bad.insert(0, "id")
-    return good, bad
 
 
 class Supervisor:
@@ -303,63 +74,9 @@ class Supervisor:
         self.store = store if store is not None else FdStore()
         self.cgroups = cgroups if cgroups is not None else Cgroups(why="not asked for")
         self.backends: dict[str, Backend] = {}
-        self._id_next = 0
-        self._id_reserved = 0
-        self._lines = _Bucket(LOG_LINES_PER_S_ALL, LOG_BURST_ALL)
-        self._pipefs = _pipefs_dev()
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-
-    # ---- ids and records
-
-    def _next_id(self) -> str:
-        """Ids are never reused, across restarts too: the state dir holds a bound that the
-        daemon reserves ids below, a block at a time (so a spawn rarely writes it)."""
-        if self._id_next >= self._id_reserved:
-            path = os.path.join(self.state_dir, "next-id")
-            if self._id_reserved == 0:
-                try:
-                    with open(path) as f:
-                        self._id_next = max(1, int(f.read().strip() or "1"))
-                except (OSError, ValueError):
-                    self._id_next = 1
-                self._id_next = max(
-                    self._id_next, *(int(i) + 1 for i in self.backends if i.isdigit()), 1
-                )
-            self._id_reserved = self._id_next + ID_BLOCK
-            self._write_atomic(path, f"{self._id_reserved}\n")
-        n = self._id_next
-        self._id_next += 1
-        return str(n)
-
-    def _write_atomic(self, path: str, text: str) -> None:
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-
-    def _record_path(self, backend_id: str) -> str:
-        return os.path.join(self.state_dir, f"backend-{backend_id}.json")
-
-    def _save(self, b: Backend) -> None:
-        self._write_atomic(self._record_path(b.id), json.dumps(b.record()))
-
-    def _forget(self, b: Backend) -> None:
-        try:
-            os.unlink(self._record_path(b.id))
-        except FileNotFoundError:
-            pass
-
-    def _quarantine(self, path: str, why: str) -> None:
-        """Keep a record that cannot be trusted for a human to look at, out of our way."""
-        dest, n = f"{path}.bad", 1
-        while os.path.exists(dest):
-            dest, n = f"{path}.bad.{n}", n + 1
-        try:
-            os.replace(path, dest)
-        except OSError as e:
-            log.warning("%s: %s; cannot quarantine it: %s", path, why, e.strerror)
-            return
-        log.warning("%s: %s; quarantined as %s", path, why, dest)
+        self._lines = Bucket(LOG_LINES_PER_S_ALL, LOG_BURST_ALL)
+        self.records = Records(state_dir)
+        self._readopter = Readopter(self.records, self.store, self.cgroups)
 
     # ---- starting
 
@@ -383,7 +100,7 @@ class Supervisor:
         namespace `userns.create` made; the prefix closes them before the backend runs.
         ``replacing``: the exited backend this one respawns; the new process (its own id and
         record) carries on its life (the same object), and the old one is forgotten."""
-        backend_id = self._next_id()
+        backend_id = self.records.next_id(self.backends)
         cgroup, placement = self._cgroup_for(backend_id, limits)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         null = procs.open_devnull()
@@ -435,7 +152,7 @@ class Supervisor:
         self.backends[b.id] = b
         self._read_output(b, out_r)
         b.exited.add_done_callback(lambda f: self._on_exit(b, f.result()))
-        self._save(b)
+        self.records.save(b)
         self.store.add(f"backend-{b.id}-pid", pidfd)
         self.store.add(f"backend-{b.id}-log", out_r)
         # Reading /proc/PID/* while the child is still inside exec blocks until the exec is
@@ -507,11 +224,11 @@ class Supervisor:
         """Record what re-adoption checks: start time and executable."""
         if b.exited is None or b.exited.done():  # its process is gone (a respawn's old one too)
             return
-        start_time = b.start_time or _proc_start_time(b.pid) or 0
-        exe = _proc_exe(b.pid) or b.exe
+        start_time = b.start_time or proc_start_time(b.pid) or 0
+        exe = proc_exe(b.pid) or b.exe
         if (start_time, exe) != (b.start_time, b.exe):
             b.start_time, b.exe = start_time, exe
-            self._save(b)
+            self.records.save(b)
 
     # ---- output
 
@@ -612,7 +329,7 @@ class Supervisor:
             b.pidfd = -1
         self.store.remove(f"backend-{b.id}-pid")
         self.store.remove(f"backend-{b.id}-log")
-        self._forget(b)
+        self.records.forget(b.id)
         self._read_some(b)
         consumed = ""
         if b.cgroup:
@@ -687,140 +404,10 @@ class Supervisor:
 
     # ---- restart
 
-    def _our_pipe(self, fd: int, log_pipe: str, *, read_end: bool) -> bool:
-        """Is ``fd`` (an open file we hold) the backend's output pipe recorded at spawn?"""
-        try:
-            st = os.fstat(fd)
-            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-        except OSError:
-            return False
-        if not stat.S_ISFIFO(st.st_mode) or st.st_dev != self._pipefs:
-            return False
-        if read_end and mode != os.O_RDONLY:
-            return False
-        return not log_pipe or log_pipe == f"pipe:[{st.st_ino}]"
-
-    def _take_output(self, b: Backend) -> int | None:
-        """A read end of the backend's output pipe, from the fd object its stdout or stderr
-        holds (pidfd_getfd), if that is the pipe recorded at spawn; else None. The fd table
-        is the caller's to change at any time: whatever it holds is checked on our copy,
-        which it cannot change, and only our own copy is reopened (for reading)."""
-        if not b.log_pipe.startswith("pipe:["):
-            return None
-        for target in (1, 2):
-            try:
-                got = procs.pidfd_getfd(b.pidfd, target)
-            except OSError as e:
-                log.debug("backend %s: pidfd_getfd of its fd %d: %s", b.id, target, e.strerror)
-                continue
-            try:
-                if self._our_pipe(got, b.log_pipe, read_end=False):
-                    return os.open(
-                        f"/proc/self/fd/{got}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
-                    )
-            except OSError as e:
-                log.debug("backend %s: cannot reopen its output pipe: %s", b.id, e.strerror)
-            finally:
-                os.close(got)
-        return None
-
-    def _identify_adopted(
-        self, backend_id: str, rec: dict[str, Any], stored_pidfd: int | None
-    ) -> tuple[int, int, int] | None:
-        """(pid, pidfd, start time) of the recorded backend if it still runs, else None.
-
-        A pidfd from the store is the process itself. Otherwise one is opened for the
-        recorded pid first, and the process checked after (start time, executable): a
-        process that took the pid before the open fails the check; one after cannot be
-        what the pidfd refers to."""
-        if stored_pidfd is not None:
-            pid = procs.pidfd_pid(stored_pidfd)
-            if pid > 0 and rec.get("pid", pid) == pid:
-                return pid, stored_pidfd, _proc_start_time(pid) or rec.get("start_time", 0)
-            os.close(stored_pidfd)
-            if pid > 0:
-                log.warning(
-                    "backend %s: its recorded pid %s is not its process's (%d): ignored",
-                    backend_id,
-                    rec.get("pid"),
-                    pid,
-                )
-        if "pid" not in rec or not ("start_time" in rec or "started_at" in rec):
-            return None
-        pid = rec["pid"]
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            return None
-        current = _proc_exe(pid)
-        expected = {rec.get("exe", ""), os.path.realpath(rec.get("binary", "") or "/"), SETPRIV}
-        if rec.get("start_time"):
-            same = _proc_start_time(pid) == rec["start_time"]
-        elif (
-            "started_at" in rec
-        ):  # recorded before it could be identified: its start must match the spawn's
-            began = _proc_start_epoch(pid)
-            same = began is not None and abs(began - rec["started_at"] / 1e6) < 2.0
-        else:
-            same = False
-        # Not identified yet (killed within 50 ms of the spawn): the start time decides.
-        if not same or (rec.get("exe") and current not in expected):
-            os.close(pidfd)
-            return None
-        return pid, pidfd, rec.get("start_time") or _proc_start_time(pid) or 0
-
-    def _adopted_cgroup(self, backend_id: str, pid: int, recorded: str) -> str:
-        """The re-adopted backend's cgroup: where the kernel says its process is, if that is
-        one of ours (a record is only a hint)."""
-        if not self.cgroups.enabled:
-            return ""
-        found = self.cgroups.of_process(pid)
-        if found is None:
-            if recorded:
-                log.warning(
-                    "backend %s (pid %d): not in its recorded cgroup %s any more",
-                    backend_id,
-                    pid,
-                    recorded,
-                )
-            return ""
-        if recorded and recorded != found:
-            log.warning(
-                "backend %s (pid %d): in cgroup %s, not the recorded %s",
-                backend_id,
-                pid,
-                found,
-                recorded,
-            )
-        return found
-
-    def _sweep_cgroups(self, adopted: set[str]) -> None:
-        """Cgroups of backends that went while no daemon ran are removed; one that still holds
-        processes but belongs to no backend we could identify is reported, and left alone."""
-        for path in self.cgroups.leftovers():
-            if path in adopted:
-                continue
-            if not self.cgroups.populated(path):
-                self.cgroups.remove(path)
-                continue
-            log.warning(
-                "cgroup %s holds processes (%s) of no backend that could be re-adopted; left "
-                "running, unsupervised (echo 1 > %s/cgroup.kill ends them)",
-                path,
-                " ".join(map(str, self.cgroups.members(path)[:10])),
-                path,
-            )
-
     def readopt(self) -> list[Backend]:
         """Take back the backends a previous instance recorded (or stored) that still run."""
         adopted = []
-        names = sorted(os.listdir(self.state_dir))
-        ids = [m.group(1) for n in names if (m := _RECORD.fullmatch(n))]
-        for name in sorted(self.store.taken):  # stored, with no record left at all
-            backend_id = name[len("backend-") :].rsplit("-", 1)[0]
-            if backend_id not in ids and name.endswith("-pid"):
-                ids.append(backend_id)
-        for backend_id in ids:
+        for backend_id in self._readopter.ids():
             try:
                 b = self._readopt_one(backend_id)
             except Exception as e:  # noqa: BLE001 - one backend must never stop the start-up
@@ -830,114 +417,31 @@ class Supervisor:
                 continue
             if b is not None:
                 adopted.append(b)
-        self._sweep_cgroups({b.cgroup for b in adopted})
-        for name, fd in list(self.store.taken.items()):  # of backends that are gone
-            os.close(fd)
-            self.store.remove(name)
-        self.store.taken.clear()
+        self._readopter.finish(adopted)
         return adopted
 
     def _readopt_one(self, backend_id: str) -> Backend | None:
-        path = self._record_path(backend_id)
-        stored_pidfd = self.store.pop(f"backend-{backend_id}-pid")
-        stored_log = self.store.pop(f"backend-{backend_id}-log")
-        if os.path.exists(path):
-            rec, bad = _load_record(path, backend_id)
-        else:
-            rec, bad = {}, ["missing"]
-        if not backend_id.isdigit():
-            rec, bad = {}, ["not a backend id of ours"]
-        found = self._identify_adopted(
-            backend_id, rec, stored_pidfd if backend_id.isdigit() else None
-        )
+        """Watch the backend again if `Readopter.find` identifies its process."""
+        found = self._readopter.find(backend_id)
         if found is None:
-            for fd in (stored_log,) if stored_log is not None else ():
-                os.close(fd)
-            for what in ("pid", "log"):
-                self.store.remove(f"backend-{backend_id}-{what}")
-            if bad and os.path.exists(path):
-                self._quarantine(
-                    path,
-                    f"record of backend {backend_id} is damaged ({', '.join(bad)}); "
-                    "its process cannot be identified, so it is not supervised",
-                )
-            elif bad:
-                log.warning("backend %s: stored, but with no record: gone", backend_id)
-            elif os.path.exists(path):
-                log.info("backend %s (pid %d) is gone; record removed", backend_id, rec["pid"])
-                os.unlink(path)
             return None
-        pid, pidfd, start_time = found
-        if bad:
-            if os.path.exists(path):
-                self._quarantine(
-                    path,
-                    f"record of backend {backend_id} is damaged ({', '.join(bad)}); its process "
-                    f"(pid {pid}) still runs and is re-adopted with what /proc says",
-                )
-            else:
-                log.warning(
-                    "backend %s (pid %d): found in the file descriptor store with no record; "
-                    "re-adopted with what /proc says",
-                    backend_id,
-                    pid,
-                )
-        exe = _proc_exe(pid) or rec.get("exe", "")
-        began = _proc_start_epoch(pid)
-        b = Backend(
-            id=backend_id,
-            descriptor=rec.get("descriptor", ""),
-            binary=rec.get("binary", exe),
-            argv=tuple(rec["argv"]) if "argv" in rec else (_proc_cmdline(pid) or (exe,)),
-            pid=pid,
-            # Whose it is and whether it outlives its owner: unknown means root's to manage,
-            # the process's own uid (what it runs as), and never stopped for a departure.
-            owner=rec.get("owner", "") if "owner" in rec and "detached" in rec else "",
-            owner_uid=rec["owner_uid"] if "owner_uid" in rec else (_proc_uid(pid) or 0),
-            detached=rec["detached"] if "owner" in rec and "detached" in rec else True,
-            started_at=rec["started_at"] if "started_at" in rec else int((began or 0) * 1e6),
-            start_time=start_time,
-            exe=exe,
-            life=Lifecycle(backend_id),
-            log_pipe=rec.get("log_pipe", ""),
-            adopted=True,
-            pidfd=pidfd,
-            cgroup=self._adopted_cgroup(backend_id, pid, rec.get("cgroup", "")),
-        )
+        b = found.backend
         b.exited = self.reaper.watch(
-            pid, pidfd, before_reap=lambda: self._kill_helpers(b), child=False
+            b.pid, b.pidfd, before_reap=lambda: self._kill_helpers(b), child=False
         )
         self.backends[b.id] = b
         self._advance(b, Event.READOPTED)
-        out = None
-        if stored_log is not None:
-            if self._our_pipe(stored_log, b.log_pipe, read_end=True):
-                out = stored_log
-            else:
-                log.warning("backend %s: the stored fd is not its output pipe: ignored", b.id)
-                os.close(stored_log)
-                self.store.remove(f"backend-{b.id}-log")
-        if out is None:
-            out = self._take_output(b)
-            if out is not None:
-                self.store.add(f"backend-{b.id}-log", out)
-        if out is None:
-            log.warning(
-                "backend %s (pid %d): its output pipe cannot be taken back safely (its stdout is "
-                "not the pipe recorded at spawn); its log starts empty and stays so",
-                b.id,
-                pid,
-            )
-        else:
+        out = self._readopter.take_output(b, found.stored_log)
+        if out is not None:
             self._read_output(b, out)
-        if stored_pidfd is None:
-            self.store.add(f"backend-{b.id}-pid", pidfd)
-        if bad:
-            self._save(b)
+        if not found.pidfd_stored:
+            self.store.add(f"backend-{b.id}-pid", b.pidfd)
+        if found.damaged:
+            self.records.save(b)
 
         def on_exit(f: asyncio.Future[int], b: Backend = b) -> None:
             self._on_exit(b, f.result())
 
         b.exited.add_done_callback(on_exit)
-        log.info("backend %s (pid %d, %s) re-adopted", b.id, pid, b.descriptor)
+        log.info("backend %s (pid %d, %s) re-adopted", b.id, b.pid, b.descriptor)
         return b
