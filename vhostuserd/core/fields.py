@@ -205,7 +205,7 @@ DESCRIPTOR_FIELDS: tuple[Field[DescriptorInfo], ...] = (
 @dataclass(frozen=True, slots=True)
 class BackendView:
     """A backend as its object shows it now, the model of BACKEND_FIELDS: its current process
-    (`vhostuserd.edges.supervisor.Backend`, whose ``life`` is its `core.lifecycle.Lifecycle`),
+    (`vhostuserd.edges.backend.Backend`, whose ``life`` is its `core.lifecycle.Lifecycle`),
     its cgroup as /proc/PID/cgroup names it ("" without one) and what it consumed
     (`vhostuserd.edges.cgroup.Usage`, -1 where not measured), read once per view."""
 

@@ -113,7 +113,7 @@ def quota_error(quota: Quota, uid: int, backends: Iterable[tuple[int, bool]]) ->
 
 
 class Owned(Protocol):
-    """What the manage rule needs of a backend (`edges.supervisor.Backend` has it)."""
+    """What the manage rule needs of a backend (`edges.backend.Backend` has it)."""
 
     @property
     def id(self) -> str: ...
