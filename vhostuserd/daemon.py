@@ -223,7 +223,6 @@ class Daemon:
                 reaper,
                 self._state_dir(),
                 self.opts.grace_period,
-                on_change=lambda b, step: broker.spawner.on_change(b, step),
                 cgroups=cgroups,
             )
         except OSError as e:

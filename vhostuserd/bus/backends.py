@@ -143,6 +143,7 @@ class Spawner:
         self.authority = authority
         self.bus = broker.bus
         self.supervisor = supervisor
+        supervisor.on_change = self.on_change  # each step of a backend's life, shown here
         self.system = system
         self.quota = quota
         self.objects: dict[str, BackendObject] = {}

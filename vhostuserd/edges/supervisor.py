@@ -55,14 +55,15 @@ class SpawnError(Exception):
 
 class Supervisor:
     """All backends of this daemon. ``on_change(backend, transition)`` reports every step of a
-    backend's life cycle (`core.lifecycle`), as `_advance` takes it."""
+    backend's life cycle (`core.lifecycle`), as `_advance` takes it; whoever runs the backends
+    for its callers (`bus.backends.Spawner`) sets it."""
 
     def __init__(
         self,
         reaper: procs.Reaper,
         state_dir: str,
         grace_period: float,
-        on_change: Callable[[Backend, Transition], None],
+        on_change: Callable[[Backend, Transition], None] = lambda _b, _step: None,
         store: FdStore | None = None,
         cgroups: Cgroups | None = None,
     ) -> None:
