@@ -316,7 +316,7 @@ def _line_within(proc: subprocess.Popen[str], seconds: float) -> str:
 
 
 def test_the_unit_comment_on_no_new_privileges_says_what_the_code_does() -> None:
-    from vhostuserd.edges.authority import run_as
+    from vhostuserd.edges.trust import run_as
 
     unit = (REPO / "systemd" / "vhostuserd.service").read_text()
     block = re.search(r"^#   NoNewPrivileges=(.*?)\n#   [A-Z]", unit, re.MULTILINE | re.DOTALL)

@@ -629,7 +629,7 @@ def test_the_facts_of_a_real_fd(kind: str, refusal: str | None, tmp_path: Path) 
     ],
 )
 def test_the_facts_of_a_real_path(option: str, value: str, refusal: str) -> None:
-    from vhostuserd.edges.authority import check_device
+    from vhostuserd.edges.trust import check_device
 
     with pytest.raises(BrokerError) as e:
         check_device(option, value)
@@ -640,7 +640,7 @@ def test_a_device_path_is_judged_where_it_resolves_and_given_as_that(tmp_path: P
     import glob
     import os
 
-    from vhostuserd.edges.authority import check_device
+    from vhostuserd.edges.trust import check_device
 
     link = tmp_path / "event0"  # a symlink the caller controls
     link.symlink_to("/dev/null")

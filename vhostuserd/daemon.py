@@ -193,9 +193,10 @@ class Daemon:
         from vhostuserd.core.index import Index
         from vhostuserd.core.policy import Quota
         from vhostuserd.edges import procs
-        from vhostuserd.edges.authority import Authority, untrusted_reason
+        from vhostuserd.edges.authority import Authority
         from vhostuserd.edges.probe import ProbeCache
         from vhostuserd.edges.supervisor import Supervisor
+        from vhostuserd.edges.trust import untrusted_reason
         from vhostuserd.edges.watch import Feed, Watcher
 
         reaper = procs.Reaper(self.loop)

@@ -44,13 +44,11 @@ from vhostuserd.edges import cgroup, settings, userns
 from vhostuserd.edges.authority import (
     Authority,
     caller_app_id,
-    check_device,
-    run_as,
-    untrusted_reason,
 )
 from vhostuserd.edges.backend import Backend
 from vhostuserd.edges.sockets import socket_facts
 from vhostuserd.edges.supervisor import SpawnError, Supervisor
+from vhostuserd.edges.trust import check_device, run_as, untrusted_reason
 
 
 class BrokerView(Protocol):

@@ -325,7 +325,7 @@ def features_error(features: list[str]) -> str | None:
 
 
 # ---- trusted binaries (the system service runs only root's programs, reached through root's
-# directories: `vhostuserd.edges.authority.untrusted_reason` walks the path and asks this)
+# directories: `vhostuserd.edges.trust.untrusted_reason` walks the path and asks this)
 
 
 def untrusted_step(path: str, binary: str, *, uid: int, mode: int, last: bool) -> str | None:

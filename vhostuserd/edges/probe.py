@@ -189,7 +189,7 @@ class ProbeCache:
     reaper: procs.Reaper
     timeout: float = DEFAULT_TIMEOUT
     concurrency: int = DEFAULT_CONCURRENCY
-    # System service: why a binary must not run at all (see authority.untrusted_reason).
+    # System service: why a binary must not run at all (see trust.untrusted_reason).
     untrusted: Callable[[str], str | None] | None = None
 
     def __post_init__(self) -> None:
