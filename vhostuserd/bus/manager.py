@@ -15,7 +15,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from dbus_fast import Message, PropertyAccess
+from dbus_fast import Message, PropertyAccess, Variant
 from dbus_fast.service import ServiceInterface, dbus_property, method, signal
 
 from vhostuserd import __version__
@@ -84,18 +84,26 @@ class DescriptorObject(FieldObject):
         self.path = descriptor_path(descriptor.name)
         self.caps: ProbeResult | None = None
         self._info: DescriptorInfo | None = None
+        self._dict: dict[str, Variant] | None = None
 
     def model(self) -> DescriptorInfo:
         if self._info is None:
             self._info = DescriptorInfo.of(self.descriptor, self.caps, self.path)
         return self._info
 
+    def as_dict(self) -> dict[str, Variant]:
+        # Kept until the next update: Resolve and ListDescriptors send it on every call, and
+        # building it (a Variant per field) was a fifth of a fast-path Resolve's cost.
+        if self._dict is None:
+            self._dict = super().as_dict()
+        return self._dict
+
     def update(self, descriptor: Descriptor | None = None, caps: ProbeResult | None = None) -> None:
         before = self.variants()
         if descriptor is not None:
             self.descriptor = descriptor
         self.caps = caps
-        self._info = None
+        self._info = self._dict = None
         after = self.variants()
         changed = {k: v.value for k, v in after.items() if before[k] != v}
         if changed:
