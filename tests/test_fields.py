@@ -22,6 +22,7 @@ from vhostuserd.core.fields import (
     properties,
 )
 from vhostuserd.core.lifecycle import Event, Lifecycle
+from vhostuserd.edges.cgroup import Usage
 
 D = Descriptor("50-gpu.json", "/usr/share/qemu/vhost-user/50-gpu.json", "data", "gpu", "a gpu",
                "/usr/libexec/gpu", ("local",))  # fmt: skip
@@ -72,14 +73,6 @@ class Process:
     started_at: int = 1764633600000000
     detached: bool = False
     life: Lifecycle = field(default_factory=lambda: Lifecycle("65"))
-
-
-@dataclass
-class Usage:
-    cpu_usec: int = -1
-    memory_current: int = -1
-    memory_peak: int = -1
-    tasks: int = -1
 
 
 def a_backend(*events: Event, **process: Any) -> Process:
