@@ -2,10 +2,11 @@
 identity a backend runs as, which device and socket a Spawn may pass on, what polkit is asked
 (docs/contract.md section 3, polkit actions) and the bounds of a Resolve.
 
-Pure: the edges gather the facts (`edges.sockets`, `edges.authority`), these functions decide,
+Pure: the edges gather the facts (`edges.sockets`, `edges.trust`), these functions decide,
 and the bus acts on the answer, asking polkit (through `edges.authority`) where a rule says to.
-A refusal is returned as the message of its error (named in each docstring); the caller raises
-it as that `core.errors.Err`.
+A refusal is returned as the message of its error (named in each docstring), which the caller
+raises as that `core.errors.Err`; where the name depends on the case (`polkit_verdict`) or is
+fixed (`untrusted_refusal`), as the `BrokerError` itself.
 """
 
 from __future__ import annotations
