@@ -87,6 +87,23 @@ class Respawn:
             self.fd = -1
 
 
+class _Usage:
+    """A backend's `cgroup.Usage`, read from its cgroup when a field first asks for a number:
+    most reads of the object (a State change's PropertiesChanged, one property) need none,
+    and each costs a few files read."""
+
+    __slots__ = ("_supervisor", "_backend", "_usage")
+
+    def __init__(self, supervisor: Supervisor, backend: Backend) -> None:
+        self._supervisor, self._backend = supervisor, backend
+        self._usage: cgroup.Usage | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._usage is None:
+            self._usage = self._supervisor.usage(self._backend)
+        return getattr(self._usage, name)
+
+
 class BackendObject(FieldObject):
     """One backend, at /org/vhostuserd/Broker1/backend/<id>: its properties are
     `BACKEND_FIELDS`, its state its life cycle's (`core.lifecycle`)."""
@@ -103,9 +120,8 @@ class BackendObject(FieldObject):
 
     def model(self) -> BackendView:
         supervisor = self.spawner.supervisor
-        return BackendView(
-            self.b, supervisor.cgroups.relative(self.b.cgroup), supervisor.usage(self.b)
-        )
+        b = self.b
+        return BackendView(b, supervisor.cgroups.relative(b.cgroup), _Usage(supervisor, b))
 
     @method()
     async def Stop(self) -> "":

@@ -207,7 +207,7 @@ class BackendView:
     """A backend as its object shows it now, the model of BACKEND_FIELDS: its current process
     (`vhostuserd.edges.backend.Backend`, whose ``life`` is its `core.lifecycle.Lifecycle`),
     its cgroup as /proc/PID/cgroup names it ("" without one) and what it consumed
-    (`vhostuserd.edges.cgroup.Usage`, -1 where not measured), read once per view."""
+    (`vhostuserd.edges.cgroup.Usage`, -1 where not measured; the bus reads it when first asked)."""
 
     process: Any
     cgroup: str
